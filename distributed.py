@@ -1,0 +1,65 @@
+"""Distributed helpers with a one-process fallback.
+
+The same script runs as one process on a laptop CPU (`python pretrain.py`) and as many under torchrun
+(`torchrun --nproc 8 pretrain.py`): every helper here answers for a single process when torch.distributed
+is not initialised.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed():
+    """Join the process group described by torchrun's environment, or run as one process.
+
+    Returns the device this process should use: its own GPU (NCCL) when CUDA is present, else the CPU (gloo).
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    return rank() == 0
+
+
+def all_gather_with_grad(tensor):
+    """Concatenate `tensor` from every rank along dim 0, keeping the gradient path to every rank's input.
+
+    The backward pass sums the incoming gradients of each rank's slice back onto that rank (reduce-scatter),
+    so a loss computed on the gathered tensor trains every rank's encoder. Every rank must pass the same shape.
+    """
+    if world_size() == 1:
+        return tensor
+    group = dist.group.WORLD
+    try:  # torch >= 2.6: functional collective with autograd support
+        from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
+        return wait_tensor(all_gather_single_autograd(tensor.contiguous(), 0, group))
+    except ImportError:  # older torch: the (since deprecated) autograd-aware all_gather
+        from torch.distributed.nn.functional import all_gather
+        return torch.cat(all_gather(tensor.contiguous(), group=group), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(tensor):
+    """Concatenate `tensor` from every rank along dim 0, without gradient (labels, token ids, counts)."""
+    if world_size() == 1:
+        return tensor
+    out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newest name first
+    gather(out, tensor.contiguous())
+    return out

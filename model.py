@@ -1,0 +1,291 @@
+"""The networks of StableRep, written by hand: the ViT encoder f, the projection head h, and checkpoint loading.
+
+The encoder's parameter names, shapes, initialisation and epsilons are those of timm's VisionTransformer
+(class-token pooling, no classifier), so `load_state_dict` takes a timm ViT state dict as it is and the same
+weights give the same features. The official StableRep code wraps that timm model as `visual` and the head as
+`image_mlp`; `StableRepModel` keeps both names, so an official checkpoint loads into it key for key.
+
+    image [B, 3, H, W] --VisionTransformer--> f(x) [B, D] --ProjectionHead--> h(f(x)) [B, 256]
+"""
+import argparse
+import math
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------------------
+# ViT encoder
+# ------------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each to the width D (one strided convolution)."""
+
+    def __init__(self, image_size, patch_size, width):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size ** 2
+        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, images):  # [B, 3, H, W] -> [B, num_patches, D]
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection and PyTorch's fused attention kernel."""
+
+    def __init__(self, width, num_heads):
+        super().__init__()
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x, attn_mask=None):
+        batch, tokens, width = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, width))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width, hidden):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, width, num_heads, mlp_ratio=4.0, eps=1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, eps=eps)
+        self.attn = Attention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width, eps=eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a class token; `forward(images) -> [B, D]` is the class token after the final LayerNorm."""
+
+    def __init__(self, image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0):
+        super().__init__()
+        self.config = dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+                           num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.width = width
+        self.patch_embed = PatchEmbed(image_size, patch_size, width)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, width))
+        self.blocks = nn.ModuleList([Block(width, num_heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        """timm's ViT initialisation: truncated normal (std 0.02) for the position embedding and every Linear
+        (zero bias), N(0, 1e-6) for the class token, PyTorch's defaults for the patch convolution and norms."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward_tokens(self, images):
+        """All tokens after the final norm: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
+        x = self.patch_embed(images)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, images):
+        return self.forward_tokens(images)[:, 0]
+
+
+VIT_SIZES = {  # name: (width, heads); all depth 12, patch 16, image 224, MLP ratio 4
+    "vit_tiny": (192, 3),
+    "vit_small": (384, 6),
+    "vit_base": (768, 12),
+    "vit_large": (1024, 16),
+}
+
+
+def build_vit(name, image_size=224, patch_size=16, depth=None):
+    """One of VIT_SIZES, with overrides of image size, patch size and depth (tests build 32-pixel, 2-block ViTs).
+
+    ViT-L/16 has 24 blocks; the other three have 12."""
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VIT_SIZES)}")
+    width, heads = VIT_SIZES[name]
+    if depth is None:
+        depth = 24 if name == "vit_large" else 12
+    return VisionTransformer(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
+                             num_heads=heads)
+
+
+def vit_tiny(**overrides):
+    return build_vit("vit_tiny", **overrides)
+
+
+def vit_small(**overrides):
+    return build_vit("vit_small", **overrides)
+
+
+def vit_base(**overrides):
+    return build_vit("vit_base", **overrides)
+
+
+def vit_large(**overrides):
+    return build_vit("vit_large", **overrides)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# projection head h
+# ------------------------------------------------------------------------------------------------------------
+
+
+class ProjectionHead(nn.Sequential):
+    """The paper's 3-layer MLP head: Linear(D, 4096)-BN-ReLU-Linear(4096, 4096)-BN-ReLU-Linear(4096, 256).
+
+    The module names (layer1, bn1, ..., layer3) are those of the official code's `image_mlp`. Under DDP, convert
+    the BatchNorms with `nn.SyncBatchNorm.convert_sync_batchnorm` so batch statistics span all ranks."""
+
+    def __init__(self, in_dim, hidden_dim=4096, out_dim=256):
+        super().__init__()
+        self.add_module("layer1", nn.Linear(in_dim, hidden_dim))
+        self.add_module("bn1", nn.BatchNorm1d(hidden_dim))
+        self.add_module("relu1", nn.ReLU(inplace=True))
+        self.add_module("layer2", nn.Linear(hidden_dim, hidden_dim))
+        self.add_module("bn2", nn.BatchNorm1d(hidden_dim))
+        self.add_module("relu2", nn.ReLU(inplace=True))
+        self.add_module("layer3", nn.Linear(hidden_dim, out_dim))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+ENCODER_PREFIXES = ("module.visual.", "visual.", "module.")  # official / DDP-wrapped names, longest first
+
+
+def load_checkpoint_file(path):
+    """`torch.load(path, weights_only=True)`, with one-sentence errors for a missing or unreadable file.
+
+    argparse.Namespace is allowed because checkpoints written by the official code store their args as one."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line})") from None
+
+
+def encoder_state_dict(checkpoint):
+    """The encoder's weights, under timm's names, from any of the formats we accept:
+
+    - ours (pretrain.py): {"model": {"visual.*", "image_mlp.*", ...}, "args": {...}}
+    - the official StableRep code: {"model": {"module.visual.*" or "visual.*", ...}, "args": Namespace}
+    - a plain timm state dict, or our exported encoder ({"model": timm keys, "config": {...}})
+    Heads (timm's classifier `head.*`, `fc_norm.*`, the projection head and text tower) are dropped."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
+    for prefix in ENCODER_PREFIXES:
+        if any(k.startswith(prefix + "cls_token") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            break
+    return {k: v for k, v in state.items() if not k.startswith(("head.", "head_drop.", "fc_norm."))}
+
+
+def checkpoint_config(checkpoint):
+    """What the file says of the architecture: {"model": name, "image_size": int} where it says it, else {}."""
+    if not isinstance(checkpoint, dict):
+        return {}
+    args = checkpoint.get("args") or checkpoint.get("config") or {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    config = {}
+    if args.get("model") in VIT_SIZES:  # the official code says "base"; its width tells us instead
+        config["model"] = args["model"]
+    for key in ("image_size", "input_size"):
+        if isinstance(args.get(key), int):
+            config["image_size"] = args[key]
+            break
+    return config
+
+
+def infer_vit_name(state):
+    """The VIT_SIZES entry whose width matches the state dict's, or None (the depth is read off the keys)."""
+    width = state["cls_token"].shape[-1] if "cls_token" in state else None
+    return next((name for name, (size_width, _) in VIT_SIZES.items() if size_width == width), None)
+
+
+def interpolate_pos_embed(pos_embed, grid_size):
+    """Resize a [1, 1 + g*g, D] position embedding to a grid of grid_size x grid_size patches.
+
+    The class token's entry is kept; the patch entries are resized as a 2-d image with bicubic, antialiased
+    interpolation (timm's choice, so features match timm's on resized checkpoints)."""
+    cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
+    old_grid = math.isqrt(patch_pos.shape[1])
+    if old_grid == grid_size:
+        return pos_embed
+    width = patch_pos.shape[-1]
+    patch_pos = patch_pos.float().reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patch_pos = F.interpolate(patch_pos, size=(grid_size, grid_size), mode="bicubic", antialias=True)
+    patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, width).to(pos_embed.dtype)
+    return torch.cat([cls_pos, patch_pos], dim=1)
+
+
+def load_encoder(path, model_name=None, image_size=None):
+    """Build a VisionTransformer and load the encoder weights of the checkpoint at `path` into it.
+
+    model_name: a VIT_SIZES name; default what the checkpoint records, else what its shapes say.
+    image_size: the input size to evaluate at; default the checkpoint's. The position embedding is interpolated
+    when it differs. Raises FileNotFoundError or ValueError with a one-line message naming the problem (missing
+    file, not a checkpoint, other architecture, missing or unexpected keys).
+    """
+    checkpoint = load_checkpoint_file(path)
+    state = encoder_state_dict(checkpoint)
+    config = checkpoint_config(checkpoint)
+    stored_name = config.get("model") or infer_vit_name(state)
+    model_name = model_name or stored_name
+    if model_name is None:
+        raise ValueError(f"{path}: cannot tell the architecture from the file; name it (e.g. vit_base)")
+    if "patch_embed.proj.weight" not in state or "pos_embed" not in state:
+        raise ValueError(f"{path}: no ViT encoder weights found (no patch_embed.proj.weight / pos_embed)")
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    stored_grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    image_size = image_size or config.get("image_size") or stored_grid * patch_size
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    model = build_vit(model_name, image_size=image_size, patch_size=patch_size, depth=depth)
+    stored_width = state["pos_embed"].shape[-1]
+    if stored_width != model.width:
+        raise ValueError(f"{path}: checkpoint is a ViT of width {stored_width} ({stored_name or 'unknown size'}),"
+                         f" not {model_name} (width {model.width})")
+    state["pos_embed"] = interpolate_pos_embed(state["pos_embed"], model.patch_embed.grid_size)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: keys do not match {model_name}: missing {sorted(missing)[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+    return model

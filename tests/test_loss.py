@@ -1,0 +1,153 @@
+"""loss.py against an explicitly looped Eq. 2-4, on one process and across two (gloo)."""
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from loss import multi_positive_loss
+
+
+def looped_loss(features, labels, temperature):
+    """Eq. 2-4 written as the paper states them, one anchor and one candidate at a time, in float64."""
+    z = features.double()
+    n = len(z)
+    total = z.new_zeros(())
+    for i in range(n):
+        others = [k for k in range(n) if k != i]
+        normaliser = torch.logsumexp(torch.stack([z[i] @ z[k] / temperature for k in others]), 0)
+        positives = [j for j in others if labels[j] == labels[i]]
+        for j in positives:
+            log_q = z[i] @ z[j] / temperature - normaliser  # Eq. 2
+            p = 1.0 / len(positives)  # Eq. 3
+            total = total - p * log_q  # Eq. 4 (anchors without positives add nothing)
+    return total / n
+
+
+def random_batch(labels, dim=8, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    features = F.normalize(torch.randn(len(labels), dim, generator=generator, dtype=dtype), dim=1)
+    return features, torch.tensor(labels)
+
+
+@pytest.mark.parametrize("labels", [
+    [0, 0, 1, 1, 2, 2],  # even groups of two
+    [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3],  # uneven group sizes
+    [5, 5, 5, 9, 9, 7, 1, 1],  # an anchor (7) with no positive
+    [3, 3, 3, 3],  # one caption only: no negatives at all
+])
+@pytest.mark.parametrize("temperature", [0.1, 0.5])
+def test_matches_looped_equations_value_and_gradient(labels, temperature):
+    features, labels = random_batch(labels)
+    ours_input = features.clone().requires_grad_()
+    ref_input = features.clone().requires_grad_()
+    ours = multi_positive_loss(ours_input, labels, temperature)
+    ref = looped_loss(ref_input, labels, temperature)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours_input.grad, ref_input.grad, rtol=1e-9, atol=1e-10)
+
+
+def test_invariant_to_permuting_the_batch():
+    features, labels = random_batch([0, 0, 0, 1, 1, 2, 2, 2, 2, 3], seed=1)
+    permutation = torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(multi_positive_loss(features, labels),
+                               multi_positive_loss(features[permutation], labels[permutation]))
+
+
+def test_invariant_to_renaming_captions():
+    features, labels = random_batch([0, 0, 1, 1, 1, 2, 2], seed=2)
+    torch.testing.assert_close(multi_positive_loss(features, labels), multi_positive_loss(features, labels * 1000 + 7))
+
+
+def test_simclr_is_two_crops_per_caption():
+    """SimCLR's NT-Xent: 2B views, each view's positive is the other crop of its image, all else negatives."""
+    batch, temperature = 6, 0.2
+    generator = torch.Generator().manual_seed(4)
+    crop1 = F.normalize(torch.randn(batch, 16, generator=generator, dtype=torch.float64), dim=1)
+    crop2 = F.normalize(torch.randn(batch, 16, generator=generator, dtype=torch.float64), dim=1)
+    views = torch.cat([crop1, crop2])  # [2B, D]
+    logits = views @ views.T / temperature
+    logits.fill_diagonal_(float("-inf"))
+    partner = torch.cat([torch.arange(batch, 2 * batch), torch.arange(batch)])
+    nt_xent = F.cross_entropy(logits, partner)
+    image_ids = torch.arange(batch).repeat(2)  # each "caption" is one image, seen in two crops
+    torch.testing.assert_close(multi_positive_loss(views, image_ids, temperature), nt_xent)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(dtype):
+    features, labels = random_batch([0, 0, 1, 1, 2, 2, 2, 3], dim=32, dtype=torch.float32)
+    half = features.to(dtype).requires_grad_()
+    loss = multi_positive_loss(half, labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and half.grad.dtype == dtype
+    torch.testing.assert_close(loss, looped_loss(half.detach(), labels, 0.1).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_large_logits_do_not_overflow():
+    """tau = 1e-3 puts logits near 1000, where exp overflows even float64; the loss must stay exact."""
+    features, labels = random_batch([0, 0, 1, 1, 2, 2], dtype=torch.float32)
+    features.requires_grad_()
+    loss = multi_positive_loss(features, labels, temperature=1e-3)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(features.grad).all()
+    torch.testing.assert_close(loss.double(), looped_loss(features.detach(), labels, 1e-3), rtol=1e-5, atol=1e-3)
+
+
+def test_anchor_without_positive_contributes_zero_and_no_nan():
+    features, labels = random_batch([0, 0, 1, 2, 2], seed=5)
+    features.requires_grad_()
+    loss = multi_positive_loss(features, labels)
+    loss.backward()
+    assert torch.isfinite(features.grad).all()
+    # the lone anchor (index 2) adds 0 to the sum, which still averages over all 5 anchors
+    others = looped_loss(features.detach(), labels, 0.1) * 5
+    torch.testing.assert_close(loss * 5, others)
+
+
+def test_rejects_a_single_image_and_bad_shapes():
+    with pytest.raises(ValueError, match="at least two"):
+        multi_positive_loss(torch.ones(1, 4), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="expected features"):
+        multi_positive_loss(torch.ones(4, 4), torch.zeros(3, dtype=torch.long))
+
+
+# ---- distributed equivalence: two gloo processes, each with half the batch ----
+
+def _rank_loss_and_gradient(rank, world_size, features, labels):
+    per_rank = len(labels) // world_size
+    local = features[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
+    loss = multi_positive_loss(local, labels[rank * per_rank:(rank + 1) * per_rank])
+    loss.backward()
+    return {"loss": loss.detach().clone(), "grad": local.grad.clone()}
+
+
+def _two_rank_worker(rank, world_size, store_path, features, labels, result_path):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    torch.save(_rank_loss_and_gradient(rank, world_size, features, labels), f"{result_path}.{rank}")
+    # a rank that tears down while the other still reduces its gradient aborts gloo: meet first
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("labels", [
+    [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3],  # captions split across the two ranks
+    [0, 4, 0, 1, 1, 2, 2, 2, 5, 3, 3, 3],  # uneven groups, and lone anchors (4, 5)
+])
+def test_two_processes_match_one_process(tmp_path, labels):
+    features, labels = random_batch(labels, seed=6)
+    world_size = 2
+    mp.spawn(_two_rank_worker, args=(world_size, str(tmp_path / "store"), features, labels, str(tmp_path / "out")),
+             nprocs=world_size, join=True)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(world_size)]
+
+    whole = features.clone().requires_grad_()
+    loss = multi_positive_loss(whole, labels)
+    loss.backward()
+    # DDP averages over ranks: the mean of the per-rank losses, and each rank's gradient divided by world_size
+    torch.testing.assert_close(sum(r["loss"] for r in results) / world_size, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in results]) / world_size, whole.grad,
+                               rtol=1e-9, atol=1e-12)
+
