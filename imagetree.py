@@ -1,0 +1,137 @@
+"""The folder layout of an image-caption set: generate.py writes it, pretrain.py (and the demo) read it.
+
+    <root>/settings.json                   how the set was made (generate.py: model, scheduler, steps, w, seed, ...)
+    <root>/00012/000012345.txt             the caption of caption id 12345 (UTF-8, one line)
+    <root>/00012/000012345_00.jpg          image 0 of that caption, ..._01.jpg image 1, and so on
+    <root>/00012/_index.json               written once the folder is complete: its captions and image names
+
+A caption's id is its row in the captions file; caption id i lives in folder i // 1000, so no folder holds more
+than 1000 captions (11,000 files at 10 images per caption). The 9-digit key and the `.txt` beside the image are
+img2dataset's `files` layout, so an image-text set downloaded with img2dataset (one `<key>.jpg` per caption, no
+index) reads through the same `read_tree`. Every file is written through a temporary name and a rename
+(cli.atomic_write_bytes): a killed writer leaves whole files or none, and readers skip the `.tmp*` leftovers.
+"""
+import io
+import json
+import os
+from typing import List, NamedTuple
+
+from cli import atomic_write_bytes, atomic_write_json
+
+CAPTIONS_PER_FOLDER = 1000
+SETTINGS_FILE = "settings.json"
+INDEX_FILE = "_index.json"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+PIL_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+class CaptionRecord(NamedTuple):
+    caption_id: int  # row number in the captions file (img2dataset: the key)
+    caption: str
+    image_paths: List[str]  # absolute paths, in image-index order
+
+
+def caption_key(caption_id):
+    return f"{caption_id:09d}"
+
+
+def folder_of(root, caption_id):
+    return os.path.join(root, f"{caption_id // CAPTIONS_PER_FOLDER:05d}")
+
+
+def caption_path(root, caption_id):
+    return os.path.join(folder_of(root, caption_id), caption_key(caption_id) + ".txt")
+
+
+def image_path(root, caption_id, image_index, image_format="jpg"):
+    return os.path.join(folder_of(root, caption_id), f"{caption_key(caption_id)}_{image_index:02d}.{image_format}")
+
+
+def write_caption(root, caption_id, caption):
+    os.makedirs(folder_of(root, caption_id), exist_ok=True)
+    atomic_write_bytes(caption_path(root, caption_id), (caption + "\n").encode("utf-8"))
+
+
+def encode_image(image, image_format="jpg", quality=95):
+    """A PIL image as the bytes of a `jpg`, `png` or `webp` file."""
+    buffer = io.BytesIO()
+    options = {"quality": quality} if image_format in ("jpg", "webp") else {}
+    image.save(buffer, format=PIL_FORMATS[image_format], **options)
+    return buffer.getvalue()
+
+
+def write_image(root, caption_id, image_index, image, image_format="jpg", quality=95):
+    path = image_path(root, caption_id, image_index, image_format)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_bytes(path, encode_image(image, image_format, quality))
+    return path
+
+
+def read_settings(root):
+    """The tree's settings.json as a dict, or None when there is none."""
+    path = os.path.join(root, SETTINGS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_settings(root, settings):
+    atomic_write_json(os.path.join(root, SETTINGS_FILE), settings)
+
+
+def _scan_folder(folder):
+    """Group a folder's files by caption key: [(key, caption text, [image names])], sorted by key."""
+    captions, images = {}, {}
+    for name in os.listdir(folder):
+        if name.startswith((".tmp", "_")):
+            continue
+        stem, ext = os.path.splitext(name)
+        if ext == ".txt":
+            captions[stem] = name
+        elif ext.lower() in IMAGE_EXTENSIONS:
+            images.setdefault(stem.split("_")[0], []).append(name)
+    entries = []
+    for key in sorted(captions):
+        if key in images:
+            with open(os.path.join(folder, captions[key]), encoding="utf-8", errors="replace") as f:
+                entries.append((key, f.read().strip(), sorted(images[key])))
+    return entries
+
+
+def index_folder(folder):
+    """Write the folder's _index.json from what is on disk; call it once the folder's captions are complete."""
+    entries = [{"key": key, "caption": caption, "images": names} for key, caption, names in _scan_folder(folder)]
+    atomic_write_json(os.path.join(folder, INDEX_FILE), {"captions": entries})
+    return entries
+
+
+def _folder_entries(folder):
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):  # the fast path: one small file instead of listing thousands
+        with open(index, encoding="utf-8") as f:
+            return [(e["key"], e["caption"], e["images"]) for e in json.load(f)["captions"]]
+    return _scan_folder(folder)  # an img2dataset folder, or one generate.py has not finished yet
+
+
+def read_tree(root):
+    """Every caption of the tree that has at least one image, sorted by caption id: [CaptionRecord].
+
+    Raises ValueError with a one-line message for a missing folder, a folder that is not such a tree, or a tree
+    without a single image."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data folder {root} does not exist")
+    folders = sorted(name for name in os.listdir(root)
+                     if name.isdigit() and os.path.isdir(os.path.join(root, name)))
+    if not folders:
+        raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; "
+                         "make one with generate.py or img2dataset --output_format files)")
+    records = []
+    for name in folders:
+        folder = os.path.join(root, name)
+        for key, caption, image_names in _folder_entries(folder):
+            records.append(CaptionRecord(int(key), caption, [os.path.join(folder, n) for n in image_names]))
+    if not records:
+        raise ValueError(f"{root} holds no captioned images")
+    records.sort(key=lambda record: record.caption_id)
+    return records
