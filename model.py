@@ -46,12 +46,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, num_queries=None):
+        """x [B, N, D] -> [B, N, D]; with num_queries=q, only the first q tokens attend (output [B, q, D])."""
         batch, tokens, width = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, width // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, N, head_dim)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, width))
+        if num_queries is not None:
+            q = q[:, :, :num_queries]  # (B, heads, q, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, heads, q or N, head_dim)
+        return self.proj(x.transpose(1, 2).reshape(batch, q.shape[2], width))
 
 
 class Mlp(nn.Module):
@@ -75,8 +78,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, int(width * mlp_ratio))
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.norm1(x), attn_mask=attn_mask)
+    def forward(self, x, attn_mask=None, class_token_only=False):
+        """x [B, N, D] -> [B, N, D], or [B, 1, D] (the first token alone) with class_token_only."""
+        residual = x[:, :1] if class_token_only else x
+        x = residual + self.attn(self.norm1(x), attn_mask=attn_mask, num_queries=1 if class_token_only else None)
         return x + self.mlp(self.norm2(x))
 
 
@@ -105,16 +110,29 @@ class VisionTransformer(nn.Module):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
+    def embed(self, images):
+        """Patch tokens with the class token in front, plus position: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
+        x = self.patch_embed(images)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
     def forward_tokens(self, images):
         """All tokens after the final norm: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
-        x = self.patch_embed(images)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
     def forward(self, images):
-        return self.forward_tokens(images)[:, 0]
+        """The class token after the final norm: [B, 3, H, W] -> [B, D].
+
+        Equal to forward_tokens(images)[:, 0], but the last block runs for the class token alone (no other
+        token's output is used there): its attention output, projection and MLP skip the patch tokens, about 6%
+        of a ViT-B/16's FLOPs."""
+        x = self.embed(images)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        x = self.blocks[-1](x, class_token_only=True)  # [B, 1, D]
+        return self.norm(x[:, 0])
 
 
 VIT_SIZES = {  # name: (width, heads); all depth 12, patch 16, image 224, MLP ratio 4
