@@ -117,3 +117,31 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         grad_all_features -= weighted_anchor_sums[caption_of_column]
         grad_all_features[first_column:first_column + num_local] += p_scale[:, None] * features
         return grad_features, grad_all_features, None, None, None, None
+
+
+def image_text_loss(image_features, text_features, image_captions, text_captions, logit_scale):
+    """CLIP's symmetric image-text loss, generalised to m images per caption (StableRep+, Sec. 3.3).
+
+    image_features: [N_images_local, E] and text_features: [N_texts_local, E], L2-normalised.
+    image_captions / text_captions: the caption id of each image / text; every text is its own caption.
+    logit_scale: exp of CLIP's learnable temperature parameter (a 0-d tensor).
+
+    image -> text: each image's target is its caption's text; text -> image: the target is uniform over the
+    caption's images in the global batch (with m = 1 this is CLIP's loss). Returns the mean of the two directions,
+    each averaged over this rank's rows, against columns gathered from all ranks with gradients.
+    """
+    if image_features.element_size() < 4:
+        image_features, text_features = image_features.float(), text_features.float()
+    all_images = all_gather_with_grad(image_features)  # [N_images_global, E]
+    all_texts = all_gather_with_grad(text_features)  # [N_texts_global, E]
+    all_image_captions = all_gather_no_grad(image_captions)
+    all_text_captions = all_gather_no_grad(text_captions)
+
+    def soft_cross_entropy(logits, row_captions, column_captions):
+        targets = (row_captions[:, None] == column_captions[None, :]).to(logits.dtype)  # [rows, columns]
+        targets = targets / targets.sum(dim=1, keepdim=True).clamp(min=1)
+        return -(targets * torch.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+    image_to_text = soft_cross_entropy(logit_scale * image_features @ all_texts.T, image_captions, all_text_captions)
+    text_to_image = soft_cross_entropy(logit_scale * text_features @ all_images.T, text_captions, all_image_captions)
+    return (image_to_text + text_to_image) / 2

@@ -195,6 +195,78 @@ class ProjectionHead(nn.Sequential):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# text tower (CLIP and StableRep+ baselines)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class TextTransformer(nn.Module):
+    """CLIP-style text encoder: token and position embeddings, pre-norm blocks under a causal mask, a final
+    LayerNorm, and the state of the first end-of-text token projected to the joint embedding (no bias).
+
+    tokens [B, L] (L <= context_length) -> [B, embed_dim]."""
+
+    def __init__(self, vocab_size, eos_token_id, context_length=77, width=512, depth=12, num_heads=8,
+                 embed_dim=512):
+        super().__init__()
+        self.eos_token_id = eos_token_id
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.blocks = nn.ModuleList([Block(width, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.projection = nn.Linear(width, embed_dim, bias=False)
+        causal = torch.ones(context_length, context_length, dtype=torch.bool).tril()  # True: may attend
+        self.register_buffer("causal_mask", causal, persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation of the embeddings
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        x = self.token_embedding(tokens) + self.positional_embedding[:length]  # [B, L, width]
+        for block in self.blocks:
+            x = block(x, attn_mask=self.causal_mask[:length, :length])
+        x = self.norm(x)
+        end = (tokens == self.eos_token_id).int().argmax(dim=1)  # first end-of-text token (the last if none)
+        end = torch.where((tokens == self.eos_token_id).any(dim=1), end, length - 1)
+        return self.projection(x[torch.arange(len(tokens), device=tokens.device), end])
+
+
+class StableRepModel(nn.Module):
+    """The encoder f with the heads an objective needs, under the official code's names:
+
+    - `image_mlp` (ProjectionHead): the 256-d embedding of the multi-positive loss (StableRep, SimCLR, StableRep+)
+    - `image_projection`, `text` (TextTransformer), `logit_scale`: the image-text loss (CLIP, StableRep+), with
+      CLIP's learnable logit scale initialised at ln(1/0.07) and clamped at ln(100).
+
+    forward(images, tokens=None) returns the L2-normalised embeddings the losses take."""
+
+    def __init__(self, visual, image_mlp=None, text=None):
+        super().__init__()
+        self.visual = visual
+        self.image_mlp = image_mlp
+        self.text = text
+        if text is not None:
+            self.image_projection = nn.Linear(visual.width, text.projection.out_features, bias=False)
+            nn.init.trunc_normal_(self.image_projection.weight, std=0.02)
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def forward(self, images, tokens=None):
+        features = self.visual(images)  # [N, D]
+        out = {}
+        if self.image_mlp is not None:
+            out["image"] = F.normalize(self.image_mlp(features), dim=1)  # z_i of Eq. 2
+        if self.text is not None:
+            out["image_text"] = F.normalize(self.image_projection(features), dim=1)
+            out["text"] = F.normalize(self.text(tokens), dim=1)
+            out["logit_scale"] = self.logit_scale.clamp(max=math.log(100)).exp()
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
 

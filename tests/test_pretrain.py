@@ -1,0 +1,170 @@
+"""pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pretrain
+from data import CaptionImagesDataset, collate
+from model import load_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
+        "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "16",
+        "--workers", "0", "--log-every", "1"]
+
+
+def run_pretrain(*args, check=True):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), *args], capture_output=True,
+                            text=True, env=env, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_defaults_are_the_papers_recipe():
+    args = pretrain.get_args_parser().parse_args(["--data", "x"])
+    assert (args.model, args.image_size, args.loss, args.temperature) == ("vit_base", 224, "stablerep", 0.1)
+    assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
+    assert (args.head_hidden_dim, args.embed_dim, args.epochs) == (4096, 256, 15)
+    assert pretrain.DEFAULT_VIEWS == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+
+
+def test_warmup_then_cosine_to_zero():
+    lrs = [pretrain.cosine_lr(step, 10, 2, 1.0) for step in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+
+
+@pytest.mark.parametrize("loss", pretrain.LOSSES)
+def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
+    args = pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY])
+    m, c = pretrain.DEFAULT_VIEWS[loss]
+    m = min(m, 3)
+    tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
+    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=16)
+    batch = collate([dataset[i] for i in range(6)])
+    torch.manual_seed(0)
+    model = pretrain.build_model(args, tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        value = pretrain.compute_loss(model, batch, args, torch.device("cpu"))
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("loss", pretrain.LOSSES)
+def test_each_objective_runs_the_script(loss, random_tree, tiny_tokenizer_folder, tmp_path):
+    m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
+    run_pretrain("--data", random_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
+                 tiny_tokenizer_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY)
+    summary = (tmp_path / "summary.json").read_text()
+    assert '"steps": 3' in summary
+    encoder = load_encoder(str(tmp_path / "encoder.pth"))
+    assert encoder(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+
+
+def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "0", os.path.join(ROOT, "pretrain.py"), "--data", random_tree,
+                             "--output", str(tmp_path), "--epochs", "1", "--captions-per-gpu", "2",
+                             "--images-per-caption", "2", *TINY], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(sorted(tmp_path.glob("checkpoint-*.pth"))[-1], weights_only=True)
+    assert checkpoint["step"] == 3  # 12 captions / (2 captions x 2 ranks)
+    assert any(k.startswith("image_mlp.bn1") for k in checkpoint["model"])
+    load_encoder(str(tmp_path / "encoder.pth"))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(random_tree, tmp_path):
+    common = ["--data", random_tree, "--epochs", "3", "--captions-per-gpu", "3", "--images-per-caption", "2",
+              "--save-every", "1", "--keep", "20", *TINY]
+    run_pretrain(*common, "--output", str(tmp_path / "whole"))
+
+    interrupted = tmp_path / "interrupted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"), *common, "--output",
+                                str(interrupted)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list(interrupted.glob("checkpoint-0000000[2-9].pth")) and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = sorted(interrupted.glob("checkpoint-*.pth"))
+    assert saved and saved[-1].name != "checkpoint-00000012.pth", "the run finished before it could be killed"
+    run_pretrain(*common, "--output", str(interrupted), "--resume")
+
+    whole = torch.load(tmp_path / "whole" / "checkpoint-00000012.pth", weights_only=True)
+    resumed = torch.load(interrupted / "checkpoint-00000012.pth", weights_only=True)
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    from conftest import write_random_tree
+    tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
+    broken = os.path.join(tree, "00000", "000000001_00.jpg")
+    with open(broken, "r+b") as f:  # a truncated file
+        f.truncate(100)
+    dataset = CaptionImagesDataset([tree], 2, 1, 32)
+    items = [dataset[1] for _ in range(1)] + [dataset[i] for i in range(8)]
+    assert all(item.images.shape == (2, 3, 32, 32) for item in items)
+    assert all(0 not in item.image_indices.tolist() for item in items if item.label == 1 and item.corrupt)
+    dataset_all = CaptionImagesDataset([tree], 3, 1, 32)  # caption 1 has only 2 readable images: replaced
+    item = dataset_all[1]
+    assert item.label != 1 and item.corrupt == 1
+    output = tmp_path / "run"
+    run_pretrain("--data", tree, "--output", str(output), "--epochs", "2", "--captions-per-gpu", "4",
+                 "--images-per-caption", "3", *TINY)
+    assert '"corrupt_images": 0' not in (output / "summary.json").read_text()
+
+
+def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
+    missing = tmp_path / "missing"
+    assert_one_line_error(run_pretrain("--data", str(missing), "--output", str(tmp_path / "o"), *TINY, check=False),
+                          "does not exist")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_pretrain("--data", str(empty), "--output", str(tmp_path / "o"), *TINY, check=False),
+                          "not an image tree")
+    (empty / "00000").mkdir()
+    assert_one_line_error(run_pretrain("--data", str(empty), "--output", str(tmp_path / "o"), *TINY, check=False),
+                          "no captioned images")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
+                                       "--images-per-caption", "5", *TINY, check=False), "4 image(s)")
+    assert not (tmp_path / "o").exists()  # nothing written for bad input
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(blocker / "run"),
+                                       "--images-per-caption", "2", *TINY, check=False), "cannot be written")
+
+    run_dir = tmp_path / "run"
+    run_pretrain("--data", random_tree, "--output", str(run_dir), "--epochs", "1", "--captions-per-gpu", "4",
+                 "--images-per-caption", "2", *TINY)
+    other_size = [a if a != "vit_tiny" else "vit_small" for a in TINY]
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(run_dir), "--epochs", "2",
+                                       "--captions-per-gpu", "4", "--images-per-caption", "2", *other_size,
+                                       "--resume", check=False), "--model vit_tiny, not vit_small")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(run_dir), "--epochs", "2",
+                                       "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False),
+                          "already holds checkpoints")
