@@ -119,6 +119,11 @@ def check_args(args):
                         f"got {args.shard}")
 
 
+def process_shard(args):
+    """(shard, number of shards) of this process: torchrun's ranks split each --shard again."""
+    return args.shard * distributed.world_size() + distributed.rank(), args.num_shards * distributed.world_size()
+
+
 # ---- captions ----
 
 class Captions(NamedTuple):
@@ -421,8 +426,7 @@ def main(args):
     check_args(args)
     # ---- distributed ----
     device = distributed.init_distributed()
-    num_shards = args.num_shards * distributed.world_size()  # torchrun ranks split each --shard again
-    shard = args.shard * distributed.world_size() + distributed.rank()
+    shard, num_shards = process_shard(args)
 
     # ---- data ----
     captions = read_captions(args.captions)
