@@ -225,8 +225,8 @@ def load_pipeline(args, device, dtype):
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
-    pipe.vae.enable_slicing()  # decode one image at a time: bounded memory at any batch size
     if device.type == "cuda":
+        pipe.vae.enable_slicing()  # decode one image at a time: a 512px batch of 32 would not fit otherwise
         pipe.unet.to(memory_format=torch.channels_last)
     if args.compile:
         pipe.unet = torch.compile(pipe.unet)
@@ -420,9 +420,27 @@ def write_preview(pipe, prompts, captions, args):
     return path
 
 
-def main(args):
+def write_tree(pipe, prompts, captions, mine, todo, args, show_progress=True):
+    """Generate the images `todo` [(caption id, k)] batch by batch and write them into args.output; index each
+    folder of the captions `mine` once it is complete."""
     from tqdm import tqdm
 
+    writer = TreeWriter(args, captions, args.writers)
+    writer.expect(todo)
+    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in mine} - set(writer.left)):
+        if not os.path.isfile(os.path.join(args.output, f"{folder:05d}", imagetree.INDEX_FILE)):
+            writer.finish_folder(folder)  # finished by an earlier run that was killed before indexing
+    bar = tqdm(total=len(todo), unit="img", disable=not show_progress or not todo, dynamic_ncols=True,
+               smoothing=0.1)
+    for batch in batches(todo, args.batch_size):
+        writer.submit(batch, generate_batch(pipe, prompts, batch, captions, args))
+        writer.drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
+        bar.update(len(batch))
+    writer.close()
+    bar.close()
+
+
+def main(args):
     check_args(args)
     # ---- distributed ----
     device = distributed.init_distributed()
@@ -456,19 +474,7 @@ def main(args):
     print(f"{len(mine) * args.n - len(todo)} images already on disk, {len(todo)} to make")
 
     # ---- generation loop ----
-    writer = TreeWriter(args, captions.captions, args.writers)
-    writer.expect(todo)
-    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in mine} - set(writer.left)):
-        if not os.path.isfile(os.path.join(args.output, f"{folder:05d}", imagetree.INDEX_FILE)):
-            writer.finish_folder(folder)  # finished by an earlier run that was killed before indexing
-    bar = tqdm(total=len(todo), unit="img", disable=not distributed.is_main_process() or not todo,
-               dynamic_ncols=True, smoothing=0.1)
-    for batch in batches(todo, args.batch_size):
-        writer.submit(batch, generate_batch(pipe, prompts, batch, captions.captions, args))
-        writer.drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
-        bar.update(len(batch))
-    writer.close()
-    bar.close()
+    write_tree(pipe, prompts, captions.captions, mine, todo, args, show_progress=distributed.is_main_process())
     if prompts.truncated:
         print(f"{prompts.truncated} captions were truncated to {pipe.tokenizer.model_max_length} tokens")
     print(f"done: {len(todo)} images written to {args.output}")

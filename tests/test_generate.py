@@ -1,5 +1,5 @@
 """generate.py on a tiny random-weight Stable Diffusion pipeline (tiny_sd.py), loaded through generate.py's own
-from_pretrained code, offline, on the CPU: 32x32 images, 3 DDIM steps."""
+from_pretrained code, offline, on the CPU: 32x32 images, 2 DDIM steps."""
 import os
 import signal
 import subprocess
@@ -24,6 +24,7 @@ CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach"
             "two birds and the sky", "an old house", "a bowl of soup"]
 VALID_IDS = [0, 2, 3, 5, 6, 7]  # row 1 is blank, row 4 is not UTF-8
 N = 3
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy 2 copy= in DPM-Solver
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +40,7 @@ def captions_file(tmp_path_factory):
 
 
 def argv(model, captions, output, *extra):
-    return ["--captions", captions, "--model", model, "--output", str(output), "--n", str(N), "--steps", "3",
+    return ["--captions", captions, "--model", model, "--output", str(output), "--n", str(N), "--steps", "2",
             "--size", "32", "--stored-size", "32", "--format", "png", *extra]
 
 
@@ -53,10 +54,10 @@ def pixels(root):
             for record in imagetree.read_tree(str(root)) for record_path in record.image_paths}
 
 
-def assert_same_images(tree_a, tree_b):
+def assert_same_images(tree_a, tree_b, part_of_a=False):
     a, b = pixels(tree_a), pixels(tree_b)
-    assert sorted(a) == sorted(b)
-    for name in a:  # CPU kernels depend on the batch size: at most one uint8 level apart
+    assert set(b) <= set(a) if part_of_a else sorted(a) == sorted(b)
+    for name in b:  # CPU kernels depend on the batch size: at most one uint8 level apart
         assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
 
 
@@ -130,7 +131,7 @@ def test_tree_layout_count_settings_and_index(reference, captions_file):
     assert os.path.isfile(os.path.join(reference, "00000", imagetree.INDEX_FILE))
     assert not [f for f in listing(reference) if os.path.basename(f).startswith(".tmp")]
     settings = imagetree.read_settings(str(reference))
-    assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 3, "ddim")
+    assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 2, "ddim")
     assert settings["skipped_rows"] == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
     assert {"torch", "diffusers", "transformers"} <= set(settings["versions"])
     images = pixels(reference)
@@ -140,18 +141,21 @@ def test_tree_layout_count_settings_and_index(reference, captions_file):
 
 def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
-    generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "2",
-                        "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16")
+    generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
+                        "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16",
+                        "--shard", "0", "--num-shards", "3")
     records = imagetree.read_tree(str(out))
-    assert len(records) == len(VALID_IDS)
-    image = Image.open(records[0].image_paths[1])
+    assert [r.caption_id for r in records] == [0, 3, 6]
+    image = Image.open(records[0].image_paths[0])
     assert image.format == "JPEG" and image.size == (16, 16)
     assert imagetree.read_settings(str(out))["dtype"] == "bfloat16"
 
 
 def test_batch_size_does_not_change_images(reference, tiny_model, captions_file, tmp_path):
-    generate_in_process(*argv(tiny_model, captions_file, tmp_path / "tree", "--batch-size", "1"))
-    assert_same_images(reference, tmp_path / "tree")
+    out = tmp_path / "tree"  # half the captions keep the test short
+    assert generate_in_process(*argv(tiny_model, captions_file, out, "--batch-size", "1", "--shard", "1",
+                                     "--num-shards", "2")) == 9
+    assert_same_images(reference, out, part_of_a=True)
 
 
 def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
