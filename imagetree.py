@@ -67,6 +67,21 @@ def write_image(root, caption_id, image_index, image, image_format="jpg", qualit
     return path
 
 
+def images_on_disk(folder, image_format="jpg"):
+    """{caption id: {image index, ...}} of the `{key}_{k:02d}.{image_format}` files in `folder` ({} if none)."""
+    present = {}
+    if not os.path.isdir(folder):
+        return present
+    suffix = "." + image_format
+    for name in os.listdir(folder):
+        if name.startswith(".tmp") or not name.endswith(suffix):
+            continue
+        key, _, index = name[:-len(suffix)].partition("_")
+        if key.isdigit() and index.isdigit():
+            present.setdefault(int(key), set()).add(int(index))
+    return present
+
+
 def read_settings(root):
     """The tree's settings.json as a dict, or None when there is none."""
     path = os.path.join(root, SETTINGS_FILE)

@@ -1,0 +1,279 @@
+"""generate.py on a tiny random-weight Stable Diffusion pipeline (tiny_sd.py), loaded through generate.py's own
+from_pretrained code, offline, on the CPU: 32x32 images, 2 DDIM steps."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: the hub is never asked
+
+import distributed  # noqa: E402
+import generate  # noqa: E402
+import imagetree  # noqa: E402
+from cli import run  # noqa: E402
+from tiny_sd import save_tiny_pipeline  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
+            "two birds and the sky", "an old house", "a bowl of soup"]
+VALID_IDS = [0, 2, 3, 5, 6, 7]  # row 1 is blank, row 4 is not UTF-8
+N = 3
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy 2 copy= in DPM-Solver
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")), image_size=32)
+
+
+@pytest.fixture(scope="session")
+def captions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.txt"
+    path.write_bytes(b"".join(c.encode("utf-8", errors="surrogateescape") + b"\n" for c in CAPTIONS))
+    return str(path)
+
+
+def argv(model, captions, output, *extra):
+    return ["--captions", captions, "--model", model, "--output", str(output), "--n", str(N), "--steps", "2",
+            "--size", "32", "--stored-size", "32", "--format", "png", *extra]
+
+
+def generate_in_process(*args):
+    return generate.main(generate.get_args_parser().parse_args(list(args)))
+
+
+def pixels(root):
+    """{file name: uint8 array} of every image in the tree."""
+    return {os.path.basename(record_path): np.asarray(Image.open(record_path))
+            for record in imagetree.read_tree(str(root)) for record_path in record.image_paths}
+
+
+def assert_same_images(tree_a, tree_b, part_of_a=False):
+    a, b = pixels(tree_a), pixels(tree_b)
+    assert set(b) <= set(a) if part_of_a else sorted(a) == sorted(b)
+    for name in b:  # CPU kernels depend on the batch size: at most one uint8 level apart
+        assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
+
+
+def listing(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model, captions_file, tmp_path_factory):
+    """One process, batch size 8: the tree every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "tree"
+    assert generate_in_process(*argv(tiny_model, captions_file, out, "--batch-size", "8")) == len(VALID_IDS) * N
+    return out
+
+
+# ---- defaults and captions ----
+
+def test_defaults_are_the_papers_recipe():
+    args = generate.get_args_parser().parse_args(["--captions", "x.tsv"])
+    assert args.model == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert (args.scheduler, args.steps, args.eta) == ("ddim", 50, 0.0)  # DDIM, 50 steps, eta 0
+    assert (args.size, args.stored_size) == (512, 256)
+    assert (args.w, args.n) == (2.0, 10)  # StableRep's w and images per caption
+    assert args.preview == 0 and not args.compile
+
+
+@pytest.mark.parametrize("content, name, layout", [
+    ("a cat on a mat\thttp://x/1.jpg\n\nsecond caption\thttp://x/2.jpg\n", "cc3m.tsv", "CC3M"),
+    ("http://x/1.jpg\ta cat on a mat\nhttp://x/2.jpg\t\nhttp://x/3.jpg\tsecond caption\n", "cc12m.tsv", "CC12M"),
+    ("url,caption\nhttp://x/1.jpg,a cat on a mat\nhttp://x/2.jpg,\nhttp://x/3.jpg,\"second caption\"\n",
+     "data.csv", "CSV"),
+    ("key\tcaption\n7\ta cat on a mat\n8\t  \n9\tsecond caption\n", "data.tsv", "TSV"),
+    ("a cat on a mat\n   \nsecond caption\n", "captions.txt", "text"),
+])
+def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
+    path = tmp_path / name
+    path.write_text(content)
+    captions = generate.read_captions(str(path))
+    assert captions.captions == {0: "a cat on a mat", 2: "second caption"}
+    assert captions.rows == 3 and captions.skipped == [{"row": 1, "reason": "blank"}]
+    assert captions.layout.startswith(layout)
+
+
+def test_undecodable_rows_are_skipped_and_counted(captions_file):
+    captions = generate.read_captions(captions_file)
+    assert sorted(captions.captions) == VALID_IDS
+    assert captions.skipped == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
+
+
+def test_torchrun_ranks_split_each_shard(monkeypatch):
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    args = generate.get_args_parser().parse_args(["--captions", "x", "--shard", "1", "--num-shards", "3"])
+    assert generate.process_shard(args) == (3, 6)
+
+
+def test_image_seeds_are_distinct_and_fixed():
+    seeds = {generate.image_seed(0, i, k) for i in range(200) for k in range(10)}
+    assert len(seeds) == 2000
+    assert generate.image_seed(0, 12, 3) == generate.image_seed(0, 12, 3) != generate.image_seed(1, 12, 3)
+
+
+# ---- the tree ----
+
+def test_tree_layout_count_settings_and_index(reference, captions_file):
+    records = imagetree.read_tree(str(reference))
+    assert [r.caption_id for r in records] == VALID_IDS
+    assert all(len(r.image_paths) == N for r in records)
+    assert records[1].caption == "the red and blue car"
+    assert os.path.basename(records[1].image_paths[2]) == "000000002_02.png"
+    assert os.path.isfile(os.path.join(reference, "00000", imagetree.INDEX_FILE))
+    assert not [f for f in listing(reference) if os.path.basename(f).startswith(".tmp")]
+    settings = imagetree.read_settings(str(reference))
+    assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 2, "ddim")
+    assert settings["skipped_rows"] == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
+    assert {"torch", "diffusers", "transformers"} <= set(settings["versions"])
+    images = pixels(reference)
+    assert len(images) == len(VALID_IDS) * N and images["000000000_00.png"].shape == (32, 32, 3)
+    assert np.abs(images["000000000_00.png"].astype(int) - images["000000000_01.png"]).mean() > 1  # seeds differ
+
+
+def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
+                        "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16",
+                        "--shard", "0", "--num-shards", "3")
+    records = imagetree.read_tree(str(out))
+    assert [r.caption_id for r in records] == [0, 3, 6]
+    image = Image.open(records[0].image_paths[0])
+    assert image.format == "JPEG" and image.size == (16, 16)
+    assert imagetree.read_settings(str(out))["dtype"] == "bfloat16"
+
+
+def test_batch_size_does_not_change_images(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"  # half the captions keep the test short
+    assert generate_in_process(*argv(tiny_model, captions_file, out, "--batch-size", "1", "--shard", "1",
+                                     "--num-shards", "2")) == 9
+    assert_same_images(reference, out, part_of_a=True)
+
+
+def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    made = [generate_in_process(*argv(tiny_model, captions_file, out, "--shard", str(s), "--num-shards", "2",
+                                      "--batch-size", "4")) for s in (0, 1)]
+    assert made == [9, 9]  # ids 0, 2, 6 and 3, 5, 7
+    assert_same_images(reference, out)
+    index = "00000/" + imagetree.INDEX_FILE
+    assert (out / index).read_text() == (reference / index).read_text()  # indexed by the shard that finished last
+    assert listing(out) == listing(reference)
+
+
+def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    command = [sys.executable, os.path.join(REPO, "generate.py"),
+               *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if sum(len(v) for v in imagetree.images_on_disk(str(out / "00000"), "png").values()) >= 4:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    written = sum(len(v) for v in imagetree.images_on_disk(str(out / "00000"), "png").values())
+    assert 4 <= written < len(VALID_IDS) * N
+    assert not (out / "00000" / imagetree.INDEX_FILE).exists()  # the folder is not complete yet
+    for name in os.listdir(out / "00000"):  # whole files only: partial writes are .tmp names
+        if name.endswith(".png"):
+            Image.open(out / "00000" / name).load()
+    made = generate_in_process(*argv(tiny_model, captions_file, out, "--batch-size", "8"))
+    assert made == len(VALID_IDS) * N - written  # only the missing images
+    assert_same_images(reference, out)
+    assert generate_in_process(*argv(tiny_model, captions_file, out)) == 0  # a finished tree: nothing to do
+
+
+# ---- schedulers, compile, preview ----
+
+@pytest.mark.parametrize("name, cls", [("ddim", "DDIMScheduler"), ("dpm-solver++", "DPMSolverMultistepScheduler"),
+                                       ("model", "PNDMScheduler")])
+def test_scheduler_choice_keeps_the_models_schedule(tiny_model, name, cls):
+    args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model, "--scheduler", name])
+    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert type(pipe.scheduler).__name__ == cls
+    assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.beta_schedule == "scaled_linear"
+    if name == "dpm-solver++":
+        assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
+
+
+def test_compile_flag_compiles_the_unet(tiny_model, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module: compiled.append(module) or module)
+    args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model, "--compile"])
+    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert compiled == [pipe.unet]
+
+
+def test_dpm_solver_run_writes_images(tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    assert generate_in_process(*argv(tiny_model, captions_file, out, "--scheduler", "dpm-solver++",
+                                     "--shard", "0", "--num-shards", "3")) == 3 * N  # ids 0, 3, 6
+    assert imagetree.read_settings(str(out))["scheduler"] == "dpm-solver++"
+
+
+def test_preview_writes_one_png_grid_and_no_tree(tiny_model, captions_file, tmp_path):
+    out = tmp_path / "preview"
+    path = generate_in_process(*argv(tiny_model, captions_file, out, "--preview", "2", "--w", "4"))
+    assert path == str(out / "preview_w4.png")
+    grid = Image.open(path)
+    assert grid.format == "PNG" and grid.size == (N * 32, 2 * 32)
+    assert os.listdir(out) == ["preview_w4.png"]
+
+
+# ---- bad input: one line, exit code 2, nothing written ----
+
+def run_cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(generate.main, generate.get_args_parser(), [str(a) for a in args])
+    err = capsys.readouterr().err
+    return exit_info.value.code, err
+
+
+BAD_INPUTS = {
+    "missing captions": (["--captions", "{tmp}/nope.txt"], "does not exist"),
+    "empty captions": (["--captions", "{tmp}/empty.txt"], "is empty"),
+    "no caption column": (["--captions", "{tmp}/nocol.csv"], "no `caption` column"),
+    "n < 1": (["--n", "0"], "--n"),
+    "w < 0": (["--w", "-1"], "--w"),
+    "steps < 1": (["--steps", "0"], "--steps"),
+    "size not a multiple of 8": (["--size", "36"], "multiple of 8"),
+    "stored size larger": (["--stored-size", "64"], "larger than"),
+    "output not writable": (["--output", "{tmp}/afile/tree"], "cannot be written"),
+    "model not loadable": (["--model", "{tmp}/no-such-model"], "offline"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model, captions_file, tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "nocol.csv").write_text("url,text\nhttp://x/1.jpg,a cat\n")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    before = listing(tmp_path)
+    extra, message = BAD_INPUTS[case]
+    args = argv(tiny_model, captions_file, tmp_path / "tree") + [a.format(tmp=tmp_path) for a in extra]
+    code, err = run_cli(args, capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("generate.py: error:") and message in err, err
+    assert listing(tmp_path) == before and not (tmp_path / "tree").exists()
+
+
+def test_rerun_with_other_settings_is_refused(reference, tiny_model, captions_file, capsys):
+    before = listing(reference)
+    code, err = run_cli(argv(tiny_model, captions_file, reference, "--w", "8"), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "w 2.0 -> 8.0" in err
+    assert listing(reference) == before

@@ -1,0 +1,85 @@
+"""A tiny Stable Diffusion pipeline with random weights, for tests, benchmarks and the offline demo.
+
+`save_tiny_pipeline(folder)` builds the same StableDiffusionPipeline class as Stable Diffusion v1.5 (UNet, VAE,
+CLIP text encoder, CLIP tokenizer, the v1.5 noise schedule) at a toy width, and saves it with save_pretrained, so
+that `StableDiffusionPipeline.from_pretrained(folder)` - generate.py's own loading code - reads it back offline.
+About 7 MB on disk; 32x32 images from 16x16 latents (a two-block VAE halves the resolution once). The weights are
+random, so the images are noise with structure, but every code path of the real model runs.
+"""
+import json
+import os
+import tempfile
+
+import torch
+
+# the tokenizer's vocabulary: GPT-2's 256 printable byte characters, the same with the end-of-word mark, then
+# CLIP's two special tokens; no merges beyond a few common pairs, so every word tokenizes to its characters
+
+
+def _byte_characters():
+    """GPT-2's reversible byte -> printable character map (the alphabet CLIP's BPE works on)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    characters, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            characters.append(chr(byte))
+        else:
+            characters.append(chr(256 + extra))
+            extra += 1
+    return characters
+
+
+def _write_tokenizer_files(folder):
+    characters = _byte_characters()
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>")]
+    tokens = characters + [c + "</w>" for c in characters] + [a + b for a, b in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    vocab_file, merges_file = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
+    with open(vocab_file, "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(merges_file, "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    return vocab_file, merges_file, len(vocab)
+
+
+def build_tiny_pipeline(image_size, work_folder, seed=0):
+    """The tiny pipeline in memory (eval mode, float32); `work_folder` receives the tokenizer's source files."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8, got {image_size}")
+    vocab_file, merges_file, vocab_size = _write_tokenizer_files(work_folder)
+    with torch.random.fork_rng():  # random weights from a fixed seed, without touching the caller's RNG
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
+            norm_num_groups=32)
+        vae = AutoencoderKL(
+            sample_size=image_size, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
+    tokenizer = CLIPTokenizer(vocab_file, merges_file, model_max_length=77)
+    # Stable Diffusion v1.5's own scheduler and noise schedule
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                                   unet=unet.eval(), scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    return pipe
+
+
+def save_tiny_pipeline(folder, image_size=32):
+    """Build the tiny random-weight pipeline and save it to `folder` (from_pretrained-ready); returns `folder`."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tokenizer_sources:
+        build_tiny_pipeline(image_size, work_folder=tokenizer_sources).save_pretrained(folder)
+    return folder
