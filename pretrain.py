@@ -194,7 +194,7 @@ def main(args):
 
     # ---- model ----
     model = build_model(args, tokenizer).to(device)
-    if world_size > 1:
+    if world_size > 1 and device.type == "cuda":  # SyncBatchNorm runs on GPUs only; gloo/CPU keeps local BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     trainable = model
     if world_size > 1:

@@ -33,24 +33,27 @@ def random_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer_folder(tmp_path_factory):
-    """A CLIP tokenizer with a byte-level vocabulary and no merges, saved as a folder."""
-    import json
-
-    from transformers import CLIPTokenizer
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    characters = list(bytes_to_unicode().values())
-    vocab = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(str(folder))
-    return str(folder)
+def tiny_sd_folder(tmp_path_factory):
+    """tiny_sd's random-weight Stable Diffusion pipeline, saved once per test session (about 7 MB)."""
+    from tiny_sd import save_tiny_pipeline
+    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")), image_size=32)
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_tokenizer_folder):
+def generated_tree(tiny_sd_folder, tmp_path_factory):
+    """12 captions x 4 images made by generate.py itself with the tiny pipeline (32 px, 2 DDIM steps)."""
+    import generate
+    folder = tmp_path_factory.mktemp("generated")
+    captions = folder / "captions.txt"
+    captions.write_text("".join(f"a photo of object number {i}\n" for i in range(12)))
+    args = generate.get_args_parser().parse_args([
+        "--captions", str(captions), "--output", str(folder / "tree"), "--model", tiny_sd_folder, "--n", "4",
+        "--steps", "2", "--size", "32", "--stored-size", "32", "--batch-size", "16", "--writers", "1"])
+    generate.main(args)
+    return str(folder / "tree")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_sd_folder):
     from transformers import CLIPTokenizer
-    return CLIPTokenizer.from_pretrained(tiny_tokenizer_folder)
+    return CLIPTokenizer.from_pretrained(tiny_sd_folder, subfolder="tokenizer")

@@ -14,7 +14,7 @@ from model import load_encoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
-        "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "16",
+        "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
         "--workers", "0", "--log-every", "1"]
 
 
@@ -55,13 +55,13 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     m, c = pretrain.DEFAULT_VIEWS[loss]
     m = min(m, 3)
     tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
-    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=16)
+    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40)
     batch = collate([dataset[i] for i in range(6)])
     torch.manual_seed(0)
     model = pretrain.build_model(args, tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
-    for _ in range(12):
+    for _ in range(40):
         value = pretrain.compute_loss(model, batch, args, torch.device("cpu"))
         optimizer.zero_grad()
         value.backward()
@@ -71,10 +71,10 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
 
 
 @pytest.mark.parametrize("loss", pretrain.LOSSES)
-def test_each_objective_runs_the_script(loss, random_tree, tiny_tokenizer_folder, tmp_path):
+def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
     m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
-    run_pretrain("--data", random_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
-                 tiny_tokenizer_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY)
+    run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
+                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY)
     summary = (tmp_path / "summary.json").read_text()
     assert '"steps": 3' in summary
     encoder = load_encoder(str(tmp_path / "encoder.pth"))
@@ -84,7 +84,7 @@ def test_each_objective_runs_the_script(loss, random_tree, tiny_tokenizer_folder
 def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "0", os.path.join(ROOT, "pretrain.py"), "--data", random_tree,
+                             "--standalone", os.path.join(ROOT, "pretrain.py"), "--data", random_tree,
                              "--output", str(tmp_path), "--epochs", "1", "--captions-per-gpu", "2",
                              "--images-per-caption", "2", *TINY], capture_output=True, text=True, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -156,7 +156,8 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(blocker / "run"),
-                                       "--images-per-caption", "2", *TINY, check=False), "cannot be written")
+                                       "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False),
+                          "cannot be written")
 
     run_dir = tmp_path / "run"
     run_pretrain("--data", random_tree, "--output", str(run_dir), "--epochs", "1", "--captions-per-gpu", "4",
