@@ -91,6 +91,7 @@ def test_defaults_are_the_papers_recipe():
      "data.csv", "CSV"),
     ("key\tcaption\n7\ta cat on a mat\n8\t  \n9\tsecond caption\n", "data.tsv", "TSV"),
     ("a cat on a mat\n   \nsecond caption\n", "captions.txt", "text"),
+    ("\ufeffCaption\na cat on a mat\n\nsecond caption\n", "captions.txt", "text with a header"),
 ])
 def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     path = tmp_path / name
@@ -101,9 +102,16 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
+def test_captions_of_one_shard_and_the_first_few(captions_file):
+    shard = generate.read_captions(captions_file, keep=lambda i: i % 2 == 1)
+    assert sorted(shard.captions) == [3, 5, 7] and list(shard.valid_ids) == VALID_IDS
+    first = generate.read_captions(captions_file, max_captions=2)
+    assert first.captions == {0: "a photo of a cat", 2: "the red and blue car"}
+
+
 def test_undecodable_rows_are_skipped_and_counted(captions_file):
     captions = generate.read_captions(captions_file)
-    assert sorted(captions.captions) == VALID_IDS
+    assert sorted(captions.captions) == VALID_IDS == list(captions.valid_ids)
     assert captions.skipped == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
 
 
