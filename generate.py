@@ -249,9 +249,10 @@ def load_pipeline(args, device, dtype):
 
 # ---- generation ----
 
-def image_seed(seed, caption_id, image_index):
-    """The seed of image `image_index` of caption `caption_id`: a hash, so no two (i, k) share noise."""
-    digest = hashlib.sha256(f"stablerep/{seed}/{caption_id}/{image_index}".encode()).digest()
+def image_seed(seed, caption_id, image_index, stream="latents"):
+    """The seed of image `image_index` of caption `caption_id`: a hash, so no two (i, k) share noise. `stream`
+    separates the initial latents from the noise a stochastic sampler (DDIM with eta > 0) adds at each step."""
+    digest = hashlib.sha256(f"stablerep/{seed}/{caption_id}/{image_index}/{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
@@ -300,7 +301,9 @@ def generate_batch(pipe, prompts, items, captions, args):
     """uint8 (B, H, W, 3) CPU images for items [(caption id, image index)], at the generated size."""
     prompt_embeds, negative_embeds = prompts.embeddings([i for i, _ in items], captions)
     latents = initial_noise(pipe, items, args.seed, args.size).to(pipe.device, pipe.unet.dtype)
+    step_noise = [torch.Generator().manual_seed(image_seed(args.seed, i, k, "steps")) for i, k in items]
     images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=latents,
+                  generator=step_noise,  # per image, on the CPU: used by DDIM only when eta > 0
                   height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.w,
                   eta=args.eta, output_type="pt").images  # (B, 3, H, W) in [0, 1]
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -326,7 +329,7 @@ def settings_of(args, captions, dtype):
     return {
         "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "eta": args.eta, "w": args.w,
         "n": args.n, "size": args.size, "stored_size": args.stored_size, "format": args.format,
-        "quality": args.quality, "seed": args.seed, "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}')[:8]",
+        "quality": args.quality, "seed": args.seed, "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
         "captions_file": os.path.basename(args.captions), "caption_rows": captions.rows,
         "captions_layout": captions.layout, "captions_used": len(captions.valid_ids),
         "skipped_rows": captions.skipped, "dtype": str(dtype).replace("torch.", ""),

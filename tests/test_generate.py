@@ -151,12 +151,23 @@ def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
                         "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16",
-                        "--shard", "0", "--num-shards", "3")
+                        "--quality", "80", "--shard", "0", "--num-shards", "3")
     records = imagetree.read_tree(str(out))
     assert [r.caption_id for r in records] == [0, 3, 6]
     image = Image.open(records[0].image_paths[0])
     assert image.format == "JPEG" and image.size == (16, 16)
-    assert imagetree.read_settings(str(out))["dtype"] == "bfloat16"
+    settings = imagetree.read_settings(str(out))
+    assert (settings["dtype"], settings["quality"], settings["stored_size"]) == ("bfloat16", 80, 16)
+
+
+def test_stochastic_ddim_is_seeded_per_image_too(tiny_model, captions_file, tmp_path):
+    # eta > 0 adds fresh noise at every step: it comes from per-image generators, not a global stream
+    runs = [tmp_path / "batch6", tmp_path / "batch1"]
+    for out, batch in zip(runs, ("6", "1")):
+        generate_in_process(*argv(tiny_model, captions_file, out, "--eta", "1", "--n", "2", "--batch-size", batch,
+                                  "--shard", "0", "--num-shards", "3"))
+    assert_same_images(*runs)
+    assert imagetree.read_settings(str(runs[0]))["eta"] == 1.0
 
 
 def test_batch_size_does_not_change_images(reference, tiny_model, captions_file, tmp_path):
