@@ -1,7 +1,7 @@
 """Stage 1 of StableRep: a captions file -> a folder tree of synthetic images, n per caption (Sec. 3, 4.1).
 
     python generate.py --captions cc3m.tsv --n 10 --w 2            # one GPU (w = 2: StableRep; --w 8: SimCLR)
-    torchrun --nproc 8 generate.py --captions cc12m.tsv            # every rank takes a disjoint part
+    torchrun --nproc 8 generate.py --captions cc12m.tsv --num-images 10   # each rank takes a disjoint part
     python generate.py --captions cc12m.tsv --shard 3 --num-shards 64   # one job of a cluster array
 
 Stable Diffusion (diffusers' StableDiffusionPipeline, `--model`) draws `--n` images per caption from different
@@ -51,9 +51,10 @@ def get_args_parser():
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
                              "paper uses v1.5")
-    parser.add_argument("--n", type=int, default=10,
+    parser.add_argument("--n", "--num-images", dest="n", type=int, default=10,
                         help="images per caption, each from its own latent noise; 10 in the paper (StableRep trains "
-                             "on 6 of them per step)")
+                             "on 6 of them per step). Under torchrun write --num-images: torchrun takes --n as an "
+                             "ambiguous abbreviation of its own flags")
     parser.add_argument("--w", type=float, default=2.0,
                         help="classifier-free guidance scale; 2 is StableRep's best (low w = diverse images of a "
                              "caption, which the multi-positive loss wants), SimCLR peaks at 6-8; diffusers applies "

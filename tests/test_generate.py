@@ -188,6 +188,18 @@ def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model,
     assert listing(out) == listing(reference)
 
 
+def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    args = [a if a != "--n" else "--num-images" for a in argv(tiny_model, captions_file, out)]  # torchrun owns --n
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               os.path.join(REPO, "generate.py"), *args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_images(reference, out)
+    assert listing(out) == listing(reference)
+
+
 def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     command = [sys.executable, os.path.join(REPO, "generate.py"),
@@ -214,6 +226,23 @@ def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_f
     assert made == len(VALID_IDS) * N - written  # only the missing images
     assert_same_images(reference, out)
     assert generate_in_process(*argv(tiny_model, captions_file, out)) == 0  # a finished tree: nothing to do
+
+
+def test_each_caption_is_encoded_once_and_truncation_is_said_once(tiny_model, capsys):
+    args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model])
+    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    encoded = []
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda texts, *a, **k: encoded.append(list(texts)) or encode(texts, *a, **k)
+    prompts = generate.PromptCache(pipe, torch.device("cpu"))
+    texts = {0: "x" * 200, 1: "a short caption", 2: "y" * 300}  # the tiny tokenizer: one token per character
+    cond, uncond = prompts.embeddings([0, 0, 0, 1], texts)  # caption 1 goes on into the next batch
+    assert cond.shape == uncond.shape == (4, 77, 32)
+    assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[3])
+    prompts.embeddings([1, 1, 2, 2], texts)
+    assert sorted(map(tuple, encoded)) == sorted([(texts[0], texts[1]), ("",), (texts[2],)])
+    assert prompts.truncated == 2
+    assert capsys.readouterr().err.count("truncated") == 1
 
 
 # ---- schedulers, compile, preview ----
