@@ -12,16 +12,15 @@ settings into a tree made with other ones.
 """
 import argparse
 import array
+import collections
 import concurrent.futures
 import csv
 import hashlib
-import json
 import os
 import sys
 import warnings
 from typing import List, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -330,7 +329,8 @@ def settings_of(args, captions, dtype):
     return {
         "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "eta": args.eta, "w": args.w,
         "n": args.n, "size": args.size, "stored_size": args.stored_size, "format": args.format,
-        "quality": args.quality, "seed": args.seed, "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
+        "quality": args.quality, "seed": args.seed,
+        "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
         "captions_file": os.path.basename(args.captions), "caption_rows": captions.rows,
         "captions_layout": captions.layout, "captions_used": len(captions.valid_ids),
         "skipped_rows": captions.skipped, "dtype": str(dtype).replace("torch.", ""),
@@ -361,6 +361,7 @@ def check_output_creatable(path):
 
 
 def folder_complete(root, folder_id, ids_in_folder, n, image_format):
+    """Do all these captions of the folder have their caption file and n images on disk?"""
     folder = os.path.join(root, f"{folder_id:05d}")
     present = imagetree.images_on_disk(folder, image_format)
     return all(len(present.get(i, ())) >= n and os.path.isfile(imagetree.caption_path(root, i))
@@ -373,7 +374,7 @@ class TreeWriter:
     def __init__(self, args, texts, valid_ids):
         self.args, self.texts = args, texts
         self.pool = concurrent.futures.ThreadPoolExecutor(args.writers)
-        self.pending = []  # [(future, folder id)]
+        self.pending = collections.deque()  # (future, folder id), oldest first
         self.left = {}  # folder id -> images of this process still to write there
         self.captioned = set()  # caption ids whose .txt is on disk
         self.ids_by_folder = {}  # folder id -> every valid caption id of the folder (all shards')
@@ -401,7 +402,7 @@ class TreeWriter:
     def drain(self, keep=0):
         """Wait until at most `keep` writes are pending; index the folders this process has finished."""
         while len(self.pending) > keep:
-            future, folder = self.pending.pop(0)
+            future, folder = self.pending.popleft()
             future.result()  # a failed write (disk full) stops the run here
             self.left[folder] -= 1
             if self.left[folder] == 0:
@@ -427,6 +428,7 @@ def missing_images(root, caption_ids, n, image_format):
 
 
 def write_preview(pipe, prompts, captions, args):
+    """One PNG grid, rows = the first --preview captions, columns = their n images; no tree is written."""
     rows = list(captions)[:args.preview]
     items = [(i, k) for i in rows for k in range(args.n)]
     s = args.stored_size
