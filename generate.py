@@ -26,7 +26,7 @@ from PIL import Image
 
 import distributed
 import imagetree
-from cli import UserError, check_writable_folder, run
+from cli import UserError, atomic_write_bytes, check_writable_folder, run
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
@@ -438,7 +438,7 @@ def write_preview(pipe, prompts, captions, args):
             grid.paste(to_stored(pixels, s), (k * s, rows.index(i) * s))
     path = os.path.join(args.output, f"preview_w{args.w:g}.png")
     check_writable_folder(args.output)
-    grid.save(path)
+    atomic_write_bytes(path, imagetree.encode_image(grid, "png"))
     print(f"preview: {len(rows)} captions x {args.n} images at w={args.w:g} -> {path}")
     return path
 
