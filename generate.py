@@ -17,6 +17,7 @@ import concurrent.futures
 import csv
 import hashlib
 import os
+import subprocess
 import sys
 import warnings
 from typing import List, NamedTuple
@@ -323,6 +324,15 @@ def batches(items, batch_size):
 
 # ---- the tree ----
 
+def code_commit():
+    """The git commit of this code, or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def settings_of(args, captions, dtype):
     import diffusers
     import transformers
@@ -335,7 +345,7 @@ def settings_of(args, captions, dtype):
         "captions_layout": captions.layout, "captions_used": len(captions.valid_ids),
         "skipped_rows": captions.skipped, "dtype": str(dtype).replace("torch.", ""),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__, "code": code_commit()},
     }
 
 

@@ -141,7 +141,7 @@ def test_tree_layout_count_settings_and_index(reference, captions_file):
     settings = imagetree.read_settings(str(reference))
     assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 2, "ddim")
     assert settings["skipped_rows"] == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
-    assert {"torch", "diffusers", "transformers"} <= set(settings["versions"])
+    assert {"torch", "diffusers", "transformers", "code"} <= set(settings["versions"])
     images = pixels(reference)
     assert len(images) == len(VALID_IDS) * N and images["000000000_00.png"].shape == (32, 32, 3)
     assert np.abs(images["000000000_00.png"].astype(int) - images["000000000_01.png"]).mean() > 1  # seeds differ
