@@ -1,7 +1,7 @@
 """Stage 1 of StableRep: a captions file -> a folder tree of synthetic images, n per caption (Sec. 3, 4.1).
 
     python generate.py --captions cc3m.tsv --n 10 --w 2            # one GPU (w = 2: StableRep; --w 8: SimCLR)
-    torchrun --nproc 8 generate.py --captions cc12m.tsv            # every rank takes a disjoint part
+    torchrun --nproc 8 generate.py --captions cc12m.tsv --num-images 10   # each rank takes a disjoint part
     python generate.py --captions cc12m.tsv --shard 3 --num-shards 64   # one job of a cluster array
 
 Stable Diffusion (diffusers' StableDiffusionPipeline, `--model`) draws `--n` images per caption from different
@@ -11,23 +11,23 @@ or the resume. The tree's layout is imagetree.py's; a rerun skips the images alr
 settings into a tree made with other ones.
 """
 import argparse
+import array
+import collections
 import concurrent.futures
 import csv
 import hashlib
-import io
-import json
 import os
+import subprocess
 import sys
 import warnings
 from typing import List, NamedTuple
 
-import numpy as np
 import torch
 from PIL import Image
 
 import distributed
 import imagetree
-from cli import UserError, check_writable_folder, run
+from cli import UserError, atomic_write_bytes, check_writable_folder, run
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
@@ -51,9 +51,10 @@ def get_args_parser():
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
                              "paper uses v1.5")
-    parser.add_argument("--n", type=int, default=10,
+    parser.add_argument("--n", "--num-images", dest="n", type=int, default=10,
                         help="images per caption, each from its own latent noise; 10 in the paper (StableRep trains "
-                             "on 6 of them per step)")
+                             "on 6 of them per step). Under torchrun write --num-images: torchrun takes --n as an "
+                             "ambiguous abbreviation of its own flags")
     parser.add_argument("--w", type=float, default=2.0,
                         help="classifier-free guidance scale; 2 is StableRep's best (low w = diverse images of a "
                              "caption, which the multi-positive loss wants), SimCLR peaks at 6-8; diffusers applies "
@@ -127,8 +128,9 @@ def process_shard(args):
 # ---- captions ----
 
 class Captions(NamedTuple):
-    captions: dict  # caption id (row number) -> caption text, valid rows only, in row order
-    rows: int  # data rows in the file, skipped ones included
+    captions: dict  # caption id (row number) -> caption text, for the rows this process keeps
+    valid_ids: array.array  # every usable caption id of the file, in order (all shards')
+    rows: int  # data rows read, skipped ones included
     skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field"}]
     layout: str  # how the file was read, for the run's record
 
@@ -137,57 +139,70 @@ def _looks_like_url(field):
     return field.strip().lower().startswith(("http://", "https://", "ftp://"))
 
 
-def _clean(caption):
-    """One line of text, or None when there is nothing left; undecodable bytes show up as surrogates."""
-    caption = " ".join(caption.split())
-    return caption or None
+def _records(path, delimiter):
+    """The file's rows as lists of fields, streamed (CC12M is 2 GB); bytes that are not UTF-8 become surrogates."""
+    if delimiter == ",":
+        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+            yield from csv.reader(f)
+        return
+    with open(path, "rb") as f:  # rows end at b"\n" only: a stray \r inside a caption does not split it
+        for number, line in enumerate(f):
+            if number == 0 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]
+            text = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
+            yield text.split("\t") if delimiter == "\t" else [text]
 
 
-def read_captions(path):
-    """Every row of a captions file: see --captions for the formats. Raises UserError for an unusable file."""
+def _layout(path, first):
+    """(delimiter, caption column, has a header, description) from the first non-blank row's text."""
+    delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
+    header = [name.strip().lower() for name in (next(csv.reader([first])) if delimiter == "," else first.split("\t"))]
+    if "caption" in header:
+        kind = {",": "CSV", "\t": "TSV", None: "text"}[delimiter]
+        return delimiter, header.index("caption"), True, f"{kind} with a header, column {header.index('caption')}"
+    if delimiter is None:
+        return None, 0, False, "text, one caption per line"
+    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[0]):
+        return delimiter, 1, False, "CC12M TSV (url, caption)"
+    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[1]):
+        return delimiter, 0, False, "CC3M TSV (caption, url)"
+    raise UserError(f"captions file {path} has no `caption` column (a header naming it, or CC3M/CC12M's "
+                    "two-column caption/url TSV)")
+
+
+def read_captions(path, keep=None, max_captions=None):
+    """The rows of a captions file (see --captions for the formats), streamed. The text of caption id i is kept
+    when keep(i) is true (default: all), reading stops after `max_captions` usable rows. UserError for a missing,
+    empty or column-less file."""
     if not os.path.isfile(path):
         raise UserError(f"captions file {path} does not exist")
     with open(path, "rb") as f:
-        text = f.read().decode("utf-8", errors="surrogateescape")  # a bad row is skipped, not the whole file
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last row, it does not start an empty one
-    lines = [line[:-1] if line.endswith("\r") else line for line in lines]
-    if not any(line.strip() for line in lines):
+        first = next((line for line in f if line.strip()), None)
+    if first is None:
         raise UserError(f"captions file {path} is empty")
-    first = next(line for line in lines if line.strip())
-    delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
-    if delimiter is None:  # plain text: one caption per line
-        fields, column, layout = [[line] for line in lines], 0, "text, one caption per line"
-    else:
-        fields = list(csv.reader(io.StringIO("\n".join(lines)), delimiter=delimiter,
-                                 quoting=csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE))
-        header = [name.strip().lower() for name in fields[0]]
-        if "caption" in header:
-            column, fields = header.index("caption"), fields[1:]
-            layout = f"{'CSV' if delimiter == ',' else 'TSV'} with a header, column {column} `caption`"
-        elif delimiter == "\t" and len(header) >= 2 and _looks_like_url(fields[0][0]):
-            column, layout = 1, "CC12M TSV (url, caption)"
-        elif delimiter == "\t" and len(header) >= 2 and _looks_like_url(fields[0][1]):
-            column, layout = 0, "CC3M TSV (caption, url)"
-        else:
-            raise UserError(f"captions file {path} has no `caption` column (a header naming it, or CC3M/CC12M's "
-                            "two-column caption/url TSV)")
-    captions, skipped = {}, []
-    for row, record in enumerate(fields):
-        caption = _clean(record[column]) if column < len(record) else None
-        if caption is None:
+    first = first.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").rstrip("\r\n")
+    delimiter, column, has_header, layout = _layout(path, first)
+    captions, valid_ids, skipped, rows = {}, array.array("q"), [], 0
+    records = _records(path, delimiter)
+    if has_header:
+        next(record for record in records if "".join(record).strip())
+    for row, record in enumerate(records):
+        rows = row + 1
+        caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
+        if not caption:
             reason = "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
             skipped.append({"row": row, "reason": reason})
         elif any("\udc80" <= ch <= "\udcff" for ch in caption):
             skipped.append({"row": row, "reason": "undecodable"})
         else:
-            captions[row] = caption
-    if not captions:
+            valid_ids.append(row)
+            if keep is None or keep(row):
+                captions[row] = caption
+            if max_captions is not None and len(valid_ids) >= max_captions:
+                break
+    if not valid_ids:
         raise UserError(f"captions file {path} holds no usable caption ({len(skipped)} rows skipped)")
-    return Captions(captions, len(fields), skipped, layout)
+    return Captions(captions, valid_ids, rows, skipped, layout)
 
 
 # ---- model ----
@@ -235,9 +250,10 @@ def load_pipeline(args, device, dtype):
 
 # ---- generation ----
 
-def image_seed(seed, caption_id, image_index):
-    """The seed of image `image_index` of caption `caption_id`: a hash, so no two (i, k) share noise."""
-    digest = hashlib.sha256(f"stablerep/{seed}/{caption_id}/{image_index}".encode()).digest()
+def image_seed(seed, caption_id, image_index, stream="latents"):
+    """The seed of image `image_index` of caption `caption_id`: a hash, so no two (i, k) share noise. `stream`
+    separates the initial latents from the noise a stochastic sampler (DDIM with eta > 0) adds at each step."""
+    digest = hashlib.sha256(f"stablerep/{seed}/{caption_id}/{image_index}/{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
@@ -286,7 +302,9 @@ def generate_batch(pipe, prompts, items, captions, args):
     """uint8 (B, H, W, 3) CPU images for items [(caption id, image index)], at the generated size."""
     prompt_embeds, negative_embeds = prompts.embeddings([i for i, _ in items], captions)
     latents = initial_noise(pipe, items, args.seed, args.size).to(pipe.device, pipe.unet.dtype)
+    step_noise = [torch.Generator().manual_seed(image_seed(args.seed, i, k, "steps")) for i, k in items]
     images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=latents,
+                  generator=step_noise,  # per image, on the CPU: used by DDIM only when eta > 0
                   height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.w,
                   eta=args.eta, output_type="pt").images  # (B, 3, H, W) in [0, 1]
     return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -306,18 +324,28 @@ def batches(items, batch_size):
 
 # ---- the tree ----
 
+def code_commit():
+    """The git commit of this code, or None outside a git checkout."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def settings_of(args, captions, dtype):
     import diffusers
     import transformers
     return {
         "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "eta": args.eta, "w": args.w,
         "n": args.n, "size": args.size, "stored_size": args.stored_size, "format": args.format,
-        "quality": args.quality, "seed": args.seed, "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}')[:8]",
+        "quality": args.quality, "seed": args.seed,
+        "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
         "captions_file": os.path.basename(args.captions), "caption_rows": captions.rows,
-        "captions_layout": captions.layout, "captions_used": len(captions.captions),
+        "captions_layout": captions.layout, "captions_used": len(captions.valid_ids),
         "skipped_rows": captions.skipped, "dtype": str(dtype).replace("torch.", ""),
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
+                     "transformers": transformers.__version__, "code": code_commit()},
     }
 
 
@@ -343,6 +371,7 @@ def check_output_creatable(path):
 
 
 def folder_complete(root, folder_id, ids_in_folder, n, image_format):
+    """Do all these captions of the folder have their caption file and n images on disk?"""
     folder = os.path.join(root, f"{folder_id:05d}")
     present = imagetree.images_on_disk(folder, image_format)
     return all(len(present.get(i, ())) >= n and os.path.isfile(imagetree.caption_path(root, i))
@@ -352,13 +381,14 @@ def folder_complete(root, folder_id, ids_in_folder, n, image_format):
 class TreeWriter:
     """Resizes, encodes and writes images on a thread pool; indexes each folder once all its captions are in."""
 
-    def __init__(self, args, captions, workers):
-        self.args, self.captions = args, captions
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers)
-        self.pending = []  # [(future, folder id)]
+    def __init__(self, args, texts, valid_ids):
+        self.args, self.texts = args, texts
+        self.pool = concurrent.futures.ThreadPoolExecutor(args.writers)
+        self.pending = collections.deque()  # (future, folder id), oldest first
         self.left = {}  # folder id -> images of this process still to write there
-        self.ids_by_folder = {}  # folder id -> every valid caption id of the folder (all shards)
-        for i in captions:
+        self.captioned = set()  # caption ids whose .txt is on disk
+        self.ids_by_folder = {}  # folder id -> every valid caption id of the folder (all shards')
+        for i in valid_ids:
             self.ids_by_folder.setdefault(i // imagetree.CAPTIONS_PER_FOLDER, []).append(i)
 
     def expect(self, items):
@@ -373,14 +403,16 @@ class TreeWriter:
 
     def submit(self, items, pixels):
         for (i, k), image in zip(items, pixels):
-            if not os.path.isfile(imagetree.caption_path(self.args.output, i)):
-                imagetree.write_caption(self.args.output, i, self.captions[i])  # before its first image
+            if i not in self.captioned:  # the caption goes to disk before its first image
+                if not os.path.isfile(imagetree.caption_path(self.args.output, i)):
+                    imagetree.write_caption(self.args.output, i, self.texts[i])
+                self.captioned.add(i)
             self.pending.append((self.pool.submit(self._write, i, k, image), i // imagetree.CAPTIONS_PER_FOLDER))
 
     def drain(self, keep=0):
         """Wait until at most `keep` writes are pending; index the folders this process has finished."""
         while len(self.pending) > keep:
-            future, folder = self.pending.pop(0)
+            future, folder = self.pending.popleft()
             future.result()  # a failed write (disk full) stops the run here
             self.left[folder] -= 1
             if self.left[folder] == 0:
@@ -406,6 +438,7 @@ def missing_images(root, caption_ids, n, image_format):
 
 
 def write_preview(pipe, prompts, captions, args):
+    """One PNG grid, rows = the first --preview captions, columns = their n images; no tree is written."""
     rows = list(captions)[:args.preview]
     items = [(i, k) for i in rows for k in range(args.n)]
     s = args.stored_size
@@ -415,25 +448,25 @@ def write_preview(pipe, prompts, captions, args):
             grid.paste(to_stored(pixels, s), (k * s, rows.index(i) * s))
     path = os.path.join(args.output, f"preview_w{args.w:g}.png")
     check_writable_folder(args.output)
-    grid.save(path)
+    atomic_write_bytes(path, imagetree.encode_image(grid, "png"))
     print(f"preview: {len(rows)} captions x {args.n} images at w={args.w:g} -> {path}")
     return path
 
 
-def write_tree(pipe, prompts, captions, mine, todo, args, show_progress=True):
-    """Generate the images `todo` [(caption id, k)] batch by batch and write them into args.output; index each
-    folder of the captions `mine` once it is complete."""
+def write_tree(pipe, prompts, texts, valid_ids, todo, args, show_progress=True):
+    """Generate the images `todo` [(caption id, k)] of the captions `texts` {id: text} batch by batch into
+    args.output; index each of their folders once it is complete (`valid_ids`: every usable id of the file)."""
     from tqdm import tqdm
 
-    writer = TreeWriter(args, captions, args.writers)
+    writer = TreeWriter(args, texts, valid_ids)
     writer.expect(todo)
-    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in mine} - set(writer.left)):
+    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in texts} - set(writer.left)):
         if not os.path.isfile(os.path.join(args.output, f"{folder:05d}", imagetree.INDEX_FILE)):
             writer.finish_folder(folder)  # finished by an earlier run that was killed before indexing
     bar = tqdm(total=len(todo), unit="img", disable=not show_progress or not todo, dynamic_ncols=True,
                smoothing=0.1)
     for batch in batches(todo, args.batch_size):
-        writer.submit(batch, generate_batch(pipe, prompts, batch, captions, args))
+        writer.submit(batch, generate_batch(pipe, prompts, batch, texts, args))
         writer.drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
         bar.update(len(batch))
     writer.close()
@@ -445,16 +478,21 @@ def main(args):
     # ---- distributed ----
     device = distributed.init_distributed()
     shard, num_shards = process_shard(args)
+    if args.preview and not distributed.is_main_process():
+        return None  # one preview is enough
 
     # ---- data ----
-    captions = read_captions(args.captions)
+    if args.preview:  # the first ROWS usable captions, whatever the shard
+        captions = read_captions(args.captions, max_captions=args.preview)
+    else:  # the text of this shard's captions, the ids of all (to know when a shared folder is complete)
+        captions = read_captions(args.captions, keep=lambda i: i % num_shards == shard)
     dtype = resolve_dtype(args.dtype, device)
     settings = settings_of(args, captions, dtype)
     if not args.preview:
         check_settings(args.output, settings)
     check_output_creatable(args.output)
-    mine = [i for i in captions.captions if i % num_shards == shard]
-    print(f"captions: {captions.rows} rows ({captions.layout}), {len(captions.captions)} usable, "
+    mine = list(captions.captions)
+    print(f"captions: {captions.rows} rows ({captions.layout}), {len(captions.valid_ids)} usable, "
           f"{len(captions.skipped)} skipped; shard {shard}/{num_shards}: {len(mine)} captions x n={args.n}")
 
     # ---- model ----
@@ -474,10 +512,13 @@ def main(args):
     print(f"{len(mine) * args.n - len(todo)} images already on disk, {len(todo)} to make")
 
     # ---- generation loop ----
-    write_tree(pipe, prompts, captions.captions, mine, todo, args, show_progress=distributed.is_main_process())
+    write_tree(pipe, prompts, captions.captions, captions.valid_ids, todo, args,
+               show_progress=distributed.is_main_process())
     if prompts.truncated:
         print(f"{prompts.truncated} captions were truncated to {pipe.tokenizer.model_max_length} tokens")
     print(f"done: {len(todo)} images written to {args.output}")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return len(todo)
 
 

@@ -54,7 +54,7 @@ def one_at_a_time(pipe, captions, gen, output):
     """The naive loop: one pipeline call per image, prompt re-encoded each time, written before the next."""
     for i, caption in captions.items():
         for k in range(gen.n):
-            generator = torch.Generator().manual_seed(generate.image_seed(gen.seed, i, k))
+            generator = torch.Generator().manual_seed(generate.image_seed(gen.seed, i, k))  # the same latents
             image = pipe(caption, height=gen.size, width=gen.size, num_inference_steps=gen.steps,
                          guidance_scale=gen.w, eta=gen.eta, generator=generator).images[0]
             image = image.resize((gen.stored_size, gen.stored_size), Image.Resampling.LANCZOS) \

@@ -91,6 +91,7 @@ def test_defaults_are_the_papers_recipe():
      "data.csv", "CSV"),
     ("key\tcaption\n7\ta cat on a mat\n8\t  \n9\tsecond caption\n", "data.tsv", "TSV"),
     ("a cat on a mat\n   \nsecond caption\n", "captions.txt", "text"),
+    ("\ufeffCaption\na cat on a mat\n\nsecond caption\n", "captions.txt", "text with a header"),
 ])
 def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     path = tmp_path / name
@@ -101,9 +102,16 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
+def test_captions_of_one_shard_and_the_first_few(captions_file):
+    shard = generate.read_captions(captions_file, keep=lambda i: i % 2 == 1)
+    assert sorted(shard.captions) == [3, 5, 7] and list(shard.valid_ids) == VALID_IDS
+    first = generate.read_captions(captions_file, max_captions=2)
+    assert first.captions == {0: "a photo of a cat", 2: "the red and blue car"}
+
+
 def test_undecodable_rows_are_skipped_and_counted(captions_file):
     captions = generate.read_captions(captions_file)
-    assert sorted(captions.captions) == VALID_IDS
+    assert sorted(captions.captions) == VALID_IDS == list(captions.valid_ids)
     assert captions.skipped == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
 
 
@@ -133,7 +141,7 @@ def test_tree_layout_count_settings_and_index(reference, captions_file):
     settings = imagetree.read_settings(str(reference))
     assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 2, "ddim")
     assert settings["skipped_rows"] == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
-    assert {"torch", "diffusers", "transformers"} <= set(settings["versions"])
+    assert {"torch", "diffusers", "transformers", "code"} <= set(settings["versions"])
     images = pixels(reference)
     assert len(images) == len(VALID_IDS) * N and images["000000000_00.png"].shape == (32, 32, 3)
     assert np.abs(images["000000000_00.png"].astype(int) - images["000000000_01.png"]).mean() > 1  # seeds differ
@@ -143,12 +151,23 @@ def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
                         "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16",
-                        "--shard", "0", "--num-shards", "3")
+                        "--quality", "80", "--shard", "0", "--num-shards", "3")
     records = imagetree.read_tree(str(out))
     assert [r.caption_id for r in records] == [0, 3, 6]
     image = Image.open(records[0].image_paths[0])
     assert image.format == "JPEG" and image.size == (16, 16)
-    assert imagetree.read_settings(str(out))["dtype"] == "bfloat16"
+    settings = imagetree.read_settings(str(out))
+    assert (settings["dtype"], settings["quality"], settings["stored_size"]) == ("bfloat16", 80, 16)
+
+
+def test_stochastic_ddim_is_seeded_per_image_too(tiny_model, captions_file, tmp_path):
+    # eta > 0 adds fresh noise at every step: it comes from per-image generators, not a global stream
+    runs = [tmp_path / "batch6", tmp_path / "batch1"]
+    for out, batch in zip(runs, ("6", "1")):
+        generate_in_process(*argv(tiny_model, captions_file, out, "--eta", "1", "--n", "2", "--batch-size", batch,
+                                  "--shard", "0", "--num-shards", "3"))
+    assert_same_images(*runs)
+    assert imagetree.read_settings(str(runs[0]))["eta"] == 1.0
 
 
 def test_batch_size_does_not_change_images(reference, tiny_model, captions_file, tmp_path):
@@ -166,6 +185,18 @@ def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model,
     assert_same_images(reference, out)
     index = "00000/" + imagetree.INDEX_FILE
     assert (out / index).read_text() == (reference / index).read_text()  # indexed by the shard that finished last
+    assert listing(out) == listing(reference)
+
+
+def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    args = [a if a != "--n" else "--num-images" for a in argv(tiny_model, captions_file, out)]  # torchrun owns --n
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               os.path.join(REPO, "generate.py"), *args]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_images(reference, out)
     assert listing(out) == listing(reference)
 
 
@@ -195,6 +226,23 @@ def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_f
     assert made == len(VALID_IDS) * N - written  # only the missing images
     assert_same_images(reference, out)
     assert generate_in_process(*argv(tiny_model, captions_file, out)) == 0  # a finished tree: nothing to do
+
+
+def test_each_caption_is_encoded_once_and_truncation_is_said_once(tiny_model, capsys):
+    args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model])
+    pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
+    encoded = []
+    encode = pipe.encode_prompt
+    pipe.encode_prompt = lambda texts, *a, **k: encoded.append(list(texts)) or encode(texts, *a, **k)
+    prompts = generate.PromptCache(pipe, torch.device("cpu"))
+    texts = {0: "x" * 200, 1: "a short caption", 2: "y" * 300}  # the tiny tokenizer: one token per character
+    cond, uncond = prompts.embeddings([0, 0, 0, 1], texts)  # caption 1 goes on into the next batch
+    assert cond.shape == uncond.shape == (4, 77, 32)
+    assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[3])
+    prompts.embeddings([1, 1, 2, 2], texts)
+    assert sorted(map(tuple, encoded)) == sorted([(texts[0], texts[1]), ("",), (texts[2],)])
+    assert prompts.truncated == 2
+    assert capsys.readouterr().err.count("truncated") == 1
 
 
 # ---- schedulers, compile, preview ----

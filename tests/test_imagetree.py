@@ -57,3 +57,14 @@ def test_bad_trees_are_named(tmp_path):
     (tmp_path / "00000").mkdir()
     with pytest.raises(ValueError, match="no captioned images"):
         imagetree.read_tree(str(tmp_path))
+
+
+def test_images_on_disk_lists_each_captions_image_indices(tmp_path):
+    root = str(tmp_path)
+    for caption_id, k in ((5, 0), (5, 2), (7, 1)):
+        imagetree.write_image(root, caption_id, k, _image(k), "png")
+    imagetree.write_image(root, 9, 0, _image(0), "jpg")  # another format: not this run's images
+    folder = imagetree.folder_of(root, 5)
+    (tmp_path / "00000" / ".tmpxyz").write_bytes(b"partial")
+    assert imagetree.images_on_disk(folder, "png") == {5: {0, 2}, 7: {1}}
+    assert imagetree.images_on_disk(str(tmp_path / "99999"), "png") == {}

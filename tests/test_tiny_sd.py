@@ -1,0 +1,32 @@
+"""tiny_sd.py: the random-weight Stable Diffusion that tests, benchmarks and the offline demo load from a folder."""
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+from tiny_sd import save_tiny_pipeline  # noqa: E402
+
+
+def test_saved_pipeline_loads_back_exactly_offline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    folder = save_tiny_pipeline(str(tmp_path / "tiny"), image_size=16)
+    assert sorted(os.listdir(folder)) == ["model_index.json", "scheduler", "text_encoder", "tokenizer", "unet", "vae"]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 8
+    assert pipe.tokenizer.model_max_length == 77 and pipe.scheduler.config.steps_offset == 1
+    again = save_tiny_pipeline(str(tmp_path / "again"), image_size=16)  # a fixed seed: the same weights
+    other = StableDiffusionPipeline.from_pretrained(again, safety_checker=None, requires_safety_checker=False)
+    for name, tensor in pipe.unet.state_dict().items():
+        assert torch.equal(tensor, other.unet.state_dict()[name]), name
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red cat", height=16, width=16, num_inference_steps=2, output_type="pt",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 3, 16, 16) and image.std() > 0.01
+
+
+def test_image_size_must_be_a_multiple_of_8(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        save_tiny_pipeline(str(tmp_path / "tiny"), image_size=20)
