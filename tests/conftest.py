@@ -11,6 +11,10 @@ from model import build_vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# CI machines have 2 cores shared with other jobs: two spinning intra-op threads then slow the small matrix
+# products of L-BFGS down 25-fold (measured), so tests and their subprocesses use one thread.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def digit_folders(tmp_path_factory):
@@ -39,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory, tiny_encoder):
 def run_script():
     """run_script(script, *args): the stage script as a subprocess (offline), returning the CompletedProcess."""
     def run(script, *args):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
                               text=True, env=env, cwd=REPO)
     return run
