@@ -140,6 +140,9 @@ def main(args):
     else:
         raise UserError("give --data-dir or --dataset")
     names = ev.class_names(dataset)
+    listed = getattr(dataset, "targets", None) or getattr(dataset, "_labels", None)  # ImageFolder, torchvision
+    if listed is not None:  # fail before the long extraction when the labels are known without images
+        check_class_sizes(torch.as_tensor(listed), names, args.ways, args.shots, args.queries)
 
     # ---- features ----
     key = {"encoder": encoder_id, "data": ev.dataset_identity(dataset, data_id), "transform": repr(transform)}
