@@ -154,8 +154,10 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
               f"/ 256 = {', '.join(f'{lr:.4g}' for lr in lrs)}")
     sampler = DistributedSampler(train_set, seed=args.seed) if world_size() > 1 else None
     loader = DataLoader(train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=False,
-                        generator=torch.Generator().manual_seed(args.seed))
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))  # drop_last: BatchNorm needs 2+ rows
+    if len(loader) == 0:
+        raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
     heads = LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
     module = heads
     if world_size() > 1:

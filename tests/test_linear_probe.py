@@ -124,3 +124,22 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, digit_folders, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("linear_probe.py: error: ")
     assert not out.exists()
+
+
+def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny_checkpoint):
+    """DDP on CPU (gloo): the batch splits over 2 processes and every held-out image is scored exactly once."""
+    import subprocess
+    import sys
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(os.path.dirname(os.path.dirname(__file__)), "linear_probe.py"), "--protocol", "sgd",
+         "--checkpoint", tiny_checkpoint, "--train-dir", digit_folders[1], "--val-dir", digit_folders[1],
+         "--epochs", "1", "--batch-size", "64", "--base-lrs", "0.5", "--num-workers", "0", "--output", str(out)],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+    assert "batch 64 = 32 x 2 processes" in result.stdout
+    top1 = json.loads(out.read_text())["heads"][0]["top1"]
+    assert top1 * 450 / 100 == pytest.approx(round(top1 * 450 / 100), abs=1e-3)  # a whole number of the 450
+    assert top1 > 20  # chance is 10
