@@ -26,7 +26,7 @@ def load_digit_images(size=32):
     pixels = np.clip(np.round(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)  # (1797, 8, 8)
     samples = []
     for image, label in zip(pixels, digits.target):
-        grey = Image.fromarray(image, mode="L").resize((size, size), Image.BILINEAR)
+        grey = Image.fromarray(image).resize((size, size), Image.BILINEAR)
         samples.append((grey.convert("RGB"), int(label)))
     return samples
 
