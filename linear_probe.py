@@ -21,6 +21,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
@@ -342,6 +343,9 @@ def main(args):
         for name, value in summary:
             print(f"  {name:<{width}}  {value:6.2f}")
         print(f"results: {args.output}")
+    if world_size() > 1:  # leave the process group cleanly: exiting without it aborts gloo/NCCL at shutdown
+        dist.barrier()
+        dist.destroy_process_group()
     return results
 
 
