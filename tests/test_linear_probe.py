@@ -143,3 +143,21 @@ def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny
     top1 = json.loads(out.read_text())["heads"][0]["top1"]
     assert top1 * 450 / 100 == pytest.approx(round(top1 * 450 / 100), abs=1e-3)  # a whole number of the 450
     assert top1 > 20  # chance is 10
+
+
+def test_sweep_picks_a_strength_and_scores_multilabel_map(tmp_path):
+    """The VOC2007 path: multi-hot targets, one-vs-rest heads, 11-point mAP on validation and test."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 16, generator=generator)
+
+    def split(n):
+        targets = (torch.rand(n, 3, generator=generator) < 0.4).float()
+        return targets @ directions + 0.8 * torch.randn(n, 16, generator=generator), targets
+
+    args = linear_probe.get_args_parser().parse_args(["--protocol", "lbfgs", "--random-init", "--wd-steps", "3",
+                                                      "--wd-range", "1e-4", "1e2"])
+    results = linear_probe.sweep_and_refit(split(300), split(100), split(200), 3, "map11", args,
+                                           torch.device("cpu"))
+    assert len(results["sweep"]) == 3 and any(results["best_weight_decay"] == pytest.approx(w) for w in (1e-4, 1e-1, 1e2))
+    assert results["best_val"] == max(row["val"] for row in results["sweep"])
+    assert results["test"] > 80  # chance (random scores) is about 40
