@@ -13,7 +13,6 @@ import json
 import os
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
