@@ -1,0 +1,304 @@
+"""What linear_probe.py and fewshot.py share: the frozen encoder, the datasets, the evaluation transform, batched
+feature extraction with an on-disk cache, and multinomial logistic regression fitted with L-BFGS in torch.
+
+    images --eval_transform--> [B, 3, S, S] --frozen ViT (CLS token)--> features [N, D] (cached on disk)
+    features --standardise / L2-normalise--> fit_logistic_regression --> W [D, C], b [C]
+
+Every failure a user can cause (missing checkpoint or folder, another architecture, an empty split) is raised
+as `cli.UserError`, which the scripts turn into one line on stderr and exit code 2.
+"""
+import hashlib
+import io
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+from cli import UserError, atomic_write_bytes
+from model import VIT_SIZES, build_vit, load_encoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# ------------------------------------------------------------------------------------------------------------
+# encoder
+# ------------------------------------------------------------------------------------------------------------
+
+
+def add_encoder_arguments(parser):
+    group = parser.add_argument_group("encoder")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="encoder to evaluate: a pretrain.py checkpoint, an official StableRep "
+                        "checkpoint, or a timm ViT state dict")
+    source.add_argument("--random-init", action="store_true", help="evaluate an untrained --model (timm's "
+                        "initialisation, seeded by --seed): the baseline a trained encoder must beat")
+    group.add_argument("--model", choices=list(VIT_SIZES), default=None, help="architecture; default what the "
+                       "checkpoint records or its shapes say (required with --random-init)")
+    group.add_argument("--image-size", type=int, default=None, help="input size; default the checkpoint's "
+                       "(224 for --random-init, the paper's); position embeddings are interpolated")
+
+
+def build_encoder(args, device):
+    """The frozen encoder named by the arguments, in eval mode on `device`, and a dict that identifies it.
+
+    The identity (checkpoint path, size, modification time, architecture, input size) keys the feature cache
+    and is written into the results."""
+    if args.random_init:
+        if args.model is None:
+            raise UserError("--random-init needs --model (one of " + ", ".join(VIT_SIZES) + ")")
+        torch.manual_seed(args.seed)
+        encoder = build_vit(args.model, image_size=args.image_size or 224)
+        identity = {"checkpoint": None, "random_init_seed": args.seed}
+    else:
+        try:
+            encoder = load_encoder(args.checkpoint, args.model, args.image_size)
+        except (FileNotFoundError, ValueError) as err:
+            raise UserError(str(err).splitlines()[0]) from None
+        stat = os.stat(args.checkpoint)
+        identity = {"checkpoint": os.path.abspath(args.checkpoint), "bytes": stat.st_size,
+                    "mtime_ns": stat.st_mtime_ns}
+    config = encoder.config
+    identity.update(model=args.model or _size_name(encoder.width), image_size=config["image_size"],
+                    depth=config["depth"], patch_size=config["patch_size"])
+    for parameter in encoder.parameters():
+        parameter.requires_grad_(False)
+    return encoder.eval().to(device), identity
+
+
+def _size_name(width):
+    return next(name for name, (size_width, _) in VIT_SIZES.items() if size_width == width)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# datasets
+# ------------------------------------------------------------------------------------------------------------
+
+
+def eval_transform(image_size):
+    """Resize 256 -> center crop 224 (the paper's evaluation transform), scaled to `image_size`."""
+    return transforms.Compose([
+        transforms.Lambda(to_rgb),
+        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(image_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+
+def to_rgb(image):
+    """Greyscale and palette images (Caltech-101 has some) become 3-channel RGB."""
+    return image.convert("RGB")
+
+
+def open_image_folder(path, transform):
+    """torchvision's ImageFolder at `path`; a missing or empty folder is a UserError naming it."""
+    if not os.path.isdir(path):
+        raise UserError(f"image folder {path} does not exist")
+    try:
+        return datasets.ImageFolder(path, transform=transform)
+    except (FileNotFoundError, RuntimeError) as err:  # no class folders, or class folders without images
+        raise UserError(f"image folder {path} is empty: {str(err).splitlines()[0]}") from None
+
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor")
+
+
+class VOCMultiLabel(Dataset):
+    """VOC2007 classification: each image's target is a multi-hot vector over the 20 classes of its objects."""
+
+    classes = VOC_CLASSES
+
+    def __init__(self, detection):
+        self.detection = detection
+
+    def __len__(self):
+        return len(self.detection)
+
+    def __getitem__(self, index):
+        image, annotation = self.detection[index]
+        objects = annotation["annotation"]["object"]
+        target = torch.zeros(len(VOC_CLASSES))
+        for obj in objects if isinstance(objects, list) else [objects]:
+            target[VOC_CLASSES.index(obj["name"])] = 1.0
+        return image, target
+
+
+class HeldOutSplit(Subset):
+    """A deterministic train/test split of a dataset that ships as one pool (SUN397, Caltech-101): 20% of the
+    images (seeded permutation) are the test set. Ours, not an official partition."""
+
+    def __init__(self, dataset, split, fraction=0.2, seed=0):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+        cut = int(round(fraction * len(dataset)))
+        super().__init__(dataset, sorted(order[:cut] if split == "test" else order[cut:]))
+        self.classes = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+
+
+def _pool(constructor):
+    return lambda root, split, transform, download: (
+        None if split == "val" else HeldOutSplit(constructor(root, transform=transform, download=download), split))
+
+
+# name: (root, split in {"train", "val", "test"}, transform, download) -> dataset, or None when it has no such split
+TORCHVISION_DATASETS = {
+    "cifar10": lambda root, split, t, d: None if split == "val" else datasets.CIFAR10(
+        root, train=split == "train", transform=t, download=d),
+    "cifar100": lambda root, split, t, d: None if split == "val" else datasets.CIFAR100(
+        root, train=split == "train", transform=t, download=d),
+    "aircraft": lambda root, split, t, d: datasets.FGVCAircraft(root, split=split, transform=t, download=d),
+    "cars": lambda root, split, t, d: None if split == "val" else datasets.StanfordCars(
+        root, split=split, transform=t, download=d),
+    "dtd": lambda root, split, t, d: datasets.DTD(root, split=split, transform=t, download=d),
+    "flowers": lambda root, split, t, d: datasets.Flowers102(root, split=split, transform=t, download=d),
+    "pets": lambda root, split, t, d: None if split == "val" else datasets.OxfordIIITPet(
+        root, split="trainval" if split == "train" else "test", transform=t, download=d),
+    "sun397": _pool(lambda root, transform, download: datasets.SUN397(root, transform=transform, download=download)),
+    "caltech101": _pool(lambda root, transform, download: datasets.Caltech101(
+        root, transform=transform, download=download)),
+    "food101": lambda root, split, t, d: None if split == "val" else datasets.Food101(
+        root, split=split, transform=t, download=d),
+    "voc2007": lambda root, split, t, d: VOCMultiLabel(datasets.VOCDetection(
+        root, year="2007", image_set=split, transform=t, download=d)),
+}
+
+
+def add_dataset_arguments(parser, folder_flags):
+    """--dataset/--data-root/--download, the torchvision datasets by name, next to the script's folder flags."""
+    group = parser.add_argument_group("data")
+    for flag, help_text in folder_flags.items():
+        group.add_argument(flag, default=None, help=help_text)
+    group.add_argument("--dataset", choices=list(TORCHVISION_DATASETS), default=None,
+                       help="a torchvision dataset by name instead of image folders (the paper's 11 datasets)")
+    group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
+    group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
+                       "touch the network unless asked)")
+    group.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
+    group.add_argument("--cache-dir", default=None, help="feature cache; default feature_cache/ next to --output")
+    return group
+
+
+def open_torchvision_split(name, root, split, transform, download):
+    """Split `split` of the torchvision dataset `name`, or None if it has none; an absent dataset is a UserError."""
+    try:
+        return TORCHVISION_DATASETS[name](root, split, transform, download)
+    except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted..."
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{name} {split} split under {root}: {message}") from None
+
+
+def dataset_identity(dataset, description):
+    """What identifies a dataset's content for the feature cache: its description and a hash of its file list."""
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        digest = hashlib.sha256(json.dumps([[os.path.abspath(p), int(y)] for p, y in samples]).encode())
+        return {**description, "samples": digest.hexdigest()[:16]}
+    return {**description, "length": len(dataset)}
+
+
+def class_names(dataset):
+    """The class names of an ImageFolder or torchvision dataset (Caltech-101 calls them categories)."""
+    names = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
+    if not names:
+        raise UserError(f"{type(dataset).__name__} does not list its classes")
+    return list(names)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# features
+# ------------------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def extract_features(encoder, dataset, batch_size, num_workers, device, desc="features"):
+    """Frozen CLS features and targets of every image, in dataset order: ([N, D] float32, [N] or [N, C]) on CPU.
+
+    bf16 autocast on GPU; a tqdm bar on stderr."""
+    if len(dataset) == 0:
+        raise UserError(f"{desc}: the split holds no images")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    features, targets = [], []
+    for images, target in tqdm(loader, desc=desc, unit="batch"):
+        with autocast:
+            features.append(encoder(images.to(device, non_blocking=True)).float().cpu())
+        targets.append(torch.as_tensor(target))
+    return torch.cat(features), torch.cat(targets)
+
+
+def cached_features(cache_dir, key, compute):
+    """`compute()`'s (features, targets), stored under `cache_dir` by a hash of `key` and reused next time.
+
+    Returns (features, targets, hit). The file is written atomically: a killed run leaves no partial cache."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = os.path.join(cache_dir, f"{digest}.pt")
+    if os.path.isfile(path):
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return stored["features"], stored["targets"], True
+    features, targets = compute()
+    os.makedirs(cache_dir, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save({"features": features, "targets": targets, "key": json.dumps(key, sort_keys=True)}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+    return features, targets, False
+
+
+def standardise(fit, *others, eps=1e-6):
+    """Zero mean, unit variance per dimension, with the statistics of `fit` applied to all: (fit, *others)."""
+    mean, std = fit.mean(0), fit.std(0) + eps
+    return tuple((x - mean) / std for x in (fit, *others))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# logistic regression (L-BFGS)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def fit_logistic_regression(features, targets, num_classes, weight_decay, max_iter=1000, tol=1e-6, init=None):
+    """L2-regularised logistic regression by full-batch L-BFGS (torch.optim.LBFGS, strong Wolfe line search).
+
+    Minimises  mean_i loss(W^T x_i + b, y_i) + weight_decay / 2 * ||W||^2   (the bias is not penalised),
+    i.e. scikit-learn's LogisticRegression with C = 1 / (weight_decay * n).
+    features [..., n, D]; targets [..., n] class ids (multinomial cross-entropy) or [..., n, C] multi-hot floats
+    (one-vs-rest sigmoid, summed over classes: VOC2007). Leading dims are independent problems (few-shot
+    episodes) solved at once: the summed objective is separable, so its optimum is every problem's optimum.
+    init: (W, b) to warm-start from (the previous value of a sweep). Runs on the features' device.
+    Returns (W [..., D, C], b [..., C]).
+    """
+    features = features.float()
+    batch, n, dim = features.shape[:-2], features.shape[-2], features.shape[-1]
+    weight = torch.zeros(*batch, dim, num_classes, device=features.device)
+    bias = torch.zeros(*batch, num_classes, device=features.device)
+    if init is not None:
+        weight, bias = init[0].clone(), init[1].clone()
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    multilabel = targets.dtype.is_floating_point
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=max_iter, tolerance_grad=tol,
+                                  tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        logits = features @ weight + bias.unsqueeze(-2)  # (..., n, C)
+        if multilabel:
+            data_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / n
+        else:
+            data_loss = F.cross_entropy(logits.reshape(-1, num_classes), targets.reshape(-1), reduction="sum") / n
+        loss = data_loss + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def predict_logits(features, weight, bias):
+    return features.float() @ weight + bias.unsqueeze(-2)

@@ -1,0 +1,353 @@
+"""Linear probe of a frozen encoder, the two protocols of the paper.
+
+--protocol sgd (ImageNet, the official code's protocol): a linear layer on the CLS feature, behind a BatchNorm
+without affine parameters, trained with SGD (momentum 0.9, no weight decay, cosine schedule, 90 epochs) on
+RandomResizedCrop + flip. Many learning rates are trained at once: every head sees the same frozen forward pass,
+so ten learning rates cost one encoder pass per batch. Runs under torchrun (DDP), bf16 autocast on GPU.
+
+    torchrun --nproc_per_node 8 linear_probe.py --protocol sgd --checkpoint ckpt.pth \
+        --train-dir imagenet/train --val-dir imagenet/val
+
+--protocol lbfgs (the fine-grained datasets): features extracted once and cached on disk, standardised,
+multinomial logistic regression with L-BFGS; the L2 strength is swept over 45 log-spaced values on a validation
+split (the dataset's own, else 20% of train), the best refitted on train + validation and scored on test.
+
+    python linear_probe.py --protocol lbfgs --checkpoint ckpt.pth --dataset flowers --data-root data
+"""
+import argparse
+import math
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from torch.utils.data.distributed import DistributedSampler
+from torchvision import transforms
+
+import evaluation as ev
+from cli import UserError, atomic_write_json, check_writable_folder, run
+from distributed import all_gather_no_grad, init_distributed, is_main_process, rank, world_size
+
+# the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
+PAPER_METRICS = {"aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers": "mean_per_class",
+                 "pets": "mean_per_class", "voc2007": "map11"}
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("linear_probe.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=["sgd", "lbfgs"], required=True,
+                        help="sgd: the ImageNet protocol; lbfgs: the fine-grained protocol (see above)")
+    ev.add_encoder_arguments(parser)
+    data = ev.add_dataset_arguments(parser, {
+        "--train-dir": "ImageFolder of training images",
+        "--val-dir": "ImageFolder of held-out images, scored at the end (ImageNet's val; the test split)"})
+    data.add_argument("--batch-size", type=int, default=1024, help="images per step over all processes; 1024, "
+                      "the official probe's (the learning rates scale with it)")
+    # ---- sgd protocol ----
+    sgd = parser.add_argument_group("sgd protocol")
+    sgd.add_argument("--epochs", type=int, default=90, help="90, the official probe's (cosine schedule to 0)")
+    sgd.add_argument("--base-lrs", type=float, nargs="+",
+                     default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
+                     help="one head per base lr, lr = base x batch / 256; the official sweep 0.001 ... 0.5, since "
+                          "the best lr differs between encoders and one frozen pass trains them all")
+    sgd.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
+                     help="drop the BatchNorm (no affine) in front of the heads; the official probe keeps it, "
+                          "since it makes one lr range fit features of any scale")
+    # ---- lbfgs protocol ----
+    lbfgs = parser.add_argument_group("lbfgs protocol")
+    lbfgs.add_argument("--wd-range", type=float, nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
+                       help="L2 strengths swept (log-spaced): 1e-6 ... 1e5, the paper's range")
+    lbfgs.add_argument("--wd-steps", type=int, default=45, help="45 values, the paper's sweep")
+    lbfgs.add_argument("--val-fraction", type=float, default=0.2,
+                       help="share of train held out to pick the L2 strength when the dataset has no val split; "
+                            "0.2, the paper's")
+    lbfgs.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit; 1000, "
+                       "scikit-learn's usual cap for this problem")
+    lbfgs.add_argument("--metric", choices=["auto", "top1", "mean_per_class", "map11"], default="auto",
+                       help="auto: the paper's metric for --dataset (mean per-class accuracy for Aircraft, "
+                            "Caltech-101, Flowers, Pets; 11-point mAP for VOC2007; top-1 otherwise)")
+    # ---- run ----
+    parser.add_argument("--seed", type=int, default=0, help="data order, validation split, --random-init")
+    parser.add_argument("--output", default="linear_probe.json", help="results file (JSON)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------------------
+# metrics
+# ------------------------------------------------------------------------------------------------------------
+
+
+def top1(scores, targets):
+    return 100.0 * (scores.argmax(-1) == targets).float().mean().item()
+
+
+def mean_per_class_accuracy(scores, targets):
+    correct = (scores.argmax(-1) == targets).float()
+    return 100.0 * torch.stack([correct[targets == c].mean() for c in targets.unique()]).mean().item()
+
+
+def map11(scores, targets):
+    """VOC2007's 11-point interpolated average precision, averaged over classes. targets: multi-hot [N, C]."""
+    precisions = []
+    for c in range(targets.shape[1]):
+        order = scores[:, c].argsort(descending=True)
+        hits = targets[order, c]
+        if hits.sum() == 0:
+            continue
+        true_positives = hits.cumsum(0)
+        precision = true_positives / torch.arange(1, len(hits) + 1)
+        recall = true_positives / hits.sum()
+        points = [precision[recall >= t].max().item() if (recall >= t).any() else 0.0
+                  for t in np.linspace(0, 1, 11)]
+        precisions.append(sum(points) / 11)
+    return 100.0 * sum(precisions) / len(precisions)
+
+
+METRICS = {"top1": top1, "mean_per_class": mean_per_class_accuracy, "map11": map11}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# sgd protocol
+# ------------------------------------------------------------------------------------------------------------
+
+
+class LinearHeads(nn.Module):
+    """One optional BatchNorm (no affine, so it is shared: it has nothing to learn) and one linear head per lr.
+
+    features [B, D] -> logits [heads, B, classes]. Heads start at N(0, 0.01) weights and zero bias."""
+
+    def __init__(self, width, num_classes, num_heads, batchnorm):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(num_heads))
+        for head in self.heads:
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, features):
+        features = self.norm(features)
+        return torch.stack([head(features) for head in self.heads])  # (heads, B, classes)
+
+
+def train_transform(image_size):
+    """RandomResizedCrop + horizontal flip, the official probe's training augmentation."""
+    return transforms.Compose([
+        transforms.Lambda(ev.to_rgb),
+        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(ev.IMAGENET_MEAN, ev.IMAGENET_STD),
+    ])
+
+
+def run_sgd(args, encoder, train_set, test_set, num_classes, device):
+    per_rank = args.batch_size // world_size()
+    if per_rank < 1:
+        raise UserError(f"--batch-size {args.batch_size} is smaller than the {world_size()} processes")
+    lrs = [base * args.batch_size / 256 for base in args.base_lrs]
+    if is_main_process():
+        print(f"batch {args.batch_size} = {per_rank} x {world_size()} processes; lr = base_lr x {args.batch_size} "
+              f"/ 256 = {', '.join(f'{lr:.4g}' for lr in lrs)}")
+    sampler = DistributedSampler(train_set, seed=args.seed) if world_size() > 1 else None
+    loader = DataLoader(train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(args.seed))  # drop_last: BatchNorm needs 2+ rows
+    if len(loader) == 0:
+        raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
+    heads = LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
+    module = heads
+    if world_size() > 1:
+        module = nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
+                                                     else None)
+    optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr, "base": lr}
+                                 for head, lr in zip(heads.heads, lrs)], momentum=0.9, weight_decay=0.0)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+    # ---- loop ----
+    total_steps, step, history = args.epochs * len(loader), 0, []
+    for epoch in range(args.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        module.train()
+        loss_sum = torch.zeros(len(lrs), device=device)
+        for images, targets in loader:
+            for group in optimizer.param_groups:  # cosine to 0, per step
+                group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            with torch.no_grad(), autocast:
+                features = encoder(images.to(device, non_blocking=True))  # one frozen pass for all heads
+            targets = targets.to(device, non_blocking=True)
+            logits = module(features.float())  # (heads, B, classes)
+            losses = F.cross_entropy(logits.flatten(0, 1), targets.repeat(len(lrs)), reduction="none")
+            losses = losses.view(len(lrs), -1).mean(1)  # (heads,); heads share no parameter, so one backward
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            loss_sum += losses.detach()
+            step += 1
+        mean_losses = (all_gather_no_grad(loss_sum[None]).sum(0) / (len(loader) * world_size())).tolist()
+        if not all(math.isfinite(x) for x in mean_losses):
+            raise FloatingPointError(f"non-finite training loss at epoch {epoch}: {mean_losses}")
+        history.append({"epoch": epoch, "train_loss": mean_losses})
+        if is_main_process():
+            best = min(range(len(lrs)), key=lambda h: mean_losses[h])
+            print(f"epoch {epoch}: train loss {mean_losses[best]:.4f} (lr {lrs[best]:.4g}, lowest of {len(lrs)})")
+
+    # ---- evaluate: every rank scores its own share of the held-out images, counts are summed ----
+    module.eval()
+    shard = Subset(test_set, range(rank(), len(test_set), world_size()))
+    correct = torch.zeros(len(lrs), device=device)
+    with torch.inference_mode():
+        for images, targets in DataLoader(shard, batch_size=per_rank, num_workers=args.num_workers):
+            with autocast:
+                features = encoder(images.to(device, non_blocking=True))
+            logits = heads(features.float())
+            correct += (logits.argmax(-1) == targets.to(device)).sum(1)
+    accuracies = (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
+    best = max(range(len(lrs)), key=lambda h: accuracies[h])
+    return {"metric": "top1", "heads": [{"base_lr": b, "lr": lr, "top1": acc}
+                                        for b, lr, acc in zip(args.base_lrs, lrs, accuracies)],
+            "best": {"base_lr": args.base_lrs[best], "lr": lrs[best], "top1": accuracies[best]},
+            "history": history}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# lbfgs protocol
+# ------------------------------------------------------------------------------------------------------------
+
+
+def split_train_val(features, targets, fraction, seed):
+    """Hold out `fraction` of the training features (seeded permutation) as the validation split."""
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    cut = int(round(fraction * len(features)))
+    if cut < 1 or cut >= len(features):
+        raise UserError(f"--val-fraction {fraction} of {len(features)} training images leaves an empty split")
+    val, train = order[:cut], order[cut:]
+    return features[train], targets[train], features[val], targets[val]
+
+
+def sweep_and_refit(train, val, test, num_classes, metric, args, device):
+    """Pick the L2 strength on (train, val), refit on train + val, score on test. Each arg: (features, targets)."""
+    score = METRICS[metric]
+    strengths = np.logspace(math.log10(args.wd_range[0]), math.log10(args.wd_range[1]), args.wd_steps)
+    x_train, x_val = ev.standardise(train[0].to(device), val[0].to(device))
+    y_train = train[1].to(device)
+    sweep, init = [], None
+    for strength in sorted(strengths, reverse=True):  # strong to weak: each fit warm-starts the next
+        init = ev.fit_logistic_regression(x_train, y_train, num_classes, float(strength), args.max_iter, init=init)
+        sweep.append({"weight_decay": float(strength),
+                      "val": score(ev.predict_logits(x_val, *init).cpu(), val[1])})
+        print(f"weight decay {strength:.3g}: val {metric} {sweep[-1]['val']:.2f}")
+    sweep.sort(key=lambda row: row["weight_decay"])
+    best = max(sweep, key=lambda row: row["val"])  # ties: the weakest regularisation that reaches the best
+    x_all, x_test = ev.standardise(torch.cat([train[0], val[0]]).to(device), test[0].to(device))
+    weight, bias = ev.fit_logistic_regression(x_all, torch.cat([train[1], val[1]]).to(device), num_classes,
+                                              best["weight_decay"], args.max_iter)
+    test_score = score(ev.predict_logits(x_test, weight, bias).cpu(), test[1])
+    return {"metric": metric, "sweep": sweep, "best_weight_decay": best["weight_decay"], "best_val": best["val"],
+            "test": test_score, "train_images": len(train[0]), "val_images": len(val[0]),
+            "test_images": len(test[0])}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------------
+
+
+def open_splits(args, transform_for):
+    """{"train", "val" (or None), "test"} datasets, the number of classes, and a description for the results."""
+    if args.dataset:
+        if args.train_dir or args.val_dir:
+            raise UserError("give either --dataset or --train-dir/--val-dir, not both")
+        splits = {split: ev.open_torchvision_split(args.dataset, args.data_root, split, transform_for(split),
+                                                   args.download) for split in ("train", "val", "test")}
+        return splits, len(ev.class_names(splits["train"])), {"dataset": args.dataset, "root": os.path.abspath(args.data_root)}
+    if not (args.train_dir and args.val_dir):
+        raise UserError("give --dataset NAME, or both --train-dir and --val-dir")
+    train = ev.open_image_folder(args.train_dir, transform_for("train"))
+    test = ev.open_image_folder(args.val_dir, transform_for("test"))
+    if train.classes != test.classes:
+        raise UserError(f"{args.train_dir} and {args.val_dir} hold different class folders")
+    return ({"train": train, "val": None, "test": test}, len(train.classes),
+            {"dataset": "folders", "train_dir": os.path.abspath(args.train_dir),
+             "val_dir": os.path.abspath(args.val_dir)})
+
+
+def main(args):
+    # ---- arguments and output ----
+    if args.wd_steps < 1 or args.wd_range[0] <= 0 or args.wd_range[0] > args.wd_range[1]:
+        raise UserError("--wd-range needs 0 < MIN <= MAX and --wd-steps at least 1")
+    output_dir = os.path.dirname(os.path.abspath(args.output))
+    check_writable_folder(output_dir)
+    cache_dir = args.cache_dir or os.path.join(output_dir, "feature_cache")
+
+    # ---- distributed ----
+    device = init_distributed()
+    if args.protocol == "lbfgs" and world_size() > 1:
+        raise UserError("--protocol lbfgs runs as one process (features are extracted once); drop torchrun")
+
+    # ---- model ----
+    encoder, encoder_id = ev.build_encoder(args, device)
+    image_size = encoder_id["image_size"]
+
+    # ---- data ----
+    eval_t = ev.eval_transform(image_size)
+    sgd_train = args.protocol == "sgd"
+    splits, num_classes, data_id = open_splits(
+        args, lambda split: train_transform(image_size) if sgd_train and split == "train" else eval_t)
+    for split, dataset in splits.items():
+        if dataset is not None and len(dataset) == 0:
+            raise UserError(f"the {split} split holds no images")
+    metric = PAPER_METRICS.get(args.dataset, "top1") if args.metric == "auto" else args.metric
+    if metric == "map11" and args.dataset != "voc2007":
+        raise UserError("--metric map11 needs the multi-label --dataset voc2007")
+
+    # ---- probe ----
+    results = {"protocol": args.protocol, "encoder": encoder_id, "data": data_id, "num_classes": num_classes,
+               "args": vars(args)}
+    if args.protocol == "sgd":
+        if metric != "top1":
+            raise UserError(f"--protocol sgd reports top-1; {metric} is the lbfgs protocol's metric")
+        results.update(run_sgd(args, encoder, splits["train"], splits["test"], num_classes, device))
+        summary = [(f"base lr {h['base_lr']:g}", h["top1"]) for h in results["heads"]]
+        summary.append(("best (top-1)", results["best"]["top1"]))
+    else:
+        features, cache_hits = {}, {}
+        for split, dataset in splits.items():
+            if dataset is None:
+                continue
+            key = {"encoder": encoder_id, "data": ev.dataset_identity(dataset, {**data_id, "split": split}),
+                   "transform": repr(eval_t)}
+            x, y, cache_hits[split] = ev.cached_features(
+                cache_dir, key, lambda: ev.extract_features(encoder, dataset, args.batch_size, args.num_workers,
+                                                            device, desc=f"{split} features"))
+            features[split] = (x, y)
+        if "val" not in features:  # no validation split: hold out part of train to pick the L2 strength
+            x_train, y_train, x_val, y_val = split_train_val(*features["train"], args.val_fraction, args.seed)
+            features["train"], features["val"] = (x_train, y_train), (x_val, y_val)
+        results["feature_cache"] = {"dir": os.path.abspath(cache_dir), "hits": cache_hits}
+        results.update(sweep_and_refit(features["train"], features["val"], features["test"], num_classes, metric,
+                                       args, device))
+        summary = [(f"val {metric} (best weight decay {results['best_weight_decay']:.3g})", results["best_val"]),
+                   (f"test {metric}", results["test"])]
+
+    # ---- save ----
+    if is_main_process():
+        atomic_write_json(args.output, results)
+        width = max(len(name) for name, _ in summary)
+        print(f"linear probe ({args.protocol}) of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
+        for name, value in summary:
+            print(f"  {name:<{width}}  {value:6.2f}")
+        print(f"results: {args.output}")
+    if world_size() > 1:  # leave the process group cleanly: exiting without it aborts gloo/NCCL at shutdown
+        dist.barrier()
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

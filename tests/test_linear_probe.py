@@ -1,0 +1,163 @@
+"""linear_probe.py: the paper's recipe as defaults, both protocols end to end on the digits, the metrics, and
+one-line errors (exit code 2, no results file) on bad input."""
+import json
+import math
+import os
+
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score
+
+import linear_probe
+from cli import run
+from digits import load_digit_images, split_digits, write_image_folder
+
+
+def probe(*argv):
+    return linear_probe.main(linear_probe.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def test_defaults_are_the_papers_recipe():
+    args = linear_probe.get_args_parser().parse_args(["--protocol", "sgd", "--random-init"])
+    assert (args.epochs, args.batch_size, args.batchnorm) == (90, 1024, True)
+    assert args.base_lrs == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5]
+    assert (args.wd_range, args.wd_steps, args.val_fraction, args.metric) == ([1e-6, 1e5], 45, 0.2, "auto")
+    assert linear_probe.PAPER_METRICS == {"aircraft": "mean_per_class", "caltech101": "mean_per_class",
+                                          "flowers": "mean_per_class", "pets": "mean_per_class",
+                                          "voc2007": "map11"}
+
+
+# ---- metrics ----
+
+def test_mean_per_class_accuracy_is_balanced_accuracy():
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.cat([torch.zeros(50, dtype=torch.long), torch.randint(1, 4, (30,), generator=generator)])
+    scores = torch.randn(80, 4, generator=generator)
+    expected = 100 * balanced_accuracy_score(targets.numpy(), scores.argmax(1).numpy())
+    assert linear_probe.mean_per_class_accuracy(scores, targets) == pytest.approx(expected)
+    assert linear_probe.top1(scores, targets) == pytest.approx(100 * (scores.argmax(1) == targets).float().mean())
+
+
+def test_11_point_map_by_hand():
+    # class 0 ranked: hit, miss, hit -> precision 1 up to recall 0.5, then 2/3 up to recall 1
+    scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+    ap0 = (6 * 1.0 + 5 * 2 / 3) / 11  # recall thresholds 0..0.5 (6 points) and 0.6..1.0 (5 points)
+    ap1 = 1.0  # its one positive is ranked first
+    assert linear_probe.map11(scores, targets) == pytest.approx(100 * (ap0 + ap1) / 2)
+
+
+# ---- lbfgs protocol ----
+
+def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_folders, tiny_checkpoint):
+    train, test = digit_folders
+    argv = ["--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--train-dir", train, "--val-dir", test,
+            "--wd-steps", "4", "--wd-range", "1e-4", "1e2", "--max-iter", "200", "--num-workers", "0",
+            "--output", tmp_path / "probe.json"]
+    first = probe(*argv)
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["protocol"] == "lbfgs" and saved["metric"] == "top1"
+    assert saved["encoder"]["checkpoint"] == tiny_checkpoint and saved["data"]["dataset"] == "folders"
+    assert [row["weight_decay"] for row in saved["sweep"]] == pytest.approx([1e-4, 1e-2, 1.0, 1e2])
+    assert (saved["train_images"], saved["val_images"], saved["test_images"]) == (1078, 269, 450)  # 20% held out
+    assert saved["test"] > 70  # an untrained 2-block ViT on 32-pixel digits; chance is 10
+    assert saved["feature_cache"]["hits"] == {"train": False, "test": False}
+    second = probe(*argv, "--metric", "mean_per_class")
+    assert second["feature_cache"]["hits"] == {"train": True, "test": True}
+    assert second["metric"] == "mean_per_class" and abs(second["test"] - first["test"]) < 3
+
+
+# ---- sgd protocol ----
+
+def test_sgd_protocol_learns_in_two_epochs(tmp_path, digit_folders, tiny_checkpoint):
+    train, _ = split_digits(load_digit_images(size=32), held_out_fraction=0.6, seed=1)
+    small_train = write_image_folder(train, str(tmp_path / "train"))
+    results = probe("--protocol", "sgd", "--checkpoint", tiny_checkpoint, "--train-dir", small_train,
+                    "--val-dir", digit_folders[1], "--epochs", "2", "--batch-size", "32", "--base-lrs", "0.05", "0.5",
+                    "--num-workers", "0", "--output", tmp_path / "sgd.json")
+    assert [h["lr"] for h in results["heads"]] == pytest.approx([0.05 * 32 / 256, 0.5 * 32 / 256])
+    losses = [epoch["train_loss"] for epoch in results["history"]]
+    assert len(losses) == 2 and all(len(row) == 2 for row in losses)
+    assert min(losses[1]) < min(losses[0]) < math.log(10)  # below the loss of a uniform guess, and falling
+    assert results["best"]["top1"] == max(h["top1"] for h in results["heads"]) > 30  # chance is 10
+    assert json.loads((tmp_path / "sgd.json").read_text())["best"] == results["best"]
+
+
+def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
+    heads = linear_probe.LinearHeads(8, 3, num_heads=4, batchnorm=True)
+    assert heads(torch.randn(5, 8)).shape == (4, 5, 3)
+    assert not list(heads.norm.parameters()) and isinstance(heads.norm, torch.nn.BatchNorm1d)
+    assert isinstance(linear_probe.LinearHeads(8, 3, 2, batchnorm=False).norm, torch.nn.Identity)
+
+
+# ---- bad input: one line on stderr, exit code 2, no results file ----
+
+def test_missing_checkpoint_subprocess(tmp_path, digit_folders, run_script):
+    out = tmp_path / "probe.json"
+    result = run_script("linear_probe.py", "--protocol", "lbfgs", "--checkpoint", tmp_path / "nope.pth",
+                        "--train-dir", digit_folders[0], "--val-dir", digit_folders[1], "--output", out)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "nope.pth does not exist" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["missing folder", "empty split", "other architecture", "random init without model",
+                                  "different classes", "map on folders"])
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, digit_folders, tiny_checkpoint, case):
+    train, test = digit_folders
+    (tmp_path / "empty" / "zero").mkdir(parents=True)
+    (tmp_path / "other" / "cat").mkdir(parents=True)
+    (tmp_path / "other" / "cat" / "a.png").write_bytes(open(os.path.join(test, "zero", os.listdir(
+        os.path.join(test, "zero"))[0]), "rb").read())
+    base = ["--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--num-workers", "0"]
+    argv = {"missing folder": base + ["--train-dir", tmp_path / "nope", "--val-dir", test],
+            "empty split": base + ["--train-dir", train, "--val-dir", tmp_path / "empty"],
+            "other architecture": base + ["--model", "vit_base", "--train-dir", train, "--val-dir", test],
+            "random init without model": ["--protocol", "lbfgs", "--random-init", "--train-dir", train,
+                                          "--val-dir", test],
+            "different classes": base + ["--train-dir", train, "--val-dir", tmp_path / "other"],
+            "map on folders": base + ["--train-dir", train, "--val-dir", test, "--metric", "map11"]}[case]
+    out = tmp_path / "probe.json"
+    with pytest.raises(SystemExit) as info:
+        run(linear_probe.main, linear_probe.get_args_parser(), [str(a) for a in argv] + ["--output", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("linear_probe.py: error: ")
+    assert not out.exists()
+
+
+def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny_checkpoint):
+    """DDP on CPU (gloo): the batch splits over 2 processes and every held-out image is scored exactly once."""
+    import subprocess
+    import sys
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         os.path.join(os.path.dirname(os.path.dirname(__file__)), "linear_probe.py"), "--protocol", "sgd",
+         "--checkpoint", tiny_checkpoint, "--train-dir", digit_folders[1], "--val-dir", digit_folders[1],
+         "--epochs", "1", "--batch-size", "64", "--base-lrs", "0.5", "--num-workers", "0", "--output", str(out)],
+        capture_output=True, text=True, env=env)
+    assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+    assert "batch 64 = 32 x 2 processes" in result.stdout
+    top1 = json.loads(out.read_text())["heads"][0]["top1"]
+    assert top1 * 450 / 100 == pytest.approx(round(top1 * 450 / 100), abs=1e-3)  # a whole number of the 450
+    assert top1 > 20  # chance is 10
+
+
+def test_sweep_picks_a_strength_and_scores_multilabel_map(tmp_path):
+    """The VOC2007 path: multi-hot targets, one-vs-rest heads, 11-point mAP on validation and test."""
+    generator = torch.Generator().manual_seed(0)
+    directions = torch.randn(3, 16, generator=generator)
+
+    def split(n):
+        targets = (torch.rand(n, 3, generator=generator) < 0.4).float()
+        return targets @ directions + 0.8 * torch.randn(n, 16, generator=generator), targets
+
+    args = linear_probe.get_args_parser().parse_args(["--protocol", "lbfgs", "--random-init", "--wd-steps", "3",
+                                                      "--wd-range", "1e-4", "1e2"])
+    results = linear_probe.sweep_and_refit(split(300), split(100), split(200), 3, "map11", args,
+                                           torch.device("cpu"))
+    assert len(results["sweep"]) == 3 and any(results["best_weight_decay"] == pytest.approx(w) for w in (1e-4, 1e-1, 1e2))
+    assert results["best_val"] == max(row["val"] for row in results["sweep"])
+    assert results["test"] > 80  # chance (random scores) is about 40
