@@ -62,16 +62,13 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
         self.augment = pretrain_augmentation(image_size)
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
     def fewest_images(self):
         """(caption, number of images) of the caption with the fewest images."""
         record = min(self.records, key=lambda r: len(r.image_paths))
         return record, len(record.image_paths)
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
 
     def __len__(self):
         return len(self.records)
@@ -80,9 +77,11 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
         return self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.context_length,
                               return_tensors="pt").input_ids[0]
 
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        """key = (epoch, caption index), as CaptionSampler yields them; a bare index means epoch 0."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         with torch.random.fork_rng(devices=[]):  # the transforms draw from torch's global generator
-            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            torch.manual_seed(item_seed(self.seed, epoch, index))
             return self._load(index)
 
     def _load(self, index):
@@ -110,7 +109,7 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
 
 
 class CaptionSampler(torch.utils.data.Sampler):
-    """Yields this rank's batches of caption indices: a fresh permutation each epoch (seeded by seed + epoch),
+    """Yields this rank's batches of (epoch, caption index) keys: a fresh permutation each epoch (seed + epoch),
     split evenly across ranks, the remainder dropped so every rank takes the same number of steps.
     `start_step` skips the batches a resumed run has already trained on in its first epoch."""
 
@@ -131,7 +130,9 @@ class CaptionSampler(torch.utils.data.Sampler):
         per_step = self.captions_per_batch * self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
             step_captions = order[step * per_step:(step + 1) * per_step]
-            yield step_captions[self.rank * self.captions_per_batch:(self.rank + 1) * self.captions_per_batch].tolist()
+            mine = step_captions[self.rank * self.captions_per_batch:(self.rank + 1) * self.captions_per_batch]
+            yield [(self.epoch, index) for index in mine.tolist()]  # the epoch travels with the key, so
+            # persistent workers (which hold their own copy of the dataset) draw this epoch's crops
 
 
 def collate(items):

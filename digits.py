@@ -7,11 +7,17 @@ deterministic per-class split, and can be written as an ImageFolder tree that ev
     samples = load_digit_images(size=32)             # [(PIL.Image RGB 32x32, label 0-9), ...] x 1797
     train, held_out = split_digits(samples)           # 75% / 25% of every class, the same on every machine
     write_image_folder(train, "digits/train")         # digits/train/zero/00000.png, ..., digits/train/nine/...
+    write_caption_tree(train, "digits/tree")          # generate.py's layout: one caption per digit, its images
+
+The caption tree is the paper's structure on real pixels: one caption ("a photo of the handwritten digit seven")
+with many images, so the multi-positive loss treats every image of a digit as a positive of the others.
 """
 import os
 
 import numpy as np
 from PIL import Image
+
+import imagetree
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
@@ -57,4 +63,23 @@ def write_image_folder(samples, root, class_names=CLASS_NAMES):
         folder = os.path.join(root, class_names[label])
         os.makedirs(folder, exist_ok=True)
         image.save(os.path.join(folder, f"{index:05d}.png"))
+    return root
+
+
+def caption_of(label):
+    return f"a photo of the handwritten digit {CLASS_NAMES[label]}"
+
+
+def write_caption_tree(samples, root):
+    """Write (image, label) pairs in imagetree's layout, caption id = label, every image of a digit under its
+    caption; indexes the folder and records the source in settings.json. Returns `root`."""
+    next_index = {}
+    for image, label in samples:
+        if label not in next_index:
+            imagetree.write_caption(root, label, caption_of(label))
+        imagetree.write_image(root, label, next_index.setdefault(label, 0), image, "png")
+        next_index[label] += 1
+    imagetree.index_folder(imagetree.folder_of(root, 0))
+    imagetree.write_settings(root, {"source": "scikit-learn load_digits", "captions": len(next_index),
+                                    "images": len(samples)})
     return root

@@ -186,7 +186,7 @@ def main(args):
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
                                          collate_fn=collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=False)
+                                         persistent_workers=args.workers > 0)
     images_per_step = args.captions_per_gpu * args.images_per_caption * args.crops_per_image * world_size
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * sampler.steps_per_epoch))
@@ -239,7 +239,6 @@ def main(args):
     while step < total_steps:
         epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start_step=step_in_epoch)
-        dataset.set_epoch(epoch)
         for batch in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
