@@ -9,14 +9,16 @@ folder's _index.json). The loader side is built as pretrain.py builds it: Captio
 caption, one crop each, pretrain_augmentation) + CaptionSampler + collate in a torch DataLoader with --workers
 processes, started afresh for every pass as pretrain.py does each epoch. The loop side decodes
 (data.decode_rgb) and augments (data.pretrain_augmentation) the very files the loader chose, one after the other
-in this process, and stacks each step's crops. Both sides are timed alternately over one pass of the captions;
-the median pass is reported.
+in this process, with the same random draws (torch's generator seeded per caption by data.item_seed, as the
+Dataset seeds it), so both sides make identical crops (checked) and do the same work: the augmentation's cost varies
+by 15% between one set of random crops and another, more than the loader's overhead. Both sides are timed
+alternately over one pass of the captions, each pass a new epoch; the median pass is reported.
 
-What the ratio means: with --workers 2 the loader runs two decoding processes, the loop one process (with torch's
-default intra-op threads, which the augmentations barely use), so on a 2-core machine the ratio measures what
-the loader gains from parallel workers net of its overhead (process start, pickling of the batches, seeding). With
---workers 0 both run in one process and the ratio is the Dataset's per-image overhead alone (forked generator,
-random choice of images, stacking, collate).
+What the ratio means: with --workers 2 the loader runs two decoding processes and the loop one process (one
+intra-op thread by default, as torch gives each DataLoader worker; more threads spin-wait on cores shared with other
+jobs), so on a 2-core machine the ratio measures what the loader gains from parallel workers net of its overhead
+(process start, pickling of the batches, seeding). With --workers 0 both run in one process and the ratio is the
+Dataset's per-image overhead alone (forked generator, random choice of images, stacking, collate).
 """
 import argparse
 import os
@@ -31,7 +33,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagetree  # noqa: E402
-from data import CaptionImagesDataset, CaptionSampler, collate, decode_rgb, pretrain_augmentation  # noqa: E402
+from data import (CaptionImagesDataset, CaptionSampler, collate, decode_rgb, item_seed,  # noqa: E402
+                  pretrain_augmentation)
 
 
 def smooth_image(rng, size):
@@ -58,25 +61,36 @@ def make_loader(dataset, sampler, workers):
                                        pin_memory=False, persistent_workers=False)
 
 
-def loader_pass(dataset, sampler, workers):
-    """One pass; returns (seconds, images, the (caption, image index) pairs of every step)."""
+def loader_pass(dataset, sampler, workers, epoch):
+    """One pass at `epoch`; returns (seconds, images, each step's caption labels, the first step's images)."""
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch)
     start = time.perf_counter()
-    images, chosen = 0, []
+    images, steps, first = 0, [], None
     for batch in make_loader(dataset, sampler, workers):
         images += len(batch["images"])
-        labels = batch["crop_labels"]  # caption label * 2**20 + image index, one per crop
-        chosen.append(list(zip((labels // 2 ** 20).tolist(), (labels % 2 ** 20).tolist())))
-    return time.perf_counter() - start, images, chosen
+        steps.append(batch["caption_labels"].tolist())
+        first = batch["images"] if first is None else first
+    return time.perf_counter() - start, images, steps, first
 
 
-def loop_pass(records, chosen, augment):
-    """Decode and augment the same files in this process, stacking each step's crops as collate does."""
+def loop_pass(records, steps, augment, images_per_caption, seed, epoch):
+    """Decode and augment the same files in this process, with the same random draws: torch's generator is seeded
+    per caption by data.item_seed and the caption's image order drawn first, as the Dataset does, so the loop
+    makes the very same crops. Stacks each step's crops as collate does; returns (seconds, images, first step)."""
     start = time.perf_counter()
-    images = 0
-    for step in chosen:
-        crops = [augment(decode_rgb(records[label].image_paths[index])) for label, index in step]
-        images += len(torch.stack(crops))
-    return time.perf_counter() - start, images
+    images, first = 0, None
+    for step in steps:
+        crops = []
+        for label in step:
+            torch.manual_seed(item_seed(seed, epoch, label))
+            paths = records[label].image_paths
+            for index in torch.randperm(len(paths)).tolist()[:images_per_caption]:
+                crops.append(augment(decode_rgb(paths[index])))
+        batch = torch.stack(crops)
+        images += len(batch)
+        first = batch if first is None else first
+    return time.perf_counter() - start, images, first
 
 
 def main(args):
@@ -87,15 +101,18 @@ def main(args):
         dataset = CaptionImagesDataset([root], args.images_per_caption, 1, args.image_size, seed=0)
         sampler = CaptionSampler(len(dataset), args.captions_per_step)
         augment = pretrain_augmentation(args.image_size)
-        _, _, chosen = loader_pass(dataset, sampler, args.workers)  # warm-up (page cache), and the files chosen
-        loop_pass(dataset.records, chosen, augment)
+        m = args.images_per_caption
+        # warm-up (page cache), and the check that both sides make the same crops from the same files
+        _, _, steps, loader_first = loader_pass(dataset, sampler, args.workers, epoch=0)
+        _, _, loop_first = loop_pass(dataset.records, steps, augment, m, 0, epoch=0)
+        difference = (loader_first - loop_first).abs().max().item()
         rates = {"loader": [], "loop": []}
-        for _ in range(args.repeats):
-            seconds, images, _ = loader_pass(dataset, sampler, args.workers)
+        for epoch in range(1, args.repeats + 1):  # a new epoch each pass: new captions order and crops, both sides
+            seconds, images, steps, _ = loader_pass(dataset, sampler, args.workers, epoch)
             rates["loader"].append(images / seconds)
-            seconds, images = loop_pass(dataset.records, chosen, augment)
+            seconds, images, _ = loop_pass(dataset.records, steps, augment, m, 0, epoch)
             rates["loop"].append(images / seconds)
-    per_pass = sum(len(step) for step in chosen)
+    per_pass = sampler.steps_per_epoch * args.captions_per_step * args.images_per_caption
     print(f"{args.captions} captions x {args.images_stored} JPEGs of {args.stored_size} px; a pass = "
           f"{sampler.steps_per_epoch} steps x {args.captions_per_step} captions x {args.images_per_caption} images = "
           f"{per_pass} images, {args.image_size} px crops; cpu cores={os.cpu_count()}, torch threads="
@@ -105,6 +122,7 @@ def main(args):
     for side, label in (("loader", f"DataLoader, {workers}"), ("loop", "plain loop, 1 process")):
         rounds = " ".join(f"{r:.1f}" for r in rates[side])
         print(f"{side:7s} {statistics.median(rates[side]):7.1f}   {rounds}   ({label})")
+    print(f"same crops on both sides (first step of the warm-up pass): max |difference| {difference:.1e}")
     ratio = statistics.median(rates["loader"]) / statistics.median(rates["loop"])
     print(f"loader/loop images/s: {ratio:.2f}x (goal: at least 0.9x)")
     if args.workers > 1:
@@ -122,5 +140,7 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, default=224, help="crop size (paper: 224)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (0: the main process)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per side; the median is reported")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads of the main process (0: default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of the main process (default 1, as in each DataLoader worker, "
+                             "which torch sets to one thread; 0: torch's default, one per core)")
     main(parser.parse_args())
