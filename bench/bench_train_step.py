@@ -9,7 +9,9 @@ with --amp. The only difference between the sides is `model.visual`: ours, or ti
 to return the class token feature, forward_head(forward_features(x), pre_logits=True)). Both start from the same
 weights (timm's encoder state dict loaded into ours, one projection head copied) and see the same batch, made by
 data.collate from random images. The sides are timed alternately (ours, timm, ours, ...) so that drift in the
-machine's speed hits both alike; the median step time is reported, with the peak CUDA memory on a GPU.
+machine's speed hits both alike; the median step time is reported. On a GPU the bench also prints each side's
+peak memory: its own weights, buffers and AdamW state plus the rise of torch's allocation during its step (the
+other side's model, also on the GPU, is left out).
 The first step's losses are printed as a check that the two sides compute the same thing. Needs `pip install timm`.
 """
 import argparse
@@ -53,6 +55,14 @@ def make_batch(args):
     return collate(items)
 
 
+def side_bytes(model, optimizer):
+    """Bytes one side holds between steps: its weights, buffers and AdamW state (gradients are freed by
+    zero_grad(set_to_none=True) inside the step, so they count in the step's rise)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -74,7 +84,8 @@ def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.amp and device.type != "cuda":
-        raise SystemExit("bench_train_step.py: error: --amp (bf16 autocast) is the GPU recipe; use it with --device cuda")
+        raise SystemExit("bench_train_step.py: error: --amp (bf16 autocast) is the GPU recipe; "
+                         "use it with --device cuda")
     # pretrain.py's own arguments, defaults and all, with this bench's model and batch
     run_args = get_args_parser().parse_args(["--data", "unused", "--model", args.model, "--image-size",
                                              str(args.image_size), "--loss", "stablerep"])
@@ -101,6 +112,7 @@ def main(args):
             synchronize(device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
+                resident = torch.cuda.memory_allocated()
             start = time.perf_counter()
             loss = train_step(model, optimizers[side], batch, run_args, device, args.amp)
             synchronize(device)
@@ -109,7 +121,8 @@ def main(args):
             if repeat >= args.warmup:
                 times[side].append(elapsed)
             if device.type == "cuda":
-                peak_mib[side] = max(peak_mib.get(side, 0), torch.cuda.max_memory_allocated() / 2 ** 20)
+                step_peak = torch.cuda.max_memory_allocated() - resident + side_bytes(model, optimizers[side])
+                peak_mib[side] = max(peak_mib.get(side, 0), step_peak / 2 ** 20)
     print(f"first-step loss: ours {first_loss['ours']:.6f}, timm {first_loss['timm']:.6f} "
           f"(difference {abs(first_loss['ours'] - first_loss['timm']):.1e})")
     print(f"{'':6s} {'img/s':>8s} {'median s/step':>14s} {'steps (s)':>s}" + ("   peak MiB" if peak_mib else ""))
@@ -134,5 +147,6 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side; the median is reported")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (0: torch's default); 1 avoids spin-waiting on cores shared with other jobs")
+                        help="torch CPU threads (0: torch's default, one per core); 1 avoids spin-waiting on cores "
+                             "shared with other jobs")
     main(parser.parse_args())
