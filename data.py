@@ -19,13 +19,13 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def pretrain_augmentation(image_size):
+def pretrain_augmentation(image_size, crop_scale=(0.08, 1.0)):
     """The paper's augmentation (SimCLR's recipe), one crop of a uint8 [3, H, W] image to a normalised float one:
-    RandomResizedCrop(scale 0.08-1), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
+    RandomResizedCrop(scale 0.08-1, the area fraction kept), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
     sigma 0.1-2 p=0.5 (kernel about a tenth of the crop, odd), horizontal flip, ImageNet mean/std."""
     blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=(0.08, 1.0), antialias=True),
+        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         T.RandomGrayscale(p=0.2),
         T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
@@ -57,11 +57,11 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
     """All captions of one or more image trees; labels run over the folders' captions in order."""
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
-                 context_length=77):
+                 context_length=77, crop_scale=(0.08, 1.0)):
         self.records = [record for root in roots for record in imagetree.read_tree(root)]
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
-        self.augment = pretrain_augmentation(image_size)
+        self.augment = pretrain_augmentation(image_size, crop_scale)
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 

@@ -1,44 +1,127 @@
-"""A short CPU run of the real encoder, head and multi-positive loss on random tensors (no data needed).
+"""The whole method end to end on a laptop CPU, offline, in a few minutes: every stage script, run as you would.
 
-Stands in for the end-to-end demo until the data stages exist: it shows the pieces fit and the loss goes down.
+1. generate.py on demo/captions.tsv (CC3M-style captions we wrote) with a tiny Stable Diffusion whose weights are
+   random: its images are structured noise, and the point is the stage itself (the real model is one
+   `--model stable-diffusion-v1-5/stable-diffusion-v1-5` away). Also its --preview grid.
+2. Real images in generate.py's own layout: scikit-learn's handwritten digits, one caption per digit ("a photo
+   of the handwritten digit seven") with that digit's training images as the caption's images, the paper's
+   many-images-per-caption structure on real pixels. The held-out digits become an ImageFolder.
+3. pretrain.py with the multi-positive loss on that tree (a ViT-Ti at 32 pixels).
+4. linear_probe.py (L-BFGS protocol) and fewshot.py (5-way 5-shot) on the held-out digits, for the trained
+   encoder and for a randomly initialised one of the same architecture.
+5. A table of those numbers, also written as <output>/results.json.
 """
 import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
 import time
 
-import torch
-import torch.nn.functional as F
+from cli import UserError, atomic_write_json, check_writable_folder, run
+from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
 
-from cli import run
-from loss import multi_positive_loss
-from model import ProjectionHead, build_vit
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("demo.py", description=__doc__)
-    parser.add_argument("--steps", type=int, default=30, help="optimisation steps on one fixed random batch")
-    parser.add_argument("--captions", type=int, default=8, help="captions in the batch")
-    parser.add_argument("--images-per-caption", type=int, default=6, help="m, 6 in the paper")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser = argparse.ArgumentParser("demo.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default="demo_output", help="folder for every stage's files (made anew)")
+    parser.add_argument("--captions", default=os.path.join(HERE, "demo", "captions.tsv"),
+                        help="captions for the generation stage (CC3M's TSV: caption, url)")
+    parser.add_argument("--epochs", type=int, default=200,
+                        help="pretraining epochs over the 10 digit captions; one step each (all 10 captions x "
+                             "--images-per-caption images a step)")
+    parser.add_argument("--images-per-caption", type=int, default=8, help="m, positives per caption and step")
+    parser.add_argument("--episodes", type=int, default=600, help="few-shot episodes (600, the paper's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining run")
     return parser
 
 
+def stage(title, *command):
+    """Run one stage script as a user would, echoing the command; a failure ends the demo with its message."""
+    line = " ".join(shlex.quote(part) for part in command)
+    print(f"\n==> {title}\n$ python {line}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if subprocess.run([sys.executable, *command], cwd=HERE, env=env).returncode != 0:
+        raise UserError(f"stage '{title}' failed (command: python {line})")
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def main(args):
-    torch.manual_seed(args.seed)
-    encoder = build_vit("vit_tiny", image_size=32, depth=2)
-    head = ProjectionHead(encoder.width, hidden_dim=256, out_dim=64)
-    images = torch.randn(args.captions * args.images_per_caption, 3, 32, 32)
-    labels = torch.arange(args.captions).repeat_interleave(args.images_per_caption)
-    params = list(encoder.parameters()) + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.1)
+    if args.epochs < 1 or args.episodes < 1 or args.images_per_caption < 1:
+        raise UserError("--epochs, --episodes and --images-per-caption must be at least 1")
+    if not os.path.isfile(args.captions):
+        raise UserError(f"captions file {args.captions} does not exist")
+    if os.path.exists(args.output) and os.listdir(args.output):
+        raise UserError(f"{args.output} is not empty: remove it or pass another --output")
+    check_writable_folder(args.output)
+    out = os.path.abspath(args.output)
     start = time.time()
-    for step in range(args.steps):
-        loss = multi_positive_loss(F.normalize(head(encoder(images)), dim=1), labels, temperature=0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  multi-positive loss {loss.item():.4f}")
-    print(f"{args.steps} steps on {len(images)} random images in {time.time() - start:.1f}s")
+
+    # ---- 1. synthetic images ----
+    from tiny_sd import save_tiny_pipeline
+    print("==> a tiny Stable Diffusion with random weights (its images are noise; the real model is a download "
+          "away)", flush=True)
+    tiny_model = save_tiny_pipeline(os.path.join(out, "tiny_sd"))
+    generate_args = ["--captions", args.captions, "--model", tiny_model, "--n", "4", "--size", "32",
+                     "--stored-size", "32", "--steps", "10", "--batch-size", "16", "--writers", "1"]
+    stage("generate.py: 4 images per caption", "generate.py", *generate_args,
+          "--output", os.path.join(out, "synthetic"))
+    stage("generate.py --preview: captions x seeds in one PNG", "generate.py", *generate_args,
+          "--output", os.path.join(out, "preview"), "--preview", "4")
+
+    # ---- 2. real images in the same layout ----
+    train, held_out = split_digits(load_digit_images(size=32))
+    tree = write_caption_tree(train, os.path.join(out, "digits_tree"))
+    train_folder = write_image_folder(train, os.path.join(out, "digits", "train"))
+    test_folder = write_image_folder(held_out, os.path.join(out, "digits", "test"))
+    print(f"\n==> digits: {len(train)} training images under 10 captions in {tree}; {len(held_out)} held out in "
+          f"{test_folder}", flush=True)
+
+    # ---- 3. pretraining ----
+    images_per_step = 10 * args.images_per_caption
+    stage("pretrain.py: multi-positive loss on the digit captions", "pretrain.py", "--data", tree,
+          "--output", os.path.join(out, "pretrain"), "--model", "vit_tiny", "--image-size", "32",
+          "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
+          "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
+          "--base-lr", f"{1e-3 * 256 / images_per_step:g}", "--crop-scale", "0.6", "1",
+          "--head-hidden-dim", "512", "--embed-dim", "128", "--workers", "2", "--seed", str(args.seed),
+          "--log-every", "20", "--save-every", str(args.epochs))
+
+    # ---- 4. evaluation ----
+    encoders = {"pretrained": ["--checkpoint", os.path.join(out, "pretrain", "encoder.pth")],
+                "random init": ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed",
+                                str(args.seed)]}
+    results = {}
+    for name, encoder in encoders.items():
+        tag = name.replace(" ", "_")
+        probe_json, fewshot_json = os.path.join(out, f"linear_{tag}.json"), os.path.join(out, f"fewshot_{tag}.json")
+        stage(f"linear_probe.py ({name})", "linear_probe.py", "--protocol", "lbfgs", *encoder,
+              "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", "2", "--output", probe_json)
+        stage(f"fewshot.py ({name})", "fewshot.py", *encoder, "--data-dir", test_folder, "--num-workers", "2",
+              "--episodes", str(args.episodes), "--output", fewshot_json)
+        probe, fewshot = read_json(probe_json), read_json(fewshot_json)
+        results[name] = {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],
+                         "fewshot_ci95": fewshot["ci95"]}
+
+    # ---- 5. summary ----
+    summary = {"encoders": results, "seconds": time.time() - start, "args": vars(args),
+               "pretrain": read_json(os.path.join(out, "pretrain", "summary.json"))}
+    atomic_write_json(os.path.join(out, "results.json"), summary)
+    print(f"\nheld-out digits ({len(held_out)} images), ViT-Ti/16 at 32 px, {args.epochs} pretraining steps:")
+    print(f"{'encoder':12s} {'linear probe top-1':>19s} {'5-way 5-shot':>16s}")
+    for name, row in results.items():
+        print(f"{name:12s} {row['linear_probe_top1']:19.2f} {row['fewshot_5way_5shot']:9.2f} +- "
+              f"{row['fewshot_ci95']:.2f}")
+    print(f"\nall stages in {summary['seconds']:.0f}s; numbers in {os.path.join(out, 'results.json')}, the synthetic "
+          f"tree in {os.path.join(out, 'synthetic')}, its preview in {os.path.join(out, 'preview')}")
 
 
 if __name__ == "__main__":

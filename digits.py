@@ -70,16 +70,23 @@ def caption_of(label):
     return f"a photo of the handwritten digit {CLASS_NAMES[label]}"
 
 
-def write_caption_tree(samples, root):
-    """Write (image, label) pairs in imagetree's layout, caption id = label, every image of a digit under its
-    caption; indexes the folder and records the source in settings.json. Returns `root`."""
-    next_index = {}
+def write_caption_tree(samples, root, captions_per_digit=1):
+    """Write (image, label) pairs in imagetree's layout and index it; returns `root`.
+
+    With captions_per_digit = 1, caption id = label and every image of a digit is under its caption. With k > 1,
+    a digit's images are dealt round-robin into k captions (id = label * k + j, the same text), so a batch can
+    hold more captions than there are digits; images of one digit under other captions are then negatives, as
+    near-duplicate captions are in real data."""
+    seen = {}
     for image, label in samples:
-        if label not in next_index:
-            imagetree.write_caption(root, label, caption_of(label))
-        imagetree.write_image(root, label, next_index.setdefault(label, 0), image, "png")
-        next_index[label] += 1
-    imagetree.index_folder(imagetree.folder_of(root, 0))
-    imagetree.write_settings(root, {"source": "scikit-learn load_digits", "captions": len(next_index),
+        count = seen.get(label, 0)
+        caption_id = label * captions_per_digit + count % captions_per_digit
+        if count < captions_per_digit:
+            imagetree.write_caption(root, caption_id, caption_of(label))
+        imagetree.write_image(root, caption_id, count // captions_per_digit, image, "png")
+        seen[label] = count + 1
+    for folder in {imagetree.folder_of(root, label * captions_per_digit) for label in seen}:
+        imagetree.index_folder(folder)
+    imagetree.write_settings(root, {"source": "scikit-learn load_digits", "captions": len(seen) * captions_per_digit,
                                     "images": len(samples)})
     return root

@@ -48,6 +48,8 @@ def get_args_parser():
                              "generated; more positives per caption help). Default: 6, or 1 for simclr and clip")
     parser.add_argument("--crops-per-image", type=int, default=None,
                         help="c, augmented crops of each image (paper: 1 for StableRep; SimCLR: 2). Default by --loss")
+    parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                        help="area fraction RandomResizedCrop keeps (paper: 0.08 1); tiny images need larger crops")
     parser.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
@@ -160,6 +162,8 @@ def main(args):
                         "--keep and --log-every must be at least 1")
     if args.images_per_caption * args.crops_per_image * args.captions_per_gpu < 2:
         raise UserError("a contrastive batch needs at least two images per GPU")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy 0 < MIN <= MAX <= 1")
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
 
@@ -173,7 +177,8 @@ def main(args):
     tokenizer = load_tokenizer(args.tokenizer) if args.loss in ("clip", "stablerep+") else None
     try:
         dataset = CaptionImagesDataset(args.data, args.images_per_caption, args.crops_per_image, args.image_size,
-                                       seed=args.seed, tokenizer=tokenizer, context_length=args.context_length)
+                                       seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
+                                       crop_scale=args.crop_scale)
     except ValueError as err:
         raise UserError(str(err)) from None
     fewest, fewest_count = dataset.fewest_images()

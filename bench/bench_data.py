@@ -63,7 +63,6 @@ def make_loader(dataset, sampler, workers):
 
 def loader_pass(dataset, sampler, workers, epoch):
     """One pass at `epoch`; returns (seconds, images, each step's caption labels, the first step's images)."""
-    dataset.set_epoch(epoch)
     sampler.set_epoch(epoch)
     start = time.perf_counter()
     images, steps, first = 0, [], None
