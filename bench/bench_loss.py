@@ -5,7 +5,7 @@
 
 Each side computes forward + backward from the same raw embeddings, L2-normalised inside (SupConLoss's cosine
 similarity normalises; ours calls F.normalize), so values and gradients are comparable. Time is the median of --repeats
-runs. Peak memory is measured in a fresh process per side: on CUDA torch's peak allocation, on the CPU the rise of
+runs, the two sides alternating. Peak memory is measured in a fresh process per side: on CUDA torch's peak allocation, on the CPU the rise of
 the process's peak resident set (reset through /proc/self/clear_refs) over what it held before. Needs `pip install pytorch-metric-learning`.
 """
 import argparse
@@ -78,21 +78,24 @@ def main(args):
         return
     torch.set_num_threads(args.threads or torch.get_num_threads())
     embeddings, labels = make_inputs(args)
+    sides = ("ours", "supcon")
+    functions = {side: loss_function(side, args.temperature) for side in sides}
     results = {}
-    for side in ("ours", "supcon"):
-        fn = loss_function(side, args.temperature)
-        value, grad = forward_backward(fn, embeddings, labels)  # warm-up, and the values to compare
-        times = []
-        for _ in range(args.repeats):
+    for side in sides:  # warm-up, and the values to compare
+        value, grad = forward_backward(functions[side], embeddings, labels)
+        results[side] = {"loss": value.item(), "grad": grad, "times": []}
+    for _ in range(args.repeats):  # alternate the sides, so that load from other jobs hits both alike
+        for side in sides:
             synchronize(args.device)
             start = time.perf_counter()
-            forward_backward(fn, embeddings, labels)
+            forward_backward(functions[side], embeddings, labels)
             synchronize(args.device)
-            times.append(time.perf_counter() - start)
+            results[side]["times"].append(time.perf_counter() - start)
+    for side in sides:
         command = [sys.executable, __file__, "--side", side] + [f"--{k.replace('_', '-')}={v}" for k, v in
                                                                  vars(args).items() if k not in ("side", "repeats")]
         peak = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["peak_mib"]
-        results[side] = {"loss": value.item(), "grad": grad, "seconds": statistics.median(times), "peak_mib": peak}
+        results[side].update(seconds=statistics.median(results[side]["times"]), peak_mib=peak)
     ours, theirs = results["ours"], results["supcon"]
     grad_diff = (ours["grad"] - theirs["grad"]).abs().max().item()
     print(f"N={len(labels)} ({labels.max().item() + 1} captions of up to {args.images_per_caption}), "
