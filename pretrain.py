@@ -18,7 +18,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 import time
 
 import torch
@@ -163,7 +162,8 @@ def main(args):
     if args.images_per_caption * args.crops_per_image * args.captions_per_gpu < 2:
         raise UserError("a contrastive batch needs at least two images per GPU")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy 0 < MIN <= MAX <= 1")
+        raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy "
+                        "0 < MIN <= MAX <= 1")
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
 

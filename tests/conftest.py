@@ -95,11 +95,14 @@ def tiny_checkpoint(tmp_path_factory, tiny_encoder):
     return str(path)
 
 
+def run_stage(script, *args):
+    """The stage script as a subprocess (offline, one thread), returning the CompletedProcess."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
+                          text=True, env=env, cwd=REPO)
+
+
 @pytest.fixture(scope="session")
 def run_script():
-    """run_script(script, *args): the stage script as a subprocess (offline), returning the CompletedProcess."""
-    def run(script, *args):
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                              text=True, env=env, cwd=REPO)
-    return run
+    """run_script(script, *args): see run_stage."""
+    return run_stage

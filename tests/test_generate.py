@@ -17,7 +17,6 @@ import distributed  # noqa: E402
 import generate  # noqa: E402
 import imagetree  # noqa: E402
 from cli import run  # noqa: E402
-from tiny_sd import save_tiny_pipeline  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
@@ -28,8 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*"
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")), image_size=32)
+def tiny_model(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pretrain
+from conftest import run_stage, write_random_tree
 from data import CaptionImagesDataset, collate
 from model import load_encoder
 
@@ -19,9 +20,7 @@ TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hid
 
 
 def run_pretrain(*args, check=True):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"), *args], capture_output=True,
-                            text=True, env=env, cwd=ROOT)
+    result = run_stage("pretrain.py", *args)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -120,7 +119,6 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(random_tree, tmp_path
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
-    from conftest import write_random_tree
     tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
     broken = os.path.join(tree, "00000", "000000001_00.jpg")
     with open(broken, "r+b") as f:  # a truncated file
@@ -151,6 +149,8 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
                           "no captioned images")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
                                        "--images-per-caption", "5", *TINY, check=False), "4 image(s)")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
+                                       "--crop-scale", "0.9", "0.5", *TINY, check=False), "0 < MIN <= MAX <= 1")
     assert not (tmp_path / "o").exists()  # nothing written for bad input
 
     blocker = tmp_path / "file"
