@@ -21,8 +21,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 def pretrain_augmentation(image_size, crop_scale=(0.08, 1.0)):
     """The paper's augmentation (SimCLR's recipe), one crop of a uint8 [3, H, W] image to a normalised float one:
-    RandomResizedCrop(scale 0.08-1, the area fraction kept), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2, Gaussian blur
-    sigma 0.1-2 p=0.5 (kernel about a tenth of the crop, odd), horizontal flip, ImageNet mean/std."""
+    RandomResizedCrop(scale 0.08-1, the area fraction kept), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale
+    p=0.2, Gaussian blur sigma 0.1-2 p=0.5 (kernel about a tenth of the crop, odd), horizontal flip, ImageNet
+    mean/std."""
     blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),

@@ -60,7 +60,8 @@ def get_args_parser():
     parser.add_argument("--text-width", type=int, default=512, help="text transformer width (CLIP: 512)")
     parser.add_argument("--text-layers", type=int, default=12, help="text transformer depth (CLIP: 12)")
     parser.add_argument("--text-heads", type=int, default=8, help="text transformer heads (CLIP: 8)")
-    parser.add_argument("--context-length", type=int, default=77, help="text tokens; longer captions are cut (CLIP: 77)")
+    parser.add_argument("--context-length", type=int, default=77,
+                        help="text tokens; longer captions are cut (CLIP: 77)")
     parser.add_argument("--tokenizer", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="CLIPTokenizer for clip and stablerep+: a hub id or local folder, with or without a "
                              "tokenizer/ subfolder (default: the tokenizer of generate.py's Stable Diffusion)")

@@ -1,12 +1,13 @@
 """Our multi-positive loss against pytorch-metric-learning's SupConLoss: same value, time and peak memory.
 
-    python bench/bench_loss.py                      # N = 4096 images (683 captions x 6), D = 256, CPU
+    python bench/bench_loss.py                      # N = 4096 images (683 captions of up to 6), D = 256, CPU
     python bench/bench_loss.py --device cuda        # on a GPU
 
 Each side computes forward + backward from the same raw embeddings, L2-normalised inside (SupConLoss's cosine
-similarity normalises; ours calls F.normalize), so values and gradients are comparable. Time is the median of --repeats
-runs, the two sides alternating. Peak memory is measured in a fresh process per side: on CUDA torch's peak allocation, on the CPU the rise of
-the process's peak resident set (reset through /proc/self/clear_refs) over what it held before. Needs `pip install pytorch-metric-learning`.
+similarity normalises; ours calls F.normalize), so values and gradients are comparable. Time is the median of
+--repeats runs, the two sides alternating. Peak memory is measured in a fresh process per side: on CUDA torch's
+peak allocation, on the CPU the rise of the process's peak resident set (reset through /proc/self/clear_refs)
+over what it held before. Needs `pip install pytorch-metric-learning`.
 """
 import argparse
 import json
