@@ -1,0 +1,230 @@
+"""The paper's findings in miniature: SimCLR, StableRep (m = 2, 4, 8), CLIP and StableRep+ at equal budget.
+
+Every objective is pretrained on the same handwritten-digits caption tree (80 captions: each digit's training
+images dealt into 8 captions of the same text, about 17 images each; images of one digit under another caption
+are negatives, as near-duplicate captions are in real data) with the same images per step (80) and the same
+number of steps, then scored on held-out digits by linear_probe.py (L-BFGS protocol, trained on the training
+digits) and fewshot.py (5-way 5-shot episodes). A random-init encoder of the same architecture is the floor.
+
+    config        loss         captions x images x crops per step
+    simclr        simclr       40 x 1 x 2    (two crops of one image are the only positives)
+    stablerep_m2  stablerep    40 x 2 x 1
+    stablerep_m4  stablerep    20 x 4 x 1
+    stablerep_m8  stablerep    10 x 8 x 1
+    clip          clip         80 x 1 x 1    (image-text contrastive, a small character-level text tower)
+    stablerep+    stablerep+   10 x 8 x 1    (multi-positive image loss + image-text loss)
+    random_init   -            no training
+
+Epochs in pretrain.py are passes over the 80 captions, so a config with fewer captions a step takes more steps
+per epoch; --epochs is chosen per config so that every config runs exactly --steps steps. Every stage script is
+run as a subprocess, as a user would run it; each seed repeats pretraining and evaluation. The table reports
+mean and standard deviation over seeds; it is printed and written to <output>/findings.json.
+
+    python experiments/findings.py                                     # every config, 3 seeds
+    python experiments/findings.py --configs simclr stablerep_m8 --seeds 1 --steps 40
+"""
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from cli import UserError, atomic_write_json, check_writable_folder, run  # noqa: E402
+from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
+
+IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
+CAPTIONS_PER_DIGIT = 8  # 10 digits x 8 = 80 captions in the tree
+# name: (--loss, captions per step, images per caption m, crops per image c); captions x m x c = 80
+CONFIGS = {
+    "simclr": ("simclr", 40, 1, 2),
+    "stablerep_m2": ("stablerep", 40, 2, 1),
+    "stablerep_m4": ("stablerep", 20, 4, 1),
+    "stablerep_m8": ("stablerep", 10, 8, 1),
+    "clip": ("clip", 80, 1, 1),
+    "stablerep+": ("stablerep+", 10, 8, 1),
+    "random_init": (None, 0, 0, 0),
+}
+TEXT_FLAGS = ["--context-length", "48", "--text-width", "128", "--text-layers", "2", "--text-heads", "4"]
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("findings.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    # experiment
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
+                        help="configs to run (default: all, see the table above)")
+    parser.add_argument("--steps", type=int, default=160,
+                        help="training steps of every config (a multiple of 8, so that every config's epochs are "
+                             "whole: 80 captions / 10 captions a step = 8 steps an epoch for m = 8); 160 steps x "
+                             "80 images = 12800 images seen, about 150 passes over the 1347 training digits")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds 0 .. N-1; each seeds pretraining (weights, caption order, crops), the probe's "
+                             "validation split and the few-shot episodes")
+    # model
+    parser.add_argument("--depth", type=int, default=None,
+                        help="transformer blocks of the ViT-Ti (default: its own 12); fewer make a CPU run "
+                             "faster. The random-init floor gets the same depth (saved as a state dict, since the "
+                             "probe scripts' --random-init builds the full depth)")
+    parser.add_argument("--base-lr", type=float, default=3.2e-3,
+                        help="pretrain.py's lr per 256 images; 3.2e-3 gives lr = 1e-3 at 80 images a step, "
+                             "what the digits demo trains well with")
+    parser.add_argument("--warmup-fraction", type=float, default=0.1,
+                        help="share of the steps spent in linear warmup (then cosine decay to 0)")
+    # evaluation
+    parser.add_argument("--probe-wd-steps", type=int, default=45,
+                        help="L2 strengths the linear probe sweeps (linear_probe.py --wd-steps; 45, the paper's); "
+                             "each is one L-BFGS fit, so fewer make a CPU run faster")
+    parser.add_argument("--episodes", type=int, default=600,
+                        help="few-shot episodes per encoder (600, the paper's; 5-way 5-shot, 15 queries)")
+    # run
+    parser.add_argument("--workers", type=int, default=2,
+                        help="data-loading processes of every stage script (2: a laptop's cores)")
+    parser.add_argument("--output", default="runs/findings",
+                        help="folder for the data, every run and findings.json; runs already finished there "
+                             "(their result files exist) are reused, so an interrupted sweep continues")
+    return parser
+
+
+def stage(title, *command):
+    """Run one stage script from the repository root, echoing the command; a failure stops the sweep."""
+    line = " ".join(shlex.quote(part) for part in command)
+    print(f"\n==> {title}\n$ python {line}", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if subprocess.run([sys.executable, *command], cwd=REPO, env=env).returncode != 0:
+        raise UserError(f"stage '{title}' failed (command: python {line})")
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def pretrain(config, seed, args, tree, tokenizer, folder):
+    """Pretrain one config for exactly args.steps steps; returns the encoder checkpoint."""
+    loss, captions, m, crops = CONFIGS[config]
+    encoder = os.path.join(folder, "encoder.pth")
+    if os.path.isfile(encoder):
+        print(f"\n==> {config} seed {seed}: reusing {encoder}", flush=True)
+        return encoder
+    steps_per_epoch = 80 // captions  # the tree has 80 captions; every config's captions divide it
+    epochs = args.steps // steps_per_epoch
+    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, "--model", "vit_tiny",
+               "--image-size", "32", "--crop-scale", "0.6", "1", "--head-hidden-dim", "512", "--embed-dim", "128",
+               "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
+               "--base-lr", f"{args.base_lr:g}", "--epochs", str(epochs),
+               "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
+               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
+    if args.depth is not None:
+        command += ["--depth", str(args.depth)]
+    if loss in ("clip", "stablerep+"):
+        command += ["--tokenizer", tokenizer, *TEXT_FLAGS]
+    stage(f"{config} seed {seed}: {captions} captions x {m} images x {crops} crops = {IMAGES_PER_STEP} images a "
+          f"step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
+    return encoder
+
+
+def evaluate(name, encoder_flags, seed, args, train_folder, test_folder, folder):
+    """Linear probe and few-shot accuracy of one encoder; results files already there are reused."""
+    probe_json, fewshot_json = os.path.join(folder, "linear.json"), os.path.join(folder, "fewshot.json")
+    if not os.path.isfile(probe_json):
+        stage(f"linear_probe.py ({name} seed {seed})", "linear_probe.py", "--protocol", "lbfgs", *encoder_flags,
+              "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", str(args.workers),
+              "--wd-steps", str(args.probe_wd_steps), "--seed", str(seed), "--output", probe_json)
+    if not os.path.isfile(fewshot_json):
+        stage(f"fewshot.py ({name} seed {seed})", "fewshot.py", *encoder_flags, "--data-dir", test_folder,
+              "--num-workers", str(args.workers), "--episodes", str(args.episodes), "--seed", str(seed),
+              "--output", fewshot_json)
+    probe, fewshot = read_json(probe_json), read_json(fewshot_json)
+    return {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],
+            "fewshot_ci95": fewshot["ci95"]}
+
+
+def random_init_flags(seed, depth, folder):
+    """Probe flags for an untrained ViT-Ti of the trained configs' depth, seeded by `seed`.
+
+    At the full depth the probes' own --random-init builds it; a shallower one is built here as the probes build
+    theirs (seed, then build_vit) and saved as a plain state dict, whose depth load_encoder reads from the keys."""
+    if depth is None:
+        return ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed", str(seed)]
+    import torch
+    from model import build_vit
+
+    path = os.path.join(folder, "encoder.pth")
+    if not os.path.isfile(path):
+        os.makedirs(folder, exist_ok=True)
+        torch.manual_seed(seed)
+        torch.save(build_vit("vit_tiny", image_size=32, depth=depth).state_dict(), path)
+    return ["--checkpoint", path]
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single seed)."""
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(args):
+    if args.steps < 8 or args.steps % 8:
+        raise UserError(f"--steps must be a positive multiple of 8 (whole epochs for every config), got {args.steps}")
+    if min(args.seeds, args.episodes, args.probe_wd_steps) < 1 or args.workers < 0 or (args.depth or 1) < 1:
+        raise UserError("--seeds, --episodes, --probe-wd-steps and --depth must be at least 1, --workers at least 0")
+    if not 0.0 <= args.warmup_fraction < 1.0:
+        raise UserError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+    check_writable_folder(args.output)
+    out = os.path.abspath(args.output)
+    start = time.time()
+    print(f"{IMAGES_PER_STEP} images a step x {args.steps} steps = {IMAGES_PER_STEP * args.steps} images seen per "
+          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 256 = {args.base_lr * IMAGES_PER_STEP / 256:g}; "
+          f"{len(args.configs)} configs x {args.seeds} seeds", flush=True)
+
+    # ---- data ----
+    tree, tokenizer = os.path.join(out, "digits_tree"), os.path.join(out, "tiny_sd")
+    train_folder, test_folder = os.path.join(out, "digits", "train"), os.path.join(out, "digits", "test")
+    if not os.path.isfile(os.path.join(out, "data_ready")):
+        train, held_out = split_digits(load_digit_images(size=32))
+        write_caption_tree(train, tree, captions_per_digit=CAPTIONS_PER_DIGIT)
+        write_image_folder(train, train_folder)
+        write_image_folder(held_out, test_folder)
+        from tiny_sd import save_tiny_pipeline  # its character-level tokenizer feeds the text tower
+        save_tiny_pipeline(tokenizer)
+        open(os.path.join(out, "data_ready"), "w").close()
+
+    # ---- pretraining and evaluation ----
+    results = {config: [] for config in args.configs}
+    for seed in range(args.seeds):  # seeds outermost: a sweep cut short still has every config at seed 0
+        for config in args.configs:
+            folder = os.path.join(out, config, f"seed{seed}")
+            if config == "random_init":
+                encoder_flags = random_init_flags(seed, args.depth, folder)
+            else:
+                encoder_flags = ["--checkpoint", pretrain(config, seed, args, tree, tokenizer, folder)]
+            results[config].append(evaluate(config, encoder_flags, seed, args, train_folder, test_folder, folder))
+
+    # ---- summary ----
+    table = {}
+    for config, runs in results.items():
+        probe_mean, probe_std = mean_std([r["linear_probe_top1"] for r in runs])
+        shot_mean, shot_std = mean_std([r["fewshot_5way_5shot"] for r in runs])
+        table[config] = {"linear_probe_mean": probe_mean, "linear_probe_std": probe_std,
+                         "fewshot_mean": shot_mean, "fewshot_std": shot_std, "seeds": runs}
+    summary = {"table": table, "args": vars(args), "images_per_step": IMAGES_PER_STEP,
+               "seconds": time.time() - start}
+    atomic_write_json(os.path.join(out, "findings.json"), summary)
+    depth = f"depth {args.depth}" if args.depth else "12 blocks"
+    print(f"\nheld-out digits, ViT-Ti/16 ({depth}) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, {args.seeds} "
+          f"seed(s), mean +- std over seeds:")
+    print(f"| {'config':12s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
+    print(f"| {'-' * 12} | {'-' * 18} | {'-' * 14} |")
+    for config, row in table.items():
+        print(f"| {config:12s} | {row['linear_probe_mean']:11.2f} +- {row['linear_probe_std']:4.2f} | "
+              f"{row['fewshot_mean']:7.2f} +- {row['fewshot_std']:4.2f} |")
+    print(f"\n{summary['seconds']:.0f}s; numbers in {os.path.join(out, 'findings.json')}")
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())
