@@ -12,14 +12,10 @@
 5. A table of those numbers, also written as <output>/results.json.
 """
 import argparse
-import json
 import os
-import shlex
-import subprocess
-import sys
 import time
 
-from cli import UserError, atomic_write_json, check_writable_folder, run
+from cli import UserError, atomic_write_json, check_writable_folder, read_json, run, run_stage
 from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,20 +36,6 @@ def get_args_parser():
     return parser
 
 
-def stage(title, *command):
-    """Run one stage script as a user would, echoing the command; a failure ends the demo with its message."""
-    line = " ".join(shlex.quote(part) for part in command)
-    print(f"\n==> {title}\n$ python {line}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if subprocess.run([sys.executable, *command], cwd=HERE, env=env).returncode != 0:
-        raise UserError(f"stage '{title}' failed (command: python {line})")
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def main(args):
     if args.epochs < 1 or args.episodes < 1 or args.images_per_caption < 1:
         raise UserError("--epochs, --episodes and --images-per-caption must be at least 1")
@@ -72,9 +54,9 @@ def main(args):
     tiny_model = save_tiny_pipeline(os.path.join(out, "tiny_sd"))
     generate_args = ["--captions", args.captions, "--model", tiny_model, "--n", "4", "--size", "32",
                      "--stored-size", "32", "--steps", "10", "--batch-size", "16", "--writers", "1"]
-    stage("generate.py: 4 images per caption", "generate.py", *generate_args,
+    run_stage("generate.py: 4 images per caption", "generate.py", *generate_args,
           "--output", os.path.join(out, "synthetic"))
-    stage("generate.py --preview: captions x seeds in one PNG", "generate.py", *generate_args,
+    run_stage("generate.py --preview: captions x seeds in one PNG", "generate.py", *generate_args,
           "--output", os.path.join(out, "preview"), "--preview", "4")
 
     # ---- 2. real images in the same layout ----
@@ -87,7 +69,7 @@ def main(args):
 
     # ---- 3. pretraining ----
     images_per_step = 10 * args.images_per_caption
-    stage("pretrain.py: multi-positive loss on the digit captions", "pretrain.py", "--data", tree,
+    run_stage("pretrain.py: multi-positive loss on the digit captions", "pretrain.py", "--data", tree,
           "--output", os.path.join(out, "pretrain"), "--model", "vit_tiny", "--image-size", "32",
           "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
           "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
@@ -103,9 +85,9 @@ def main(args):
     for name, encoder in encoders.items():
         tag = name.replace(" ", "_")
         probe_json, fewshot_json = os.path.join(out, f"linear_{tag}.json"), os.path.join(out, f"fewshot_{tag}.json")
-        stage(f"linear_probe.py ({name})", "linear_probe.py", "--protocol", "lbfgs", *encoder,
+        run_stage(f"linear_probe.py ({name})", "linear_probe.py", "--protocol", "lbfgs", *encoder,
               "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", "2", "--output", probe_json)
-        stage(f"fewshot.py ({name})", "fewshot.py", *encoder, "--data-dir", test_folder, "--num-workers", "2",
+        run_stage(f"fewshot.py ({name})", "fewshot.py", *encoder, "--data-dir", test_folder, "--num-workers", "2",
               "--episodes", str(args.episodes), "--output", fewshot_json)
         probe, fewshot = read_json(probe_json), read_json(fewshot_json)
         results[name] = {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],

@@ -24,18 +24,15 @@ mean and standard deviation over seeds; it is printed and written to <output>/fi
     python experiments/findings.py --configs simclr stablerep_m8 --seeds 1 --steps 40
 """
 import argparse
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cli import UserError, atomic_write_json, check_writable_folder, run  # noqa: E402
+from cli import UserError, atomic_write_json, check_writable_folder, read_json, run, run_stage  # noqa: E402
 from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
 
 IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
@@ -91,20 +88,6 @@ def get_args_parser():
     return parser
 
 
-def stage(title, *command):
-    """Run one stage script from the repository root, echoing the command; a failure stops the sweep."""
-    line = " ".join(shlex.quote(part) for part in command)
-    print(f"\n==> {title}\n$ python {line}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if subprocess.run([sys.executable, *command], cwd=REPO, env=env).returncode != 0:
-        raise UserError(f"stage '{title}' failed (command: python {line})")
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def pretrain(config, seed, args, tree, tokenizer, folder):
     """Pretrain one config for exactly args.steps steps; returns the encoder checkpoint."""
     loss, captions, m, crops = CONFIGS[config]
@@ -124,7 +107,7 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
         command += ["--depth", str(args.depth)]
     if loss in ("clip", "stablerep+"):
         command += ["--tokenizer", tokenizer, *TEXT_FLAGS]
-    stage(f"{config} seed {seed}: {captions} captions x {m} images x {crops} crops = {IMAGES_PER_STEP} images a "
+    run_stage(f"{config} seed {seed}: {captions} captions x {m} images x {crops} crops = {IMAGES_PER_STEP} images a "
           f"step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
     return encoder
 
@@ -133,11 +116,11 @@ def evaluate(name, encoder_flags, seed, args, train_folder, test_folder, folder)
     """Linear probe and few-shot accuracy of one encoder; results files already there are reused."""
     probe_json, fewshot_json = os.path.join(folder, "linear.json"), os.path.join(folder, "fewshot.json")
     if not os.path.isfile(probe_json):
-        stage(f"linear_probe.py ({name} seed {seed})", "linear_probe.py", "--protocol", "lbfgs", *encoder_flags,
+        run_stage(f"linear_probe.py ({name} seed {seed})", "linear_probe.py", "--protocol", "lbfgs", *encoder_flags,
               "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", str(args.workers),
               "--wd-steps", str(args.probe_wd_steps), "--seed", str(seed), "--output", probe_json)
     if not os.path.isfile(fewshot_json):
-        stage(f"fewshot.py ({name} seed {seed})", "fewshot.py", *encoder_flags, "--data-dir", test_folder,
+        run_stage(f"fewshot.py ({name} seed {seed})", "fewshot.py", *encoder_flags, "--data-dir", test_folder,
               "--num-workers", str(args.workers), "--episodes", str(args.episodes), "--seed", str(seed),
               "--output", fewshot_json)
     probe, fewshot = read_json(probe_json), read_json(fewshot_json)
