@@ -45,7 +45,8 @@ def multi_positive_loss(features, labels, temperature=0.1):
 
 
 def _positive_sums(labels, all_labels, all_features, first_column):
-    """For each local anchor i: (sum over its positives j != i of z_j, number of those positives).
+    """For each local anchor i: the sum over its positives j != i of z_j, and the number of those positives;
+    also the caption index of every column and of every anchor, which backward reuses.
 
     Computed per caption in O(N D) rather than with an N x N mask: sum all images of caption c_i, then take
     the anchor's own embedding out."""
@@ -55,7 +56,8 @@ def _positive_sums(labels, all_labels, all_features, first_column):
     caption_sizes = torch.bincount(caption_of_column, minlength=len(caption_ids))
     caption_of_anchor = caption_of_column[first_column:first_column + len(labels)]
     own = all_features[first_column:first_column + len(labels)]
-    return caption_sums[caption_of_anchor] - own, caption_sizes[caption_of_anchor] - 1
+    return (caption_sums[caption_of_anchor] - own, caption_sizes[caption_of_anchor] - 1, caption_of_column,
+            caption_of_anchor)
 
 
 class _MultiPositiveCrossEntropy(torch.autograd.Function):
@@ -76,25 +78,27 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         logits[rows, self_columns] = float("-inf")  # k != i in Eq. 2: an image is never its own candidate
         log_normaliser = torch.logsumexp(logits, dim=1)  # log sum_{k != i} exp(z_i.z_k / tau), Eq. 2's denominator
 
-        positive_sum, num_positives = _positive_sums(labels, all_labels, all_features, first_column)
+        positive_sum, num_positives, caption_of_column, caption_of_anchor = _positive_sums(
+            labels, all_labels, all_features, first_column)
         has_positive = num_positives > 0
         # Eq. 3 puts p_ij = 1 / num_positives_i on each positive j, so with Eq. 2's log q_ij:
         # Eq. 4 per anchor: -sum_j p_ij log q_ij = log_normaliser_i - mean over positives of z_i.z_j / tau
         mean_positive_logit = (features * positive_sum).sum(1) / temperature / num_positives.clamp(min=1)
         loss_per_anchor = torch.where(has_positive, log_normaliser - mean_positive_logit, 0.0)
 
-        ctx.save_for_backward(features, all_features, labels, all_labels, log_normaliser)
+        ctx.save_for_backward(features, all_features, log_normaliser, positive_sum, num_positives,
+                              caption_of_column, caption_of_anchor)
         ctx.first_column, ctx.temperature = first_column, temperature
         return loss_per_anchor.sum() / num_local  # Eq. 4: mean over anchors
 
     @staticmethod
     def backward(ctx, grad_output):
-        features, all_features, labels, all_labels, log_normaliser = ctx.saved_tensors
+        (features, all_features, log_normaliser, positive_sum, num_positives, caption_of_column,
+         caption_of_anchor) = ctx.saved_tensors
         first_column, temperature = ctx.first_column, ctx.temperature
         num_local = features.shape[0]
         rows = torch.arange(num_local, device=features.device)
 
-        positive_sum, num_positives = _positive_sums(labels, all_labels, all_features, first_column)
         # d loss_i / d logit_ij = (q_ij - p_ij) * weight_i, weight_i = 0 for anchors without positives
         weight = torch.where(num_positives > 0, grad_output / num_local, 0.0)  # [N_local]
 
@@ -109,9 +113,8 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
         p_scale = weight / temperature / num_positives.clamp(min=1)  # [N_local]
         grad_features = q @ all_features - p_scale[:, None] * positive_sum
         grad_all_features = q.T @ features
-        caption_ids, caption_of_column = torch.unique(all_labels, return_inverse=True)
-        caption_of_anchor = caption_of_column[first_column:first_column + num_local]
-        weighted_anchor_sums = torch.zeros(len(caption_ids), features.shape[1], dtype=features.dtype,
+        num_captions = int(caption_of_column.max()) + 1
+        weighted_anchor_sums = torch.zeros(num_captions, features.shape[1], dtype=features.dtype,
                                            device=features.device)
         weighted_anchor_sums.index_add_(0, caption_of_anchor, p_scale[:, None] * features)
         grad_all_features -= weighted_anchor_sums[caption_of_column]
