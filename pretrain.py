@@ -28,7 +28,7 @@ import distributed
 from cli import UserError, atomic_write_json, check_writable_folder, run
 from data import CaptionImagesDataset, CaptionSampler, collate
 from loss import image_text_loss, multi_positive_loss
-from model import VIT_SIZES, ProjectionHead, StableRepModel, TextTransformer, build_vit
+from model import VIT_SIZES, ProjectionHead, StableRepModel, TextTransformer, build_vit, load_checkpoint_file
 
 LOSSES = ("stablerep", "simclr", "clip", "stablerep+")
 # m images per caption and c crops per image when not given: SimCLR sees one image in two crops
@@ -329,12 +329,10 @@ def save(model, optimizer, scaler, step, args):
 
 def resume(path, model, optimizer, scaler, args):
     """Load a checkpoint into model, optimizer and scaler; returns the step to continue from."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - anything torch.load raises means the file is not our checkpoint
-        raise UserError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0]})") from None
+        state = load_checkpoint_file(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
     saved = state.get("args", {})
     for key in ("model", "depth", "loss", "image_size", "embed_dim", "head_hidden_dim"):
         if saved.get(key) != getattr(args, key):
