@@ -1,24 +1,28 @@
-"""Stage 1 of StableRep: a captions file -> a folder tree of synthetic images, n per caption (Sec. 3, 4.1).
+"""Stage 1 of StableRep: a captions file -> synthetic images, n per caption (Sec. 3, 4.1), as a folder tree or tar
+shards.
 
     python generate.py --captions cc3m.tsv --n 10 --w 2            # one GPU (w = 2: StableRep; --w 8: SimCLR)
-    torchrun --nproc 8 generate.py --captions cc12m.tsv --num-images 10   # each rank takes a disjoint part
+    torchrun --nproc 8 generate.py --captions cc12m.tsv --num-images 10 --output-format webdataset
     python generate.py --captions cc12m.tsv --shard 3 --num-shards 64   # one job of a cluster array
 
 Stable Diffusion (diffusers' StableDiffusionPipeline, `--model`) draws `--n` images per caption from different
 latent noise at classifier-free guidance scale `--w`. Image k of caption i starts from noise drawn on the CPU
 from a generator seeded by `image_seed(seed, i, k)`, so it is the same image whatever the batch size, the shard
-or the resume. The tree's layout is imagetree.py's; a rerun skips the images already on disk and refuses to mix
-settings into a tree made with other ones.
+or the resume. Output: imagetree.py's folder tree (`--output-format files`) or shards.py's tar shards
+(`webdataset`); caption i goes to folder or tar i // --captions-per-shard, and each process of a run owns a
+contiguous block of those, so a rerun skips what is on disk by looking at its own block only, and refuses to mix
+settings into an output made with other ones.
 """
 import argparse
-import array
 import collections
 import concurrent.futures
 import csv
 import hashlib
+import itertools
 import os
 import subprocess
 import sys
+import time
 import warnings
 from typing import List, NamedTuple
 
@@ -27,6 +31,7 @@ from PIL import Image
 
 import distributed
 import imagetree
+import shards
 from cli import UserError, atomic_write_bytes, check_writable_folder, run
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -34,7 +39,12 @@ SCHEDULERS = ("ddim", "dpm-solver++", "model")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # what a rerun must share with the tree's settings.json; the rest of the file (versions, dtype, counts) is a record
 RECIPE_KEYS = ("model", "scheduler", "steps", "eta", "w", "n", "size", "stored_size", "format", "quality", "seed",
-               "captions_file", "caption_rows")
+               "captions_file", "caption_rows", "output_format", "captions_per_shard")
+# what an output written before a key existed holds (the folder tree, 1000 captions per folder)
+RECIPE_DEFAULTS = {"output_format": "files", "captions_per_shard": imagetree.CAPTIONS_PER_FOLDER}
+OUTPUT_FORMATS = ("files", "webdataset")
+MANY_FILES = 1_000_000  # a files run writing more than this is told about shards (cluster inode quotas)
+SKIPPED_LISTED = 1000  # skipped rows listed by number in settings.json; the rest are counted
 
 
 def get_args_parser():
@@ -46,7 +56,8 @@ def get_args_parser():
                              "header has a `caption` column, or plain text with one caption per line; a caption's id "
                              "is its row number (header excluded)")
     parser.add_argument("--output", default="runs/synthetic",
-                        help="root of the image tree (imagetree.py's layout); a rerun into it resumes")
+                        help="output folder: the image tree (imagetree.py) or the tar shards (shards.py); a rerun "
+                             "into it resumes")
     # ---- the paper's generation recipe ----
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
@@ -72,6 +83,17 @@ def get_args_parser():
     parser.add_argument("--seed", type=int, default=0,
                         help="base seed: image k of caption i starts from noise seeded by (seed, i, k)")
     # ---- output files ----
+    parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
+                        help="files: a folder tree, one file per image (imagetree.py; easy to look at, but n + 1 "
+                             "files per caption: 136M at CC12M scale); webdataset: one uncompressed tar per "
+                             "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
+                             "at random offsets or streamed from object storage)")
+    parser.add_argument("--captions-per-shard", type=int, default=imagetree.CAPTIONS_PER_FOLDER,
+                        help="captions per tar (webdataset) or per folder (files): caption i goes to shard i // this. "
+                             "1000 makes 10,000 images, about 250 MB of 256 px JPEGs, per tar: big enough for "
+                             "streaming reads and 1 file per 1000 captions (12,400 for CC12M), small enough that a "
+                             "killed process loses at most the caption it was writing and holds one shard's "
+                             "captions in memory")
     parser.add_argument("--format", default="jpg", choices=sorted(imagetree.PIL_FORMATS),
                         help="image file format; JPEG keeps 10 images x millions of captions on one disk")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (ignored by png)")
@@ -90,8 +112,9 @@ def get_args_parser():
                         help="threads that resize, encode and write images while the GPU goes on")
     # ---- distributed ----
     parser.add_argument("--shard", type=int, default=0,
-                        help="this job's part of the captions (0 .. num-shards-1); caption i belongs to shard "
-                             "i %% num-shards; under torchrun each rank splits its shard again")
+                        help="this job's part of the captions (0 .. num-shards-1): a contiguous block of the output "
+                             "shards (tars or folders), so each job writes and resumes whole shards of its own; "
+                             "under torchrun each rank splits its part again")
     parser.add_argument("--num-shards", type=int, default=1, help="number of parts the captions are split into")
     return parser
 
@@ -109,8 +132,8 @@ def check_args(args):
             raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
     if args.stored_size > args.size:
         raise UserError(f"--stored-size {args.stored_size} is larger than the generated --size {args.size}")
-    if args.batch_size < 1 or args.writers < 1:
-        raise UserError("--batch-size and --writers must be at least 1")
+    if args.batch_size < 1 or args.writers < 1 or args.captions_per_shard < 1:
+        raise UserError("--batch-size, --writers and --captions-per-shard must be at least 1")
     if not 1 <= args.quality <= 100:
         raise UserError(f"--quality must be in 1..100, got {args.quality}")
     if args.preview < 0:
@@ -128,11 +151,19 @@ def process_shard(args):
 # ---- captions ----
 
 class Captions(NamedTuple):
-    captions: dict  # caption id (row number) -> caption text, for the rows this process keeps
-    valid_ids: array.array  # every usable caption id of the file, in order (all shards')
+    captions: dict  # caption id (row number) -> caption text
+    valid_ids: List[int]  # the usable caption ids read, in order
     rows: int  # data rows read, skipped ones included
     skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field"}]
     layout: str  # how the file was read, for the run's record
+
+
+class CaptionsSurvey(NamedTuple):
+    rows: int  # data rows, skipped ones included
+    used: int  # usable captions
+    skipped: List[dict]  # the first SKIPPED_LISTED skipped rows, as in Captions
+    skipped_count: int
+    layout: str
 
 
 def _looks_like_url(field):
@@ -170,10 +201,24 @@ def _layout(path, first):
                     "two-column caption/url TSV)")
 
 
-def read_captions(path, keep=None, max_captions=None):
-    """The rows of a captions file (see --captions for the formats), streamed. The text of caption id i is kept
-    when keep(i) is true (default: all), reading stops after `max_captions` usable rows. UserError for a missing,
-    empty or column-less file."""
+def _rows(path, delimiter, column, has_header):
+    """(row, caption, None) for a usable row, (row, None, reason) for a skipped one; streamed."""
+    records = _records(path, delimiter)
+    if has_header:
+        next(record for record in records if "".join(record).strip())
+    for row, record in enumerate(records):
+        caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
+        if not caption:
+            yield row, None, "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
+        elif any("\udc80" <= ch <= "\udcff" for ch in caption):
+            yield row, None, "undecodable"
+        else:
+            yield row, caption, None
+
+
+def open_captions(path):
+    """(layout description, the rows as _rows yields them) of a captions file (see --captions for the formats).
+    UserError for a missing, empty or column-less file."""
     if not os.path.isfile(path):
         raise UserError(f"captions file {path} does not exist")
     with open(path, "rb") as f:
@@ -182,27 +227,58 @@ def read_captions(path, keep=None, max_captions=None):
         raise UserError(f"captions file {path} is empty")
     first = first.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").rstrip("\r\n")
     delimiter, column, has_header, layout = _layout(path, first)
-    captions, valid_ids, skipped, rows = {}, array.array("q"), [], 0
-    records = _records(path, delimiter)
-    if has_header:
-        next(record for record in records if "".join(record).strip())
-    for row, record in enumerate(records):
-        rows = row + 1
-        caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
-        if not caption:
-            reason = "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
+    return layout, _rows(path, delimiter, column, has_header)
+
+
+def read_captions(path, max_captions=None):
+    """Every usable caption of a small file, or its first `max_captions` (--preview), held in memory."""
+    layout, rows = open_captions(path)
+    captions, skipped, count = {}, [], 0
+    for count, (row, caption, reason) in enumerate(rows, 1):
+        if caption is None:
             skipped.append({"row": row, "reason": reason})
-        elif any("\udc80" <= ch <= "\udcff" for ch in caption):
-            skipped.append({"row": row, "reason": "undecodable"})
-        else:
-            valid_ids.append(row)
-            if keep is None or keep(row):
-                captions[row] = caption
-            if max_captions is not None and len(valid_ids) >= max_captions:
-                break
-    if not valid_ids:
+            continue
+        captions[row] = caption
+        if max_captions is not None and len(captions) >= max_captions:
+            break
+    if not captions:
         raise UserError(f"captions file {path} holds no usable caption ({len(skipped)} rows skipped)")
-    return Captions(captions, valid_ids, rows, skipped, layout)
+    return Captions(captions, list(captions), count, skipped, layout)
+
+
+def survey_captions(path):
+    """One streaming pass over the file: rows, usable captions, skipped rows; no caption is kept."""
+    layout, rows = open_captions(path)
+    count, used, skipped, skipped_count = 0, 0, [], 0
+    for count, (row, caption, reason) in enumerate(rows, 1):
+        if caption is not None:
+            used += 1
+            continue
+        skipped_count += 1
+        if len(skipped) < SKIPPED_LISTED:
+            skipped.append({"row": row, "reason": reason})
+    if not used:
+        raise UserError(f"captions file {path} holds no usable caption ({skipped_count} rows skipped)")
+    return CaptionsSurvey(count, used, skipped, skipped_count, layout)
+
+
+def shard_captions(path, wanted, per_shard):
+    """(shard, [(caption id, text)]) for each shard number of `wanted` (ascending): the usable captions of rows
+    shard * per_shard .. (shard + 1) * per_shard - 1, streamed from the file, one shard's captions held at a time."""
+    _, rows = open_captions(path)
+    wanted = iter(wanted)
+    current, captions = next(wanted, None), []
+    for row, caption, _ in rows:
+        while current is not None and row >= (current + 1) * per_shard:
+            yield current, captions
+            current, captions = next(wanted, None), []
+        if current is None:
+            return
+        if caption is not None and row >= current * per_shard:
+            captions.append((row, caption))
+    while current is not None:  # the file ended inside (or before) the last wanted shards
+        yield current, captions
+        current, captions = next(wanted, None), []
 
 
 # ---- model ----
@@ -318,11 +394,13 @@ def to_stored(pixels, stored_size):
 
 
 def batches(items, batch_size):
-    for start in range(0, len(items), batch_size):
-        yield items[start:start + batch_size]
+    """Lists of up to batch_size items from any iterable (a generator is read as the batches are taken)."""
+    items = iter(items)
+    while batch := list(itertools.islice(items, batch_size)):
+        yield batch
 
 
-# ---- the tree ----
+# ---- outputs ----
 
 def code_commit():
     """The git commit of this code, or None outside a git checkout."""
@@ -333,32 +411,37 @@ def code_commit():
         return None
 
 
-def settings_of(args, captions, dtype):
+def library_versions():
     import diffusers
     import transformers
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "code": code_commit()}
+
+
+def settings_of(args, survey, dtype):
+    """settings.json's content but the library versions (library_versions(), added when the file is written)."""
     return {
         "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "eta": args.eta, "w": args.w,
         "n": args.n, "size": args.size, "stored_size": args.stored_size, "format": args.format,
-        "quality": args.quality, "seed": args.seed,
+        "quality": args.quality, "seed": args.seed, "output_format": args.output_format,
+        "captions_per_shard": args.captions_per_shard,
         "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
-        "captions_file": os.path.basename(args.captions), "caption_rows": captions.rows,
-        "captions_layout": captions.layout, "captions_used": len(captions.valid_ids),
-        "skipped_rows": captions.skipped, "dtype": str(dtype).replace("torch.", ""),
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__, "code": code_commit()},
+        "captions_file": os.path.basename(args.captions), "caption_rows": survey.rows,
+        "captions_layout": survey.layout, "captions_used": survey.used, "skipped_rows": survey.skipped,
+        "skipped_count": survey.skipped_count, "dtype": str(dtype).replace("torch.", ""),
     }
 
 
 def check_settings(root, settings):
-    """Refuse to add images made one way to a tree made another way (mixing w would corrupt an experiment)."""
+    """Refuse to add images made one way to an output made another way (mixing w would corrupt an experiment)."""
     recorded = imagetree.read_settings(root)
     if recorded is None:
         return
-    differ = [f"{key} {recorded.get(key)!r} -> {settings[key]!r}" for key in RECIPE_KEYS
-              if recorded.get(key) != settings[key]]
+    differ = [f"{key} {recorded.get(key, RECIPE_DEFAULTS.get(key))!r} -> {settings[key]!r}" for key in RECIPE_KEYS
+              if recorded.get(key, RECIPE_DEFAULTS.get(key)) != settings[key]]
     if differ:
         raise UserError(f"{root} was made with other settings ({'; '.join(differ)}); use another --output or the "
-                        "tree's settings (settings.json)")
+                        "output's settings (settings.json)")
 
 
 def check_output_creatable(path):
@@ -370,71 +453,112 @@ def check_output_creatable(path):
         raise UserError(f"output folder {path} cannot be written ({probe} is not a writable folder)")
 
 
-def folder_complete(root, folder_id, ids_in_folder, n, image_format):
-    """Do all these captions of the folder have their caption file and n images on disk?"""
-    folder = os.path.join(root, f"{folder_id:05d}")
-    present = imagetree.images_on_disk(folder, image_format)
-    return all(len(present.get(i, ())) >= n and os.path.isfile(imagetree.caption_path(root, i))
-               for i in ids_in_folder)
+def own_shards(rows, per_shard, shard, num_shards):
+    """This process's output shards: block `shard` of `num_shards` contiguous blocks of the ceil(rows / per_shard)
+    shards (caption i is in shard i // per_shard whatever the number of processes)."""
+    total = -(-rows // per_shard)
+    return range(shard * total // num_shards, (shard + 1) * total // num_shards)
 
 
-class TreeWriter:
-    """Resizes, encodes and writes images on a thread pool; indexes each folder once all its captions are in."""
+class TreeOutput:
+    """imagetree's folder tree, folder s = shard s. The writer threads write each image file; the folder's
+    _index.json, written once its last image is on disk, marks the shard finished."""
 
-    def __init__(self, args, texts, valid_ids):
-        self.args, self.texts = args, texts
-        self.pool = concurrent.futures.ThreadPoolExecutor(args.writers)
-        self.pending = collections.deque()  # (future, folder id), oldest first
-        self.left = {}  # folder id -> images of this process still to write there
-        self.captioned = set()  # caption ids whose .txt is on disk
-        self.ids_by_folder = {}  # folder id -> every valid caption id of the folder (all shards')
-        for i in valid_ids:
-            self.ids_by_folder.setdefault(i // imagetree.CAPTIONS_PER_FOLDER, []).append(i)
+    def __init__(self, args):
+        self.args = args
+        self.left = {}  # shard -> images still to write into its folder
 
-    def expect(self, items):
-        for i, _ in items:
-            folder = i // imagetree.CAPTIONS_PER_FOLDER
-            self.left[folder] = self.left.get(folder, 0) + 1
+    def folder(self, shard):
+        return os.path.join(self.args.output, f"{shard:05d}")
 
-    def _write(self, caption_id, k, pixels):
+    def finished(self, shard):
+        return os.path.isfile(os.path.join(self.folder(shard), imagetree.INDEX_FILE))
+
+    def begin(self, shard, captions):
+        """The images [(caption id, k)] of the shard's captions [(id, text)] not on disk yet (one listing of the
+        folder); their caption files are written now."""
+        args, folder = self.args, self.folder(shard)
+        os.makedirs(folder, exist_ok=True)
+        present = imagetree.images_on_disk(folder, args.format)
+        todo = [(i, k) for i, _ in captions for k in range(args.n) if k not in present.get(i, ())]
+        for i, text in captions:
+            if len(present.get(i, ())) < args.n and not os.path.isfile(
+                    imagetree.caption_path(args.output, i, args.captions_per_shard)):
+                imagetree.write_caption(args.output, i, text, args.captions_per_shard)
+        if todo:
+            self.left[shard] = len(todo)
+        else:  # complete, but killed before its index was written (or no usable caption in these rows)
+            imagetree.index_folder(folder)
+        return todo
+
+    def encode(self, caption_id, k, pixels):
+        """On a writer thread: resize, encode and write the image file."""
         args = self.args
         imagetree.write_image(args.output, caption_id, k, to_stored(pixels, args.stored_size), args.format,
-                              args.quality)
+                              args.quality, args.captions_per_shard)
 
-    def submit(self, items, pixels):
-        for (i, k), image in zip(items, pixels):
-            if i not in self.captioned:  # the caption goes to disk before its first image
-                if not os.path.isfile(imagetree.caption_path(self.args.output, i)):
-                    imagetree.write_caption(self.args.output, i, self.texts[i])
-                self.captioned.add(i)
-            self.pending.append((self.pool.submit(self._write, i, k, image), i // imagetree.CAPTIONS_PER_FOLDER))
-
-    def drain(self, keep=0):
-        """Wait until at most `keep` writes are pending; index the folders this process has finished."""
-        while len(self.pending) > keep:
-            future, folder = self.pending.popleft()
-            future.result()  # a failed write (disk full) stops the run here
-            self.left[folder] -= 1
-            if self.left[folder] == 0:
-                self.finish_folder(folder)
-
-    def finish_folder(self, folder):
-        """Index the folder if every shard's captions there are complete (the last shard to finish does it)."""
-        args = self.args
-        if folder_complete(args.output, folder, self.ids_by_folder[folder], args.n, args.format):
-            imagetree.index_folder(os.path.join(args.output, f"{folder:05d}"))
+    def put(self, caption_id, k, _):
+        shard = caption_id // self.args.captions_per_shard
+        self.left[shard] -= 1
+        if not self.left[shard]:
+            del self.left[shard]
+            imagetree.index_folder(self.folder(shard))
 
     def close(self):
-        self.drain()
-        self.pool.shutdown()
+        pass
 
 
-def missing_images(root, caption_ids, n, image_format):
-    """[(caption id, image index)] of the images not yet on disk, in caption order."""
-    present = {}
-    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in caption_ids}):
-        present.update(imagetree.images_on_disk(os.path.join(root, f"{folder:05d}"), image_format))
-    return [(i, k) for i in caption_ids for k in range(n) if k not in present.get(i, ())]
+class TarOutput:
+    """shards.py's tar shards: the writer threads encode the images, the main thread appends each caption to its
+    shard's temporary tar once its n images are encoded (in caption order), and renames the tar when its last
+    caption is in."""
+
+    def __init__(self, args):
+        self.args = args
+        self.open = {}  # shard -> (ShardWriter, {caption id: text}, {caption id: {k: encoded image}})
+
+    def path(self, shard):
+        return os.path.join(self.args.output, shards.shard_name(shard))
+
+    def finished(self, shard):
+        return os.path.isfile(self.path(shard))
+
+    def begin(self, shard, captions):
+        """The images [(caption id, k)] of the captions [(id, text)] not yet in the shard: all n images of every
+        caption after those an interrupted run completed in its temporary tar."""
+        writer = shards.ShardWriter(self.path(shard), [i for i, _ in captions], self.args.n)
+        remaining = writer.remaining
+        if not remaining:
+            writer.finish()
+            return []
+        texts = dict(captions)
+        self.open[shard] = (writer, {i: texts[i] for i in remaining}, {})
+        return [(i, k) for i in remaining for k in range(self.args.n)]
+
+    def encode(self, caption_id, k, pixels):
+        """On a writer thread: resize and encode the image; the bytes go into the tar in put()."""
+        args = self.args
+        return imagetree.encode_image(to_stored(pixels, args.stored_size), args.format, args.quality)
+
+    def put(self, caption_id, k, data):
+        args = self.args
+        shard = caption_id // args.captions_per_shard
+        writer, texts, images = self.open[shard]
+        done = images.setdefault(caption_id, {})
+        done[k] = data
+        if len(done) < args.n:
+            return
+        seeds = [image_seed(args.seed, caption_id, j) for j in range(args.n)]
+        writer.add(caption_id, [(j, args.format, done[j]) for j in range(args.n)], texts.pop(caption_id),
+                   {"caption_id": caption_id, "row": caption_id, "seeds": seeds})
+        del images[caption_id]
+        if writer.complete:
+            writer.finish()
+            del self.open[shard]
+
+    def close(self):
+        for writer, _, _ in self.open.values():
+            writer.close()  # the temporary tar stays: the next run resumes it
 
 
 def write_preview(pipe, prompts, captions, args):
@@ -453,24 +577,49 @@ def write_preview(pipe, prompts, captions, args):
     return path
 
 
-def write_tree(pipe, prompts, texts, valid_ids, todo, args, show_progress=True):
-    """Generate the images `todo` [(caption id, k)] of the captions `texts` {id: text} batch by batch into
-    args.output; index each of their folders once it is complete (`valid_ids`: every usable id of the file)."""
+def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, total_images=None, show_progress=True):
+    """Generate the missing images of the shards that `captions_by_shard` yields as (shard, [(id, text)]) into
+    `output` (TreeOutput or TarOutput), in batches that run across shard boundaries; returns the images made.
+    Holds the captions of the shards in flight only (the generator is read as the batches need it). The progress
+    bar starts at `total_images` (n per row of the shards) and drops, as each shard begins, the images of its
+    skipped rows and those already on disk (`rows`: the captions file's row count)."""
     from tqdm import tqdm
 
-    writer = TreeWriter(args, texts, valid_ids)
-    writer.expect(todo)
-    for folder in sorted({i // imagetree.CAPTIONS_PER_FOLDER for i in texts} - set(writer.left)):
-        if not os.path.isfile(os.path.join(args.output, f"{folder:05d}", imagetree.INDEX_FILE)):
-            writer.finish_folder(folder)  # finished by an earlier run that was killed before indexing
-    bar = tqdm(total=len(todo), unit="img", disable=not show_progress or not todo, dynamic_ncols=True,
-               smoothing=0.1)
-    for batch in batches(todo, args.batch_size):
-        writer.submit(batch, generate_batch(pipe, prompts, batch, texts, args))
-        writer.drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
-        bar.update(len(batch))
-    writer.close()
-    bar.close()
+    bar = tqdm(total=total_images, unit="img", disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
+
+    def items():
+        for shard, captions in captions_by_shard:
+            todo = output.begin(shard, captions)
+            if rows is not None and total_images is not None:
+                bar.total -= min(args.captions_per_shard, rows - shard * args.captions_per_shard) * args.n - len(todo)
+                bar.refresh()
+            texts = dict(captions)
+            for i, k in todo:
+                yield i, k, texts[i]
+
+    pool = concurrent.futures.ThreadPoolExecutor(args.writers)
+    pending = collections.deque()  # (caption id, k, future), oldest first
+    made = 0
+
+    def drain(keep):
+        while len(pending) > keep:
+            i, k, future = pending.popleft()
+            output.put(i, k, future.result())  # a failed write (disk full) stops the run here
+
+    try:
+        for batch in batches(items(), args.batch_size):
+            pairs = [(i, k) for i, k, _ in batch]
+            pixels = generate_batch(pipe, prompts, pairs, {i: text for i, _, text in batch}, args)
+            pending.extend((i, k, pool.submit(output.encode, i, k, image)) for (i, k), image in zip(pairs, pixels))
+            drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
+            made += len(batch)
+            bar.update(len(batch))
+        drain(keep=0)
+    finally:
+        pool.shutdown()
+        output.close()
+        bar.close()
+    return made
 
 
 def main(args):
@@ -482,18 +631,31 @@ def main(args):
         return None  # one preview is enough
 
     # ---- data ----
+    dtype = resolve_dtype(args.dtype, device)
     if args.preview:  # the first ROWS usable captions, whatever the shard
         captions = read_captions(args.captions, max_captions=args.preview)
-    else:  # the text of this shard's captions, the ids of all (to know when a shared folder is complete)
-        captions = read_captions(args.captions, keep=lambda i: i % num_shards == shard)
-    dtype = resolve_dtype(args.dtype, device)
-    settings = settings_of(args, captions, dtype)
-    if not args.preview:
-        check_settings(args.output, settings)
+    else:  # one streaming pass: counts for the settings; the captions themselves are read shard by shard later
+        survey = survey_captions(args.captions)
+        check_settings(args.output, settings_of(args, survey, dtype))
     check_output_creatable(args.output)
-    mine = list(captions.captions)
-    print(f"captions: {captions.rows} rows ({captions.layout}), {len(captions.valid_ids)} usable, "
-          f"{len(captions.skipped)} skipped; shard {shard}/{num_shards}: {len(mine)} captions x n={args.n}")
+    if not args.preview:
+        output = (TarOutput if args.output_format == "webdataset" else TreeOutput)(args)
+        mine = own_shards(survey.rows, args.captions_per_shard, shard, num_shards)
+        todo = [s for s in mine if not output.finished(s)]  # one stat per shard of this process, nothing else
+        print(f"captions: {survey.rows} rows ({survey.layout}), {survey.used} usable, {survey.skipped_count} "
+              f"skipped; process {shard}/{num_shards}: shards {mine.start}..{mine.stop - 1} of "
+              f"{-(-survey.rows // args.captions_per_shard)} ({args.captions_per_shard} captions each, "
+              f"{args.output_format}), {len(todo)} not finished, n={args.n}")
+        files = survey.used * (args.n + 1)
+        if args.output_format == "files" and files > MANY_FILES and distributed.is_main_process():
+            print(f"note: the files tree will hold {files:,} files (n + 1 per caption); many cluster file systems "
+                  "cap a user at a few million: --output-format webdataset writes one tar per "
+                  f"{args.captions_per_shard} captions instead")
+        if not todo:
+            print(f"nothing to do: every shard of this process is in {args.output}")
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            return 0
 
     # ---- model ----
     pipe = load_pipeline(args, device, dtype)
@@ -506,20 +668,21 @@ def main(args):
 
     # ---- resume ----
     check_writable_folder(args.output)
-    if imagetree.read_settings(args.output) is None:
-        imagetree.write_settings(args.output, settings)  # every shard writes the same bytes: no race to lose
-    todo = missing_images(args.output, mine, args.n, args.format)
-    print(f"{len(mine) * args.n - len(todo)} images already on disk, {len(todo)} to make")
+    if imagetree.read_settings(args.output) is None:  # every process writes the same bytes: no race to lose
+        imagetree.write_settings(args.output, {**settings_of(args, survey, dtype), "versions": library_versions()})
+    rows_to_do = sum(min(args.captions_per_shard, survey.rows - s * args.captions_per_shard) for s in todo)
 
     # ---- generation loop ----
-    write_tree(pipe, prompts, captions.captions, captions.valid_ids, todo, args,
-               show_progress=distributed.is_main_process())
+    started = time.time()
+    made = write_shards(pipe, prompts, shard_captions(args.captions, todo, args.captions_per_shard), output, args,
+                        rows=survey.rows, total_images=rows_to_do * args.n,
+                        show_progress=distributed.is_main_process())
     if prompts.truncated:
         print(f"{prompts.truncated} captions were truncated to {pipe.tokenizer.model_max_length} tokens")
-    print(f"done: {len(todo)} images written to {args.output}")
+    print(f"done: {made} images made in {time.time() - started:.0f}s, {len(todo)} shards finished in {args.output}")
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    return len(todo)
+    return made
 
 
 if __name__ == "__main__":

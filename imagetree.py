@@ -35,21 +35,25 @@ def caption_key(caption_id):
     return f"{caption_id:09d}"
 
 
-def folder_of(root, caption_id):
-    return os.path.join(root, f"{caption_id // CAPTIONS_PER_FOLDER:05d}")
+def folder_of(root, caption_id, per_folder=CAPTIONS_PER_FOLDER):
+    return os.path.join(root, f"{caption_id // per_folder:05d}")
 
 
-def caption_path(root, caption_id):
-    return os.path.join(folder_of(root, caption_id), caption_key(caption_id) + ".txt")
+def caption_path(root, caption_id, per_folder=CAPTIONS_PER_FOLDER):
+    return os.path.join(folder_of(root, caption_id, per_folder), caption_key(caption_id) + ".txt")
 
 
-def image_path(root, caption_id, image_index, image_format="jpg"):
-    return os.path.join(folder_of(root, caption_id), f"{caption_key(caption_id)}_{image_index:02d}.{image_format}")
+def image_name(caption_id, image_index, image_format="jpg"):
+    return f"{caption_key(caption_id)}_{image_index:02d}.{image_format}"
 
 
-def write_caption(root, caption_id, caption):
-    os.makedirs(folder_of(root, caption_id), exist_ok=True)
-    atomic_write_bytes(caption_path(root, caption_id), (caption + "\n").encode("utf-8"))
+def image_path(root, caption_id, image_index, image_format="jpg", per_folder=CAPTIONS_PER_FOLDER):
+    return os.path.join(folder_of(root, caption_id, per_folder), image_name(caption_id, image_index, image_format))
+
+
+def write_caption(root, caption_id, caption, per_folder=CAPTIONS_PER_FOLDER):
+    os.makedirs(folder_of(root, caption_id, per_folder), exist_ok=True)
+    atomic_write_bytes(caption_path(root, caption_id, per_folder), (caption + "\n").encode("utf-8"))
 
 
 def encode_image(image, image_format="jpg", quality=95):
@@ -60,8 +64,9 @@ def encode_image(image, image_format="jpg", quality=95):
     return buffer.getvalue()
 
 
-def write_image(root, caption_id, image_index, image, image_format="jpg", quality=95):
-    path = image_path(root, caption_id, image_index, image_format)
+def write_image(root, caption_id, image_index, image, image_format="jpg", quality=95,
+                per_folder=CAPTIONS_PER_FOLDER):
+    path = image_path(root, caption_id, image_index, image_format, per_folder)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_bytes(path, encode_image(image, image_format, quality))
     return path

@@ -5,11 +5,12 @@
 
 Both sides make the same images (same pipeline object, scheduler, seeds, w) and write them to disk at the stored
 size: the loop calls `pipe(caption, generator=...)` once per image, as a first script would; the batched side is
-generate.write_tree (captions and seeds in one batch, each caption encoded once, a writer pool). Each side is
+generate.write_shards (captions and seeds in one batch, each caption encoded once, a writer pool). Each side is
 warmed up on one call of its batch shape first. Prints images/s side by side, the ratio and the largest pixel
 difference between the two sets (CPU batch kernels: at most a level or so).
 """
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -65,8 +66,9 @@ def one_at_a_time(pipe, captions, gen, output):
 
 def batched(pipe, captions, gen):
     prompts = generate.PromptCache(pipe, pipe.device)
-    todo = [(i, k) for i in captions for k in range(gen.n)]
-    generate.write_tree(pipe, prompts, captions, list(captions), todo, gen, show_progress=False)
+    by_shard = itertools.groupby(sorted(captions.items()), key=lambda item: item[0] // gen.captions_per_shard)
+    generate.write_shards(pipe, prompts, ((shard, list(items)) for shard, items in by_shard),
+                          generate.TreeOutput(gen), gen, show_progress=False)
 
 
 def main(args):

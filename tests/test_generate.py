@@ -1,9 +1,12 @@
 """generate.py on a tiny random-weight Stable Diffusion pipeline (tiny_sd.py), loaded through generate.py's own
 from_pretrained code, offline, on the CPU: 32x32 images, 2 DDIM steps."""
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -16,6 +19,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: the hub is n
 import distributed  # noqa: E402
 import generate  # noqa: E402
 import imagetree  # noqa: E402
+import shards  # noqa: E402
 from cli import run  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +27,7 @@ CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach"
             "two birds and the sky", "an old house", "a bowl of soup"]
 VALID_IDS = [0, 2, 3, 5, 6, 7]  # row 1 is blank, row 4 is not UTF-8
 N = 3
+PER_SHARD = 4  # rows 0-3 (ids 0, 2, 3) in shard 0, rows 4-7 (ids 5, 6, 7) in shard 1: two processes' worth
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers.*")  # numpy 2 copy= in DPM-Solver
 
 
@@ -40,7 +45,7 @@ def captions_file(tmp_path_factory):
 
 def argv(model, captions, output, *extra):
     return ["--captions", captions, "--model", model, "--output", str(output), "--n", str(N), "--steps", "2",
-            "--size", "32", "--stored-size", "32", "--format", "png", *extra]
+            "--size", "32", "--stored-size", "32", "--format", "png", "--captions-per-shard", str(PER_SHARD), *extra]
 
 
 def generate_in_process(*args):
@@ -101,16 +106,25 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
-def test_captions_of_one_shard_and_the_first_few(captions_file):
-    shard = generate.read_captions(captions_file, keep=lambda i: i % 2 == 1)
-    assert sorted(shard.captions) == [3, 5, 7] and list(shard.valid_ids) == VALID_IDS
+def test_captions_streamed_shard_by_shard_and_the_first_few(captions_file):
+    streamed = list(generate.shard_captions(captions_file, [1, 2], 3))  # rows 3-5 and 6-8 (the file has 8)
+    assert [(shard, [i for i, _ in captions]) for shard, captions in streamed] == [(1, [3, 5]), (2, [6, 7])]
+    assert streamed[0][1][0] == (3, "a dog on the beach")
     first = generate.read_captions(captions_file, max_captions=2)
     assert first.captions == {0: "a photo of a cat", 2: "the red and blue car"}
+    survey = generate.survey_captions(captions_file)
+    assert (survey.rows, survey.used, survey.skipped_count) == (8, 6, 2)
+
+
+def test_each_process_owns_a_contiguous_block_of_whole_shards():
+    blocks = [generate.own_shards(10_500, 1000, shard, 4) for shard in range(4)]
+    assert [list(block) for block in blocks] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9, 10]]  # 11 shards
+    assert list(generate.own_shards(8, 1000, 0, 3)) == [] and list(generate.own_shards(8, 1000, 2, 3)) == [0]
 
 
 def test_undecodable_rows_are_skipped_and_counted(captions_file):
     captions = generate.read_captions(captions_file)
-    assert sorted(captions.captions) == VALID_IDS == list(captions.valid_ids)
+    assert sorted(captions.captions) == VALID_IDS == captions.valid_ids
     assert captions.skipped == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
 
 
@@ -150,9 +164,9 @@ def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
                         "--steps", "2", "--size", "32", "--stored-size", "16", "--dtype", "bfloat16",
-                        "--quality", "80", "--shard", "0", "--num-shards", "3")
+                        "--quality", "80", "--shard", "0", "--num-shards", "3", "--captions-per-shard", "3")
     records = imagetree.read_tree(str(out))
-    assert [r.caption_id for r in records] == [0, 3, 6]
+    assert [r.caption_id for r in records] == [0, 2]  # shard 0 of 3 = rows 0-2
     image = Image.open(records[0].image_paths[0])
     assert image.format == "JPEG" and image.size == (16, 16)
     settings = imagetree.read_settings(str(out))
@@ -164,7 +178,7 @@ def test_stochastic_ddim_is_seeded_per_image_too(tiny_model, captions_file, tmp_
     runs = [tmp_path / "batch6", tmp_path / "batch1"]
     for out, batch in zip(runs, ("6", "1")):
         generate_in_process(*argv(tiny_model, captions_file, out, "--eta", "1", "--n", "2", "--batch-size", batch,
-                                  "--shard", "0", "--num-shards", "3"))
+                                  "--shard", "0", "--num-shards", "2"))
     assert_same_images(*runs)
     assert imagetree.read_settings(str(runs[0]))["eta"] == 1.0
 
@@ -180,10 +194,11 @@ def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model,
     out = tmp_path / "tree"
     made = [generate_in_process(*argv(tiny_model, captions_file, out, "--shard", str(s), "--num-shards", "2",
                                       "--batch-size", "4")) for s in (0, 1)]
-    assert made == [9, 9]  # ids 0, 2, 6 and 3, 5, 7
+    assert made == [9, 9]  # ids 0, 2, 3 and 5, 6, 7: one folder each
     assert_same_images(reference, out)
-    index = "00000/" + imagetree.INDEX_FILE
-    assert (out / index).read_text() == (reference / index).read_text()  # indexed by the shard that finished last
+    for folder in ("00000", "00001"):
+        index = f"{folder}/{imagetree.INDEX_FILE}"
+        assert (out / index).read_text() == (reference / index).read_text()  # each folder indexed by its process
     assert listing(out) == listing(reference)
 
 
@@ -227,6 +242,108 @@ def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_f
     assert generate_in_process(*argv(tiny_model, captions_file, out)) == 0  # a finished tree: nothing to do
 
 
+def tar_pixels(folder):
+    """{tree file name: uint8 array} of every image in the shards of `folder`, read through each tar's __index__;
+    also checks that the tar's members are in caption order and its captions and JSON match."""
+    images = {}
+    for name in shards.list_shards(str(folder)):
+        fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+        try:
+            table = shards.read_index(fd)
+            assert list(table[:, 0]) == sorted(table[:, 0]) and (table[:, 2:] > 0).all()
+            for caption_id, text_offset, *image_offsets in table.tolist():
+                assert shards.read_member(fd, text_offset).decode() == CAPTIONS[caption_id]
+                for k, offset in enumerate(image_offsets):
+                    image = Image.open(io.BytesIO(shards.read_member(fd, offset)))
+                    images[imagetree.image_name(caption_id, k, "png")] = np.asarray(image)
+        finally:
+            os.close(fd)
+    return images
+
+
+def assert_same_as_tree(tree, shard_folder):
+    a, b = pixels(tree), tar_pixels(shard_folder)
+    assert sorted(a) == sorted(b)
+    for name in b:
+        assert np.abs(a[name].astype(int) - b[name].astype(int)).max() <= 1, name
+
+
+@pytest.fixture(scope="session")
+def reference_shards(tiny_model, captions_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference_shards") / "shards"
+    made = generate_in_process(*argv(tiny_model, captions_file, out, "--output-format", "webdataset",
+                                     "--batch-size", "5"))
+    assert made == len(VALID_IDS) * N
+    return out
+
+
+def test_shards_hold_the_trees_images(reference, reference_shards):
+    assert sorted(os.listdir(reference_shards)) == ["00000.tar", "00001.tar", "settings.json"]
+    assert_same_as_tree(reference, reference_shards)
+    settings = imagetree.read_settings(str(reference_shards))
+    assert (settings["output_format"], settings["captions_per_shard"]) == ("webdataset", PER_SHARD)
+    with tarfile.open(reference_shards / "00000.tar") as tar:  # a plain tar, in webdataset's sample layout
+        names = tar.getnames()
+        meta = json.load(tar.extractfile("000000002.json"))
+    assert names[:6] == ["__index__", "000000000.00.png", "000000000.01.png", "000000000.02.png", "000000000.txt",
+                         "000000000.json"]
+    assert meta == {"caption_id": 2, "row": 2, "seeds": [generate.image_seed(0, 2, k) for k in range(N)]}
+
+
+def test_shards_do_not_depend_on_processes_or_batch(reference_shards, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "shards"
+    made = [generate_in_process(*argv(tiny_model, captions_file, out, "--output-format", "webdataset",
+                                      "--shard", str(s), "--num-shards", "2", "--batch-size", "2")) for s in (1, 0)]
+    assert made == [9, 9]  # each process writes its own tar
+    a, b = tar_pixels(out), tar_pixels(reference_shards)
+    assert sorted(a) == sorted(b)
+    assert max(np.abs(a[name].astype(int) - b[name].astype(int)).max() for name in a) <= 1
+
+
+def test_killed_shard_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "shards"
+    command = [sys.executable, os.path.join(REPO, "generate.py"),
+               *argv(tiny_model, captions_file, out, "--output-format", "webdataset", "--batch-size", "1",
+                     "--writers", "1")]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    partial = out / ".tmp-00000.tar"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if partial.exists() and b"000000002.json" in partial.read_bytes():  # caption 0 is complete
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "00000.tar").exists() and partial.exists()  # no partial tar under the final name
+    made = generate_in_process(*argv(tiny_model, captions_file, out, "--output-format", "webdataset",
+                                     "--batch-size", "8"))
+    assert N <= len(VALID_IDS) * N - made < len(VALID_IDS) * N  # the complete captions were kept, not redone
+    assert (len(VALID_IDS) * N - made) % N == 0 and not partial.exists()
+    assert_same_as_tree(reference, out)
+    assert generate_in_process(*argv(tiny_model, captions_file, out, "--output-format", "webdataset")) == 0
+
+
+def test_outputs_from_before_the_shard_settings_read_as_a_files_tree(reference, tmp_path):
+    settings = imagetree.read_settings(str(reference))
+    legacy = {key: value for key, value in settings.items() if key not in ("output_format", "captions_per_shard")}
+    imagetree.write_settings(str(tmp_path), legacy)
+    generate.check_settings(str(tmp_path), {**settings, "captions_per_shard": 1000})  # the old layout: accepted
+    with pytest.raises(generate.UserError, match="output_format 'files' -> 'webdataset'"):
+        generate.check_settings(str(tmp_path), {**settings, "captions_per_shard": 1000,
+                                                "output_format": "webdataset"})
+
+
+def test_a_files_run_of_many_files_suggests_shards_once(reference, tiny_model, captions_file, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "MANY_FILES", 10)
+    assert generate_in_process(*argv(tiny_model, captions_file, reference)) == 0  # finished: nothing to do
+    out = capsys.readouterr().out
+    assert out.count("--output-format webdataset") == 1 and "nothing to do" in out
+
+
 def test_each_caption_is_encoded_once_and_truncation_is_said_once(tiny_model, capsys):
     args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model])
     pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
@@ -268,7 +385,7 @@ def test_compile_flag_compiles_the_unet(tiny_model, monkeypatch):
 def test_dpm_solver_run_writes_images(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     assert generate_in_process(*argv(tiny_model, captions_file, out, "--scheduler", "dpm-solver++",
-                                     "--shard", "0", "--num-shards", "3")) == 3 * N  # ids 0, 3, 6
+                                     "--shard", "1", "--num-shards", "2")) == 3 * N  # ids 5, 6, 7
     assert imagetree.read_settings(str(out))["scheduler"] == "dpm-solver++"
 
 

@@ -1,0 +1,305 @@
+"""Tar shards in webdataset's layout: generate.py writes them (--output-format webdataset), pretrain.py reads them,
+and img2dataset's webdataset output, through this module.
+
+    <root>/settings.json            how the set was made (generate.py), with "output_format": "webdataset"
+    <root>/00012.tar                captions 12000 .. 12999 (--captions-per-shard 1000) in caption order:
+        __index__                     .npy of int64 [captions, 2 + n]: caption id, data offset of its .txt, data
+                                      offsets of its images 0 .. n-1 (0: none); webdataset readers skip `__*__`
+        000012000.00.jpg ... .09.jpg  the caption's n images, image k named `<key>.<k:02d>.<format>`
+        000012000.txt                 the caption (UTF-8, one line, no newline)
+        000012000.json                {"caption_id": 12000, "row": 12000, "seeds": [the n image seeds]}
+        000012001.00.jpg ...
+    <root>/.tmp-00012.tar           a shard being written: appended caption by caption, renamed when complete
+
+A sample's members share the key before the first dot of the file name (webdataset's rule): the 9-digit caption
+id, as in imagetree's files and in img2dataset's output, whose tars hold `<key>.jpg`, `<key>.txt` and
+`<key>.json` per caption. The tars are plain uncompressed ustar, so any member can be read at its data offset
+(random access: the 512-byte header right before the data gives its size and a checksum).
+"""
+import io
+import json
+import os
+import re
+
+import numpy as np
+
+INDEX_MEMBER = "__index__"
+BLOCK = 512
+TAR_SUFFIX = ".tar"
+TEMPORARY_PREFIX = ".tmp-"
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+_NUMBERED_IMAGE = re.compile(r"^(\d+)\.(\w+)$")  # "07.jpg": image 7 of a sample with several images
+
+
+def shard_name(shard):
+    """The file name of output shard `shard` (captions shard * size .. (shard + 1) * size - 1)."""
+    return f"{shard:05d}{TAR_SUFFIX}"
+
+
+def temporary_path(path):
+    folder, name = os.path.split(path)
+    return os.path.join(folder, TEMPORARY_PREFIX + name)
+
+
+def list_shards(folder):
+    """The finished `*.tar` files of a folder, sorted by name (in-progress `.tmp-*` files excluded)."""
+    return sorted(name for name in os.listdir(folder)
+                  if name.endswith(TAR_SUFFIX) and not name.startswith(".") and
+                  os.path.isfile(os.path.join(folder, name)))
+
+
+def padded(size):
+    return -(-size // BLOCK) * BLOCK
+
+
+def split_name(name):
+    """(key, suffix) of a member name as webdataset groups them: the key is the path up to the first dot of the
+    base name, the suffix the rest ("dir/000000012.07.jpg" -> ("dir/000000012", "07.jpg")); (None, None) if no dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, suffix = base.partition(".")
+    if not dot or not stem:
+        return None, None
+    return (folder + "/" + stem if folder else stem), suffix
+
+
+def image_slot(suffix):
+    """Which image of its sample a member is: "jpg" -> 0 (img2dataset: one image), "07.jpg" -> 7, None if the
+    member is not an image."""
+    suffix = suffix.lower()
+    if suffix in IMAGE_SUFFIXES:
+        return 0
+    match = _NUMBERED_IMAGE.match(suffix)
+    if match and match.group(2) in IMAGE_SUFFIXES:
+        return int(match.group(1))
+    return None
+
+
+# ---- headers ----
+
+def member_header(name, size, mtime=0):
+    """A 512-byte ustar header for a regular file (names up to 100 bytes, sizes below 8 GiB)."""
+    encoded = name.encode("utf-8")
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    block = bytearray(BLOCK)
+    block[0:len(encoded)] = encoded
+    block[100:108] = b"0000644\0"
+    block[108:116] = block[116:124] = b"0000000\0"
+    block[124:136] = f"{size:011o}\0".encode()
+    block[136:148] = f"{mtime:011o}\0".encode()
+    block[156:157] = b"0"
+    block[257:265] = b"ustar\x0000"
+    block[148:156] = f"{sum(block) + 8 * 32:06o}\0 ".encode()  # checksum with its own field as spaces
+    return bytes(block)
+
+
+def _number(field):
+    """A numeric header field: octal text, or GNU's base-256 when the top bit is set."""
+    if field[0] & 0x80:
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(block):
+    try:
+        stored = _number(block[148:156])
+    except ValueError:
+        return False
+    return stored == sum(block[:148]) + 8 * 32 + sum(block[156:])
+
+
+class Member:
+    """One regular file of a tar: its name, the offset of its data and its size in bytes."""
+    __slots__ = ("name", "offset", "size")
+
+    def __init__(self, name, offset, size):
+        self.name, self.offset, self.size = name, offset, size
+
+
+def _pax_records(data):
+    """The key=value records of a pax extended header."""
+    records, position = {}, 0
+    while position < len(data):
+        space = data.index(b" ", position)
+        length = int(data[position:space])
+        key, _, value = data[space + 1:position + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        position += length
+    return records
+
+
+def scan_members(fd, start=0, end=None):
+    """The regular-file members of the tar open as `fd`, from offset `start`, in order: a generator of Member.
+
+    Stops at the end-of-archive block, at a header whose checksum is wrong, or where the file ends (a truncated
+    tar: the last member may then be cut short, its offset + size past `end`, the file size by default). Reads the
+    headers only (one pread each), never the data. Understands pax (`x`) and GNU long-name (`L`) headers."""
+    end = os.fstat(fd).st_size if end is None else end
+    position, long_name, pax = start, None, {}
+    while position + BLOCK <= end:
+        block = os.pread(fd, BLOCK, position)
+        if len(block) < BLOCK or not any(block) or not _checksum_ok(block):
+            return
+        kind = block[156:157]
+        size = _number(block[124:136])
+        data_offset = position + BLOCK
+        position = data_offset + padded(size)
+        if kind in (b"x", b"L"):
+            extra = os.pread(fd, size, data_offset)
+            if kind == b"L":
+                long_name = extra.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            else:
+                pax = _pax_records(extra)
+            continue
+        if kind not in (b"0", b"\0", b"7"):  # directories, links, global pax headers: not files
+            long_name, pax = None, {}
+            continue
+        name = block[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if block[257:263] == b"ustar\0" and block[345] != 0:  # POSIX ustar: a prefix holds the leading folders
+            name = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+        name = pax.get("path", long_name or name)
+        if "size" in pax:
+            size = int(pax["size"])
+            position = data_offset + padded(size)
+        long_name, pax = None, {}
+        yield Member(name, data_offset, size)
+
+
+def read_member(fd, offset):
+    """The data of the member whose data starts at `offset` in the tar open as `fd`.
+
+    Raises OSError for a header that is not a valid regular-file header (a wrong offset, an overwritten or
+    corrupt tar) or for data cut short (a truncated tar): the caller treats the member as a corrupt image."""
+    header = os.pread(fd, BLOCK, offset - BLOCK)
+    if len(header) < BLOCK or not _checksum_ok(header) or header[156:157] not in (b"0", b"\0", b"7"):
+        raise OSError(f"no valid tar header before offset {offset}")
+    size = _number(header[124:136])
+    data = os.pread(fd, size, offset)
+    if len(data) < size:
+        raise OSError(f"tar member at offset {offset} is truncated ({len(data)} of {size} bytes)")
+    return data
+
+
+def read_index(fd):
+    """The `__index__` table of one of generate.py's shards, int64 [captions, 2 + n]; None when the tar does not
+    start with one (img2dataset's tars, or tars repacked by other tools: scan_members reads those)."""
+    header = os.pread(fd, BLOCK, 0)
+    if len(header) < BLOCK or not _checksum_ok(header):
+        return None
+    if header[0:100].split(b"\0", 1)[0] != INDEX_MEMBER.encode():
+        return None
+    table = np.load(io.BytesIO(read_member(fd, BLOCK)), allow_pickle=False)
+    if table.ndim != 2 or table.shape[1] < 2 or table.dtype != np.int64:
+        return None
+    return table
+
+
+# ---- writing ----
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+class ShardWriter:
+    """Writes one shard of generate.py: the given captions, in order, each with its n images, text and JSON.
+
+    The shard grows under its temporary name (`.tmp-00012.tar`), flushed after every caption, and is renamed
+    to its final name by `finish()`, so a killed run never leaves a partial tar under the final name. Opening a
+    writer on a shard whose temporary file exists resumes it: the captions complete there are kept (a caption
+    is complete once its JSON member, written last, is whole), the file is cut after the last of them, and
+    `remaining` lists the captions still to add. The `__index__` member comes first, written as zeros of its
+    final size when the shard starts and filled in by `finish()`, so no member moves."""
+
+    def __init__(self, path, caption_ids, n):
+        self.path, self.tmp, self.n = path, temporary_path(path), n
+        self.table = np.zeros((len(caption_ids), 2 + n), dtype=np.int64)  # the __index__ member's content
+        self.table[:, 0] = caption_ids
+        self.index_size = len(_npy_bytes(self.table))
+        self.written = 0
+        self.file = None
+        if not (os.path.exists(self.tmp) and self._recover()):
+            self.file = open(self.tmp, "wb")
+            self.file.write(member_header(INDEX_MEMBER, self.index_size) + b"\0" * padded(self.index_size))
+        self.position = self.file.tell()
+
+    @property
+    def complete(self):
+        return self.written == len(self.table)
+
+    @property
+    def remaining(self):
+        """Caption ids still to add, in order."""
+        return self.table[self.written:, 0].tolist()
+
+    def _recover(self):
+        """Keep the complete captions of an interrupted shard; False if the temporary file is not usable."""
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            members = scan_members(fd)
+            first = next(members, None)
+            if first is None or first.name != INDEX_MEMBER or first.size != self.index_size:
+                return False
+            size, keep = os.fstat(fd).st_size, first.offset + padded(first.size)
+            row = {}
+            for member in members:
+                if self.written == len(self.table) or member.offset + member.size > size:
+                    break
+                key, suffix = split_name(member.name)
+                if key != f"{self.table[self.written, 0]:09d}":
+                    break
+                slot = image_slot(suffix)
+                if slot is not None and slot < self.n:
+                    row[2 + slot] = member.offset
+                elif suffix == "txt":
+                    row[1] = member.offset
+                elif suffix == "json":  # the caption's last member: it is complete
+                    for column, offset in row.items():
+                        self.table[self.written, column] = offset
+                    self.written, row = self.written + 1, {}
+                    keep = member.offset + padded(member.size)
+        finally:
+            os.close(fd)
+        self.file = open(self.tmp, "r+b")
+        self.file.truncate(keep)
+        self.file.seek(keep)
+        return True
+
+    def _member(self, name, data):
+        self.file.write(member_header(name, len(data)))
+        self.file.write(data)
+        self.file.write(b"\0" * (padded(len(data)) - len(data)))
+        offset = self.position + BLOCK
+        self.position = offset + padded(len(data))
+        return offset
+
+    def add(self, caption_id, images, caption, meta):
+        """Append caption `caption_id` (the next in order): images [(k, format, encoded bytes)], its text and a
+        JSON-able dict."""
+        if self.written == len(self.table) or caption_id != self.table[self.written, 0]:
+            raise ValueError(f"caption {caption_id} is not the next one of shard {self.path}")
+        key, row = f"{caption_id:09d}", self.table[self.written]
+        for k, image_format, data in images:
+            row[2 + k] = self._member(f"{key}.{k:02d}.{image_format}", data)
+        row[1] = self._member(f"{key}.txt", caption.encode("utf-8"))
+        self._member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.file.flush()  # a killed process keeps what was flushed: the next run resumes after this caption
+        self.written += 1
+
+    def finish(self):
+        """Write the index and the end-of-archive blocks, then rename the shard to its final name."""
+        if self.written != len(self.table):
+            raise ValueError(f"shard {self.path} has {self.written} of {len(self.table)} captions")
+        self.file.write(b"\0" * (2 * BLOCK))
+        self.file.seek(BLOCK)
+        self.file.write(_npy_bytes(self.table))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def close(self):
+        if self.file is not None and not self.file.closed:
+            self.file.close()
