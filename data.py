@@ -2,18 +2,26 @@
 
     item = CaptionImages(images [m * c, 3, S, S], caption label, [m] image indices, tokens [77] or None, corrupt)
 
-The images of a caption come from imagetree.read_tree (generate.py's tree, or img2dataset's `files` output).
-All randomness of an item (which m images, every crop and jitter) is drawn from a generator seeded by
-(seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees exactly
-the batches an uninterrupted one would have seen.
+CaptionImagesDataset reads sources with random access through dataindex.py's memory-mapped index (generate.py's
+trees and tar shards, img2dataset's `files` and `webdataset` output, the official CSV + per-seed roots); all
+randomness of an item (which m images, every crop and jitter) is drawn from a generator seeded by
+(seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees exactly the
+batches an uninterrupted one would have seen. CaptionShardStream reads tar shards that only open as streams
+(pipe:, http(s):, gs: ... URLs, through webdataset): shuffled per epoch at the shard level and in a seeded buffer,
+resumed exactly by skipping whole steps.
 """
+import itertools
+import random
+import zlib
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
 import torchvision
 import torchvision.transforms.v2 as T
 
-import imagetree
+import dataindex
+import shards
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,7 +45,9 @@ def pretrain_augmentation(image_size, crop_scale=(0.08, 1.0)):
 
 
 def decode_rgb(path):
-    """uint8 [3, H, W] from an image file; raises on a corrupt or truncated file."""
+    """uint8 [3, H, W] from an image file's path or its bytes; raises on a corrupt or truncated image."""
+    if isinstance(path, bytes):
+        path = torch.frombuffer(bytearray(path), dtype=torch.uint8)
     return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
 
 
@@ -54,29 +64,83 @@ class CaptionImages(NamedTuple):
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
 
 
-class CaptionImagesDataset(torch.utils.data.Dataset):
-    """All captions of one or more image trees; labels run over the folders' captions in order."""
+class _CaptionItems:
+    """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
-    def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
-                 context_length=77, crop_scale=(0.08, 1.0)):
-        self.records = [record for root in roots for record in imagetree.read_tree(root)]
+    def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
         self.augment = pretrain_augmentation(image_size, crop_scale)
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
-    def fewest_images(self):
-        """(caption, number of images) of the caption with the fewest images."""
-        record = min(self.records, key=lambda r: len(r.image_paths))
-        return record, len(record.image_paths)
-
-    def __len__(self):
-        return len(self.records)
-
     def tokenize(self, caption):
         return self.tokenizer(caption, padding="max_length", truncation=True, max_length=self.context_length,
                               return_tensors="pt").input_ids[0]
+
+    def make_item(self, label, slots, image_of, caption_of):
+        """(item or None, corrupt): decode m distinct images of a caption, taken in a random order of its `slots`
+        (torch's generator, seeded by the caller), `image_of(slot)` giving a path or bytes; a corrupt or truncated
+        one is skipped and counted, never trained on. None when fewer than m are readable."""
+        images, chosen, corrupt = [], [], 0
+        for position in torch.randperm(len(slots)).tolist():
+            slot = slots[position]
+            try:
+                image = decode_rgb(image_of(slot))
+            except (RuntimeError, OSError, ValueError):
+                corrupt += 1
+                continue
+            images.extend(self.augment(image) for _ in range(self.crops_per_image))
+            chosen.append(slot)
+            if len(chosen) == self.images_per_caption:
+                tokens = None
+                if self.tokenizer is not None:
+                    try:
+                        tokens = self.tokenize(caption_of())
+                    except OSError:  # an unreadable caption file or member
+                        return None, corrupt + 1
+                return CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt), corrupt
+        return None, corrupt
+
+
+class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
+    """All captions of one or more sources read at random (dataindex.py: image trees, local tar shards, the official
+    CSV layout with `folder_list`); labels run over the sources' captions in order. The index is memory-mapped and
+    cached (beside the data, or in `fallback_cache`): no Python object per caption, so forked workers do not copy
+    it as they read. `build_index=False` loads a cache another process has built, or fails."""
+
+    def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
+                 context_length=77, crop_scale=(0.08, 1.0), folder_list=None, fallback_cache=None, build_index=True):
+        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale)
+        streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
+        if streamed:
+            raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
+        self.sources = [dataindex.open_source(spec, folder_list, fallback_cache, build_index) for spec in roots]
+        self.starts = np.cumsum([0] + [len(source) for source in self.sources])  # first label of each source
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def locate(self, index):
+        """(source, caption number within it) of a dataset index."""
+        s = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.sources[s], index - int(self.starts[s])
+
+    def fewest_images(self, chunk=1 << 20):
+        """(index, number of images) of the caption with the fewest images."""
+        best = (0, None)
+        for s, source in enumerate(self.sources):
+            for start in range(0, len(source), chunk):
+                counts = source.image_counts(start, min(len(source), start + chunk))
+                j = int(counts.argmin())
+                if best[1] is None or counts[j] < best[1]:
+                    best = (int(self.starts[s]) + start + j, int(counts[j]))
+        return best
+
+    def describe(self, index):
+        """`caption <key> (<where its first image is>)`, for messages."""
+        source, j = self.locate(index)
+        return source.describe(j)
 
     def __getitem__(self, key):
         """key = (epoch, caption index), as CaptionSampler yields them; a bare index means epoch 0."""
@@ -86,27 +150,138 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
             return self._load(index)
 
     def _load(self, index):
-        """Decode m distinct images of caption `index` (a corrupt one is replaced by another image of the same
-        caption, never trained on); when the caption has fewer than m readable images, the next caption in a
+        """The item of caption `index`; when the caption has fewer than m readable images, the next caption in a
         random order stands in for it."""
         corrupt = 0
-        for attempt in range(len(self.records)):
-            record = self.records[index]
-            order = torch.randperm(len(record.image_paths))
-            images, chosen = [], []
-            for image_index in order.tolist():
-                try:
-                    image = decode_rgb(record.image_paths[image_index])
-                except (RuntimeError, OSError, ValueError):
-                    corrupt += 1
-                    continue
-                images.extend(self.augment(image) for _ in range(self.crops_per_image))
-                chosen.append(image_index)
-                if len(chosen) == self.images_per_caption:
-                    tokens = self.tokenize(record.caption) if self.tokenizer is not None else None
-                    return CaptionImages(torch.stack(images), index, torch.tensor(chosen), tokens, corrupt)
-            index = int(torch.randint(len(self.records), ()))
+        for _ in range(len(self)):
+            source, j = self.locate(index)
+            with source.open(j) as files:
+                item, skipped = self.make_item(index, files.slots, files.image, files.caption)
+            corrupt += skipped
+            if item is not None:
+                return item._replace(corrupt=corrupt)
+            index = int(torch.randint(len(self), ()))
         raise RuntimeError("no caption has enough readable images")
+
+
+class _ShuffleBuffer:
+    """Samples from `samples` in a shuffled order: keeps `size` of them and yields one drawn by `rng` each time
+    (webdataset's shuffle, with our own seeded generator so that the order is a function of the seed)."""
+
+    def __init__(self, samples, size, rng):
+        self.samples, self.size, self.rng, self.held = samples, size, rng, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while len(self.held) < self.size:
+            self.held.append(next(self.samples))
+        j = self.rng.randrange(len(self.held))
+        self.held[j], self.held[-1] = self.held[-1], self.held[j]
+        return self.held.pop()
+
+    def peek(self, rng):
+        """A sample still in the buffer, left there (a stand-in that moves no later sample), or None."""
+        return self.held[rng.randrange(len(self.held))] if self.held else None
+
+
+class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
+    """Captions streamed from tar shards that open only as streams (webdataset's URLs: `pipe:` commands, http(s),
+    gs, ...), each sample a caption with its images (shards.py's layout or img2dataset's `<key>.jpg`).
+
+    Random access is impossible, so the order is shuffled at two levels: each epoch permutes the shard list
+    (seed + epoch), and each of the rank's `streams` (one per DataLoader worker) reads shards order[q], order[q + Q],
+    ... (q = rank * streams + stream, Q = world_size * streams, cycling) through a shuffle buffer of
+    `shuffle_buffer` samples seeded by (seed, epoch, q). Global step s of an epoch is built by stream s % streams
+    from its next captions_per_batch samples, and every draw of an item is seeded by (seed, epoch, label) as in
+    CaptionImagesDataset, so a resumed run reproduces the uninterrupted one by skipping, undecoded, the samples of
+    the steps already done (exact when --workers is unchanged). A caption with fewer than m readable images is
+    replaced by a sample peeked from the buffer (which still yields it later), so no later step moves.
+    An epoch is `captions_per_epoch` captions, a number streams cannot tell in advance."""
+
+    def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
+                 seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), rank=0, world_size=1, workers=0,
+                 shuffle_buffer=500):
+        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale)
+        self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
+        self.source_of = {url: source for source, url in self.shards}
+        self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
+        self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
+        self.shuffle_buffer = shuffle_buffer
+        self.steps_per_epoch = captions_per_epoch // (captions_per_batch * world_size)
+        self.epoch, self.start_step = 0, 0
+
+    def set_epoch(self, epoch, start_step=0):
+        """Set before the DataLoader starts its (non-persistent) workers for the epoch: they copy this state."""
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self):
+        return self.captions_per_epoch
+
+    def label(self, sample):
+        """A caption's label: the source number in the top bits and the sample's numeric key (its caption id for
+        generate.py's shards, img2dataset's key) or a hash of a non-numeric one."""
+        base = sample["__key__"].rpartition("/")[2]
+        key = int(base) if base.isdigit() and int(base) < 2 ** 32 else zlib.crc32(sample["__key__"].encode())
+        return (self.source_of.get(sample["__url__"], 0) << 32) | key
+
+    def _samples(self, q):
+        """The endless sample sequence of stream q: its shards in this epoch's order, through webdataset's tar
+        reader (a truncated or unreadable shard ends early, with a warning)."""
+        from webdataset.handlers import warn_and_continue
+        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+
+        order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        queue = self.world_size * self.streams
+        seen = [0]  # samples read: a full cycle of shards without one means none can be read
+
+        def urls():
+            for t in itertools.count():
+                if t >= len(self.shards) and not seen[0]:
+                    raise RuntimeError(f"no sample could be read from {self.shards[0][1]} ...")
+                yield {"url": self.shards[int(order[(q + t * queue) % len(self.shards)])][1]}
+
+        files = tar_file_expander(url_opener(urls(), handler=warn_and_continue), handler=warn_and_continue)
+        for sample in group_by_keys(files, handler=warn_and_continue):
+            seen[0] += 1
+            yield sample
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != self.streams:
+            raise RuntimeError(f"CaptionShardStream was made for {self.streams} DataLoader workers, runs in {workers}")
+        stream = (self.start_step + worker) % self.streams  # the DataLoader takes batch j from worker j % workers
+        q = self.rank * self.streams + stream
+        buffer = _ShuffleBuffer(self._samples(q), self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{q}"))
+        batch = self.captions_per_batch
+        for _ in range((self.start_step + worker - stream) // self.streams * batch):  # steps done before a resume
+            next(buffer)
+        for _ in range(len(range(self.start_step + worker, self.steps_per_epoch, workers)) * batch):
+            yield self._item(next(buffer), buffer)
+
+    def _item(self, sample, buffer):
+        corrupt = 0
+        for attempt in range(16):
+            label = self.label(sample)
+            members = {}
+            for name, value in sample.items():
+                slot = shards.image_slot(name) if not name.startswith("__") else None
+                if slot is not None:
+                    members.setdefault(slot, value)
+            text = sample.get("txt", b"")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(item_seed(self.seed, self.epoch, label))
+                item, skipped = self.make_item(label, sorted(members), members.__getitem__,
+                                               lambda: text.decode("utf-8", errors="replace").strip())
+            corrupt += skipped
+            if item is not None:
+                return item._replace(corrupt=corrupt)
+            sample = buffer.peek(random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}"))
+            if sample is None:
+                break
+        raise RuntimeError("the stream holds no caption with enough readable images")
 
 
 class CaptionSampler(torch.utils.data.Sampler):
@@ -127,7 +302,9 @@ class CaptionSampler(torch.utils.data.Sampler):
         return self.steps_per_epoch - self.start_step
 
     def __iter__(self):
-        order = torch.randperm(self.num_captions, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        dtype = torch.int32 if self.num_captions < 2 ** 31 else torch.int64  # the same order, half the memory
+        order = torch.randperm(self.num_captions, generator=torch.Generator().manual_seed(self.seed + self.epoch),
+                               dtype=dtype)
         per_step = self.captions_per_batch * self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
             step_captions = order[step * per_step:(step + 1) * per_step]

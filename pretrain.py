@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 import distributed
 from cli import UserError, atomic_write_json, check_writable_folder, run
-from data import CaptionImagesDataset, CaptionSampler, collate
+from data import CaptionImagesDataset, CaptionSampler, CaptionShardStream, collate
+from dataindex import is_streamed
 from loss import image_text_loss, multi_positive_loss
 from model import VIT_SIZES, ProjectionHead, StableRepModel, TextTransformer, build_vit, load_checkpoint_file
 
@@ -41,7 +42,21 @@ def get_args_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- data ----
     parser.add_argument("--data", nargs="+", required=True,
-                        help="one or more image trees written by generate.py (or img2dataset --output_format files)")
+                        help="one or more sources, read at random through a cached index: a folder of generate.py "
+                             "(tree or tar shards), img2dataset's --output_format files or webdataset folder, tar "
+                             "paths or a brace pattern (shards/{00000..00123}.tar), or the official CSV of (image "
+                             "path, caption) with --folder-list; or streamed: webdataset URLs (pipe:..., http(s)://, "
+                             "gs://, patterns too), shuffled per shard (see --stream-captions)")
+    parser.add_argument("--folder-list", nargs="+", default=None, metavar="ROOT",
+                        help="image roots of a --data CSV, one per seed (the official --folder_list): an item opens "
+                             "the row's relative path under m roots drawn without replacement")
+    parser.add_argument("--stream-captions", type=int, default=None,
+                        help="captions in an epoch of streamed --data URLs (required for them: a stream cannot be "
+                             "counted in advance; generate.py's settings.json says captions_used, img2dataset's "
+                             "stats say successes)")
+    parser.add_argument("--shuffle-buffer", type=int, default=500,
+                        help="samples each loader worker holds to shuffle streamed shards (500: about 125 MB of "
+                             "10 JPEGs of 256 px per caption; more mixes better and costs memory)")
     parser.add_argument("--images-per-caption", type=int, default=None,
                         help="m, images of a caption in the batch, drawn without replacement (paper: 6 of the 10 "
                              "generated; more positives per caption help). Default: 6, or 1 for simclr and clip")
@@ -176,23 +191,46 @@ def main(args):
 
     # ---- data ----
     tokenizer = load_tokenizer(args.tokenizer) if args.loss in ("clip", "stablerep+") else None
-    try:
-        dataset = CaptionImagesDataset(args.data, args.images_per_caption, args.crops_per_image, args.image_size,
-                                       seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
-                                       crop_scale=args.crop_scale)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    fewest, fewest_count = dataset.fewest_images()
-    if fewest_count < args.images_per_caption:
-        raise UserError(f"--images-per-caption {args.images_per_caption} is more than caption {fewest.caption_id} "
-                        f"({fewest.image_paths[0]}) has: {fewest_count} image(s)")
-    sampler = CaptionSampler(len(dataset), args.captions_per_gpu, rank, world_size, args.seed)
+    views = dict(images_per_caption=args.images_per_caption, crops_per_image=args.crops_per_image,
+                 image_size=args.image_size, seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
+                 crop_scale=args.crop_scale)
+    streamed = [spec for spec in args.data if is_streamed(spec)]
+    if args.folder_list and not any(spec.lower().endswith(".csv") for spec in args.data):
+        raise UserError("--folder-list goes with a --data CSV of (image path, caption)")
+    if streamed:  # webdataset URLs: shard-level shuffling, an epoch of --stream-captions captions
+        if len(streamed) < len(args.data):
+            raise UserError(f"--data mixes streamed URLs ({streamed[0]}) with local data: stream all or none")
+        if not args.stream_captions or args.stream_captions < 1 or args.shuffle_buffer < 1:
+            raise UserError("streamed --data needs --stream-captions N (the captions of an epoch) and "
+                            "--shuffle-buffer >= 1")
+        dataset = CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
+                                     world_size=world_size, workers=args.workers, shuffle_buffer=args.shuffle_buffer,
+                                     **views)
+        sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.captions_per_gpu, num_workers=args.workers,
+                                             collate_fn=collate, pin_memory=device.type == "cuda")
+    else:  # random access through the cached index, built once by each node's first process
+        builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        if world_size > 1 and not builder:
+            torch.distributed.barrier()
+        try:
+            dataset = CaptionImagesDataset(args.data, folder_list=args.folder_list, build_index=builder,
+                                           fallback_cache=os.path.join(args.output, "index-cache"), **views)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if world_size > 1 and builder:
+            torch.distributed.barrier()
+        fewest, fewest_count = dataset.fewest_images()
+        if fewest_count < args.images_per_caption:
+            raise UserError(f"--images-per-caption {args.images_per_caption} is more than "
+                            f"{dataset.describe(fewest)} has: {fewest_count} image(s)")
+        sampler = CaptionSampler(len(dataset), args.captions_per_gpu, rank, world_size, args.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
+                                             collate_fn=collate, pin_memory=device.type == "cuda",
+                                             persistent_workers=args.workers > 0)
     if sampler.steps_per_epoch < 1:
         raise UserError(f"{len(dataset)} captions are fewer than one step needs "
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                         collate_fn=collate, pin_memory=device.type == "cuda",
-                                         persistent_workers=args.workers > 0)
     images_per_step = args.captions_per_gpu * args.images_per_caption * args.crops_per_image * world_size
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * sampler.steps_per_epoch))

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import imagetree
+import shards
 from digits import load_digit_images, split_digits, write_image_folder
 from model import build_vit
 
@@ -17,25 +18,57 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches for the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-def write_random_tree(root, captions=12, images_per_caption=4, size=40, seed=0):
-    """A tree of random-noise images: caption i's images share a tint, so a model can tell captions apart."""
+def random_images(captions, images_per_caption, size, seed):
+    """(caption id, k, PIL image) of random-noise images: caption i's images share a tint, so a model can tell
+    captions apart."""
     rng = np.random.default_rng(seed)
     for caption_id in range(captions):
-        imagetree.write_caption(str(root), caption_id, f"a photo of object number {caption_id}")
         tint = rng.integers(0, 255, 3)
         for k in range(images_per_caption):
             noise = rng.integers(-40, 40, (size, size, 3))
-            pixels = np.clip(tint + noise, 0, 255).astype(np.uint8)
-            imagetree.write_image(str(root), caption_id, k, Image.fromarray(pixels))
+            yield caption_id, k, Image.fromarray(np.clip(tint + noise, 0, 255).astype(np.uint8))
+
+
+def caption_text(caption_id):
+    return f"a photo of object number {caption_id}"
+
+
+def write_random_tree(root, captions=12, images_per_caption=4, size=40, seed=0):
+    """A tree (imagetree's layout) of random_images."""
+    for caption_id, k, image in random_images(captions, images_per_caption, size, seed):
+        if k == 0:
+            imagetree.write_caption(str(root), caption_id, caption_text(caption_id))
+        imagetree.write_image(str(root), caption_id, k, image)
     for folder in sorted(os.listdir(root)):
         if folder.isdigit():
             imagetree.index_folder(os.path.join(root, folder))
     return str(root)
 
 
+def write_random_shards(root, captions=12, images_per_caption=4, size=40, seed=0, per_shard=5):
+    """The same images as write_random_tree, byte for byte, in generate.py's tar shards of per_shard captions."""
+    os.makedirs(root, exist_ok=True)
+    images = {}
+    for caption_id, k, image in random_images(captions, images_per_caption, size, seed):
+        images.setdefault(caption_id, []).append((k, "jpg", imagetree.encode_image(image)))
+    for shard in range(-(-captions // per_shard)):
+        ids = list(range(shard * per_shard, min(captions, (shard + 1) * per_shard)))
+        writer = shards.ShardWriter(os.path.join(root, shards.shard_name(shard)), ids, images_per_caption)
+        for caption_id in ids:
+            writer.add(caption_id, images[caption_id], caption_text(caption_id), {"caption_id": caption_id})
+        writer.finish()
+    return str(root)
+
+
 @pytest.fixture(scope="session")
 def random_tree(tmp_path_factory):
     return write_random_tree(tmp_path_factory.mktemp("tree"))
+
+
+@pytest.fixture(scope="session")
+def random_shards(tmp_path_factory):
+    """random_tree's captions and image bytes in three tar shards (5 + 5 + 2 captions)."""
+    return write_random_shards(tmp_path_factory.mktemp("shards"))
 
 
 @pytest.fixture(scope="session")

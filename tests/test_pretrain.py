@@ -1,5 +1,6 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,8 +94,10 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     load_encoder(str(tmp_path / "encoder.pth"))
 
 
-def test_killed_and_resumed_run_ends_with_the_same_weights(random_tree, tmp_path):
-    common = ["--data", random_tree, "--epochs", "3", "--captions-per-gpu", "3", "--images-per-caption", "2",
+@pytest.mark.parametrize("layout", ["tree", "shards"])
+def test_killed_and_resumed_run_ends_with_the_same_weights(layout, random_tree, random_shards, tmp_path):
+    data = random_tree if layout == "tree" else random_shards
+    common = ["--data", data, "--epochs", "3", "--captions-per-gpu", "3", "--images-per-caption", "2",
               "--save-every", "1", "--keep", "20", *TINY]
     run_pretrain(*common, "--output", str(tmp_path / "whole"))
 
@@ -116,6 +119,52 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(random_tree, tmp_path
     resumed = torch.load(interrupted / "checkpoint-00000012.pth", weights_only=True)
     for key, value in whole["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_streamed_shards_resume_exactly_from_a_checkpoint(random_shards, tmp_path):
+    url = "pipe:cat " + os.path.join(random_shards, "{00000..00002}.tar")
+    common = ["--data", url, "--stream-captions", "12", "--shuffle-buffer", "3", "--epochs", "2",
+              "--captions-per-gpu", "2", "--images-per-caption", "2", "--save-every", "1", "--keep", "20", *TINY,
+              "--workers", "2"]
+    run_pretrain(*common, "--output", str(tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "whole" / "checkpoint-00000009.pth", resumed)  # epoch 1, step 3 of 6
+    run_pretrain(*common, "--output", str(resumed), "--resume")
+    whole = torch.load(tmp_path / "whole" / "checkpoint-00000012.pth", weights_only=True)
+    again = torch.load(resumed / "checkpoint-00000012.pth", weights_only=True)
+    for key, value in whole["model"].items():
+        torch.testing.assert_close(again["model"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_official_csv_layout_trains(tmp_path):
+    tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
+    roots = [tmp_path / f"seed{k}" for k in range(3)]  # the official layout: one root per seed, same relative paths
+    rows = ["filepath,title"]
+    for caption_id in range(8):
+        for k, root in enumerate(roots):
+            (root / "img").mkdir(parents=True, exist_ok=True)
+            image = os.path.join(tree, "00000", f"{caption_id:09d}_{k:02d}.jpg")
+            shutil.copy(image, root / "img" / f"{caption_id}.jpg")
+        rows.append(f"img/{caption_id}.jpg,a photo of object number {caption_id}")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    run_pretrain("--data", str(tmp_path / "train.csv"), "--folder-list", *map(str, roots), "--output",
+                 str(tmp_path / "run"), "--epochs", "1", "--captions-per-gpu", "4", "--images-per-caption", "3", *TINY)
+    assert '"steps": 2' in (tmp_path / "run" / "summary.json").read_text()
+
+
+def test_bad_data_sources_are_one_line_errors(random_shards, tmp_path):
+    out = ["--output", str(tmp_path / "o"), *TINY]
+    assert_one_line_error(run_pretrain("--data", str(tmp_path / "train.csv"), *out, check=False), "--folder-list")
+    assert_one_line_error(run_pretrain("--data", random_shards, "--folder-list", str(tmp_path), *out, check=False),
+                          "--folder-list goes with a --data CSV")
+    url = "pipe:cat " + os.path.join(random_shards, "00000.tar")
+    assert_one_line_error(run_pretrain("--data", url, *out, check=False), "--stream-captions")
+    assert_one_line_error(run_pretrain("--data", url, random_shards, "--stream-captions", "5", *out, check=False),
+                          "stream all or none")
+    assert_one_line_error(run_pretrain("--data", os.path.join(random_shards, "{00000..00004}.tar"), *out,
+                                       check=False), "00003.tar does not exist")
+    assert not (tmp_path / "o").exists()
 
 
 def test_corrupt_images_are_skipped_and_counted(tmp_path):

@@ -1,0 +1,503 @@
+"""The index of pretraining data: per caption a few bytes in one flat numpy table per data source, built once,
+cached on disk and memory-mapped, so the DataLoader workers share its pages instead of copying them (no Python
+object per caption or per image: the files are found by arithmetic on the table's numbers).
+
+A source is one `--data` entry of pretrain.py:
+    tree   imagetree's folder tree (generate.py --output-format files) or img2dataset's `files` output
+    tars   local tar shards: generate.py's (read through each tar's `__index__` member, shards.py) or
+           img2dataset's `webdataset` output (headers scanned once); a folder of tars, or a brace pattern
+    csv    the official StableRep layout: a CSV of (relative image path, caption) rows, the same relative path
+           opened under each of --folder-list's roots (one root per seed); rows whose path does not end in
+           .png/.jpg/.jpeg are skipped, as the official reader skips them
+
+Tables, one row per caption in key order (the bytes per caption at n = 10 images in parentheses):
+    tree   key u4, folder u4 (into the source's folder names), images u1 [K]: 0 = absent, else 1 + the code of
+           the file's extension, + 128 for img2dataset's `<key>.jpg` names (18 B)
+    tars   key u4, tar u4 (into the tar paths), text u4 or u8 (data offset of the .txt member), images u4 or u8
+           [K]: data offsets of image members, 0 = absent (52 B; u8 only for tars over 4 GiB)
+    csv    row u4 (the CSV record number), offset u8 (its byte offset in the file) (12 B)
+K is the most images any caption of the source has. Keys wider than 32 bits switch the key column to u8.
+
+Cache: `<folder>/.stablerep-index/<source id>.json` (kind, folder or tar names, the fingerprint, the table's
+file) and `<source id>-<fingerprint>.npy`, beside the data when that folder is writable, else in the fallback
+folder pretrain.py gives (its --output). The fingerprint hashes the index version and every container's name,
+size and modification time (a tree's numbered folders, which change whenever a file is added or removed; the
+tars; the CSV), so changed data is indexed again; a file rewritten in place inside a tree folder is not noticed.
+"""
+import csv
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+import imagetree
+import shards
+from cli import atomic_write_json
+
+INDEX_VERSION = 1
+CACHE_FOLDER = ".stablerep-index"
+CSV_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the official reader's test, case-sensitive as there
+STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
+_TREE_IMAGE = re.compile(r"^(\d+)(?:_(\d+))?(\.[A-Za-z]+)$")  # 000012345_07.jpg (generate.py), 000012345.jpg
+
+
+def is_streamed(spec):
+    """Is this --data entry a URL only webdataset can open as a stream (no random access)?"""
+    return spec.startswith(STREAM_SCHEMES)
+
+
+def expand(spec):
+    """The paths of a brace pattern ("shards/{00000..00099}.tar"), through webdataset's own expansion."""
+    from webdataset.shardlists import expand_urls
+    return expand_urls(spec)
+
+
+def _uint(maximum):
+    return np.uint32 if maximum < 2 ** 32 else np.uint64
+
+
+def _source_id(spec, roots):
+    return hashlib.sha1(json.dumps([spec, roots]).encode()).hexdigest()[:16]
+
+
+def _fingerprint(kind, containers, extra=()):
+    """A hash of the index version and (name, size, mtime) of each container (folder, tar or CSV file)."""
+    digest = hashlib.sha1(f"{INDEX_VERSION}/{kind}/{json.dumps(list(extra))}".encode())
+    for path in containers:
+        stat = os.stat(path)
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+# ---- building ----
+
+def _pad_columns(tables, width, dtype):
+    """Stack [rows, k] arrays of varying k into one [rows, width] array of `dtype`, zero-padded."""
+    total = sum(len(t) for t in tables)
+    out = np.zeros((total, width), dtype=dtype)
+    row = 0
+    for table in tables:
+        out[row:row + len(table), :table.shape[1]] = table
+        row += len(table)
+    return out
+
+
+def _table(columns, images=None):
+    """A structured array from named 1-D columns and an optional [rows, K] images column."""
+    fields = [(name, array.dtype) for name, array in columns.items()]
+    if images is not None:
+        fields.append(("images", images.dtype, (images.shape[1],)))
+    rows = len(next(iter(columns.values())))
+    table = np.zeros(rows, dtype=fields)
+    for name, array in columns.items():
+        table[name] = array
+    if images is not None:
+        table["images"] = images
+    return table
+
+
+def _tree_folder_captions(folder):
+    """[(key text, [image file names])] of a tree folder: from its _index.json when generate.py wrote one, else
+    from a listing (img2dataset's `files` output: `<key>.jpg` + `<key>.txt`); captions without a .txt are left
+    out, as imagetree.read_tree leaves them out."""
+    index = os.path.join(folder, imagetree.INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return [(entry["key"], entry["images"]) for entry in json.load(f)["captions"]]
+    texts, images = set(), {}
+    for name in os.listdir(folder):
+        if name.startswith((".", "_")):
+            continue
+        stem, ext = os.path.splitext(name)
+        if ext == ".txt":
+            texts.add(stem)
+        elif ext.lower() in imagetree.IMAGE_EXTENSIONS:
+            images.setdefault(stem.split("_")[0], []).append(name)
+    return [(key, images[key]) for key in sorted(texts) if key in images]
+
+
+def build_tree(root):
+    """(table, metadata) of a folder tree; ValueError with a one-line message when it is not one."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data folder {root} does not exist")
+    folders = sorted(name for name in os.listdir(root) if name.isdigit() and os.path.isdir(os.path.join(root, name)))
+    if not folders:
+        raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; make one with "
+                         "generate.py or img2dataset --output_format files)")
+    extensions, key_width = [], None
+    keys, folder_ids, image_tables = [], [], []
+    for folder_id, name in enumerate(folders):
+        entries = _tree_folder_captions(os.path.join(root, name))
+        folder_keys = np.zeros(len(entries), dtype=np.int64)
+        rows = []
+        for row, (key, image_names) in enumerate(entries):
+            key_width = key_width or len(key)
+            if len(key) != key_width or not key.isdigit():
+                raise ValueError(f"{root}/{name}: caption key {key!r} is not a {key_width}-digit number like the "
+                                 "others")
+            folder_keys[row] = int(key)
+            codes = {}
+            for image_name in image_names:
+                match = _TREE_IMAGE.match(image_name)
+                if not match or match.group(1) != key:
+                    continue
+                slot = int(match.group(2)) if match.group(2) is not None else 0
+                if match.group(2) is not None and f"{slot:02d}" != match.group(2):
+                    continue  # a name we could not rebuild from the number
+                if match.group(3) not in extensions:
+                    extensions.append(match.group(3))
+                codes[slot] = 1 + extensions.index(match.group(3)) + (128 if match.group(2) is None else 0)
+            rows.append(codes)
+        width = max((max(codes) + 1 for codes in rows if codes), default=0)
+        images = np.zeros((len(entries), width), dtype=np.uint8)
+        for row, codes in enumerate(rows):
+            for slot, code in codes.items():
+                images[row, slot] = code
+        keys.append(folder_keys)
+        folder_ids.append(np.full(len(entries), folder_id, dtype=np.uint32))
+        image_tables.append(images)
+    if len(extensions) > 127:
+        raise ValueError(f"{root} uses more than 127 image file extensions")
+    keys = np.concatenate(keys)
+    images = _pad_columns(image_tables, max(t.shape[1] for t in image_tables), np.uint8)
+    present = images.any(axis=1)
+    if not present.any():
+        raise ValueError(f"{root} holds no captioned images")
+    table = _table({"key": keys.astype(_uint(keys.max(initial=0))), "container": np.concatenate(folder_ids)},
+                   images)[present]
+    return table, {"containers": folders, "extensions": extensions, "key_width": key_width}
+
+
+def _scan_samples(fd):
+    """(keys, text offsets, [rows, K] image offsets) of a tar without an __index__, grouping members by key."""
+    keys, texts, rows, ordinal = [], [], [], 0
+    current, row = None, None
+    for member in shards.scan_members(fd):
+        key, suffix = shards.split_name(member.name)
+        if key is None or key.startswith("__"):
+            continue
+        if key != current:
+            if row is not None and row[1]:
+                keys.append(row[0])
+                texts.append(row[2])
+                rows.append(row[1])
+            base = key.rpartition("/")[2]
+            current, row, ordinal = key, [int(base) if base.isdigit() else ordinal, {}, 0], ordinal + 1
+        slot = shards.image_slot(suffix)
+        if slot is not None:
+            row[1].setdefault(slot, member.offset)
+        elif suffix.lower() == "txt":
+            row[2] = member.offset
+    if row is not None and row[1]:
+        keys.append(row[0])
+        texts.append(row[2])
+        rows.append(row[1])
+    width = max((max(slots) + 1 for slots in rows), default=0)
+    images = np.zeros((len(rows), width), dtype=np.int64)
+    for i, slots in enumerate(rows):
+        for slot, offset in slots.items():
+            images[i, slot] = offset
+    return np.array(keys, dtype=np.int64), np.array(texts, dtype=np.int64), images
+
+
+def build_tars(paths):
+    """(table, metadata) of local tar shards; captions without an image are left out."""
+    keys, tar_ids, texts, image_tables = [], [], [], []
+    for tar_id, path in enumerate(paths):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            index = shards.read_index(fd)
+            if index is not None:  # generate.py's shard: its first member says everything
+                tar_keys, tar_texts, images = index[:, 0], index[:, 1], index[:, 2:]
+            else:
+                tar_keys, tar_texts, images = _scan_samples(fd)
+        finally:
+            os.close(fd)
+        keys.append(tar_keys)
+        texts.append(tar_texts)
+        image_tables.append(images)
+        tar_ids.append(np.full(len(tar_keys), tar_id, dtype=np.uint32))
+    keys, texts = np.concatenate(keys), np.concatenate(texts)
+    width = max(t.shape[1] for t in image_tables)
+    largest = max(os.path.getsize(path) for path in paths)
+    images = _pad_columns(image_tables, width, _uint(largest))
+    present = images.any(axis=1) if width else np.zeros(len(keys), dtype=bool)
+    if not present.any():
+        raise ValueError(f"the tar shards {paths[0]} ... hold no captioned images")
+    table = _table({"key": keys.astype(_uint(keys.max(initial=0))), "container": np.concatenate(tar_ids),
+                    "text": texts.astype(_uint(largest))}, images)[present]
+    return table, {"containers": [os.path.abspath(path) for path in paths]}
+
+
+def _csv_records(f):
+    """(byte offset, record text) of each CSV record of a binary file; a record ends at a newline outside quotes
+    (quotes inside a field are doubled, so an odd count of quotes so far means the newline is inside a field)."""
+    offset, parts, quotes = 0, [], 0
+    start = 0
+    for line in f:
+        if not parts:
+            start = offset
+        offset += len(line)
+        parts.append(line)
+        quotes += line.count(b'"')
+        if quotes % 2 == 0:
+            yield start, b"".join(parts)
+            parts, quotes = [], 0
+    if parts:
+        yield start, b"".join(parts)
+
+
+def read_csv_record(f, offset):
+    """The fields of the CSV record at byte `offset` of the binary file `f`."""
+    f.seek(offset)
+    _, record = next(_csv_records(f))
+    return next(csv.reader([record.decode("utf-8", errors="replace")]), [])
+
+
+def build_csv(path, roots):
+    """(table, metadata) of the official layout: one row per CSV record with an image path and a caption."""
+    if not os.path.isfile(path):
+        raise ValueError(f"CSV file {path} does not exist")
+    rows, offsets = [], []
+    with open(path, "rb") as f:
+        for number, (offset, record) in enumerate(_csv_records(f)):
+            fields = next(csv.reader([record.decode("utf-8", errors="replace")]), [])
+            if len(fields) >= 2 and fields[0].endswith(CSV_IMAGE_SUFFIXES):
+                rows.append(number)
+                offsets.append(offset)
+    if not rows:
+        raise ValueError(f"{path} has no row of (image path ending in .png/.jpg/.jpeg, caption)")
+    table = _table({"key": np.array(rows, dtype=_uint(rows[-1])), "offset": np.array(offsets, dtype=np.uint64)})
+    return table, {"containers": [os.path.abspath(path)], "roots": [os.path.abspath(root) for root in roots]}
+
+
+# ---- the cached, memory-mapped index ----
+
+def _writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        return os.access(folder, os.W_OK | os.X_OK)
+    except OSError:
+        return False
+
+
+def resolve(spec, folder_list=None):
+    """(kind, container paths, the folder the data lives in) of a --data entry, or ValueError naming what is
+    wrong. `folder_list` is the list of image roots of a CSV source."""
+    if spec.lower().endswith(".csv"):
+        if not folder_list:
+            raise ValueError(f"{spec} is a CSV of (image path, caption): give its image roots with --folder-list "
+                             "(one per seed, as the official --folder_list)")
+        missing = [root for root in folder_list if not os.path.isdir(root)]
+        if missing:
+            raise ValueError(f"--folder-list root {missing[0]} does not exist")
+        return "csv", [spec], os.path.dirname(os.path.abspath(spec))
+    if os.path.isdir(spec):
+        tars = shards.list_shards(spec)
+        if tars:
+            return "tars", [os.path.join(spec, name) for name in tars], spec
+        return "tree", [spec], spec
+    paths = expand(spec) if "{" in spec else [spec]
+    if all(path.endswith(shards.TAR_SUFFIX) for path in paths):
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise ValueError(f"tar shard {missing[0]} does not exist" +
+                             (f" ({len(missing)} of {len(paths)} missing)" if len(missing) > 1 else ""))
+        return "tars", paths, os.path.dirname(os.path.abspath(paths[0]))
+    raise ValueError(f"data folder {spec} does not exist")
+
+
+class SourceIndex:
+    """One --data source's table (memory-mapped from the cache) and the few names needed to open its files.
+
+    Pickles as the path of its cache files (workers started by spawn or forkserver map the same file), never as
+    the table itself."""
+
+    def __init__(self, kind, table_path, metadata):
+        self.kind, self.table_path, self.metadata = kind, table_path, metadata
+        self.table = np.load(table_path, mmap_mode="r")
+        # names as one numpy bytes array: no per-folder Python string whose refcount a worker would write
+        self.containers = np.array([name.encode("utf-8", "surrogateescape") for name in metadata["containers"]])
+        self.root = metadata.get("root")
+        self.roots = metadata.get("roots", [])
+        self.extensions = metadata.get("extensions", [])
+        self.key_width = metadata.get("key_width", 9)
+
+    def __getstate__(self):
+        return {"kind": self.kind, "table_path": self.table_path, "metadata": self.metadata}
+
+    def __setstate__(self, state):
+        self.__init__(state["kind"], state["table_path"], state["metadata"])
+
+    def __len__(self):
+        return len(self.table)
+
+    def image_counts(self, start, stop):
+        """Images of captions start .. stop-1 (int array)."""
+        if self.kind == "csv":
+            return np.full(stop - start, len(self.roots))
+        return (self.table["images"][start:stop] != 0).sum(axis=1)
+
+    def key(self, j):
+        return int(self.table["key"][j])
+
+    def container(self, j):
+        return self.containers[self.table["container"][j]].decode("utf-8", "surrogateescape") \
+            if self.kind != "csv" else self.metadata["containers"][0]
+
+    def open(self, j):
+        """The files of caption j: CaptionFiles(slots, image(slot) -> path or bytes, caption() -> str)."""
+        if self.kind == "tree":
+            return TreeCaption(self, j)
+        if self.kind == "tars":
+            return TarCaption(self, j)
+        return CsvCaption(self, j)
+
+    def describe(self, j):
+        """A caption and where its first image is, for messages."""
+        with self.open(j) as files:
+            where = files.where(files.slots[0]) if files.slots else self.container(j)
+        return f"caption {self.key(j)} ({where})"
+
+
+class TreeCaption:
+    """A caption of a folder tree: image files found by their names, the caption in `<key>.txt`."""
+
+    def __init__(self, source, j):
+        row = source.table[j]
+        self.source = source
+        self.folder = os.path.join(source.root, source.container(j))
+        self.stem = f"{int(row['key']):0{source.key_width}d}"
+        self.codes = row["images"]
+        self.slots = [int(slot) for slot in np.flatnonzero(self.codes)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def where(self, slot):
+        code = int(self.codes[slot])
+        extension = self.source.extensions[(code & 127) - 1]
+        name = self.stem + extension if code & 128 else f"{self.stem}_{slot:02d}{extension}"
+        return os.path.join(self.folder, name)
+
+    def image(self, slot):
+        return self.where(slot)
+
+    def caption(self):
+        with open(os.path.join(self.folder, self.stem + ".txt"), encoding="utf-8", errors="replace") as f:
+            return f.read().strip()
+
+
+class TarCaption:
+    """A caption of a local tar: members read at their data offsets through one file descriptor per item."""
+
+    def __init__(self, source, j):
+        row = source.table[j]
+        self.path = source.container(j)
+        self.offsets = row["images"]
+        self.text = int(row["text"])
+        self.slots = [int(slot) for slot in np.flatnonzero(self.offsets)]
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDONLY)
+        return self
+
+    def __exit__(self, *_):
+        os.close(self.fd)
+        return False
+
+    def where(self, slot):
+        return f"{self.path} at byte {int(self.offsets[slot])}"
+
+    def image(self, slot):
+        return shards.read_member(self.fd, int(self.offsets[slot]))
+
+    def caption(self):
+        if not self.text:
+            raise OSError(f"{self.path}: caption without a .txt member")
+        return shards.read_member(self.fd, self.text).decode("utf-8", errors="replace").strip()
+
+
+class CsvCaption:
+    """A row of the official CSV: the same relative path under each image root; the caption from the row."""
+
+    def __init__(self, source, j):
+        self.source, self.offset = source, int(source.table["offset"][j])
+        self.slots = list(range(len(source.roots)))
+        self.fields = None
+
+    def __enter__(self):
+        with open(self.source.metadata["containers"][0], "rb") as f:
+            self.fields = read_csv_record(f, self.offset)
+        return self
+
+    def __exit__(self, *_):
+        return False
+
+    def where(self, slot):
+        return os.path.join(self.source.roots[slot], self.fields[0])
+
+    def image(self, slot):
+        return self.where(slot)
+
+    def caption(self):
+        return self.fields[1]
+
+
+def open_source(spec, folder_list=None, fallback_cache=None, build=True):
+    """The SourceIndex of a --data entry, from the cache when its fingerprint still matches, else built and
+    cached (beside the data when that folder is writable, else in `fallback_cache`). With build=False a missing
+    or stale cache is an error instead (for ranks that wait for another to build it). ValueError with a
+    one-line message for bad input."""
+    spec = os.path.abspath(spec)
+    kind, containers, home = resolve(spec, folder_list)
+    roots = [os.path.abspath(root) for root in folder_list or []] if kind == "csv" else []
+    if kind == "tree":
+        folder_paths = [os.path.join(spec, name) for name in sorted(os.listdir(spec))
+                        if name.isdigit() and os.path.isdir(os.path.join(spec, name))]
+        fingerprint = _fingerprint(kind, folder_paths)
+    else:
+        fingerprint = _fingerprint(kind, containers, roots)
+    source_id = _source_id(spec, roots)
+    cache = os.path.join(home, CACHE_FOLDER)
+    candidates = [cache] + ([fallback_cache] if fallback_cache else [])
+    for folder in candidates:
+        meta_path = os.path.join(folder, source_id + ".json")
+        if os.path.isfile(meta_path):
+            try:
+                with open(meta_path, encoding="utf-8") as f:
+                    metadata = json.load(f)
+            except (OSError, ValueError):
+                continue
+            table_path = os.path.join(folder, metadata.get("table", ""))
+            if metadata.get("fingerprint") == fingerprint and os.path.isfile(table_path):
+                return SourceIndex(kind, table_path, metadata)
+    if not build:
+        raise ValueError(f"no index of {spec} in {' or '.join(candidates)}")
+    if kind == "tree":
+        table, metadata = build_tree(spec)
+    elif kind == "tars":
+        table, metadata = build_tars(containers)
+    else:
+        table, metadata = build_csv(containers[0], folder_list)
+    folder = next((folder for folder in candidates if _writable(folder)), None)
+    if folder is None:
+        raise ValueError(f"cannot write the index of {spec} to {' or '.join(candidates)}")
+    table_name = f"{source_id}-{fingerprint}.npy"
+    tmp = os.path.join(folder, f".tmp-{table_name}")  # ends in .npy: np.save adds nothing
+    np.save(tmp, table, allow_pickle=False)
+    os.replace(tmp, os.path.join(folder, table_name))
+    metadata = {**metadata, "kind": kind, "spec": spec, "fingerprint": fingerprint, "table": table_name,
+                "captions": len(table), "version": INDEX_VERSION,
+                "root": os.path.abspath(spec) if kind == "tree" else None}
+    atomic_write_json(os.path.join(folder, source_id + ".json"), metadata)
+    for name in os.listdir(folder):  # earlier tables of this source: stale now (a reader's mapping stays valid)
+        if name.startswith(source_id + "-") and name != table_name:
+            os.remove(os.path.join(folder, name))
+    return SourceIndex(kind, os.path.join(folder, table_name), metadata)

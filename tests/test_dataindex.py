@@ -1,0 +1,268 @@
+"""The readers of pretrain.py: generate.py's tar shards, img2dataset's webdataset and files output, the official CSV
+layout, streamed shards; the cached flat index; corrupt and truncated tar members."""
+import io
+import json
+import os
+import pickle
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataindex
+import shards
+from conftest import caption_text, write_random_shards
+from data import CaptionImagesDataset, CaptionShardStream, collate, decode_rgb, item_seed, pretrain_augmentation
+
+
+def items(dataset, epoch=0):
+    return [dataset[(epoch, index)] for index in range(len(dataset))]
+
+
+def assert_same_items(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.label == y.label and x.image_indices.tolist() == y.image_indices.tolist()
+        torch.testing.assert_close(x.images, y.images, rtol=0, atol=0)
+
+
+def jpeg(value, size=16):
+    return Image.new("RGB", (size, size), (value, 255 - value, value // 2))
+
+
+# ---- generate.py's shards ----
+
+def test_shards_read_exactly_like_the_tree(random_tree, random_shards):
+    tree = CaptionImagesDataset([random_tree], 3, 2, 32, seed=3)
+    tars = CaptionImagesDataset([random_shards], 3, 2, 32, seed=3)
+    assert len(tars) == 12 and tars.fewest_images() == (0, 4)
+    assert_same_items(items(tree, epoch=1), items(tars, epoch=1))  # same bytes -> same crops, image ids, labels
+    assert tars.describe(7) == f"caption 7 ({random_shards}/00001.tar at byte {tars.sources[0].table['images'][7][0]})"
+
+
+def test_shard_list_as_a_brace_pattern_or_paths(random_shards):
+    folder = CaptionImagesDataset([random_shards], 2, 1, 32)
+    pattern = CaptionImagesDataset([os.path.join(random_shards, "{00000..00002}.tar")], 2, 1, 32)
+    assert_same_items(items(folder), items(pattern))
+    two = CaptionImagesDataset([os.path.join(random_shards, "00001.tar"), os.path.join(random_shards, "00002.tar")],
+                               2, 1, 32)
+    assert len(two) == 7 and [two.sources[s].key(0) for s in (0, 1)] == [5, 10]
+
+
+def test_text_is_read_from_the_tar_for_the_text_tower(random_shards, tiny_tokenizer):
+    dataset = CaptionImagesDataset([random_shards], 1, 1, 32, tokenizer=tiny_tokenizer, context_length=40)
+    expected = tiny_tokenizer(caption_text(6), padding="max_length", max_length=40, return_tensors="pt").input_ids[0]
+    assert torch.equal(dataset[6].tokens, expected)
+
+
+# ---- the index: flat, cached, invalidated ----
+
+def test_index_is_flat_memory_mapped_and_pickles_as_a_path(tmp_path):
+    sizes = []
+    for captions in (12, 120):
+        root = write_random_shards(tmp_path / f"s{captions}", captions=captions, images_per_caption=2, size=8,
+                                   per_shard=50)
+        dataset = CaptionImagesDataset([root], 2, 1, 16)
+        table = dataset.sources[0].table
+        assert isinstance(table, np.memmap) and table.dtype.names == ("key", "container", "text", "images")
+        assert table.dtype.itemsize == 4 + 4 + 4 + 2 * 4  # u4 key, tar, text offset, 2 image offsets
+        sizes.append(len(pickle.dumps(dataset)))
+        restored = pickle.loads(pickle.dumps(dataset))  # what a spawned worker gets: the same file, mapped again
+        assert isinstance(restored.sources[0].table, np.memmap)
+        assert_same_items([restored[5]], [dataset[5]])
+    assert sizes[1] - sizes[0] < 300  # 10x the captions, 2 more tar names: no per-caption state in the pickle
+
+
+def test_index_is_cached_beside_the_data_and_rebuilt_when_it_changes(tmp_path):
+    root = write_random_shards(tmp_path / "shards", captions=6, images_per_caption=2, size=8, per_shard=3)
+    first = dataindex.open_source(root)
+    assert os.path.dirname(first.table_path) == os.path.join(root, dataindex.CACHE_FOLDER)
+    built = os.stat(first.table_path).st_mtime_ns
+    again = dataindex.open_source(root, build=False)  # a cache hit: no rebuild
+    assert again.table_path == first.table_path and os.stat(again.table_path).st_mtime_ns == built
+    write_random_shards(tmp_path / "more", captions=9, images_per_caption=2, size=8, per_shard=3)
+    shutil.copy(tmp_path / "more" / "00002.tar", os.path.join(root, "00002.tar"))  # a shard added
+    with pytest.raises(ValueError, match="no index"):
+        dataindex.open_source(root, build=False)
+    rebuilt = dataindex.open_source(root)
+    assert len(rebuilt) == 9 and rebuilt.table_path != first.table_path
+    assert not os.path.exists(first.table_path)  # the stale table is gone
+
+
+def test_index_goes_to_the_fallback_folder_when_the_data_is_read_only(tmp_path, monkeypatch):
+    root = write_random_shards(tmp_path / "shards", captions=3, images_per_caption=2, size=8, per_shard=3)
+    writable = dataindex._writable
+    monkeypatch.setattr(dataindex, "_writable", lambda folder: not folder.startswith(root) and writable(folder))
+    source = dataindex.open_source(root, fallback_cache=str(tmp_path / "out" / "index-cache"))
+    assert source.table_path.startswith(str(tmp_path / "out" / "index-cache"))
+    assert not os.path.exists(os.path.join(root, dataindex.CACHE_FOLDER))
+
+
+# ---- corrupt and truncated members ----
+
+def test_corrupt_and_truncated_tar_members_are_skipped_and_counted(random_shards, tmp_path):
+    root = tmp_path / "shards"
+    shutil.copytree(random_shards, root, ignore=shutil.ignore_patterns(dataindex.CACHE_FOLDER))
+    index = shards.read_index(os.open(root / "00000.tar", os.O_RDONLY))
+    with open(root / "00000.tar", "r+b") as f:  # caption 1, image 0: JPEG bytes overwritten
+        f.seek(int(index[1, 2]))
+        f.write(b"garbage!" * 8)
+        f.seek(int(index[3, 3]) - 512 + 10)  # caption 3, image 1: its tar header damaged (checksum fails)
+        f.write(b"XX")
+    index = shards.read_index(os.open(root / "00001.tar", os.O_RDONLY))
+    with open(root / "00001.tar", "r+b") as f:  # cut inside caption 8's image 2: it and all after are gone
+        f.truncate(int(index[3, 4]) + 100)
+    dataset = CaptionImagesDataset([str(root)], 3, 1, 32)
+    seen = items(dataset) + items(dataset, epoch=1)
+    assert all(item.images.shape == (3, 3, 32, 32) for item in seen)
+    for item in seen:
+        if item.label == 1:
+            assert 0 not in item.image_indices.tolist()  # never trained on
+        if item.label == 3:
+            assert 1 not in item.image_indices.tolist()
+    by_index = {index: dataset[(0, index)] for index in (1, 3, 8, 9)}
+    assert any(dataset[(epoch, 1)].corrupt == 1 for epoch in range(8))  # when image 0 is tried, it is counted
+    assert by_index[8].label != 8 and by_index[8].corrupt >= 2  # images 2, 3 cut off: 2 readable < m = 3
+    assert by_index[9].label != 9 and by_index[9].corrupt >= 4  # nothing of caption 9 is left: replaced
+    two = CaptionImagesDataset([str(root)], 2, 1, 32)[(0, 8)]
+    assert two.label == 8 and sorted(two.image_indices.tolist()) == [0, 1]
+    assert sum(item.corrupt for item in seen) > 0
+
+
+# ---- img2dataset's outputs ----
+
+def write_img2dataset_tar(path, samples):
+    """A tar as img2dataset's webdataset writer makes it: per sample `<key>.jpg`, `<key>.json`, `<key>.txt`
+    (python's tarfile, pax format, members in sorted suffix order)."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, image, caption in samples:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG")
+            members = {"jpg": buffer.getvalue(), "json": json.dumps({"key": key, "caption": caption}).encode(),
+                       "txt": caption.encode()}
+            for suffix in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.uname = len(members[suffix]), 1700000000, "img2dataset"
+                tar.addfile(info, io.BytesIO(members[suffix]))
+
+
+def test_img2dataset_webdataset_output(tmp_path, tiny_tokenizer):
+    root = tmp_path / "laion"
+    root.mkdir()
+    # shard 0: keys 000000000 .. 000000004 with key 2 failed (absent); shard 1: keys 000010000, 000010001
+    write_img2dataset_tar(root / "00000.tar", [(f"00000000{i}", jpeg(40 * i), f"caption {i}") for i in (0, 1, 3, 4)])
+    write_img2dataset_tar(root / "00001.tar", [(f"00001000{i}", jpeg(200 + i), f"caption 1000{i}") for i in (0, 1)])
+    (root / "00000_stats.json").write_text('{"successes": 4}')
+    (root / "00000.parquet").write_bytes(b"PAR1")
+    dataset = CaptionImagesDataset([str(root)], 1, 1, 32, tokenizer=tiny_tokenizer, context_length=40)
+    source = dataset.sources[0]
+    assert len(dataset) == 6 and [source.key(j) for j in range(6)] == [0, 1, 3, 4, 10000, 10001]
+    assert dataset.fewest_images() == (0, 1)
+    with source.open(4) as files:
+        assert files.slots == [0] and files.caption() == "caption 10000"
+        assert decode_rgb(files.image(0)).shape == (3, 16, 16)
+    item = dataset[(0, 2)]
+    assert item.images.shape == (1, 3, 32, 32) and item.label == 2
+    assert torch.equal(item.tokens, tiny_tokenizer("caption 3", padding="max_length", max_length=40,
+                                                   return_tensors="pt").input_ids[0])
+
+
+def test_img2dataset_files_output(tmp_path):
+    folder = tmp_path / "cc3m" / "00000"
+    folder.mkdir(parents=True)
+    for key in ("000000000", "000000001", "000000003"):
+        jpeg(int(key) * 50).save(folder / f"{key}.jpg")
+        (folder / f"{key}.txt").write_text(f"text of {key}")
+        (folder / f"{key}.json").write_text("{}")
+    (folder / "000000002.txt").write_text("a caption whose image failed to download")
+    dataset = CaptionImagesDataset([str(tmp_path / "cc3m")], 1, 2, 32)
+    source = dataset.sources[0]
+    assert len(dataset) == 3 and [source.key(j) for j in range(3)] == [0, 1, 3]
+    with source.open(2) as files:
+        assert files.image(0) == str(folder / "000000003.jpg") and files.caption() == "text of 000000003"
+    assert dataset[2].images.shape == (2, 3, 32, 32)
+
+
+def test_truncated_img2dataset_tar_keeps_its_whole_samples(tmp_path):
+    root = tmp_path / "laion"
+    root.mkdir()
+    write_img2dataset_tar(root / "00000.tar", [(f"00000000{i}", jpeg(20 * i, 64), f"caption {i}") for i in range(4)])
+    fd = os.open(root / "00000.tar", os.O_RDONLY)
+    cut = [m for m in shards.scan_members(fd) if m.name == "000000003.jpg"][0]
+    os.close(fd)
+    os.truncate(root / "00000.tar", cut.offset + 50)  # inside the last sample's image
+    dataset = CaptionImagesDataset([str(root)], 1, 1, 32)
+    assert len(dataset) == 4  # the cut image is indexed, and fails when read
+    item = dataset[(0, 3)]
+    assert item.label != 3 and item.corrupt == 1
+
+
+# ---- the official CSV + per-seed roots ----
+
+def test_official_csv_layout(tmp_path, tiny_tokenizer):
+    roots = [tmp_path / f"seed{s}" for s in range(3)]
+    for s, root in enumerate(roots):
+        (root / "img").mkdir(parents=True)
+        for r, name in enumerate(("000.png", "001.png", "002.jpg")):
+            jpeg(60 * s + 20 * r).save(root / "img" / name)
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text('filepath,title\n'
+                        'img/000.png,"a cat, sitting"\n'
+                        'img/001.png,"a ""quoted"" dog\non two lines"\n'
+                        'notes.txt,not an image row\n'
+                        'img/002.jpg,a plain caption\n')
+    dataset = CaptionImagesDataset([str(csv_path)], 2, 1, 32, seed=4, folder_list=[str(r) for r in roots],
+                                   tokenizer=tiny_tokenizer, context_length=40)
+    assert len(dataset) == 3 and dataset.fewest_images() == (0, 3)  # the header and the .txt row are skipped
+    source = dataset.sources[0]
+    assert [source.key(j) for j in range(3)] == [1, 2, 4]
+    with source.open(1) as files:
+        assert files.caption() == 'a "quoted" dog\non two lines' and files.image(2) == str(roots[2] / "img/001.png")
+    item = dataset[(5, 1)]
+    torch.manual_seed(item_seed(4, 5, 1))  # replay the item's draws: 2 of the 3 roots, then their crops
+    chosen = torch.randperm(3).tolist()[:2]
+    augment = pretrain_augmentation(32)
+    expected = torch.stack([augment(decode_rgb(str(roots[s] / "img/001.png"))) for s in chosen])
+    assert item.image_indices.tolist() == chosen
+    torch.testing.assert_close(item.images, expected, rtol=0, atol=0)
+    assert torch.equal(item.tokens, tiny_tokenizer('a "quoted" dog\non two lines', padding="max_length",
+                                                   max_length=40, truncation=True, return_tensors="pt").input_ids[0])
+
+
+def test_bad_sources_are_named(tmp_path, random_shards):
+    with pytest.raises(ValueError, match="--folder-list"):
+        dataindex.open_source(str(tmp_path / "train.csv"))
+    with pytest.raises(ValueError, match=r"00003.tar does not exist \(7 of 10 missing\)"):
+        dataindex.open_source(os.path.join(random_shards, "{00000..00009}.tar"))
+    with pytest.raises(ValueError, match="does not exist"):
+        dataindex.open_source(str(tmp_path / "nowhere"))
+
+
+# ---- streamed shards ----
+
+def stream_batches(stream, epoch, start_step, workers):
+    stream.set_epoch(epoch, start_step)
+    loader = torch.utils.data.DataLoader(stream, batch_size=stream.captions_per_batch, num_workers=workers,
+                                         collate_fn=collate)
+    return [batch for batch in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_shards_resume_by_skipping_whole_steps(random_shards, workers):
+    url = "pipe:cat " + os.path.join(random_shards, "{00000..00002}.tar")
+    stream = CaptionShardStream([url], 12, 2, 2, 1, 32, seed=1, workers=workers, shuffle_buffer=3)
+    assert stream.steps_per_epoch == 6 and len(stream.shards) == 3
+    whole = stream_batches(stream, 1, 0, workers)
+    assert len(whole) == 6 and all(batch["images"].shape == (4, 3, 32, 32) for batch in whole)
+    labels = [label for batch in whole for label in batch["caption_labels"].tolist()]
+    assert set(labels) <= set(range(12)) and len(set(labels)) >= 8  # shard-level shuffling, cycling shards
+    for start in (3, 5):
+        resumed = stream_batches(stream, 1, start, workers)
+        assert len(resumed) == 6 - start
+        for a, b in zip(whole[start:], resumed):
+            assert torch.equal(a["caption_labels"], b["caption_labels"]) and torch.equal(a["images"], b["images"])
+    other = stream_batches(stream, 2, 0, workers)
+    assert [b["caption_labels"].tolist() for b in other] != [b["caption_labels"].tolist() for b in whole]
