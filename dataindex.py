@@ -298,6 +298,8 @@ def resolve(spec, folder_list=None):
         tars = shards.list_shards(spec)
         if tars:
             return "tars", [os.path.join(spec, name) for name in tars], spec
+        if any(name.startswith(shards.TEMPORARY_PREFIX) for name in os.listdir(spec)):
+            raise ValueError(f"{spec} holds no finished tar shard yet (only shards generate.py is still writing)")
         return "tree", [spec], spec
     paths = expand(spec) if "{" in spec else [spec]
     if all(path.endswith(shards.TAR_SUFFIX) for path in paths):

@@ -1,14 +1,16 @@
-"""The folder layout of an image-caption set: generate.py writes it, pretrain.py (and the demo) read it.
+"""The folder layout of an image-caption set: generate.py writes it (--output-format files), pretrain.py reads it
+through dataindex.py, and the demo and the tests through read_tree.
 
     <root>/settings.json                   how the set was made (generate.py: model, scheduler, steps, w, seed, ...)
     <root>/00012/000012345.txt             the caption of caption id 12345 (UTF-8, one line)
     <root>/00012/000012345_00.jpg          image 0 of that caption, ..._01.jpg image 1, and so on
     <root>/00012/_index.json               written once the folder is complete: its captions and image names
 
-A caption's id is its row in the captions file; caption id i lives in folder i // 1000, so no folder holds more
-than 1000 captions (11,000 files at 10 images per caption). The 9-digit key and the `.txt` beside the image are
-img2dataset's `files` layout, so an image-text set downloaded with img2dataset (one `<key>.jpg` per caption, no
-index) reads through the same `read_tree`. Every file is written through a temporary name and a rename
+A caption's id is its row in the captions file; caption id i lives in folder i // 1000 (generate.py's
+--captions-per-shard, recorded in settings.json), so no folder holds more than 1000 captions (11,000 files at 10
+images per caption). The 9-digit key and the `.txt` beside the image are img2dataset's `files` layout, so an
+image-text set downloaded with img2dataset (one `<key>.jpg` per caption, no index) reads the same way. Every file
+is written through a temporary name and a rename
 (cli.atomic_write_bytes): a killed writer leaves whole files or none, and readers skip the `.tmp*` leftovers.
 """
 import io

@@ -33,6 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagetree  # noqa: E402
+import shards  # noqa: E402
 from data import (CaptionImagesDataset, CaptionSampler, collate, decode_rgb, item_seed,  # noqa: E402
                   pretrain_augmentation)
 
@@ -129,6 +130,54 @@ def main(args):
               "includes the workers' parallelism; --workers 0 compares the Dataset's overhead at equal parallelism")
 
 
+def pack_shards(tree, folder, captions, images_per_caption, per_shard=1000):
+    """The tree's very files (same bytes) in generate.py's tar shard layout (shards.py)."""
+    os.makedirs(folder)
+    for shard in range(-(-captions // per_shard)):
+        ids = list(range(shard * per_shard, min(captions, (shard + 1) * per_shard)))
+        writer = shards.ShardWriter(os.path.join(folder, shards.shard_name(shard)), ids, images_per_caption)
+        for caption_id in ids:
+            images = []
+            for k in range(images_per_caption):
+                with open(imagetree.image_path(tree, caption_id, k), "rb") as f:
+                    images.append((k, "jpg", f.read()))
+            with open(imagetree.caption_path(tree, caption_id), encoding="utf-8") as f:
+                writer.add(caption_id, images, f.read().strip(), {"caption_id": caption_id})
+        writer.finish()
+
+
+def shards_main(args):
+    """--shards: pretrain.py's loader on tar shards against the same loader on the file tree, same images (the
+    shards hold the tree's bytes), same crops (checked), passes alternating, each a new epoch."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
+        tree, tars = os.path.join(root, "tree"), os.path.join(root, "shards")
+        write_tree(tree, args.captions, args.images_stored, args.stored_size)
+        pack_shards(tree, tars, args.captions, args.images_stored)
+        tar_count = len(shards.list_shards(tars))
+        sides = {}
+        for side, folder in (("tree", tree), ("shards", tars)):
+            dataset = CaptionImagesDataset([folder], args.images_per_caption, 1, args.image_size, seed=0)
+            sides[side] = (dataset, CaptionSampler(len(dataset), args.captions_per_step))
+        firsts = {side: loader_pass(*sides[side], args.workers, epoch=0)[3] for side in sides}  # warm-up
+        difference = (firsts["tree"] - firsts["shards"]).abs().max().item()
+        rates = {"tree": [], "shards": []}
+        for epoch in range(1, args.repeats + 1):
+            for side in rates:
+                seconds, images, _, _ = loader_pass(*sides[side], args.workers, epoch)
+                rates[side].append(images / seconds)
+    print(f"{args.captions} captions x {args.images_stored} JPEGs of {args.stored_size} px, as a tree and as "
+          f"{tar_count} tar shard(s); DataLoader with {args.workers} worker(s); cpu cores="
+          f"{os.cpu_count()}, torch threads={torch.get_num_threads()}")
+    for side in rates:
+        print(f"{side:7s} {statistics.median(rates[side]):7.1f} img/s   passes "
+              f"{' '.join(f'{r:.1f}' for r in rates[side])}")
+    print(f"same crops on both sides (first step of the warm-up pass): max |difference| {difference:.1e}")
+    ratio = statistics.median(rates["shards"]) / statistics.median(rates["tree"])
+    print(f"shards/tree images/s: {ratio:.2f}x (goal: at least 1.0x)")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", type=int, default=48, help="captions in the temporary tree")
@@ -142,4 +191,8 @@ if __name__ == "__main__":
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads of the main process (default 1, as in each DataLoader worker, "
                              "which torch sets to one thread; 0: torch's default, one per core)")
-    main(parser.parse_args())
+    parser.add_argument("--shards", action="store_true",
+                        help="compare the loader on generate.py's tar shards with the loader on the file tree (the "
+                             "same images and crops) instead of the loader with the plain loop")
+    args = parser.parse_args()
+    shards_main(args) if args.shards else main(args)
