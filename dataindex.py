@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 
 import numpy as np
 
@@ -73,28 +74,35 @@ def _fingerprint(kind, containers, extra=()):
 
 # ---- building ----
 
-def _pad_columns(tables, width, dtype):
-    """Stack [rows, k] arrays of varying k into one [rows, width] array of `dtype`, zero-padded."""
-    total = sum(len(t) for t in tables)
-    out = np.zeros((total, width), dtype=dtype)
+def _assemble(parts, offsets=None):
+    """One structured table from per-container parts [(keys, container number, text offsets or None, images
+    [rows, k])], each already reduced to its captions with images and to compact dtypes: the table is allocated
+    once and filled part by part, each part dropped once copied, so a build peaks near twice the table's size.
+    `offsets`: the dtype of the text column (tars), absent for trees."""
+    rows = sum(len(part[0]) for part in parts)
+    key_max = max((int(part[0].max()) for part in parts if len(part[0])), default=0)
+    width = max(part[3].shape[1] for part in parts)
+    fields = [("key", _uint(key_max)), ("container", np.uint32)] + ([("text", offsets)] if offsets else [])
+    table = np.zeros(rows, dtype=fields + [("images", parts[0][3].dtype, (width,))])
     row = 0
-    for table in tables:
-        out[row:row + len(table), :table.shape[1]] = table
-        row += len(table)
-    return out
+    parts.reverse()
+    while parts:
+        keys, container, texts, images = parts.pop()
+        end = row + len(keys)
+        table["key"][row:end] = keys
+        table["container"][row:end] = container
+        if offsets:
+            table["text"][row:end] = texts
+        table["images"][row:end, :images.shape[1]] = images
+        row = end
+    return table
 
 
-def _table(columns, images=None):
-    """A structured array from named 1-D columns and an optional [rows, K] images column."""
-    fields = [(name, array.dtype) for name, array in columns.items()]
-    if images is not None:
-        fields.append(("images", images.dtype, (images.shape[1],)))
-    rows = len(next(iter(columns.values())))
-    table = np.zeros(rows, dtype=fields)
+def _table(columns):
+    """A structured array from named 1-D columns of equal length."""
+    table = np.zeros(len(next(iter(columns.values()))), dtype=[(name, array.dtype) for name, array in columns.items()])
     for name, array in columns.items():
         table[name] = array
-    if images is not None:
-        table["images"] = images
     return table
 
 
@@ -126,8 +134,7 @@ def build_tree(root):
     if not folders:
         raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; make one with "
                          "generate.py or img2dataset --output_format files)")
-    extensions, key_width = [], None
-    keys, folder_ids, image_tables = [], [], []
+    extensions, key_width, parts = [], None, []
     for folder_id, name in enumerate(folders):
         entries = _tree_folder_captions(os.path.join(root, name))
         folder_keys = np.zeros(len(entries), dtype=np.int64)
@@ -155,18 +162,13 @@ def build_tree(root):
         for row, codes in enumerate(rows):
             for slot, code in codes.items():
                 images[row, slot] = code
-        keys.append(folder_keys)
-        folder_ids.append(np.full(len(entries), folder_id, dtype=np.uint32))
-        image_tables.append(images)
+        present = images.any(axis=1)
+        parts.append((folder_keys[present], folder_id, None, images[present]))
     if len(extensions) > 127:
         raise ValueError(f"{root} uses more than 127 image file extensions")
-    keys = np.concatenate(keys)
-    images = _pad_columns(image_tables, max(t.shape[1] for t in image_tables), np.uint8)
-    present = images.any(axis=1)
-    if not present.any():
+    table = _assemble(parts)
+    if not len(table):
         raise ValueError(f"{root} holds no captioned images")
-    table = _table({"key": keys.astype(_uint(keys.max(initial=0))), "container": np.concatenate(folder_ids)},
-                   images)[present]
     return table, {"containers": folders, "extensions": extensions, "key_width": key_width}
 
 
@@ -204,30 +206,23 @@ def _scan_samples(fd):
 
 def build_tars(paths):
     """(table, metadata) of local tar shards; captions without an image are left out."""
-    keys, tar_ids, texts, image_tables = [], [], [], []
+    offsets = _uint(max(os.path.getsize(path) for path in paths))  # u4 unless a tar is over 4 GiB
+    parts = []
     for tar_id, path in enumerate(paths):
         fd = os.open(path, os.O_RDONLY)
         try:
             index = shards.read_index(fd)
             if index is not None:  # generate.py's shard: its first member says everything
-                tar_keys, tar_texts, images = index[:, 0], index[:, 1], index[:, 2:]
+                keys, texts, images = index[:, 0], index[:, 1], index[:, 2:]
             else:
-                tar_keys, tar_texts, images = _scan_samples(fd)
+                keys, texts, images = _scan_samples(fd)
         finally:
             os.close(fd)
-        keys.append(tar_keys)
-        texts.append(tar_texts)
-        image_tables.append(images)
-        tar_ids.append(np.full(len(tar_keys), tar_id, dtype=np.uint32))
-    keys, texts = np.concatenate(keys), np.concatenate(texts)
-    width = max(t.shape[1] for t in image_tables)
-    largest = max(os.path.getsize(path) for path in paths)
-    images = _pad_columns(image_tables, width, _uint(largest))
-    present = images.any(axis=1) if width else np.zeros(len(keys), dtype=bool)
-    if not present.any():
+        present = images.any(axis=1)
+        parts.append((keys[present], tar_id, texts[present].astype(offsets), images[present].astype(offsets)))
+    table = _assemble(parts, offsets)
+    if not len(table):
         raise ValueError(f"the tar shards {paths[0]} ... hold no captioned images")
-    table = _table({"key": keys.astype(_uint(keys.max(initial=0))), "container": np.concatenate(tar_ids),
-                    "text": texts.astype(_uint(largest))}, images)[present]
     return table, {"containers": [os.path.abspath(path) for path in paths]}
 
 
@@ -492,14 +487,15 @@ def open_source(spec, folder_list=None, fallback_cache=None, build=True):
     if folder is None:
         raise ValueError(f"cannot write the index of {spec} to {' or '.join(candidates)}")
     table_name = f"{source_id}-{fingerprint}.npy"
-    tmp = os.path.join(folder, f".tmp-{table_name}")  # ends in .npy: np.save adds nothing
-    np.save(tmp, table, allow_pickle=False)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)  # nodes building at once: own names
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, table, allow_pickle=False)
     os.replace(tmp, os.path.join(folder, table_name))
     metadata = {**metadata, "kind": kind, "spec": spec, "fingerprint": fingerprint, "table": table_name,
                 "captions": len(table), "version": INDEX_VERSION,
                 "root": os.path.abspath(spec) if kind == "tree" else None}
     atomic_write_json(os.path.join(folder, source_id + ".json"), metadata)
     for name in os.listdir(folder):  # earlier tables of this source: stale now (a reader's mapping stays valid)
-        if name.startswith(source_id + "-") and name != table_name:
+        if name.startswith(source_id + "-") and name != table_name and name.endswith(".npy"):
             os.remove(os.path.join(folder, name))
     return SourceIndex(kind, os.path.join(folder, table_name), metadata)

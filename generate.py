@@ -84,16 +84,17 @@ def get_args_parser():
                         help="base seed: image k of caption i starts from noise seeded by (seed, i, k)")
     # ---- output files ----
     parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
-                        help="files: a folder tree, one file per image (imagetree.py; easy to look at, but n + 1 "
-                             "files per caption: 136M at CC12M scale); webdataset: one uncompressed tar per "
+                        help="files (the default, to look at and for small runs): a folder tree, one file per "
+                             "image (imagetree.py; n + 1 files per caption: 136M at CC12M scale); webdataset: one "
+                             "uncompressed tar per "
                              "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
                              "at random offsets or streamed from object storage)")
     parser.add_argument("--captions-per-shard", type=int, default=imagetree.CAPTIONS_PER_FOLDER,
                         help="captions per tar (webdataset) or per folder (files): caption i goes to shard i // this. "
-                             "1000 makes 10,000 images, about 250 MB of 256 px JPEGs, per tar: big enough for "
+                             "1000 makes 10,000 images, a few hundred MB of 256 px JPEGs, per tar: big enough for "
                              "streaming reads and 1 file per 1000 captions (12,400 for CC12M), small enough that a "
-                             "killed process loses at most the caption it was writing and holds one shard's "
-                             "captions in memory")
+                             "process holds one or two shards' captions in memory; a killed process loses only the "
+                             "captions in flight")
     parser.add_argument("--format", default="jpg", choices=sorted(imagetree.PIL_FORMATS),
                         help="image file format; JPEG keeps 10 images x millions of captions on one disk")
     parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (ignored by png)")

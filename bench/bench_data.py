@@ -100,17 +100,18 @@ def main(args):
         write_tree(root, args.captions, args.images_stored, args.stored_size)
         dataset = CaptionImagesDataset([root], args.images_per_caption, 1, args.image_size, seed=0)
         sampler = CaptionSampler(len(dataset), args.captions_per_step)
+        records = imagetree.read_tree(root)  # the loop's file list (the dataset keeps only a numeric index)
         augment = pretrain_augmentation(args.image_size)
         m = args.images_per_caption
         # warm-up (page cache), and the check that both sides make the same crops from the same files
         _, _, steps, loader_first = loader_pass(dataset, sampler, args.workers, epoch=0)
-        _, _, loop_first = loop_pass(dataset.records, steps, augment, m, 0, epoch=0)
+        _, _, loop_first = loop_pass(records, steps, augment, m, 0, epoch=0)
         difference = (loader_first - loop_first).abs().max().item()
         rates = {"loader": [], "loop": []}
         for epoch in range(1, args.repeats + 1):  # a new epoch each pass: new captions order and crops, both sides
             seconds, images, steps, _ = loader_pass(dataset, sampler, args.workers, epoch)
             rates["loader"].append(images / seconds)
-            seconds, images, _ = loop_pass(dataset.records, steps, augment, m, 0, epoch)
+            seconds, images, _ = loop_pass(records, steps, augment, m, 0, epoch)
             rates["loop"].append(images / seconds)
     per_pass = sampler.steps_per_epoch * args.captions_per_step * args.images_per_caption
     print(f"{args.captions} captions x {args.images_stored} JPEGs of {args.stored_size} px; a pass = "

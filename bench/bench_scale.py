@@ -15,7 +15,9 @@ memory):
   crops per caption), as pretrain.py builds it; each worker's USS (its private pages: what copy-on-read of a
   Python index would grow) after `--warmup-items` (a worker grows once by about 100 MB over its first few thousand
   augmentations, torch warming up, then stays flat), then after `--items` more items across epochs: the growth per
-  item, and the USS every 1000 items.
+  item, and the USS every 1000 items. glibc's heap moves a worker's USS up and down by tens of MB between passes
+  (its dynamic mmap threshold), so the same is measured again with the threshold pinned
+  (MALLOC_MMAP_THRESHOLD_=131072): what remains is the growth our code causes.
 - generate.py: main() on a captions file of G captions (`--generate-captions`, and G / 10, to separate the fixed
   cost from the per-caption one) writing webdataset shards of 8 px images, with the diffusion model replaced by a
   stub that returns black images (the bookkeeping is what is measured, not the model); the peak resident-memory
@@ -92,9 +94,10 @@ def simulate_shards(folder, captions, n, per_shard):
             f.write(b"\0" * 2 * shards.BLOCK)
 
 
-def run_child(*args):
-    """This script in a fresh process with `args`; its last stdout line parsed as JSON."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def run_child(*args, env=None):
+    """This script in a fresh process with `args` (and extra environment variables); its last stdout line parsed
+    as JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True,
                             text=True, env=env, cwd=REPO)
     if result.returncode != 0:
@@ -224,6 +227,10 @@ def main(args):
                   "captions_per_shard": args.captions_per_shard, "simulate_s": time.perf_counter() - start}
         report.update(run_child("--child", "index", folder, args.captions))
         report.update(run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items))
+        pinned = run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items,
+                           env={"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
+        report.update({f"{key}_pinned_mmap_threshold": value for key, value in pinned.items()
+                       if key.startswith("worker_uss") or key.startswith("worker_private")})
         small = max(1, args.generate_captions // 10)
         runs = {count: measure_generate(work, count, args.images_per_caption, args.captions_per_shard)
                 for count in (small, args.generate_captions)}
