@@ -1,44 +1,21 @@
 """Pretraining data: one item is one caption with m of its images, each augmented into c crops.
 
-    item = CaptionImages(images [m * c, 3, S, S], caption label, [m] image indices, tokens [77] or None, corrupt)
+    item = CaptionImages(images [m * c, 3, S, S], caption label, [m] image indices, tokens [77] or None, corrupt,
+                         color None)
 
-The images of a caption come from imagetree.read_tree (generate.py's tree, or img2dataset's `files` output).
-All randomness of an item (which m images, every crop and jitter) is drawn from a generator seeded by
-(seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees exactly
-the batches an uninterrupted one would have seen.
+The images of a caption come from imagetree.read_tree (generate.py's tree, or img2dataset's `files` output), and
+each crop is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3]
+and their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
+training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
+seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
+exactly the batches an uninterrupted one would have seen.
 """
 from typing import NamedTuple, Optional
 
 import torch
-import torchvision
-import torchvision.transforms.v2 as T
 
 import imagetree
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pretrain_augmentation(image_size, crop_scale=(0.08, 1.0)):
-    """The paper's augmentation (SimCLR's recipe), one crop of a uint8 [3, H, W] image to a normalised float one:
-    RandomResizedCrop(scale 0.08-1, the area fraction kept), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale
-    p=0.2, Gaussian blur sigma 0.1-2 p=0.5 (kernel about a tenth of the crop, odd), horizontal flip, ImageNet
-    mean/std."""
-    blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def decode_rgb(path):
-    """uint8 [3, H, W] from an image file; raises on a corrupt or truncated file."""
-    return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+from augment import ColorParams, PretrainAugmentation, decode_rgb
 
 
 def item_seed(seed, epoch, index):
@@ -47,22 +24,26 @@ def item_seed(seed, epoch, index):
 
 
 class CaptionImages(NamedTuple):
-    images: torch.Tensor  # [m * c, 3, S, S], image-major: image 0 crop 0, image 0 crop 1, ..., image 1 crop 0
+    images: torch.Tensor  # [m * c, 3, S, S] float, image-major: image 0 crop 0, image 0 crop 1, ..., image 1 crop 0
+    #                       (augment_on_device: uint8 [m * c, S, S, 3] crops)
     label: int  # the caption's label, unique across all --data folders
     image_indices: torch.Tensor  # [m] which of the caption's images were used
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
+    color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
 
 
 class CaptionImagesDataset(torch.utils.data.Dataset):
     """All captions of one or more image trees; labels run over the folders' captions in order."""
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
-                 context_length=77, crop_scale=(0.08, 1.0)):
+                 context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
+                 augment_on_device=False):
         self.records = [record for root in roots for record in imagetree.read_tree(root)]
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
-        self.augment = pretrain_augmentation(image_size, crop_scale)
+        self.augment = PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res)
+        self.augment_on_device = augment_on_device
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
@@ -93,18 +74,25 @@ class CaptionImagesDataset(torch.utils.data.Dataset):
         for attempt in range(len(self.records)):
             record = self.records[index]
             order = torch.randperm(len(record.image_paths))
-            images, chosen = [], []
+            images, colors, chosen = [], [], []
             for image_index in order.tolist():
                 try:
-                    image = decode_rgb(record.image_paths[image_index])
-                except (RuntimeError, OSError, ValueError):
+                    pixels = decode_rgb(record.image_paths[image_index])
+                except (OSError, ValueError):
                     corrupt += 1
                     continue
-                images.extend(self.augment(image) for _ in range(self.crops_per_image))
+                for _ in range(self.crops_per_image):
+                    if self.augment_on_device:
+                        crop, color = self.augment.crop(pixels)
+                        images.append(crop)
+                        colors.append(color)
+                    else:
+                        images.append(self.augment(pixels))
                 chosen.append(image_index)
                 if len(chosen) == self.images_per_caption:
                     tokens = self.tokenize(record.caption) if self.tokenizer is not None else None
-                    return CaptionImages(torch.stack(images), index, torch.tensor(chosen), tokens, corrupt)
+                    color = ColorParams.cat(colors) if colors else None
+                    return CaptionImages(torch.stack(images), index, torch.tensor(chosen), tokens, corrupt, color)
             index = int(torch.randint(len(self.records), ()))
         raise RuntimeError("no caption has enough readable images")
 
@@ -137,17 +125,19 @@ class CaptionSampler(torch.utils.data.Sampler):
 
 
 def collate(items):
-    """Stack items into a batch: images [B * m * c, 3, S, S] and per-image caption labels and image ids.
+    """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
+    ColorParams, "color") and per-image caption labels and image ids.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
     appears once in a global batch, so both are unique across ranks."""
-    images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S]
+    images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S] or [B * m * c, S, S, 3]
     crops = items[0].images.shape[0] // len(items[0].image_indices)
     labels = torch.tensor([item.label for item in items])
     image_indices = torch.stack([item.image_indices for item in items])  # [B, m]
     image_labels = labels.repeat_interleave(items[0].images.shape[0])
     crop_labels = (labels[:, None] * 2 ** 20 + image_indices).flatten().repeat_interleave(crops)
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
-    return {"images": images, "image_labels": image_labels, "crop_labels": crop_labels, "caption_labels": labels,
-            "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+    color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
+    return {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
+            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
