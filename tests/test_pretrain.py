@@ -1,4 +1,5 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -40,6 +41,8 @@ def test_defaults_are_the_papers_recipe():
     assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
     assert (args.head_hidden_dim, args.embed_dim, args.epochs) == (4096, 256, 15)
     assert pretrain.DEFAULT_VIEWS == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+    # downsampling off (the official README's table scores it lower), the official command's resolutions at hand
+    assert (args.downsample_prob, tuple(args.downsample_res), args.gpu_augment) == (0.0, (64, 128), False)
 
 
 def test_warmup_then_cosine_to_zero():
@@ -91,6 +94,21 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     assert checkpoint["step"] == 3  # 12 captions / (2 captions x 2 ranks)
     assert any(k.startswith("image_mlp.bn1") for k in checkpoint["model"])
     load_encoder(str(tmp_path / "encoder.pth"))
+
+
+def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(random_tree, tmp_path):
+    """--gpu-augment finishes the augmentation on the device (here the CPU) from the loader's draws: the same
+    losses step for step. --downsample-prob 1 with a tiny resolution trains on other crops."""
+    common = ["--data", random_tree, "--epochs", "1", "--captions-per-gpu", "3", "--images-per-caption", "2", *TINY]
+    losses = {}
+    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]),
+                        ("downsampled", ["--downsample-prob", "1", "--downsample-res", "8"])):
+        run_pretrain(*common, "--output", str(tmp_path / name), *flags)
+        log = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        losses[name] = torch.tensor([json.loads(line)["loss"] for line in log])
+    assert len(losses["cpu"]) == 4
+    torch.testing.assert_close(losses["device"], losses["cpu"], rtol=1e-5, atol=0)
+    assert (losses["downsampled"] - losses["cpu"]).abs().max() > 1e-3
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(random_tree, tmp_path):
@@ -151,6 +169,8 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
                                        "--images-per-caption", "5", *TINY, check=False), "4 image(s)")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
                                        "--crop-scale", "0.9", "0.5", *TINY, check=False), "0 < MIN <= MAX <= 1")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
+                                       "--downsample-prob", "1.5", *TINY, check=False), "must be in [0, 1]")
     assert not (tmp_path / "o").exists()  # nothing written for bad input
 
     blocker = tmp_path / "file"
