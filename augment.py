@@ -3,8 +3,8 @@ its colour part batched on any device.
 
 One crop of an image goes through two stages:
 
-    PretrainAugmentation.crop(image)   PIL, uint8: [down- and up-sampling], RandomResizedCrop -> [S, S, 3] uint8,
-                                       and the crop's drawn ColorParams
+    PretrainAugmentation.crop(pixels)  uint8 [H, W, 3]: [down- and up-sampling], RandomResizedCrop -> [S, S, 3]
+                                       uint8, and the crop's drawn ColorParams
     augment_crops(crops, params)       torch, batched: colour jitter (four ops in a random order) p=0.8,
                                        grayscale p=0.2, Gaussian blur p=0.5, horizontal flip, ImageNet normalisation
 
@@ -57,6 +57,7 @@ class ColorParams(NamedTuple):
 
     @staticmethod
     def cat(params):
+        """The rows of several ColorParams, in order."""
         return ColorParams(*(torch.cat(field) for field in zip(*params)))
 
 
@@ -238,8 +239,8 @@ def down_and_up(pixels, resolution):
 
 class PretrainAugmentation:
     """The paper's augmentation of one image into one crop: RandomResizedCrop(image_size, scale=crop_scale, ratio
-    3/4-4/3), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 in a random order, grayscale p=0.2, Gaussian blur sigma
-    U(0.1, 2) p=0.5, horizontal flip, ImageNet mean/std; optionally, first, with probability downsample_prob the
+    3/4-4/3), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 in a random order, grayscale p=0.2, PIL's Gaussian blur of
+    sigma U(0.1, 2) p=0.5, horizontal flip, ImageNet mean/std; optionally, first, with probability downsample_prob the
     whole image is resized down to a resolution drawn uniformly from downsample_res and back up (official
     --downsample, off by default)."""
 
@@ -268,7 +269,8 @@ class PretrainAugmentation:
 # ---- the reference: the official pipeline's behaviour ----
 
 class PILGaussianBlur:
-    """PIL's Gaussian blur (three box blurs of the same variance) with sigma ~ U(0.1, 2) from torch's generator."""
+    """PIL's Gaussian blur (three box blurs of the same variance) with sigma ~ U(0.1, 2), drawn from torch's
+    generator (the official code draws it from Python's) so that a seed fixes the reference's output too."""
 
     def __call__(self, image):
         sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * float(torch.rand(()))

@@ -5,8 +5,8 @@
 
 The bench writes its own image tree in a temporary folder (imagetree's layout, as generate.py writes it: 10
 JPEGs of 256 x 256 per caption, quality 95, smooth random images so they compress like real ones, and each
-folder's _index.json). Four sides, timed alternately over one pass of the captions each, each pass a new epoch; the
-median pass is reported:
+folder's _index.json). Four sides, each pass a new epoch: the loader's pass, then the other three sides over the same
+files, taking turns step by step; the median pass is reported:
 
     loader    pretrain.py's loader: CaptionImagesDataset (m images of a caption, one crop each) + CaptionSampler +
               collate in a torch DataLoader with --workers processes, started afresh every pass as each epoch does
@@ -81,23 +81,28 @@ def loader_pass(dataset, sampler, workers, epoch):
     return time.perf_counter() - start, images, steps, first
 
 
-def loop_pass(records, steps, augment_file, images_per_caption, seed, epoch):
-    """augment_file(path) on the files the loader chose, in this process, with the loader's random draws: torch's
-    generator is seeded per caption by data.item_seed and the caption's image order drawn first, as the Dataset
-    does. Stacks each step's crops as collate does; returns (wall seconds, CPU seconds, images, first step)."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    images, first = 0, None
+def loop_pass(records, steps, sides, images_per_caption, seed, epoch):
+    """Each side's augment_file(path) on the files the loader chose, in this process, with the loader's random draws
+    (torch's generator seeded per caption by data.item_seed and the caption's image order drawn first, as the
+    Dataset does), stacking each step's crops as collate does. The sides take turns step by step, so a change in
+    the machine's load falls on all of them alike. Returns {side: [wall seconds, CPU seconds, images, first step]}."""
+    totals = {side: [0.0, 0.0, 0, None] for side in sides}
     for step in steps:
-        crops = []
-        for label in step:
-            torch.manual_seed(item_seed(seed, epoch, label))
-            paths = records[label].image_paths
-            for index in torch.randperm(len(paths)).tolist()[:images_per_caption]:
-                crops.append(augment_file(paths[index]))
-        batch = torch.stack(crops)
-        images += len(batch)
-        first = batch if first is None else first
-    return time.perf_counter() - start, time.process_time() - start_cpu, images, first
+        for side, augment_file in sides.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            crops = []
+            for label in step:
+                torch.manual_seed(item_seed(seed, epoch, label))
+                paths = records[label].image_paths
+                for index in torch.randperm(len(paths)).tolist()[:images_per_caption]:
+                    crops.append(augment_file(paths[index]))
+            batch = torch.stack(crops)
+            total = totals[side]
+            total[0] += time.perf_counter() - start
+            total[1] += time.process_time() - start_cpu
+            total[2] += len(batch)
+            total[3] = batch if total[3] is None else total[3]
+    return totals
 
 
 def pil_rgb(path):
@@ -120,15 +125,15 @@ def main(args):
         m = args.images_per_caption
         # warm-up (page cache), and the check that the loader and our loop make the same crops from the same files
         _, _, steps, loader_first = loader_pass(dataset, sampler, args.workers, epoch=0)
-        warm_up = {side: loop_pass(dataset.records, steps, run, m, 0, epoch=0)[3] for side, run in loops.items()}
-        difference = (loader_first - warm_up["ours"]).abs().max().item()
+        warm_up = loop_pass(dataset.records, steps, loops, m, 0, epoch=0)
+        difference = (loader_first - warm_up["ours"][3]).abs().max().item()
         wall = {side: [] for side in ("loader", *loops)}  # seconds per image, one entry per pass
         cpu = {side: [] for side in loops}
         for epoch in range(1, args.repeats + 1):  # a new epoch each pass: new captions order and crops, all sides
             seconds, images, steps, _ = loader_pass(dataset, sampler, args.workers, epoch)
             wall["loader"].append(seconds / images)
-            for side, run in loops.items():
-                seconds, cpu_seconds, images, _ = loop_pass(dataset.records, steps, run, m, 0, epoch)
+            for side, (seconds, cpu_seconds, images, _) in loop_pass(dataset.records, steps, loops, m, 0,
+                                                                      epoch).items():
                 wall[side].append(seconds / images)
                 cpu[side].append(cpu_seconds / images)
     per_pass = sampler.steps_per_epoch * args.captions_per_step * args.images_per_caption
