@@ -84,11 +84,14 @@ def loader_pass(dataset, sampler, workers, epoch):
 def loop_pass(records, steps, sides, images_per_caption, seed, epoch):
     """Each side's augment_file(path) on the files the loader chose, in this process, with the loader's random draws
     (torch's generator seeded per caption by data.item_seed and the caption's image order drawn first, as the
-    Dataset does), stacking each step's crops as collate does. The sides take turns step by step, so a change in
-    the machine's load falls on all of them alike. Returns {side: [wall seconds, CPU seconds, images, first step]}."""
+    Dataset does), stacking each step's crops as collate does. The sides take turns step by step, the first one
+    rotating, so a change in the machine's load, and what a side leaves in the caches, falls on all of them alike.
+    Returns {side: [wall seconds, CPU seconds, images, first step]}."""
     totals = {side: [0.0, 0.0, 0, None] for side in sides}
-    for step in steps:
-        for side, augment_file in sides.items():
+    names = list(sides)
+    for step_index, step in enumerate(steps):
+        for side in names[step_index % len(names):] + names[:step_index % len(names)]:
+            augment_file = sides[side]
             start, start_cpu = time.perf_counter(), time.process_time()
             crops = []
             for label in step:

@@ -182,7 +182,7 @@ def test_blur_is_pils_gaussian_blur():
         kernel = augment.blur_kernels(torch.tensor([sigma]))[0]
         taps = torch.arange(len(kernel)) - len(kernel) // 2
         assert abs(kernel.sum() - 1) < 1e-6 and abs((kernel * taps ** 2).sum() - sigma ** 2) < 1e-4
-        ours = augment.gaussian_blur(x, torch.tensor([sigma]))
+        ours = augment.gaussian_blur(x.clone(), torch.tensor([sigma]))  # the ops may write over their input
         pil = torch.from_numpy(np.array(image.filter(ImageFilter.GaussianBlur(sigma)))).permute(2, 0, 1)[None]
         interior = (ours - pil)[..., len(kernel):-len(kernel), len(kernel):-len(kernel)]
         # PIL rounds to 8 bits after each of its six passes: at sigma 0.1 that undoes a third of the blur (noise
@@ -190,7 +190,7 @@ def test_blur_is_pils_gaussian_blur():
         assert interior.abs().max() <= 3 and interior.abs().mean() <= (1.1 if sigma < 0.3 else 0.75)
     # a batch blurs each image with its own kernel
     batch = augment.gaussian_blur(x.repeat(2, 1, 1, 1), torch.tensor([0.5, 2.0]))
-    torch.testing.assert_close(batch[0], augment.gaussian_blur(x, torch.tensor([0.5]))[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[0], augment.gaussian_blur(x.clone(), torch.tensor([0.5]))[0], atol=1e-5, rtol=0)
 
 
 def test_batched_augmentation_equals_the_per_crop_path(random_tree):
