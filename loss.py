@@ -23,6 +23,21 @@ import torch
 from distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 
+def full_precision(tensor):
+    """Autocast off for what follows on `tensor`'s device, so a matmul on float32 inputs stays float32.
+
+    Inside torch.autocast(bf16/fp16) a `.float()` cast alone does not help: autocast casts the operands of the
+    next matmul back down. The losses are softmaxes over thousands of logits divided by tau = 0.1, where bf16's
+    8-bit mantissa moves the loss by ~1e-3 and the gradient by tens of percent, so they run in float32 whatever
+    the caller's autocast says (the official code calls its loss outside autocast for the same reason)."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def at_least_float32(tensor):
+    """fp16 / bf16 -> float32; float32 and float64 are kept."""
+    return tensor.float() if tensor.element_size() < 4 else tensor
+
+
 def multi_positive_loss(features, labels, temperature=0.1):
     """Eq. 4 averaged over this rank's anchors; scalar float32.
 
@@ -33,15 +48,15 @@ def multi_positive_loss(features, labels, temperature=0.1):
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"expected features [N, D] and labels [N], got {tuple(features.shape)} and "
                          f"{tuple(labels.shape)}")
-    if features.element_size() < 4:  # fp16 / bf16 from autocast: the softmax is computed in float32
-        features = features.float()
-    all_features = all_gather_with_grad(features)  # [N_global, D]
-    all_labels = all_gather_no_grad(labels)  # [N_global]
-    if all_features.shape[0] < 2:
-        raise ValueError("the multi-positive loss needs at least two images in the (global) batch")
-    first_column = rank() * features.shape[0]  # where this rank's rows sit among the global columns
-    return _MultiPositiveCrossEntropy.apply(features, all_features, labels, all_labels, first_column,
-                                            float(temperature))
+    with full_precision(features):
+        features = at_least_float32(features)  # fp16 / bf16 from autocast: the softmax is computed in float32
+        all_features = all_gather_with_grad(features)  # [N_global, D]
+        all_labels = all_gather_no_grad(labels)  # [N_global]
+        if all_features.shape[0] < 2:
+            raise ValueError("the multi-positive loss needs at least two images in the (global) batch")
+        first_column = rank() * features.shape[0]  # where this rank's rows sit among the global columns
+        return _MultiPositiveCrossEntropy.apply(features, all_features, labels, all_labels, first_column,
+                                                float(temperature))
 
 
 def _positive_sums(labels, all_labels, all_features, first_column):
@@ -93,6 +108,11 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        with full_precision(grad_output):  # recompute the logits exactly as forward did, in float32
+            return _MultiPositiveCrossEntropy._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         (features, all_features, log_normaliser, positive_sum, num_positives, caption_of_column,
          caption_of_anchor) = ctx.saved_tensors
         first_column, temperature = ctx.first_column, ctx.temperature
@@ -133,8 +153,12 @@ def image_text_loss(image_features, text_features, image_captions, text_captions
     caption's images in the global batch (with m = 1 this is CLIP's loss). Returns the mean of the two directions,
     each averaged over this rank's rows, against columns gathered from all ranks with gradients.
     """
-    if image_features.element_size() < 4:
-        image_features, text_features = image_features.float(), text_features.float()
+    with full_precision(image_features):
+        return _image_text_loss(at_least_float32(image_features), at_least_float32(text_features), image_captions,
+                                text_captions, at_least_float32(logit_scale))
+
+
+def _image_text_loss(image_features, text_features, image_captions, text_captions, logit_scale):
     all_images = all_gather_with_grad(image_features)  # [N_images_global, E]
     all_texts = all_gather_with_grad(text_features)  # [N_texts_global, E]
     all_image_captions = all_gather_no_grad(image_captions)
