@@ -80,10 +80,11 @@ def _size_name(width):
 
 
 def eval_transform(image_size):
-    """Resize 256 -> center crop 224 (the paper's evaluation transform), scaled to `image_size`."""
+    """Resize 256 -> center crop 224, scaled to `image_size`: the official probe's evaluation transform, with its
+    interpolation (torchvision's default on PIL images, bilinear, antialiased by PIL)."""
     return transforms.Compose([
         transforms.Lambda(to_rgb),
-        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

@@ -56,8 +56,12 @@ def get_args_parser():
                      help="one head per base lr, lr = base x batch / 256; the official sweep 0.001 ... 0.5, since "
                           "the best lr differs between encoders and one frozen pass trains them all")
     sgd.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
-                     help="drop the BatchNorm (no affine) in front of the heads; the official probe keeps it, "
-                          "since it makes one lr range fit features of any scale")
+                     help="drop the BatchNorm (no affine) in front of the heads; on by default since it makes one "
+                          "lr range fit features of any scale (the official probe's --use_bn; its README reports "
+                          "both, within 1 point of each other)")
+    sgd.add_argument("--eval-every", type=int, default=10,
+                     help="score every head on the held-out images every N epochs and after the last; 10, the "
+                          "official probe's --eval-freq. The results hold the last evaluation and the best one")
     # ---- lbfgs protocol ----
     lbfgs = parser.add_argument_group("lbfgs protocol")
     lbfgs.add_argument("--wd-range", type=float, nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
@@ -135,10 +139,10 @@ class LinearHeads(nn.Module):
 
 
 def train_transform(image_size):
-    """RandomResizedCrop + horizontal flip, the official probe's training augmentation."""
+    """RandomResizedCrop + horizontal flip, the official probe's training augmentation (bilinear, its default)."""
     return transforms.Compose([
         transforms.Lambda(ev.to_rgb),
-        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(ev.IMAGENET_MEAN, ev.IMAGENET_STD),
@@ -160,6 +164,8 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
     heads = LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
+    if world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as the official
+        heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # probe's SyncBatchNorm (GPUs only)
     module = heads
     if world_size() > 1:
         module = nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
@@ -169,7 +175,7 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # ---- loop ----
-    total_steps, step, history = args.epochs * len(loader), 0, []
+    total_steps, step, history, evaluations = args.epochs * len(loader), 0, [], []
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
@@ -193,26 +199,40 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
         if not all(math.isfinite(x) for x in mean_losses):
             raise FloatingPointError(f"non-finite training loss at epoch {epoch}: {mean_losses}")
         history.append({"epoch": epoch, "train_loss": mean_losses})
+        line = f"epoch {epoch}: train loss {min(mean_losses):.4f} (lowest of {len(lrs)} heads)"
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            accuracies = evaluate_heads(heads, encoder, test_set, per_rank, args.num_workers, autocast, device)
+            evaluations.append({"epoch": epoch, "top1": accuracies})
+            line += f"; held-out top-1 {max(accuracies):.2f} (best head)"
         if is_main_process():
-            best = min(range(len(lrs)), key=lambda h: mean_losses[h])
-            print(f"epoch {epoch}: train loss {mean_losses[best]:.4f} (lr {lrs[best]:.4g}, lowest of {len(lrs)})")
+            print(line)
 
-    # ---- evaluate: every rank scores its own share of the held-out images, counts are summed ----
-    module.eval()
+    # ---- results: the last evaluation, and the best over evaluations and heads ----
+    def best_head(evaluation):
+        head = max(range(len(lrs)), key=lambda h: evaluation["top1"][h])
+        return {"epoch": evaluation["epoch"], "base_lr": args.base_lrs[head], "lr": lrs[head],
+                "top1": evaluation["top1"][head]}
+
+    last = evaluations[-1]
+    return {"metric": "top1",
+            "heads": [{"base_lr": b, "lr": lr, "top1": acc} for b, lr, acc in zip(args.base_lrs, lrs, last["top1"])],
+            "last": best_head(last),
+            "best": max((best_head(e) for e in evaluations), key=lambda row: row["top1"]),
+            "evaluations": evaluations, "history": history}
+
+
+@torch.inference_mode()
+def evaluate_heads(heads, encoder, test_set, batch_size, num_workers, autocast, device):
+    """Top-1 (%) of every head on the held-out images: each rank scores its share, the counts are summed."""
+    heads.eval()
     shard = Subset(test_set, range(rank(), len(test_set), world_size()))
-    correct = torch.zeros(len(lrs), device=device)
-    with torch.inference_mode():
-        for images, targets in DataLoader(shard, batch_size=per_rank, num_workers=args.num_workers):
-            with autocast:
-                features = encoder(images.to(device, non_blocking=True))
-            logits = heads(features.float())
-            correct += (logits.argmax(-1) == targets.to(device)).sum(1)
-    accuracies = (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
-    best = max(range(len(lrs)), key=lambda h: accuracies[h])
-    return {"metric": "top1", "heads": [{"base_lr": b, "lr": lr, "top1": acc}
-                                        for b, lr, acc in zip(args.base_lrs, lrs, accuracies)],
-            "best": {"base_lr": args.base_lrs[best], "lr": lrs[best], "top1": accuracies[best]},
-            "history": history}
+    correct = torch.zeros(len(heads.heads), device=device)
+    for images, targets in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
+        with autocast:
+            features = encoder(images.to(device, non_blocking=True))
+        logits = heads(features.float())
+        correct += (logits.argmax(-1) == targets.to(device)).sum(1)
+    return (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -281,6 +301,8 @@ def main(args):
     # ---- arguments and output ----
     if args.wd_steps < 1 or args.wd_range[0] <= 0 or args.wd_range[0] > args.wd_range[1]:
         raise UserError("--wd-range needs 0 < MIN <= MAX and --wd-steps at least 1")
+    if args.epochs < 1 or args.eval_every < 1:
+        raise UserError("--epochs and --eval-every must be at least 1")
     output_dir = os.path.dirname(os.path.abspath(args.output))
     check_writable_folder(output_dir)
     cache_dir = args.cache_dir or os.path.join(output_dir, "feature_cache")
@@ -314,7 +336,11 @@ def main(args):
             raise UserError(f"--protocol sgd reports top-1; {metric} is the lbfgs protocol's metric")
         results.update(run_sgd(args, encoder, splits["train"], splits["test"], num_classes, device))
         summary = [(f"base lr {h['base_lr']:g}", h["top1"]) for h in results["heads"]]
-        summary.append(("best (top-1)", results["best"]["top1"]))
+        summary.append((f"last: best head at the last epoch (base lr {results['last']['base_lr']:g})",
+                        results["last"]["top1"]))
+        summary.append((f"best: over evaluations and heads (epoch {results['best']['epoch']}, base lr "
+                        f"{results['best']['base_lr']:g}; chosen on these held-out images, as the official probe "
+                        "does)", results["best"]["top1"]))
     else:
         features, cache_hits = {}, {}
         for split, dataset in splits.items():

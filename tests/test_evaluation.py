@@ -178,3 +178,15 @@ def test_standardise_uses_the_statistics_of_the_first_set():
     fit_std, other_std = ev.standardise(fit, other)
     torch.testing.assert_close(fit_std.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(other_std, (other - fit.mean(0)) / (fit.std(0) + 1e-6))
+
+
+def test_eval_transform_is_the_official_probes():
+    """main_linear.py's val transform: Resize(256) and CenterCrop(224) with torchvision's defaults on a PIL image
+    (bilinear), then ImageNet mean/std. Ours must give the same tensor."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    official = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    torch.testing.assert_close(ev.eval_transform(224)(image), official(image))

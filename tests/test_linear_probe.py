@@ -69,18 +69,24 @@ def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_fo
 
 # ---- sgd protocol ----
 
-def test_sgd_protocol_learns_in_two_epochs(tmp_path, digit_folders, tiny_checkpoint):
+def test_sgd_protocol_learns_in_three_epochs_and_reports_last_and_best(tmp_path, digit_folders, tiny_checkpoint):
     train, _ = split_digits(load_digit_images(size=32), held_out_fraction=0.6, seed=1)
     small_train = write_image_folder(train, str(tmp_path / "train"))
     results = probe("--protocol", "sgd", "--checkpoint", tiny_checkpoint, "--train-dir", small_train,
-                    "--val-dir", digit_folders[1], "--epochs", "2", "--batch-size", "32", "--base-lrs", "0.05", "0.5",
-                    "--num-workers", "0", "--output", tmp_path / "sgd.json")
+                    "--val-dir", digit_folders[1], "--epochs", "3", "--eval-every", "2", "--batch-size", "32",
+                    "--base-lrs", "0.05", "0.5", "--num-workers", "0", "--output", tmp_path / "sgd.json")
     assert [h["lr"] for h in results["heads"]] == pytest.approx([0.05 * 32 / 256, 0.5 * 32 / 256])
     losses = [epoch["train_loss"] for epoch in results["history"]]
-    assert len(losses) == 2 and all(len(row) == 2 for row in losses)
-    assert min(losses[1]) < min(losses[0]) < math.log(10)  # below the loss of a uniform guess, and falling
-    assert results["best"]["top1"] == max(h["top1"] for h in results["heads"]) > 30  # chance is 10
-    assert json.loads((tmp_path / "sgd.json").read_text())["best"] == results["best"]
+    assert len(losses) == 3 and all(len(row) == 2 for row in losses)
+    assert min(losses[2]) < min(losses[0]) < math.log(10)  # below the loss of a uniform guess, and falling
+    # evaluated after epoch 2 (--eval-every 2) and after the last; "last" is the best head of the last evaluation,
+    # "best" the best over evaluations and heads (the official probe's reported number)
+    assert [e["epoch"] for e in results["evaluations"]] == [1, 2]
+    assert results["last"]["epoch"] == 2
+    assert results["last"]["top1"] == max(h["top1"] for h in results["heads"]) > 30  # chance is 10
+    assert results["best"]["top1"] == max(max(e["top1"]) for e in results["evaluations"]) >= results["last"]["top1"]
+    saved = json.loads((tmp_path / "sgd.json").read_text())
+    assert saved["best"] == results["best"] and saved["last"] == results["last"]
 
 
 def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
