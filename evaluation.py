@@ -79,12 +79,16 @@ def _size_name(width):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def eval_transform(image_size):
-    """Resize 256 -> center crop 224, scaled to `image_size`: the official probe's evaluation transform, with its
-    interpolation (torchvision's default on PIL images, bilinear, antialiased by PIL)."""
+def eval_transform(image_size, interpolation="bicubic"):
+    """Resize 256 -> center crop 224, scaled to `image_size`, PIL's antialiased resampling:
+
+    - "bilinear" is the official ImageNet probe's (main_linear.py leaves torchvision's default)
+    - "bicubic" is the transfer protocol's of the fine-grained datasets (SimCLR's and Kornblith et al.'s), which
+      the L-BFGS probe and few-shot follow."""
+    mode = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     return transforms.Compose([
         transforms.Lambda(to_rgb),
-        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BILINEAR),
+        transforms.Resize(round(image_size * 256 / 224), interpolation=mode[interpolation]),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),

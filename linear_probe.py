@@ -317,8 +317,8 @@ def main(args):
     image_size = encoder_id["image_size"]
 
     # ---- data ----
-    eval_t = ev.eval_transform(image_size)
     sgd_train = args.protocol == "sgd"
+    eval_t = ev.eval_transform(image_size, "bilinear" if sgd_train else "bicubic")  # each protocol's own
     splits, num_classes, data_id = open_splits(
         args, lambda split: train_transform(image_size) if sgd_train and split == "train" else eval_t)
     for split, dataset in splits.items():

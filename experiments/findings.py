@@ -68,9 +68,9 @@ def get_args_parser():
                         help="transformer blocks of the ViT-Ti (default: its own 12); fewer make a CPU run "
                              "faster. The random-init floor gets the same depth (saved as a state dict, since the "
                              "probe scripts' --random-init builds the full depth)")
-    parser.add_argument("--base-lr", type=float, default=3.2e-3,
-                        help="pretrain.py's lr per 256 images; 3.2e-3 gives lr = 1e-3 at 80 images a step, "
-                             "what the digits demo trains well with")
+    parser.add_argument("--base-lr", type=float, default=6.4e-3,
+                        help="pretrain.py's base lr (lr = base x images per step / 512, the official rule); 6.4e-3 "
+                             "gives lr = 1e-3 at 80 images a step, what the digits demo trains well with")
     parser.add_argument("--warmup-fraction", type=float, default=0.1,
                         help="share of the steps spent in linear warmup (then cosine decay to 0)")
     # evaluation
@@ -162,7 +162,7 @@ def main(args):
     out = os.path.abspath(args.output)
     start = time.time()
     print(f"{IMAGES_PER_STEP} images a step x {args.steps} steps = {IMAGES_PER_STEP * args.steps} images seen per "
-          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 256 = {args.base_lr * IMAGES_PER_STEP / 256:g}; "
+          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 512 = {args.base_lr * IMAGES_PER_STEP / 512:g}; "
           f"{len(args.configs)} configs x {args.seeds} seeds", flush=True)
 
     # ---- data ----

@@ -189,4 +189,4 @@ def test_eval_transform_is_the_official_probes():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
     official = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
                                    transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    torch.testing.assert_close(ev.eval_transform(224)(image), official(image))
+    torch.testing.assert_close(ev.eval_transform(224, "bilinear")(image), official(image))
