@@ -102,7 +102,8 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
                "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
                "--base-lr", f"{args.base_lr:g}", "--epochs", str(epochs),
                "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
-               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
+               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps),
+               "--head-batchnorm", "joint"]  # 10-40 captions a step: per-view BN batches would be that small
     if args.depth is not None:
         command += ["--depth", str(args.depth)]
     if loss in ("clip", "stablerep+"):
