@@ -105,6 +105,7 @@ def atomic_open(path):
     `open` would give it (0666 less the umask), so lab-mates can read what a run writes. A full disk (or quota,
     or file-size limit) removes the temporary file and becomes a UserError naming `path`."""
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~UMASK)

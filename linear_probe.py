@@ -17,6 +17,7 @@ split (the dataset's own, else 20% of train), the best refitted on train + valid
 import argparse
 import math
 import os
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
 import evaluation as ev
-from cli import UserError, atomic_write_json, check_writable_folder, run
+from cli import UserError, atomic_write_json, integer, number, run
 from distributed import all_gather_no_grad, init_distributed, is_main_process, rank, world_size
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
@@ -46,12 +47,12 @@ def get_args_parser():
     data = ev.add_dataset_arguments(parser, {
         "--train-dir": "ImageFolder of training images",
         "--val-dir": "ImageFolder of held-out images, scored at the end (ImageNet's val; the test split)"})
-    data.add_argument("--batch-size", type=int, default=1024, help="images per step over all processes; 1024, "
+    data.add_argument("--batch-size", type=integer(1), default=1024, help="images per step over all processes; 1024, "
                       "the official probe's (the learning rates scale with it)")
     # ---- sgd protocol ----
     sgd = parser.add_argument_group("sgd protocol")
-    sgd.add_argument("--epochs", type=int, default=90, help="90, the official probe's (cosine schedule to 0)")
-    sgd.add_argument("--base-lrs", type=float, nargs="+",
+    sgd.add_argument("--epochs", type=integer(1), default=90, help="90, the official probe's (cosine schedule to 0)")
+    sgd.add_argument("--base-lrs", type=number(above=0), nargs="+",
                      default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
                      help="one head per base lr, lr = base x batch / 256; the official sweep 0.001 ... 0.5, since "
                           "the best lr differs between encoders and one frozen pass trains them all")
@@ -59,25 +60,24 @@ def get_args_parser():
                      help="drop the BatchNorm (no affine) in front of the heads; on by default since it makes one "
                           "lr range fit features of any scale (the official probe's --use_bn; its README reports "
                           "both, within 1 point of each other)")
-    sgd.add_argument("--eval-every", type=int, default=10,
+    sgd.add_argument("--eval-every", type=integer(1), default=10,
                      help="score every head on the held-out images every N epochs and after the last; 10, the "
                           "official probe's --eval-freq. The results hold the last evaluation and the best one")
     # ---- lbfgs protocol ----
     lbfgs = parser.add_argument_group("lbfgs protocol")
-    lbfgs.add_argument("--wd-range", type=float, nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
+    lbfgs.add_argument("--wd-range", type=number(above=0), nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
                        help="L2 strengths swept (log-spaced): 1e-6 ... 1e5, the paper's range")
-    lbfgs.add_argument("--wd-steps", type=int, default=45, help="45 values, the paper's sweep")
-    lbfgs.add_argument("--val-fraction", type=float, default=0.2,
+    lbfgs.add_argument("--wd-steps", type=integer(1), default=45, help="45 values, the paper's sweep")
+    lbfgs.add_argument("--val-fraction", type=number(above=0, maximum=0.9), default=0.2,
                        help="share of train held out to pick the L2 strength when the dataset has no val split; "
                             "0.2, the paper's")
-    lbfgs.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit; 1000, "
+    lbfgs.add_argument("--max-iter", type=integer(1), default=1000, help="L-BFGS iterations per fit; 1000, "
                        "scikit-learn's usual cap for this problem")
     lbfgs.add_argument("--metric", choices=["auto", "top1", "mean_per_class", "map11"], default="auto",
                        help="auto: the paper's metric for --dataset (mean per-class accuracy for Aircraft, "
                             "Caltech-101, Flowers, Pets; 11-point mAP for VOC2007; top-1 otherwise)")
     # ---- run ----
-    parser.add_argument("--seed", type=int, default=0, help="data order, validation split, --random-init")
-    parser.add_argument("--output", default="linear_probe.json", help="results file (JSON)")
+    ev.add_run_arguments(parser, "linear_probe", "data order, validation split, --random-init")
     return parser
 
 
@@ -181,7 +181,7 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
             sampler.set_epoch(epoch)
         module.train()
         loss_sum = torch.zeros(len(lrs), device=device)
-        for images, targets in loader:
+        for images, targets in ev.batches(loader):
             for group in optimizer.param_groups:  # cosine to 0, per step
                 group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             with torch.no_grad(), autocast:
@@ -227,7 +227,7 @@ def evaluate_heads(heads, encoder, test_set, batch_size, num_workers, autocast, 
     heads.eval()
     shard = Subset(test_set, range(rank(), len(test_set), world_size()))
     correct = torch.zeros(len(heads.heads), device=device)
-    for images, targets in DataLoader(shard, batch_size=batch_size, num_workers=num_workers):
+    for images, targets in ev.batches(DataLoader(shard, batch_size=batch_size, num_workers=num_workers)):
         with autocast:
             features = encoder(images.to(device, non_blocking=True))
         logits = heads(features.float())
@@ -264,11 +264,16 @@ def sweep_and_refit(train, val, test, num_classes, metric, args, device):
         print(f"weight decay {strength:.3g}: val {metric} {sweep[-1]['val']:.2f}")
     sweep.sort(key=lambda row: row["weight_decay"])
     best = max(sweep, key=lambda row: row["val"])  # ties: the weakest regularisation that reaches the best
+    at_edge = len(sweep) > 2 and best["weight_decay"] in (sweep[0]["weight_decay"], sweep[-1]["weight_decay"])
+    if at_edge:
+        print(f"note: the best L2 strength {best['weight_decay']:.3g} is at the edge of --wd-range "
+              f"{args.wd_range[0]:g} {args.wd_range[1]:g}; a wider range may score higher", file=sys.stderr)
     x_all, x_test = ev.standardise(torch.cat([train[0], val[0]]).to(device), test[0].to(device))
     weight, bias = ev.fit_logistic_regression(x_all, torch.cat([train[1], val[1]]).to(device), num_classes,
                                               best["weight_decay"], args.max_iter)
     test_score = score(ev.predict_logits(x_test, weight, bias).cpu(), test[1])
     return {"metric": metric, "sweep": sweep, "best_weight_decay": best["weight_decay"], "best_val": best["val"],
+            "best_at_edge_of_sweep": at_edge,
             "test": test_score, "train_images": len(train[0]), "val_images": len(val[0]),
             "test_images": len(test[0])}
 
@@ -298,14 +303,12 @@ def open_splits(args, transform_for):
 
 
 def main(args):
-    # ---- arguments and output ----
-    if args.wd_steps < 1 or args.wd_range[0] <= 0 or args.wd_range[0] > args.wd_range[1]:
-        raise UserError("--wd-range needs 0 < MIN <= MAX and --wd-steps at least 1")
-    if args.epochs < 1 or args.eval_every < 1:
-        raise UserError("--epochs and --eval-every must be at least 1")
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    check_writable_folder(output_dir)
-    cache_dir = args.cache_dir or os.path.join(output_dir, "feature_cache")
+    # ---- arguments and output (checked here, written only at the end) ----
+    if args.wd_range[0] > args.wd_range[1]:
+        raise UserError(f"--wd-range {args.wd_range[0]:g} {args.wd_range[1]:g} needs MIN <= MAX")
+    data_name = args.dataset or ev.folder_name(args.train_dir or "folders")
+    output = ev.results_path(args, "linear_probe", data_name)
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
 
     # ---- distributed ----
     device = init_distributed()
@@ -324,6 +327,8 @@ def main(args):
     for split, dataset in splits.items():
         if dataset is not None and len(dataset) == 0:
             raise UserError(f"the {split} split holds no images")
+    if num_classes < 2:
+        raise UserError(f"the training split holds {num_classes} class: a classifier needs at least 2")
     metric = PAPER_METRICS.get(args.dataset, "top1") if args.metric == "auto" else args.metric
     if metric == "map11" and args.dataset != "voc2007":
         raise UserError("--metric map11 needs the multi-label --dataset voc2007")
@@ -363,12 +368,12 @@ def main(args):
 
     # ---- save ----
     if is_main_process():
-        atomic_write_json(args.output, results)
+        atomic_write_json(output, results)
         width = max(len(name) for name, _ in summary)
         print(f"linear probe ({args.protocol}) of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
         for name, value in summary:
             print(f"  {name:<{width}}  {value:6.2f}")
-        print(f"results: {args.output}")
+        print(f"results: {output}")
     if world_size() > 1:  # leave the process group cleanly: exiting without it aborts gloo/NCCL at shutdown
         dist.barrier()
         dist.destroy_process_group()
