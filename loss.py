@@ -17,6 +17,12 @@ nothing of size N_global x N_global is ever built. Every rank must hold the same
 Edge cases: an anchor whose caption has no other image in the global batch has no positive; p_i is undefined,
 so it contributes 0 to the sum (and no gradient through its own row) while still serving as a negative for the
 others; the mean is still over all N anchors, so that the per-rank means average to the one-process mean.
+
+Two implementations of the same numbers: `multi_positive_loss_reference` is Eq. 2-4 line by line (N x N masks,
+autograd), to read beside the paper; `multi_positive_loss` is what training calls: the same value and gradient
+(tests/test_loss.py holds them to 1e-10), with this rank's rows against gathered columns under DDP, positives
+summed per caption instead of masked, and a hand-written backward that recomputes the logits instead of keeping
+them, so it needs a fifth of SupConLoss's memory and a third of its time (BENCHMARKS.md).
 """
 import torch
 
@@ -28,8 +34,8 @@ def full_precision(tensor):
 
     Inside torch.autocast(bf16/fp16) a `.float()` cast alone does not help: autocast casts the operands of the
     next matmul back down. The losses are softmaxes over thousands of logits divided by tau = 0.1, where bf16's
-    8-bit mantissa moves the loss by ~1e-3 and the gradient by tens of percent, so they run in float32 whatever
-    the caller's autocast says (the official code calls its loss outside autocast for the same reason)."""
+    8-bit mantissa moves the loss by ~1e-3 and the gradient by several percent (measured on near-converged
+    embeddings), so they run in float32 whatever the caller's autocast says."""
     return torch.autocast(tensor.device.type, enabled=False)
 
 
@@ -38,8 +44,18 @@ def at_least_float32(tensor):
     return tensor.float() if tensor.element_size() < 4 else tensor
 
 
+def multi_positive_loss_reference(features, labels, temperature=0.1):
+    """Eq. 2-4 as the paper writes them, for one process: features [N, D] L2-normalised, labels [N]."""
+    not_self = ~torch.eye(len(features), dtype=torch.bool, device=features.device)  # [N, N], the k != i of Eq. 2-3
+    logits = (features @ features.T / temperature).masked_fill(~not_self, float("-inf"))  # z_i.z_k / tau
+    log_q = torch.log_softmax(logits, dim=1).masked_fill(~not_self, 0.0)  # Eq. 2, log q_ij (q_ii is never used)
+    same_caption = (labels[:, None] == labels[None, :]) & not_self  # 1[c_i = c_j], j != i
+    p = same_caption.to(log_q.dtype) / same_caption.sum(dim=1, keepdim=True).clamp(min=1)  # Eq. 3 (0s: no positive)
+    return -(p * log_q).sum(dim=1).mean()  # Eq. 4: mean_i H(p_i, q_i)
+
+
 def multi_positive_loss(features, labels, temperature=0.1):
-    """Eq. 4 averaged over this rank's anchors; scalar float32.
+    """Eq. 4 averaged over this rank's anchors, the fast form of `multi_positive_loss_reference`; scalar float32.
 
     features: [N_local, D] L2-normalised embeddings (half precision is computed in float32, float64 kept).
     labels:   [N_local] integer caption ids; images that share an id are positives of each other.
