@@ -123,18 +123,20 @@ class VisionTransformer(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
 
     def forward_tokens(self, images):
-        """All tokens after the final norm: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
+        """The plain ViT, every block over every token: [B, 3, H, W] -> [B, 1 + num_patches, D] after the final
+        norm. f(x) of the paper is `forward_tokens(x)[:, 0]`; `forward` computes the same numbers faster."""
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
     def forward(self, images):
-        """The class token after the final norm: [B, 3, H, W] -> [B, D].
+        """f(x): the class token after the final norm, [B, 3, H, W] -> [B, D].
 
-        Equal to forward_tokens(images)[:, 0], but the last block runs for the class token alone (no other
-        token's output is used there): its attention output, projection and MLP skip the patch tokens, about 6%
-        of a ViT-B/16's FLOPs."""
+        Equal to `forward_tokens(images)[:, 0]` (tests/test_model.py checks it), with one speed trick: the last
+        block runs for the class token alone, since no other token's output is used after it. Its attention still
+        reads every token's keys and values, but the attention output, projection and MLP skip the patch tokens:
+        about 6% of a ViT-B/16's FLOPs."""
         x = self.embed(images)
         for block in self.blocks[:-1]:
             x = block(x)
