@@ -5,7 +5,11 @@ A user error (a missing folder, a bad flag value, a checkpoint of the wrong mode
 on stderr and exit code 2, never a traceback: the stage raises `UserError`, and `run(main, parser)` turns it
 into that line.
 """
+import argparse
+import contextlib
+import errno
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -13,42 +17,139 @@ import sys
 import tempfile
 
 REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file-size limit
 
 
 class UserError(Exception):
-    """Bad input from the user: reported as one line and exit code 2."""
+    """Bad input from the user (or a full disk): reported as one line and exit code 2."""
 
 
 def run(main, parser, argv=None):
-    """Parse the command line and call `main(args)`; a UserError becomes `error: <message>` and exit code 2."""
+    """Parse the command line and call `main(args)`. A bad flag (argparse's own check or a range check of the
+    flag's `type`) and a UserError both end the script with `prog: error: <message>`, one line, exit code 2."""
+    def fail(message):
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = fail  # argparse would print its usage block first; one line says more
     args = parser.parse_args(argv)
     try:
         return main(args)
     except UserError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(err)
+
+
+# ---- range-checked argparse types: a bad number stops at parse time, before anything is read or written ----
+
+def _bounds(minimum, maximum, above):
+    """'>= 1 and <= 100' for the messages."""
+    def show(value):
+        return f"{value:g}" if isinstance(value, float) else str(value)
+    parts = [f"> {show(above)}"] if above is not None else [f">= {show(minimum)}"] if minimum is not None else []
+    return " and ".join(parts + ([f"<= {show(maximum)}"] if maximum is not None else []))
+
+
+def integer(minimum=None, maximum=None):
+    """An argparse `type`: an integer in [minimum, maximum] (either bound optional)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum, None)}, got {text}")
+        return value
+    return parse
+
+
+def number(minimum=None, maximum=None, above=None):
+    """An argparse `type`: a finite float (never nan or inf), >= minimum or > above, and <= maximum."""
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = (minimum is not None and value < minimum) or (above is not None and value <= above)
+        too_high = maximum is not None and value > maximum
+        if not math.isfinite(value) or too_low or too_high:
+            bounds = _bounds(minimum, maximum, above)
+            raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
+        return value
+    return parse
+
+
+SEED = integer(0, 2 ** 63 - 1)  # what torch.manual_seed and numpy accept
+
+
+# ---- files ----
+
+def _umask():
+    """The process's umask, read once at import (os.umask can only be read by setting it, which is not
+    thread-safe later on)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+@contextlib.contextmanager
+def atomic_open(path):
+    """A binary file that becomes `path` when the block ends without error: written under an unpredictable
+    temporary name in the same folder (created exclusively, so a planted symlink is never followed), then
+    renamed over `path` (which replaces a link there, never writes through it).
+
+    A process killed at any moment (SIGKILL included) leaves either the old file or the new one, never a
+    partial one; the temporary names start with '.tmp' so readers can ignore leftovers. The file gets the mode
+    `open` would give it (0666 less the umask), so lab-mates can read what a run writes. A full disk (or quota,
+    or file-size limit) removes the temporary file and becomes a UserError naming `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
+    try:
+        os.fchmod(fd, 0o666 & ~UMASK)
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if no_space(err):
+            raise UserError(f"no space left to write {path} ({os.strerror(no_space(err))}); free some space and "
+                            "rerun the same command") from None
+        raise
+
+
+def no_space(err):
+    """The errno of a full disk, quota or file-size limit behind `err` (torch.save wraps it in a RuntimeError
+    that names only the message), else 0."""
+    for cause in (err, err.__cause__, err.__context__):
+        if isinstance(cause, OSError) and cause.errno in NO_SPACE:
+            return cause.errno
+    text = str(err)
+    return next((code for code in NO_SPACE if os.strerror(code) in text), 0)
 
 
 def atomic_write_bytes(path, data):
-    """Write `data` to `path` through a temporary file in the same folder and a rename.
-
-    A process killed at any moment (SIGKILL included) leaves either the old file or the new one, never a
-    partial file; the temporary names start with '.tmp' so readers can ignore leftovers.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `data` to `path` through `atomic_open`."""
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def open_append(path):
+    """Open a text file for appending (a log), refusing to follow a symlink at `path`: UserError if one is there."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link; refusing to write through it") from None
+        raise
+    return os.fdopen(fd, "a", encoding="utf-8")
 
 
 def check_writable_folder(path):

@@ -1,15 +1,19 @@
 """Pretraining data: one item is one caption with m of its images, each augmented into c crops.
 
-    item = CaptionImages(images [m * c, 3, S, S], caption label, [m] image indices, tokens [77] or None, corrupt)
+    item = CaptionImages(images [m * c, 3, S, S], caption label, [m] image indices, tokens [77] or None, corrupt,
+                         color None)
 
 CaptionImagesDataset reads sources with random access through dataindex.py's memory-mapped index (generate.py's
-trees and tar shards, img2dataset's `files` and `webdataset` output, the official CSV + per-seed roots); all
-randomness of an item (which m images, every crop and jitter) is drawn from a generator seeded by
-(seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees exactly the
-batches an uninterrupted one would have seen. CaptionShardStream reads tar shards that only open as streams
-(pipe:, http(s):, gs: ... URLs, through webdataset): shuffled per epoch at the shard level and in a seeded buffer,
-resumed exactly by skipping whole steps.
+trees and tar shards, img2dataset's `files` and `webdataset` output, the official CSV + per-seed roots);
+CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset),
+shuffled per epoch at the shard level and in a seeded buffer, resumed exactly by skipping whole steps. Each crop
+is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3] and
+their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
+training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
+seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
+exactly the batches an uninterrupted one would have seen.
 """
+import io
 import itertools
 import random
 import zlib
@@ -17,38 +21,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
-import torchvision
-import torchvision.transforms.v2 as T
 
 import dataindex
 import shards
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def pretrain_augmentation(image_size, crop_scale=(0.08, 1.0)):
-    """The paper's augmentation (SimCLR's recipe), one crop of a uint8 [3, H, W] image to a normalised float one:
-    RandomResizedCrop(scale 0.08-1, the area fraction kept), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8, grayscale
-    p=0.2, Gaussian blur sigma 0.1-2 p=0.5 (kernel about a tenth of the crop, odd), horizontal flip, ImageNet
-    mean/std."""
-    blur_kernel = max(3, int(0.1 * image_size) // 2 * 2 + 1)
-    return T.Compose([
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), antialias=True),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([T.GaussianBlur(blur_kernel, sigma=(0.1, 2.0))], p=0.5),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
-
-
-def decode_rgb(path):
-    """uint8 [3, H, W] from an image file's path or its bytes; raises on a corrupt or truncated image."""
-    if isinstance(path, bytes):
-        path = torch.frombuffer(bytearray(path), dtype=torch.uint8)
-    return torchvision.io.decode_image(path, mode=torchvision.io.ImageReadMode.RGB)
+from augment import ColorParams, PretrainAugmentation, decode_rgb
 
 
 def item_seed(seed, epoch, index):
@@ -57,20 +33,24 @@ def item_seed(seed, epoch, index):
 
 
 class CaptionImages(NamedTuple):
-    images: torch.Tensor  # [m * c, 3, S, S], image-major: image 0 crop 0, image 0 crop 1, ..., image 1 crop 0
-    label: int  # the caption's label, unique across all --data folders
+    images: torch.Tensor  # [m * c, 3, S, S] float, image-major: image 0 crop 0, image 0 crop 1, ..., image 1 crop 0
+    #                       (augment_on_device: uint8 [m * c, S, S, 3] crops)
+    label: int  # the caption's label, unique across all --data sources
     image_indices: torch.Tensor  # [m] which of the caption's images were used
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
+    color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
 
 
 class _CaptionItems:
     """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
-    def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale):
+    def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
+                 downsample_prob, downsample_res, augment_on_device):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
-        self.augment = pretrain_augmentation(image_size, crop_scale)
+        self.augment = PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res)
+        self.augment_on_device = augment_on_device
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
@@ -80,17 +60,24 @@ class _CaptionItems:
 
     def make_item(self, label, slots, image_of, caption_of):
         """(item or None, corrupt): decode m distinct images of a caption, taken in a random order of its `slots`
-        (torch's generator, seeded by the caller), `image_of(slot)` giving a path or bytes; a corrupt or truncated
-        one is skipped and counted, never trained on. None when fewer than m are readable."""
-        images, chosen, corrupt = [], [], 0
+        (torch's generator, seeded by the caller), `image_of(slot)` giving a path or the file's bytes; a corrupt or
+        truncated one is skipped and counted, never trained on. None when fewer than m are readable."""
+        images, colors, chosen, corrupt = [], [], [], 0
         for position in torch.randperm(len(slots)).tolist():
             slot = slots[position]
             try:
-                image = decode_rgb(image_of(slot))
-            except (RuntimeError, OSError, ValueError):
+                source = image_of(slot)
+                pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
+            except (OSError, ValueError):
                 corrupt += 1
                 continue
-            images.extend(self.augment(image) for _ in range(self.crops_per_image))
+            for _ in range(self.crops_per_image):
+                if self.augment_on_device:
+                    crop, color = self.augment.crop(pixels)
+                    images.append(crop)
+                    colors.append(color)
+                else:
+                    images.append(self.augment(pixels))
             chosen.append(slot)
             if len(chosen) == self.images_per_caption:
                 tokens = None
@@ -99,7 +86,9 @@ class _CaptionItems:
                         tokens = self.tokenize(caption_of())
                     except OSError:  # an unreadable caption file or member
                         return None, corrupt + 1
-                return CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt), corrupt
+                color = ColorParams.cat(colors) if colors else None
+                item = CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt, color)
+                return item, corrupt
         return None, corrupt
 
 
@@ -110,8 +99,10 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
     it as they read. `build_index=False` loads a cache another process has built, or fails."""
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
-                 context_length=77, crop_scale=(0.08, 1.0), folder_list=None, fallback_cache=None, build_index=True):
-        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale)
+                 context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
+                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True):
+        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
+                         downsample_prob, downsample_res, augment_on_device)
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
@@ -201,9 +192,11 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     An epoch is `captions_per_epoch` captions, a number streams cannot tell in advance."""
 
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
-                 seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), rank=0, world_size=1, workers=0,
+                 seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
+                 downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
                  shuffle_buffer=500):
-        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale)
+        super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
+                         downsample_prob, downsample_res, augment_on_device)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
         self.source_of = {url: source for source, url in self.shards}
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
@@ -314,17 +307,19 @@ class CaptionSampler(torch.utils.data.Sampler):
 
 
 def collate(items):
-    """Stack items into a batch: images [B * m * c, 3, S, S] and per-image caption labels and image ids.
+    """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
+    ColorParams, "color") and per-image caption labels and image ids.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
     appears once in a global batch, so both are unique across ranks."""
-    images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S]
+    images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S] or [B * m * c, S, S, 3]
     crops = items[0].images.shape[0] // len(items[0].image_indices)
     labels = torch.tensor([item.label for item in items])
     image_indices = torch.stack([item.image_indices for item in items])  # [B, m]
     image_labels = labels.repeat_interleave(items[0].images.shape[0])
     crop_labels = (labels[:, None] * 2 ** 20 + image_indices).flatten().repeat_interleave(crops)
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
-    return {"images": images, "image_labels": image_labels, "crop_labels": crop_labels, "caption_labels": labels,
-            "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+    color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
+    return {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
+            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}

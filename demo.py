@@ -73,8 +73,9 @@ def main(args):
           "--output", os.path.join(out, "pretrain"), "--model", "vit_tiny", "--image-size", "32",
           "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
           "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
-          "--base-lr", f"{1e-3 * 256 / images_per_step:g}", "--crop-scale", "0.6", "1",
+          "--base-lr", f"{1e-3 * 512 / images_per_step:g}", "--crop-scale", "0.6", "1",
           "--head-hidden-dim", "512", "--embed-dim", "128", "--workers", "2", "--seed", str(args.seed),
+          "--head-batchnorm", "joint",  # 10 captions a step: per-view BatchNorm batches would hold 10 rows
           "--log-every", "20", "--save-every", str(args.epochs))
 
     # ---- 4. evaluation ----

@@ -8,9 +8,9 @@ Every failure a user can cause (missing checkpoint or folder, another architectu
 as `cli.UserError`, which the scripts turn into one line on stderr and exit code 2.
 """
 import hashlib
-import io
 import json
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -19,7 +19,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from cli import UserError, atomic_write_bytes
+from PIL import Image
+
+from cli import SEED, UserError, atomic_open, integer
 from model import VIT_SIZES, build_vit, load_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,8 +41,49 @@ def add_encoder_arguments(parser):
                         "initialisation, seeded by --seed): the baseline a trained encoder must beat")
     group.add_argument("--model", choices=list(VIT_SIZES), default=None, help="architecture; default what the "
                        "checkpoint records or its shapes say (required with --random-init)")
-    group.add_argument("--image-size", type=int, default=None, help="input size; default the checkpoint's "
+    group.add_argument("--image-size", type=integer(16), default=None, help="input size; default the checkpoint's "
                        "(224 for --random-init, the paper's); position embeddings are interpolated")
+
+
+def add_run_arguments(parser, results_name, seed_help):
+    """--seed and --output, which both evaluation scripts take."""
+    parser.add_argument("--seed", type=SEED, default=0, help=seed_help)
+    parser.add_argument("--output", default=None,
+                        help=f"results file (JSON); default {results_name}_<data>.json beside --checkpoint "
+                             "(required with --random-init, which has no checkpoint to sit beside)")
+
+
+def results_path(args, results_name, data_name):
+    """Where the results go: --output, or beside the checkpoint. Checked, not created: a run that fails on its
+    input leaves nothing behind. UserError for a folder given as the file, or a place that cannot be written."""
+    if args.output is None:
+        if args.random_init:
+            raise UserError("--random-init has no checkpoint folder to write results beside: pass --output")
+        args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   f"{results_name}_{data_name}.json")
+    if os.path.isdir(args.output):
+        raise UserError(f"--output {args.output} is a folder; name the results file (e.g. {results_name}.json)")
+    check_creatable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
+        raise UserError(f"--cache-dir {args.cache_dir} is a file, not a folder")
+    check_creatable(args.cache_dir or os.path.dirname(os.path.abspath(args.output)), "--cache-dir")
+    return args.output
+
+
+def folder_name(path):
+    """A short name for an image folder in a results file name: its last two parts, "flowers_test"."""
+    parts = os.path.abspath(path).rstrip(os.sep).split(os.sep)
+    return "_".join(part for part in parts[-2:] if part)
+
+
+def check_creatable(path, flag):
+    """Is `path` a writable folder, or one that could be created (its nearest existing ancestor is a writable
+    folder)? Creates nothing."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: {path} cannot be written ({probe} is not a writable folder)")
 
 
 def build_encoder(args, device):
@@ -79,11 +122,16 @@ def _size_name(width):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def eval_transform(image_size):
-    """Resize 256 -> center crop 224 (the paper's evaluation transform), scaled to `image_size`."""
+def eval_transform(image_size, interpolation="bicubic"):
+    """Resize 256 -> center crop 224, scaled to `image_size`, PIL's antialiased resampling:
+
+    - "bilinear" is the official ImageNet probe's (main_linear.py leaves torchvision's default)
+    - "bicubic" is the transfer protocol's of the fine-grained datasets (SimCLR's and Kornblith et al.'s), which
+      the L-BFGS probe and few-shot follow."""
+    mode = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     return transforms.Compose([
         transforms.Lambda(to_rgb),
-        transforms.Resize(round(image_size * 256 / 224), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.Resize(round(image_size * 256 / 224), interpolation=mode[interpolation]),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
         transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
@@ -95,12 +143,38 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+class UnreadableImage(Exception):
+    """An evaluation image that cannot be decoded; its message is "<path>: <reason>"."""
+
+
+def load_image(path):
+    """PIL's loader for ImageFolder, with every decoder failure (truncated file, not an image, a decompression
+    bomb over PIL's pixel limit) turned into UnreadableImage naming the file."""
+    try:
+        with open(path, "rb") as f:
+            image = Image.open(f)
+            image.load()
+            return image
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+
+
+def batches(loader):
+    """Iterate a DataLoader; an unreadable image (raised in a worker or here) becomes a one-line UserError."""
+    try:
+        yield from loader
+    except UnreadableImage as err:  # from a worker the message carries its traceback; the last line is ours
+        reason = str(err).strip().splitlines()[-1].removeprefix(f"{UnreadableImage.__module__}.")
+        reason = reason.removeprefix("UnreadableImage: ")
+        raise UserError(f"cannot read image {reason}; remove or replace the file") from None
+
+
 def open_image_folder(path, transform):
-    """torchvision's ImageFolder at `path`; a missing or empty folder is a UserError naming it."""
+    """torchvision's ImageFolder at `path` (decoded by `load_image`); a missing or empty folder is a UserError."""
     if not os.path.isdir(path):
         raise UserError(f"image folder {path} does not exist")
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return datasets.ImageFolder(path, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or class folders without images
         raise UserError(f"image folder {path} is empty: {str(err).splitlines()[0]}") from None
 
@@ -179,7 +253,7 @@ def add_dataset_arguments(parser, folder_flags):
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
-    group.add_argument("--num-workers", type=int, default=4, help="data-loading processes")
+    group.add_argument("--num-workers", type=integer(0), default=4, help="data-loading processes")
     group.add_argument("--cache-dir", default=None, help="feature cache; default feature_cache/ next to --output")
     return group
 
@@ -226,7 +300,7 @@ def extract_features(encoder, dataset, batch_size, num_workers, device, desc="fe
                         pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     features, targets = [], []
-    for images, target in tqdm(loader, desc=desc, unit="batch"):
+    for images, target in tqdm(batches(loader), total=len(loader), desc=desc, unit="batch"):
         with autocast:
             features.append(encoder(images.to(device, non_blocking=True)).float().cpu())
         targets.append(torch.as_tensor(target))
@@ -236,18 +310,34 @@ def extract_features(encoder, dataset, batch_size, num_workers, device, desc="fe
 def cached_features(cache_dir, key, compute):
     """`compute()`'s (features, targets), stored under `cache_dir` by a hash of `key` and reused next time.
 
-    Returns (features, targets, hit). The file is written atomically: a killed run leaves no partial cache."""
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    Returns (features, targets, hit). The file is written atomically: a killed run leaves no partial cache. A
+    cache file that does not load as plain tensors under this key (truncated, corrupt, another file's, or a
+    pickle carrying code, which weights_only refuses) is recomputed and replaced, with a note."""
+    key_text = json.dumps(key, sort_keys=True)
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"{digest}.pt")
     if os.path.isfile(path):
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return stored["features"], stored["targets"], True
+        stored = _load_cache(path, key_text)
+        if stored is not None:
+            return stored["features"], stored["targets"], True
+        print(f"note: feature cache {path} is unreadable or not this data's; recomputing it", file=sys.stderr)
     features, targets = compute()
     os.makedirs(cache_dir, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save({"features": features, "targets": targets, "key": json.dumps(key, sort_keys=True)}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_open(path) as f:
+        torch.save({"features": features, "targets": targets, "key": key_text}, f)
     return features, targets, False
+
+
+def _load_cache(path, key_text):
+    """The cache file's dict if it is a well-formed one for `key_text`, else None."""
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged file raises anything from EOFError to UnpicklingError
+        return None
+    well_formed = (isinstance(stored, dict) and stored.get("key") == key_text
+                   and torch.is_tensor(stored.get("features")) and torch.is_tensor(stored.get("targets"))
+                   and len(stored["features"]) == len(stored["targets"]))
+    return stored if well_formed else None
 
 
 def standardise(fit, *others, eps=1e-6):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import evaluation as ev
-from cli import UserError, atomic_write_json, check_writable_folder, run
+from cli import UserError, atomic_write_json, integer, number, run
 
 
 def get_args_parser():
@@ -26,21 +26,20 @@ def get_args_parser():
     data = ev.add_dataset_arguments(parser, {"--data-dir": "ImageFolder to draw episodes from"})
     data.add_argument("--split", choices=["train", "val", "test"], default="test",
                       help="split of --dataset to draw episodes from; test, the unseen images")
-    data.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    data.add_argument("--batch-size", type=integer(1), default=256, help="images per forward pass")
     # ---- episodes ----
     episodes = parser.add_argument_group("episodes")
-    episodes.add_argument("--ways", type=int, default=5, help="classes per episode; 5, the paper's")
-    episodes.add_argument("--shots", type=int, default=5, help="support images per class; 5, the paper's")
-    episodes.add_argument("--queries", type=int, default=15, help="query images per class; 15, the paper's")
-    episodes.add_argument("--episodes", type=int, default=600, help="600, the paper's; the interval shrinks as "
+    episodes.add_argument("--ways", type=integer(2), default=5, help="classes per episode; 5, the paper's")
+    episodes.add_argument("--shots", type=integer(1), default=5, help="support images per class; 5, the paper's")
+    episodes.add_argument("--queries", type=integer(1), default=15, help="query images per class; 15, the paper's")
+    episodes.add_argument("--episodes", type=integer(1), default=600, help="600, the paper's; the interval shrinks as "
                           "1/sqrt(episodes)")
     episodes.add_argument("--classifier", choices=["logistic", "prototype"], default="logistic",
                           help="logistic: L2-regularised logistic regression, the paper's; prototype: nearest "
                                "class mean by cosine similarity")
-    episodes.add_argument("--C", type=float, default=1.0, help="inverse L2 strength of the logistic regression "
+    episodes.add_argument("--C", type=number(above=0), default=1.0, help="inverse L2 strength of the logistic regression "
                           "as scikit-learn defines it; 1.0, scikit-learn's default used by the few-shot benchmarks")
-    parser.add_argument("--seed", type=int, default=0, help="the episodes (and --random-init)")
-    parser.add_argument("--output", default="fewshot.json", help="results file (JSON)")
+    ev.add_run_arguments(parser, "fewshot", "the episodes (and --random-init)")
     return parser
 
 
@@ -110,14 +109,9 @@ def mean_and_interval(accuracies):
 
 
 def main(args):
-    # ---- arguments and output ----
-    if min(args.ways, args.shots, args.queries, args.episodes) < 1 or args.ways < 2:
-        raise UserError("--ways must be at least 2 and --shots, --queries, --episodes at least 1")
-    if args.C <= 0:
-        raise UserError("--C must be positive")
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    check_writable_folder(output_dir)
-    cache_dir = args.cache_dir or os.path.join(output_dir, "feature_cache")
+    # ---- arguments and output (checked here, written only at the end) ----
+    output = ev.results_path(args, "fewshot", args.dataset or ev.folder_name(args.data_dir or "folder"))
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # ---- model ----
@@ -162,11 +156,11 @@ def main(args):
                "episodes": args.episodes, "accuracy": mean, "ci95": interval,
                "episode_accuracies": accuracies.tolist(), "feature_cache": {"dir": os.path.abspath(cache_dir),
                                                                             "hit": cache_hit}, "args": vars(args)}
-    atomic_write_json(args.output, results)
+    atomic_write_json(output, results)
     print(f"{args.ways}-way {args.shots}-shot ({args.queries} queries, {args.episodes} episodes, {args.classifier})"
           f" of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
     print(f"  accuracy  {mean:6.2f} +- {interval:.2f} (95% interval)")
-    print(f"results: {args.output}")
+    print(f"results: {output}")
     return results
 
 

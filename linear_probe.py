@@ -17,6 +17,7 @@ split (the dataset's own, else 20% of train), the best refitted on train + valid
 import argparse
 import math
 import os
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -29,7 +30,7 @@ from torch.utils.data.distributed import DistributedSampler
 from torchvision import transforms
 
 import evaluation as ev
-from cli import UserError, atomic_write_json, check_writable_folder, run
+from cli import UserError, atomic_write_json, integer, number, run
 from distributed import all_gather_no_grad, init_distributed, is_main_process, rank, world_size
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
@@ -46,34 +47,37 @@ def get_args_parser():
     data = ev.add_dataset_arguments(parser, {
         "--train-dir": "ImageFolder of training images",
         "--val-dir": "ImageFolder of held-out images, scored at the end (ImageNet's val; the test split)"})
-    data.add_argument("--batch-size", type=int, default=1024, help="images per step over all processes; 1024, "
+    data.add_argument("--batch-size", type=integer(1), default=1024, help="images per step over all processes; 1024, "
                       "the official probe's (the learning rates scale with it)")
     # ---- sgd protocol ----
     sgd = parser.add_argument_group("sgd protocol")
-    sgd.add_argument("--epochs", type=int, default=90, help="90, the official probe's (cosine schedule to 0)")
-    sgd.add_argument("--base-lrs", type=float, nargs="+",
+    sgd.add_argument("--epochs", type=integer(1), default=90, help="90, the official probe's (cosine schedule to 0)")
+    sgd.add_argument("--base-lrs", type=number(above=0), nargs="+",
                      default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5],
                      help="one head per base lr, lr = base x batch / 256; the official sweep 0.001 ... 0.5, since "
                           "the best lr differs between encoders and one frozen pass trains them all")
     sgd.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
-                     help="drop the BatchNorm (no affine) in front of the heads; the official probe keeps it, "
-                          "since it makes one lr range fit features of any scale")
+                     help="drop the BatchNorm (no affine) in front of the heads; on by default since it makes one "
+                          "lr range fit features of any scale (the official probe's --use_bn; its README reports "
+                          "both, within 1 point of each other)")
+    sgd.add_argument("--eval-every", type=integer(1), default=10,
+                     help="score every head on the held-out images every N epochs and after the last; 10, the "
+                          "official probe's --eval-freq. The results hold the last evaluation and the best one")
     # ---- lbfgs protocol ----
     lbfgs = parser.add_argument_group("lbfgs protocol")
-    lbfgs.add_argument("--wd-range", type=float, nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
+    lbfgs.add_argument("--wd-range", type=number(above=0), nargs=2, default=[1e-6, 1e5], metavar=("MIN", "MAX"),
                        help="L2 strengths swept (log-spaced): 1e-6 ... 1e5, the paper's range")
-    lbfgs.add_argument("--wd-steps", type=int, default=45, help="45 values, the paper's sweep")
-    lbfgs.add_argument("--val-fraction", type=float, default=0.2,
+    lbfgs.add_argument("--wd-steps", type=integer(1), default=45, help="45 values, the paper's sweep")
+    lbfgs.add_argument("--val-fraction", type=number(above=0, maximum=0.9), default=0.2,
                        help="share of train held out to pick the L2 strength when the dataset has no val split; "
                             "0.2, the paper's")
-    lbfgs.add_argument("--max-iter", type=int, default=1000, help="L-BFGS iterations per fit; 1000, "
+    lbfgs.add_argument("--max-iter", type=integer(1), default=1000, help="L-BFGS iterations per fit; 1000, "
                        "scikit-learn's usual cap for this problem")
     lbfgs.add_argument("--metric", choices=["auto", "top1", "mean_per_class", "map11"], default="auto",
                        help="auto: the paper's metric for --dataset (mean per-class accuracy for Aircraft, "
                             "Caltech-101, Flowers, Pets; 11-point mAP for VOC2007; top-1 otherwise)")
     # ---- run ----
-    parser.add_argument("--seed", type=int, default=0, help="data order, validation split, --random-init")
-    parser.add_argument("--output", default="linear_probe.json", help="results file (JSON)")
+    ev.add_run_arguments(parser, "linear_probe", "data order, validation split, --random-init")
     return parser
 
 
@@ -135,10 +139,10 @@ class LinearHeads(nn.Module):
 
 
 def train_transform(image_size):
-    """RandomResizedCrop + horizontal flip, the official probe's training augmentation."""
+    """RandomResizedCrop + horizontal flip, the official probe's training augmentation (bilinear, its default)."""
     return transforms.Compose([
         transforms.Lambda(ev.to_rgb),
-        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(ev.IMAGENET_MEAN, ev.IMAGENET_STD),
@@ -160,6 +164,8 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
     heads = LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
+    if world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as the official
+        heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # probe's SyncBatchNorm (GPUs only)
     module = heads
     if world_size() > 1:
         module = nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
@@ -169,13 +175,13 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     # ---- loop ----
-    total_steps, step, history = args.epochs * len(loader), 0, []
+    total_steps, step, history, evaluations = args.epochs * len(loader), 0, [], []
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         module.train()
         loss_sum = torch.zeros(len(lrs), device=device)
-        for images, targets in loader:
+        for images, targets in ev.batches(loader):
             for group in optimizer.param_groups:  # cosine to 0, per step
                 group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             with torch.no_grad(), autocast:
@@ -193,26 +199,40 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
         if not all(math.isfinite(x) for x in mean_losses):
             raise FloatingPointError(f"non-finite training loss at epoch {epoch}: {mean_losses}")
         history.append({"epoch": epoch, "train_loss": mean_losses})
+        line = f"epoch {epoch}: train loss {min(mean_losses):.4f} (lowest of {len(lrs)} heads)"
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            accuracies = evaluate_heads(heads, encoder, test_set, per_rank, args.num_workers, autocast, device)
+            evaluations.append({"epoch": epoch, "top1": accuracies})
+            line += f"; held-out top-1 {max(accuracies):.2f} (best head)"
         if is_main_process():
-            best = min(range(len(lrs)), key=lambda h: mean_losses[h])
-            print(f"epoch {epoch}: train loss {mean_losses[best]:.4f} (lr {lrs[best]:.4g}, lowest of {len(lrs)})")
+            print(line)
 
-    # ---- evaluate: every rank scores its own share of the held-out images, counts are summed ----
-    module.eval()
+    # ---- results: the last evaluation, and the best over evaluations and heads ----
+    def best_head(evaluation):
+        head = max(range(len(lrs)), key=lambda h: evaluation["top1"][h])
+        return {"epoch": evaluation["epoch"], "base_lr": args.base_lrs[head], "lr": lrs[head],
+                "top1": evaluation["top1"][head]}
+
+    last = evaluations[-1]
+    return {"metric": "top1",
+            "heads": [{"base_lr": b, "lr": lr, "top1": acc} for b, lr, acc in zip(args.base_lrs, lrs, last["top1"])],
+            "last": best_head(last),
+            "best": max((best_head(e) for e in evaluations), key=lambda row: row["top1"]),
+            "evaluations": evaluations, "history": history}
+
+
+@torch.inference_mode()
+def evaluate_heads(heads, encoder, test_set, batch_size, num_workers, autocast, device):
+    """Top-1 (%) of every head on the held-out images: each rank scores its share, the counts are summed."""
+    heads.eval()
     shard = Subset(test_set, range(rank(), len(test_set), world_size()))
-    correct = torch.zeros(len(lrs), device=device)
-    with torch.inference_mode():
-        for images, targets in DataLoader(shard, batch_size=per_rank, num_workers=args.num_workers):
-            with autocast:
-                features = encoder(images.to(device, non_blocking=True))
-            logits = heads(features.float())
-            correct += (logits.argmax(-1) == targets.to(device)).sum(1)
-    accuracies = (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
-    best = max(range(len(lrs)), key=lambda h: accuracies[h])
-    return {"metric": "top1", "heads": [{"base_lr": b, "lr": lr, "top1": acc}
-                                        for b, lr, acc in zip(args.base_lrs, lrs, accuracies)],
-            "best": {"base_lr": args.base_lrs[best], "lr": lrs[best], "top1": accuracies[best]},
-            "history": history}
+    correct = torch.zeros(len(heads.heads), device=device)
+    for images, targets in ev.batches(DataLoader(shard, batch_size=batch_size, num_workers=num_workers)):
+        with autocast:
+            features = encoder(images.to(device, non_blocking=True))
+        logits = heads(features.float())
+        correct += (logits.argmax(-1) == targets.to(device)).sum(1)
+    return (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -244,11 +264,16 @@ def sweep_and_refit(train, val, test, num_classes, metric, args, device):
         print(f"weight decay {strength:.3g}: val {metric} {sweep[-1]['val']:.2f}")
     sweep.sort(key=lambda row: row["weight_decay"])
     best = max(sweep, key=lambda row: row["val"])  # ties: the weakest regularisation that reaches the best
+    at_edge = len(sweep) > 2 and best["weight_decay"] in (sweep[0]["weight_decay"], sweep[-1]["weight_decay"])
+    if at_edge:
+        print(f"note: the best L2 strength {best['weight_decay']:.3g} is at the edge of --wd-range "
+              f"{args.wd_range[0]:g} {args.wd_range[1]:g}; a wider range may score higher", file=sys.stderr)
     x_all, x_test = ev.standardise(torch.cat([train[0], val[0]]).to(device), test[0].to(device))
     weight, bias = ev.fit_logistic_regression(x_all, torch.cat([train[1], val[1]]).to(device), num_classes,
                                               best["weight_decay"], args.max_iter)
     test_score = score(ev.predict_logits(x_test, weight, bias).cpu(), test[1])
     return {"metric": metric, "sweep": sweep, "best_weight_decay": best["weight_decay"], "best_val": best["val"],
+            "best_at_edge_of_sweep": at_edge,
             "test": test_score, "train_images": len(train[0]), "val_images": len(val[0]),
             "test_images": len(test[0])}
 
@@ -278,12 +303,12 @@ def open_splits(args, transform_for):
 
 
 def main(args):
-    # ---- arguments and output ----
-    if args.wd_steps < 1 or args.wd_range[0] <= 0 or args.wd_range[0] > args.wd_range[1]:
-        raise UserError("--wd-range needs 0 < MIN <= MAX and --wd-steps at least 1")
-    output_dir = os.path.dirname(os.path.abspath(args.output))
-    check_writable_folder(output_dir)
-    cache_dir = args.cache_dir or os.path.join(output_dir, "feature_cache")
+    # ---- arguments and output (checked here, written only at the end) ----
+    if args.wd_range[0] > args.wd_range[1]:
+        raise UserError(f"--wd-range {args.wd_range[0]:g} {args.wd_range[1]:g} needs MIN <= MAX")
+    data_name = args.dataset or ev.folder_name(args.train_dir or "folders")
+    output = ev.results_path(args, "linear_probe", data_name)
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
 
     # ---- distributed ----
     device = init_distributed()
@@ -295,13 +320,15 @@ def main(args):
     image_size = encoder_id["image_size"]
 
     # ---- data ----
-    eval_t = ev.eval_transform(image_size)
     sgd_train = args.protocol == "sgd"
+    eval_t = ev.eval_transform(image_size, "bilinear" if sgd_train else "bicubic")  # each protocol's own
     splits, num_classes, data_id = open_splits(
         args, lambda split: train_transform(image_size) if sgd_train and split == "train" else eval_t)
     for split, dataset in splits.items():
         if dataset is not None and len(dataset) == 0:
             raise UserError(f"the {split} split holds no images")
+    if num_classes < 2:
+        raise UserError(f"the training split holds {num_classes} class: a classifier needs at least 2")
     metric = PAPER_METRICS.get(args.dataset, "top1") if args.metric == "auto" else args.metric
     if metric == "map11" and args.dataset != "voc2007":
         raise UserError("--metric map11 needs the multi-label --dataset voc2007")
@@ -314,7 +341,11 @@ def main(args):
             raise UserError(f"--protocol sgd reports top-1; {metric} is the lbfgs protocol's metric")
         results.update(run_sgd(args, encoder, splits["train"], splits["test"], num_classes, device))
         summary = [(f"base lr {h['base_lr']:g}", h["top1"]) for h in results["heads"]]
-        summary.append(("best (top-1)", results["best"]["top1"]))
+        summary.append((f"last: best head at the last epoch (base lr {results['last']['base_lr']:g})",
+                        results["last"]["top1"]))
+        summary.append((f"best: over evaluations and heads (epoch {results['best']['epoch']}, base lr "
+                        f"{results['best']['base_lr']:g}; chosen on these held-out images, as the official probe "
+                        "does)", results["best"]["top1"]))
     else:
         features, cache_hits = {}, {}
         for split, dataset in splits.items():
@@ -337,12 +368,12 @@ def main(args):
 
     # ---- save ----
     if is_main_process():
-        atomic_write_json(args.output, results)
+        atomic_write_json(output, results)
         width = max(len(name) for name, _ in summary)
         print(f"linear probe ({args.protocol}) of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
         for name, value in summary:
             print(f"  {name:<{width}}  {value:6.2f}")
-        print(f"results: {args.output}")
+        print(f"results: {output}")
     if world_size() > 1:  # leave the process group cleanly: exiting without it aborts gloo/NCCL at shutdown
         dist.barrier()
         dist.destroy_process_group()

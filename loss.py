@@ -17,14 +17,45 @@ nothing of size N_global x N_global is ever built. Every rank must hold the same
 Edge cases: an anchor whose caption has no other image in the global batch has no positive; p_i is undefined,
 so it contributes 0 to the sum (and no gradient through its own row) while still serving as a negative for the
 others; the mean is still over all N anchors, so that the per-rank means average to the one-process mean.
+
+Two implementations of the same numbers: `multi_positive_loss_reference` is Eq. 2-4 line by line (N x N masks,
+autograd), to read beside the paper; `multi_positive_loss` is what training calls: the same value and gradient
+(tests/test_loss.py holds them to 1e-10), with this rank's rows against gathered columns under DDP, positives
+summed per caption instead of masked, and a hand-written backward that recomputes the logits instead of keeping
+them, so it needs a fifth of SupConLoss's memory and a third of its time (BENCHMARKS.md).
 """
 import torch
 
 from distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 
+def full_precision(tensor):
+    """Autocast off for what follows on `tensor`'s device, so a matmul on float32 inputs stays float32.
+
+    Inside torch.autocast(bf16/fp16) a `.float()` cast alone does not help: autocast casts the operands of the
+    next matmul back down. The losses are softmaxes over thousands of logits divided by tau = 0.1, where bf16's
+    8-bit mantissa moves the loss by ~1e-3 and the gradient by several percent (measured on near-converged
+    embeddings), so they run in float32 whatever the caller's autocast says."""
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+def at_least_float32(tensor):
+    """fp16 / bf16 -> float32; float32 and float64 are kept."""
+    return tensor.float() if tensor.element_size() < 4 else tensor
+
+
+def multi_positive_loss_reference(features, labels, temperature=0.1):
+    """Eq. 2-4 as the paper writes them, for one process: features [N, D] L2-normalised, labels [N]."""
+    not_self = ~torch.eye(len(features), dtype=torch.bool, device=features.device)  # [N, N], the k != i of Eq. 2-3
+    logits = (features @ features.T / temperature).masked_fill(~not_self, float("-inf"))  # z_i.z_k / tau
+    log_q = torch.log_softmax(logits, dim=1).masked_fill(~not_self, 0.0)  # Eq. 2, log q_ij (q_ii is never used)
+    same_caption = (labels[:, None] == labels[None, :]) & not_self  # 1[c_i = c_j], j != i
+    p = same_caption.to(log_q.dtype) / same_caption.sum(dim=1, keepdim=True).clamp(min=1)  # Eq. 3 (0s: no positive)
+    return -(p * log_q).sum(dim=1).mean()  # Eq. 4: mean_i H(p_i, q_i)
+
+
 def multi_positive_loss(features, labels, temperature=0.1):
-    """Eq. 4 averaged over this rank's anchors; scalar float32.
+    """Eq. 4 averaged over this rank's anchors, the fast form of `multi_positive_loss_reference`; scalar float32.
 
     features: [N_local, D] L2-normalised embeddings (half precision is computed in float32, float64 kept).
     labels:   [N_local] integer caption ids; images that share an id are positives of each other.
@@ -33,15 +64,15 @@ def multi_positive_loss(features, labels, temperature=0.1):
     if features.dim() != 2 or labels.shape != features.shape[:1]:
         raise ValueError(f"expected features [N, D] and labels [N], got {tuple(features.shape)} and "
                          f"{tuple(labels.shape)}")
-    if features.element_size() < 4:  # fp16 / bf16 from autocast: the softmax is computed in float32
-        features = features.float()
-    all_features = all_gather_with_grad(features)  # [N_global, D]
-    all_labels = all_gather_no_grad(labels)  # [N_global]
-    if all_features.shape[0] < 2:
-        raise ValueError("the multi-positive loss needs at least two images in the (global) batch")
-    first_column = rank() * features.shape[0]  # where this rank's rows sit among the global columns
-    return _MultiPositiveCrossEntropy.apply(features, all_features, labels, all_labels, first_column,
-                                            float(temperature))
+    with full_precision(features):
+        features = at_least_float32(features)  # fp16 / bf16 from autocast: the softmax is computed in float32
+        all_features = all_gather_with_grad(features)  # [N_global, D]
+        all_labels = all_gather_no_grad(labels)  # [N_global]
+        if all_features.shape[0] < 2:
+            raise ValueError("the multi-positive loss needs at least two images in the (global) batch")
+        first_column = rank() * features.shape[0]  # where this rank's rows sit among the global columns
+        return _MultiPositiveCrossEntropy.apply(features, all_features, labels, all_labels, first_column,
+                                                float(temperature))
 
 
 def _positive_sums(labels, all_labels, all_features, first_column):
@@ -93,6 +124,11 @@ class _MultiPositiveCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
+        with full_precision(grad_output):  # recompute the logits exactly as forward did, in float32
+            return _MultiPositiveCrossEntropy._backward(ctx, grad_output)
+
+    @staticmethod
+    def _backward(ctx, grad_output):
         (features, all_features, log_normaliser, positive_sum, num_positives, caption_of_column,
          caption_of_anchor) = ctx.saved_tensors
         first_column, temperature = ctx.first_column, ctx.temperature
@@ -133,8 +169,12 @@ def image_text_loss(image_features, text_features, image_captions, text_captions
     caption's images in the global batch (with m = 1 this is CLIP's loss). Returns the mean of the two directions,
     each averaged over this rank's rows, against columns gathered from all ranks with gradients.
     """
-    if image_features.element_size() < 4:
-        image_features, text_features = image_features.float(), text_features.float()
+    with full_precision(image_features):
+        return _image_text_loss(at_least_float32(image_features), at_least_float32(text_features), image_captions,
+                                text_captions, at_least_float32(logit_scale))
+
+
+def _image_text_loss(image_features, text_features, image_captions, text_captions, logit_scale):
     all_images = all_gather_with_grad(image_features)  # [N_images_global, E]
     all_texts = all_gather_with_grad(text_features)  # [N_texts_global, E]
     all_image_captions = all_gather_no_grad(image_captions)

@@ -57,11 +57,18 @@ class Attention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(batch, q.shape[2], width))
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): CLIP's approximation of GELU, which its text transformer was trained with."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
-    def __init__(self, width, hidden):
+    def __init__(self, width, hidden, activation=nn.GELU):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = activation()
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x):
@@ -71,12 +78,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, width, num_heads, mlp_ratio=4.0, eps=1e-6):
+    def __init__(self, width, num_heads, mlp_ratio=4.0, eps=1e-6, activation=nn.GELU):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, eps=eps)
         self.attn = Attention(width, num_heads)
         self.norm2 = nn.LayerNorm(width, eps=eps)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.mlp = Mlp(width, int(width * mlp_ratio), activation)
 
     def forward(self, x, attn_mask=None, class_token_only=False):
         """x [B, N, D] -> [B, N, D], or [B, 1, D] (the first token alone) with class_token_only."""
@@ -116,18 +123,20 @@ class VisionTransformer(nn.Module):
         return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
 
     def forward_tokens(self, images):
-        """All tokens after the final norm: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
+        """The plain ViT, every block over every token: [B, 3, H, W] -> [B, 1 + num_patches, D] after the final
+        norm. f(x) of the paper is `forward_tokens(x)[:, 0]`; `forward` computes the same numbers faster."""
         x = self.embed(images)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
     def forward(self, images):
-        """The class token after the final norm: [B, 3, H, W] -> [B, D].
+        """f(x): the class token after the final norm, [B, 3, H, W] -> [B, D].
 
-        Equal to forward_tokens(images)[:, 0], but the last block runs for the class token alone (no other
-        token's output is used there): its attention output, projection and MLP skip the patch tokens, about 6%
-        of a ViT-B/16's FLOPs."""
+        Equal to `forward_tokens(images)[:, 0]` (tests/test_model.py checks it), with one speed trick: the last
+        block runs for the class token alone, since no other token's output is used after it. Its attention still
+        reads every token's keys and values, but the attention output, projection and MLP skip the patch tokens:
+        about 6% of a ViT-B/16's FLOPs."""
         x = self.embed(images)
         for block in self.blocks[:-1]:
             x = block(x)
@@ -193,6 +202,16 @@ class ProjectionHead(nn.Sequential):
         self.add_module("relu2", nn.ReLU(inplace=True))
         self.add_module("layer3", nn.Linear(hidden_dim, out_dim))
 
+    def forward_per_view(self, features, views):
+        """The head run once per view, as the official model does: [B * V, D] -> [B * V, out_dim].
+
+        `features` are caption-major (caption 0's V views, then caption 1's, ...); view v of every caption goes
+        through the head together, so each BatchNorm batch holds one image of each caption and never two
+        positives of one caption. The output keeps the input's order."""
+        per_caption = features.unflatten(0, (-1, views))  # (B, V, D)
+        out = [self(per_caption[:, view]) for view in range(views)]  # V x (B, E)
+        return torch.stack(out, dim=1).flatten(0, 1)  # (B * V, E), caption-major again
+
 
 # ------------------------------------------------------------------------------------------------------------
 # text tower (CLIP and StableRep+ baselines)
@@ -200,8 +219,9 @@ class ProjectionHead(nn.Sequential):
 
 
 class TextTransformer(nn.Module):
-    """CLIP-style text encoder: token and position embeddings, pre-norm blocks under a causal mask, a final
-    LayerNorm, and the state of the first end-of-text token projected to the joint embedding (no bias).
+    """CLIP's text encoder, as the official StableRep+ code builds it: token and position embeddings, pre-norm
+    blocks (QuickGELU, LayerNorm eps 1e-5) under a causal mask, a final LayerNorm, and the state of the first
+    end-of-text token projected to the joint embedding (no bias).
 
     tokens [B, L] (L <= context_length) -> [B, embed_dim]."""
 
@@ -211,18 +231,30 @@ class TextTransformer(nn.Module):
         self.eos_token_id = eos_token_id
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList([Block(width, num_heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.blocks = nn.ModuleList([Block(width, num_heads, eps=1e-5, activation=QuickGELU) for _ in range(depth)])
+        self.norm = nn.LayerNorm(width, eps=1e-5)
         self.projection = nn.Linear(width, embed_dim, bias=False)
         causal = torch.ones(context_length, context_length, dtype=torch.bool).tril()  # True: may attend
         self.register_buffer("causal_mask", causal, persistent=False)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)  # CLIP's initialisation of the embeddings
+        self.init_weights(width, depth)
+
+    def init_weights(self, width, depth):
+        """CLIP's initialisation: embeddings N(0, 0.02) and N(0, 0.01); attention inputs width^-1/2; the two
+        projections back into the residual stream (attention output, MLP fc2) width^-1/2 (2 depth)^-1/2, so the
+        stream's variance does not grow with depth; MLP fc1 (2 width)^-1/2; the output projection width^-1/2.
+        Attention biases start at zero, MLP biases at PyTorch's default (as nn.MultiheadAttention and nn.Linear
+        leave them in CLIP)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
+        residual_std = width ** -0.5 * (2 * depth) ** -0.5
+        for block in self.blocks:
+            nn.init.normal_(block.attn.qkv.weight, std=width ** -0.5)
+            nn.init.zeros_(block.attn.qkv.bias)
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.zeros_(block.attn.proj.bias)
+            nn.init.normal_(block.mlp.fc1.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=residual_std)
+        nn.init.normal_(self.projection.weight, std=width ** -0.5)
 
     def forward(self, tokens):
         length = tokens.shape[1]
@@ -235,35 +267,53 @@ class TextTransformer(nn.Module):
         return self.projection(x[torch.arange(len(tokens), device=tokens.device), end])
 
 
+MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap on the learnable logit scale: exp <= 100, i.e. tau >= 0.01
+
+
 class StableRepModel(nn.Module):
     """The encoder f with the heads an objective needs, under the official code's names:
 
     - `image_mlp` (ProjectionHead): the 256-d embedding of the multi-positive loss (StableRep, SimCLR, StableRep+)
     - `image_projection`, `text` (TextTransformer), `logit_scale`: the image-text loss (CLIP, StableRep+), with
-      CLIP's learnable logit scale initialised at ln(1/0.07) and clamped at ln(100).
+      CLIP's learnable logit scale initialised at ln(1/0.07) and kept in [0, ln 100] by `clamp_logit_scale`.
 
-    forward(images, tokens=None) returns the L2-normalised embeddings the losses take."""
+    forward(images, tokens=None, views=1) returns the L2-normalised embeddings the losses take; `views` is the
+    number of images x crops of each caption in the batch (caption-major), and with head_batchnorm="per-view"
+    the head's BatchNorm sees one view of every caption at a time (the official model); "joint" runs the head
+    once over all of them."""
 
-    def __init__(self, visual, image_mlp=None, text=None):
+    def __init__(self, visual, image_mlp=None, text=None, head_batchnorm="per-view"):
         super().__init__()
         self.visual = visual
         self.image_mlp = image_mlp
         self.text = text
+        self.head_batchnorm = head_batchnorm
         if text is not None:
             self.image_projection = nn.Linear(visual.width, text.projection.out_features, bias=False)
-            nn.init.trunc_normal_(self.image_projection.weight, std=0.02)
+            nn.init.normal_(self.image_projection.weight, std=visual.width ** -0.5)  # CLIP's
             self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def forward(self, images, tokens=None):
+    def forward(self, images, tokens=None, views=1):
         features = self.visual(images)  # [N, D]
         out = {}
         if self.image_mlp is not None:
-            out["image"] = F.normalize(self.image_mlp(features), dim=1)  # z_i of Eq. 2
+            if self.head_batchnorm == "per-view" and views > 1:
+                projected = self.image_mlp.forward_per_view(features, views)
+            else:
+                projected = self.image_mlp(features)
+            out["image"] = F.normalize(projected, dim=1)  # z_i of Eq. 2
         if self.text is not None:
             out["image_text"] = F.normalize(self.image_projection(features), dim=1)
             out["text"] = F.normalize(self.text(tokens), dim=1)
-            out["logit_scale"] = self.logit_scale.clamp(max=math.log(100)).exp()
+            out["logit_scale"] = self.logit_scale.exp()
         return out
+
+    @torch.no_grad()
+    def clamp_logit_scale(self):
+        """Keep the logit scale parameter in [0, ln 100] (after every optimiser step, as CLIP and the official code
+        do): clamping only in the forward pass would leave a parameter above the cap with zero gradient."""
+        if self.text is not None:
+            self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -305,6 +355,46 @@ def encoder_state_dict(checkpoint):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
             break
     return {k: v for k, v in state.items() if not k.startswith(("head.", "head_drop.", "fc_norm."))}
+
+
+# the official StableRep+ text tower (CLIP's module names) -> ours; weights of the same layout unless transposed
+OFFICIAL_TEXT_NAMES = (
+    ("transformer.resblocks.", "text.blocks."), (".attn.in_proj_", ".attn.qkv."), (".attn.out_proj.", ".attn.proj."),
+    (".ln_1.", ".norm1."), (".ln_2.", ".norm2."), (".mlp.c_fc.", ".mlp.fc1."), (".mlp.c_proj.", ".mlp.fc2."),
+    ("token_embedding.", "text.token_embedding."), ("positional_embedding", "text.positional_embedding"),
+    ("ln_final.", "text.norm."),
+)
+OFFICIAL_PROJECTIONS = {"text_projection": "text.projection.weight", "image_projection": "image_projection.weight"}
+
+
+def model_state_dict(checkpoint):
+    """The weights of a whole StableRepModel (encoder, head, text tower) under our names, from:
+
+    - ours (pretrain.py's checkpoints): returned as they are
+    - the official code's (StableRep and StableRep+, with or without DDP's `module.`): the text tower is renamed
+      (CLIP's `transformer.resblocks.N.attn.in_proj_weight` -> `text.blocks.N.attn.qkv.weight`, ...; the same
+      q, k, v layout) and the two projection matrices, stored as [in, out] parameters, become Linear weights
+    - an encoder alone (a timm ViT state dict, or our exported encoder.pth): under `visual.`
+    Raises ValueError for a file without a state dict."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    if not any(k.startswith("visual.") for k in state):  # an encoder alone
+        return {f"visual.{k}": v for k, v in encoder_state_dict(state).items()}
+    renamed = {}
+    for key, value in state.items():
+        if key in OFFICIAL_PROJECTIONS:
+            renamed[OFFICIAL_PROJECTIONS[key]] = value.T.contiguous()  # [in, out] parameter -> Linear [out, in]
+            continue
+        if not key.startswith(("visual.", "image_mlp.", "text.")):
+            for official, ours in OFFICIAL_TEXT_NAMES:
+                key = key.replace(official, ours)
+        renamed[key] = value
+    return renamed
 
 
 def checkpoint_config(checkpoint):

@@ -9,8 +9,9 @@ Objectives (--loss):
     clip        image-text contrastive loss with a CLIP-style text transformer
     stablerep+  the multi-positive image loss + the image-text loss (text -> image uniform over the m images)
 
-The defaults are the paper's ViT-B/16 recipe; per GPU they hold 43 captions x 6 images, as the official code
-does on each of its 32 GPUs (8256 images a step).
+The defaults are the paper's ViT-B/16 recipe as the official code runs it (FIDELITY.md lists every item): per
+GPU 43 captions x 6 images, as on each of its 32 GPUs (8256 images a step); lr = 2e-4 x images per step / 512;
+the CC12M "1x" schedule (15 epochs, 0.5 warmup); the head's BatchNorm once per view.
 """
 import argparse
 import glob
@@ -25,16 +26,23 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import distributed
+from augment import augment_crops
 from cli import UserError, atomic_write_json, check_writable_folder, run
 from data import CaptionImagesDataset, CaptionSampler, CaptionShardStream, collate
 from dataindex import is_streamed
 from loss import image_text_loss, multi_positive_loss
-from model import VIT_SIZES, ProjectionHead, StableRepModel, TextTransformer, build_vit, load_checkpoint_file
+from model import (VIT_SIZES, ProjectionHead, StableRepModel, TextTransformer, build_vit, interpolate_pos_embed,
+                   load_checkpoint_file, model_state_dict)
 
 LOSSES = ("stablerep", "simclr", "clip", "stablerep+")
 # m images per caption and c crops per image when not given: SimCLR sees one image in two crops
 DEFAULT_VIEWS = {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
 CHECKPOINT_GLOB = "checkpoint-*.pth"
+# the official README's schedules: name -> (epochs, warmup epochs); "1x" is the paper's 35 epochs of 2 views
+SCHEDULES = {
+    "cc12m-1x": (15, 0.5), "cc12m-2x": (31, 1.0), "cc12m-3x": (46, 1.5),
+    "redcaps-1x": (13, 0.45), "redcaps-2x": (27, 0.9), "redcaps-3x": (40, 1.35),
+}
 
 
 def get_args_parser():
@@ -64,6 +72,21 @@ def get_args_parser():
                         help="c, augmented crops of each image (paper: 1 for StableRep; SimCLR: 2). Default by --loss")
     parser.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
                         help="area fraction RandomResizedCrop keeps (paper: 0.08 1); tiny images need larger crops")
+    parser.add_argument("--downsample-prob", type=float, default=0.0,
+                        help="probability that the whole image is resized down to a shorter side drawn from "
+                             "--downsample-res and back up before the crop; the official README's command uses 0.05 "
+                             "(--downsample-prob 0.05 with the default --downsample-res reproduces it). Default 0, "
+                             "off: the official README's own table scores it lower on the ImageNet linear probe "
+                             "without BN, CC12M 1x 72.8 without vs 71.4 with, 3x 75.7 vs 75.4, RedCaps 1x 73.7 vs "
+                             "73.4 (with BN: equal or lower)")
+    parser.add_argument("--downsample-res", type=int, nargs="+", default=(64, 128), metavar="PIXELS",
+                        help="shorter sides --downsample-prob picks from, uniformly (official: 64 128)")
+    parser.add_argument("--gpu-augment", action="store_true",
+                        help="run the colour jitter, grayscale, blur, flip and normalisation batched on the training "
+                             "device: the loader workers then only decode, crop and resize, and ship uint8 crops (4x "
+                             "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
+                             "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
+                             "distribution and the same draws as without it, so resume stays exact")
     parser.add_argument("--workers", type=int, default=8, help="data-loading processes per GPU")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
@@ -80,17 +103,29 @@ def get_args_parser():
     parser.add_argument("--tokenizer", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
                         help="CLIPTokenizer for clip and stablerep+: a hub id or local folder, with or without a "
                              "tokenizer/ subfolder (default: the tokenizer of generate.py's Stable Diffusion)")
+    parser.add_argument("--head-batchnorm", default="per-view", choices=["per-view", "joint"],
+                        help="per-view (official): the head runs once per view, so each BatchNorm batch holds one "
+                             "image of every caption and its statistics never mix a caption's positives; joint: "
+                             "one pass over all m x c images of the batch (one BN batch, cheaper on small batches)")
     # ---- objective ----
     parser.add_argument("--loss", default="stablerep", choices=LOSSES, help="training objective (see above)")
     parser.add_argument("--temperature", type=float, default=0.1,
                         help="tau of the multi-positive loss (paper: 0.1)")
     # ---- optimisation ----
-    parser.add_argument("--epochs", type=int, default=15, help="passes over the captions (paper, CC12M '1x': 15)")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warmup, then cosine decay to 0")
+    parser.add_argument("--schedule", default="cc12m-1x", choices=list(SCHEDULES),
+                        help="the official README's schedules, epochs / warmup epochs: " + ", ".join(
+                            f"{name} {epochs}/{warmup:g}" for name, (epochs, warmup) in SCHEDULES.items())
+                        + ". Default cc12m-1x, the paper's main setting; --epochs / --warmup-epochs override it")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the captions (default: --schedule's)")
+    parser.add_argument("--warmup-epochs", type=float, default=None,
+                        help="linear warmup per step, then cosine decay to 0 (default: --schedule's)")
     parser.add_argument("--captions-per-gpu", type=int, default=43,
                         help="captions per GPU per step (paper: 43 x 6 images x 32 GPUs = 8256 images a step)")
     parser.add_argument("--base-lr", type=float, default=2e-4,
-                        help="learning rate per 256 images: lr = base-lr x images per step / 256 (paper: 2e-4)")
+                        help="the official rule: lr = base-lr x images per step / 512, where images per step = "
+                             "captions x m images x c crops x GPUs (the official `blr x batch x n_img / 256 x "
+                             "num_crop / 2`: the same for StableRep, SimCLR and CLIP). Paper: 2e-4, i.e. 3.225e-3 "
+                             "at 8256 images a step")
     parser.add_argument("--weight-decay", type=float, default=0.1,
                         help="AdamW weight decay, not on biases, norms or the logit scale (paper: 0.1)")
     parser.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas (paper: 0.9 0.98)")
@@ -102,6 +137,10 @@ def get_args_parser():
     parser.add_argument("--output", default="runs/stablerep", help="folder for checkpoints, logs and the encoder")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue a run: alone, from the newest checkpoint in --output; or from this file")
+    parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                        help="start a new run (step 0, fresh optimiser) from these weights: an official StableRep or "
+                             "StableRep+ checkpoint, one of ours, or a timm ViT state dict (encoder only); the parts "
+                             "the file lacks (e.g. the text tower) keep their initialisation")
     parser.add_argument("--save-every", type=int, default=1000, help="checkpoint every N steps (and every epoch end)")
     parser.add_argument("--keep", type=int, default=2, help="checkpoints kept in --output (older ones are deleted)")
     parser.add_argument("--log-every", type=int, default=10, help="steps between lines of log.jsonl")
@@ -158,6 +197,12 @@ def param_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def scaled_lr(base_lr, images_per_step):
+    """The official scaling rule: base_lr x images per step / 512 (main_stablerep.py's `blr x batch x n_img / 256
+    x num_crop / 2`, which is this for every objective). The paper's 2e-4 at 8256 images a step: 3.225e-3."""
+    return base_lr * images_per_step / 512
+
+
 def cosine_lr(step, total_steps, warmup_steps, peak_lr):
     """Linear warmup from 0 to peak_lr over warmup_steps, then cosine decay to 0 at total_steps."""
     if step < warmup_steps:
@@ -171,6 +216,11 @@ def main(args):
     default_m, default_c = DEFAULT_VIEWS[args.loss]
     args.images_per_caption = args.images_per_caption or default_m
     args.crops_per_image = args.crops_per_image or default_c
+    schedule_epochs, schedule_warmup = SCHEDULES[args.schedule]
+    args.epochs = schedule_epochs if args.epochs is None else args.epochs
+    args.warmup_epochs = schedule_warmup if args.warmup_epochs is None else args.warmup_epochs
+    if args.resume and args.init_from:
+        raise UserError("--resume continues a run and --init-from starts a new one: give one of them")
     if min(args.images_per_caption, args.crops_per_image, args.captions_per_gpu, args.epochs, args.save_every,
            args.keep, args.log_every) < 1:
         raise UserError("--images-per-caption, --crops-per-image, --captions-per-gpu, --epochs, --save-every, "
@@ -180,6 +230,9 @@ def main(args):
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
         raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy "
                         "0 < MIN <= MAX <= 1")
+    if not 0 <= args.downsample_prob <= 1 or min(args.downsample_res) < 1:
+        raise UserError(f"--downsample-prob {args.downsample_prob:g} must be in [0, 1] and --downsample-res "
+                        f"{' '.join(map(str, args.downsample_res))} at least 1 pixel")
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
 
@@ -193,7 +246,8 @@ def main(args):
     tokenizer = load_tokenizer(args.tokenizer) if args.loss in ("clip", "stablerep+") else None
     views = dict(images_per_caption=args.images_per_caption, crops_per_image=args.crops_per_image,
                  image_size=args.image_size, seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
-                 crop_scale=args.crop_scale)
+                 crop_scale=args.crop_scale, downsample_prob=args.downsample_prob,
+                 downsample_res=args.downsample_res, augment_on_device=args.gpu_augment)
     streamed = [spec for spec in args.data if is_streamed(spec)]
     if args.folder_list and not any(spec.lower().endswith(".csv") for spec in args.data):
         raise UserError("--folder-list goes with a --data CSV of (image path, caption)")
@@ -234,7 +288,7 @@ def main(args):
     images_per_step = args.captions_per_gpu * args.images_per_caption * args.crops_per_image * world_size
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * sampler.steps_per_epoch))
-    lr = args.base_lr * images_per_step / 256
+    lr = scaled_lr(args.base_lr, images_per_step)
 
     # ---- model ----
     model = build_model(args, tokenizer).to(device)
@@ -263,11 +317,15 @@ def main(args):
                         "another --output")
     if resume_path:
         step = resume(resume_path, trainable, optimizer, scaler, args)
+    elif args.init_from:
+        loaded = init_from(args.init_from, trainable)
+        if is_main:
+            print(f"initialised {', '.join(loaded)} from {args.init_from}")
     if is_main:
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "
               f"{args.images_per_caption} images x {args.crops_per_image} crops x {world_size} process(es); "
-              f"lr = {args.base_lr:g} x {images_per_step} / 256 = {lr:.3g}; {total_steps} steps "
-              f"({sampler.steps_per_epoch} per epoch, {warmup_steps} warmup); {precision} on {device}"
+              f"lr = {args.base_lr:g} x {images_per_step} / 512 = {lr:.4g}; {args.epochs} epochs = {total_steps} "
+              f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
         atomic_write_json(os.path.join(args.output, "run.json"),
                           {"args": vars(args), "git_commit": git_commit(), "world_size": world_size,
@@ -294,6 +352,7 @@ def main(args):
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
+            trainable.clamp_logit_scale()
             step += 1
             loss_value, corrupt_total = loss.item(), corrupt_total + batch["corrupt"]
             progress.update(1)
@@ -335,14 +394,17 @@ def build_model(args, tokenizer=None):
     image_mlp = ProjectionHead(visual.width, args.head_hidden_dim, args.embed_dim) if args.loss != "clip" else None
     text = (TextTransformer(len(tokenizer), tokenizer.eos_token_id, args.context_length, args.text_width,
                             args.text_layers, args.text_heads) if tokenizer is not None else None)
-    return StableRepModel(visual, image_mlp, text)
+    return StableRepModel(visual, image_mlp, text, head_batchnorm=args.head_batchnorm)
 
 
 def compute_loss(model, batch, args, device):
     """The objective of args.loss on one batch from data.collate."""
     images = batch["images"].to(device, non_blocking=True)
+    if batch["color"] is not None:  # --gpu-augment: uint8 crops [N, S, S, 3] -> float [N, 3, S, S], on the device
+        images = augment_crops(images, batch["color"])
     tokens = batch["tokens"].to(device, non_blocking=True) if batch["tokens"] is not None else None
-    out = model(images, tokens)
+    views = len(images) // len(batch["caption_labels"])  # m images x c crops of each caption, caption-major
+    out = model(images, tokens, views=views)
     loss = 0.0
     if args.loss in ("stablerep", "stablerep+"):
         loss = multi_positive_loss(out["image"], batch["image_labels"].to(device), args.temperature)
@@ -365,13 +427,39 @@ def save(model, optimizer, scaler, step, args):
         os.remove(old)
 
 
+def init_from(path, model):
+    """Load the weights of `path` (ours, official, or an encoder alone) into `model` where names and shapes
+    match; returns the top-level parts loaded. UserError when the encoder does not fit or nothing matches."""
+    try:
+        state = model_state_dict(load_checkpoint_file(path))
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from None
+    own = model.state_dict()
+    if "visual.pos_embed" in state:  # another input size: resample the position grid as load_encoder does
+        state["visual.pos_embed"] = interpolate_pos_embed(state["visual.pos_embed"], model.visual.patch_embed.grid_size)
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise UserError(f"{path} does not fit this model: {mismatched[0]} is {tuple(state[mismatched[0]].shape)} "
+                        f"there, {tuple(own[mismatched[0]].shape)} here (check --model, --depth, --image-size, "
+                        "--embed-dim, --head-hidden-dim and the text tower's flags)")
+    missing_encoder = [k for k in own if k.startswith("visual.") and k not in state]
+    if missing_encoder:
+        raise UserError(f"{path} lacks encoder weights this model needs, e.g. {missing_encoder[0]}")
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    return sorted({k.split(".")[0] for k in state if k in own})
+
+
 def resume(path, model, optimizer, scaler, args):
     """Load a checkpoint into model, optimizer and scaler; returns the step to continue from."""
     try:
         state = load_checkpoint_file(path)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
-    saved = state.get("args", {})
+    if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "step" not in state:
+        raise UserError(f"{path} is not a pretrain.py checkpoint (an official StableRep checkpoint or an encoder "
+                        "has no optimiser step or random state to continue): start from its weights with "
+                        "--init-from instead")
+    saved = state["args"]
     for key in ("model", "depth", "loss", "image_size", "embed_dim", "head_hidden_dim"):
         if saved.get(key) != getattr(args, key):
             raise UserError(f"{path} was trained with --{key.replace('_', '-')} {saved.get(key)}, not "

@@ -1,20 +1,28 @@
-"""Data loading images/s: pretrain.py's loader against a plain loop that decodes and augments the same files.
+"""Data loading: pretrain.py's loader, our augmentation in a plain loop, and the official pipeline, side by side.
 
     python bench/bench_data.py                  # 48 captions x 6 of 10 images, 256 px JPEGs -> 224 crops, 2 workers
     python bench/bench_data.py --workers 0      # the loader in the main process: the Dataset's own overhead
 
 The bench writes its own image tree in a temporary folder (imagetree's layout, as generate.py writes it: 10
 JPEGs of 256 x 256 per caption, quality 95, smooth random images so they compress like real ones, and each
-folder's _index.json). The loader side is built as pretrain.py builds it: CaptionImagesDataset (m images of a
-caption, one crop each, pretrain_augmentation) + CaptionSampler + collate in a torch DataLoader with --workers
-processes, started afresh for every pass as pretrain.py does each epoch. The loop side decodes
-(data.decode_rgb) and augments (data.pretrain_augmentation) the very files the loader chose, one after the other
-in this process, with the same random draws (torch's generator seeded per caption by data.item_seed, as the
-Dataset seeds it), so both sides make identical crops (checked) and do the same work: the augmentation's cost varies
-by 15% between one set of random crops and another, more than the loader's overhead. Both sides are timed
-alternately over one pass of the captions, each pass a new epoch; the median pass is reported.
+folder's _index.json). Four sides, each pass a new epoch: the loader's pass, then the other three sides over the same
+files, taking turns step by step; the median pass is reported:
 
-What the ratio means: with --workers 2 the loader runs two decoding processes and the loop one process (one
+    loader    pretrain.py's loader: CaptionImagesDataset (m images of a caption, one crop each) + CaptionSampler +
+              collate in a torch DataLoader with --workers processes, started afresh every pass as each epoch does
+    ours      a plain loop in this process: augment.decode_rgb + augment.PretrainAugmentation on the very files the
+              loader chose, with the same random draws (torch's generator seeded per caption by data.item_seed, as
+              the Dataset seeds it), so it makes the loader's crops (checked) and does the same work
+    official  the same loop with the official pipeline: PIL decode + augment.official_augmentation (torchvision's
+              v1 transforms on PIL images, PIL's blur), seeded the same way (same distribution, other draws)
+    crop      the same loop doing only the CPU share of pretrain.py --gpu-augment: decode, crop, resize to uint8,
+              draw the colour parameters
+
+The single-process sides report wall time and CPU time (time.process_time) per image: on a machine shared with
+other jobs, CPU time leaves out the time this process waited for a core. ours/official is the cost per image of
+our augmentation relative to the official pipeline's on one core (goal: at most 0.5).
+
+What loader/ours means: with --workers 2 the loader runs two decoding processes and the loop one process (one
 intra-op thread by default, as torch gives each DataLoader worker; more threads spin-wait on cores shared with other
 jobs), so on a 2-core machine the ratio measures what the loader gains from parallel workers net of its overhead
 (process start, pickling of the batches, seeding). With --workers 0 both run in one process and the ratio is the
@@ -34,8 +42,8 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagetree  # noqa: E402
 import shards  # noqa: E402
-from data import (CaptionImagesDataset, CaptionSampler, collate, decode_rgb, item_seed,  # noqa: E402
-                  pretrain_augmentation)
+from augment import PretrainAugmentation, decode_rgb, official_augmentation  # noqa: E402
+from data import CaptionImagesDataset, CaptionSampler, collate, item_seed  # noqa: E402
 
 
 def smooth_image(rng, size):
@@ -74,23 +82,37 @@ def loader_pass(dataset, sampler, workers, epoch):
     return time.perf_counter() - start, images, steps, first
 
 
-def loop_pass(records, steps, augment, images_per_caption, seed, epoch):
-    """Decode and augment the same files in this process, with the same random draws: torch's generator is seeded
-    per caption by data.item_seed and the caption's image order drawn first, as the Dataset does, so the loop
-    makes the very same crops. Stacks each step's crops as collate does; returns (seconds, images, first step)."""
-    start = time.perf_counter()
-    images, first = 0, None
-    for step in steps:
-        crops = []
-        for label in step:
-            torch.manual_seed(item_seed(seed, epoch, label))
-            paths = records[label].image_paths
-            for index in torch.randperm(len(paths)).tolist()[:images_per_caption]:
-                crops.append(augment(decode_rgb(paths[index])))
-        batch = torch.stack(crops)
-        images += len(batch)
-        first = batch if first is None else first
-    return time.perf_counter() - start, images, first
+def loop_pass(records, steps, sides, images_per_caption, seed, epoch):
+    """Each side's augment_file(path) on the files the loader chose, in this process, with the loader's random draws
+    (torch's generator seeded per caption by data.item_seed and the caption's image order drawn first, as the
+    Dataset does), stacking each step's crops as collate does. The sides take turns step by step, the first one
+    rotating, so a change in the machine's load, and what a side leaves in the caches, falls on all of them alike.
+    Returns {side: [wall seconds, CPU seconds, images, first step]}."""
+    totals = {side: [0.0, 0.0, 0, None] for side in sides}
+    names = list(sides)
+    for step_index, step in enumerate(steps):
+        for side in names[step_index % len(names):] + names[:step_index % len(names)]:
+            augment_file = sides[side]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            crops = []
+            for label in step:
+                torch.manual_seed(item_seed(seed, epoch, label))
+                paths = records[label].image_paths
+                for index in torch.randperm(len(paths)).tolist()[:images_per_caption]:
+                    crops.append(augment_file(paths[index]))
+            batch = torch.stack(crops)
+            total = totals[side]
+            total[0] += time.perf_counter() - start
+            total[1] += time.process_time() - start_cpu
+            total[2] += len(batch)
+            total[3] = batch if total[3] is None else total[3]
+    return totals
+
+
+def pil_rgb(path):
+    """The official dataset's decode: a PIL image converted to RGB."""
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def main(args):
@@ -101,31 +123,47 @@ def main(args):
         dataset = CaptionImagesDataset([root], args.images_per_caption, 1, args.image_size, seed=0)
         sampler = CaptionSampler(len(dataset), args.captions_per_step)
         records = imagetree.read_tree(root)  # the loop's file list (the dataset keeps only a numeric index)
-        augment = pretrain_augmentation(args.image_size)
+        ours, official = PretrainAugmentation(args.image_size), official_augmentation(args.image_size)
+        loops = {"ours": lambda path: ours(decode_rgb(path)),
+                 "official": lambda path: official(pil_rgb(path)),
+                 "crop": lambda path: ours.crop(decode_rgb(path))[0]}
         m = args.images_per_caption
-        # warm-up (page cache), and the check that both sides make the same crops from the same files
+        # warm-up (page cache), and the check that the loader and our loop make the same crops from the same files
         _, _, steps, loader_first = loader_pass(dataset, sampler, args.workers, epoch=0)
-        _, _, loop_first = loop_pass(records, steps, augment, m, 0, epoch=0)
-        difference = (loader_first - loop_first).abs().max().item()
-        rates = {"loader": [], "loop": []}
-        for epoch in range(1, args.repeats + 1):  # a new epoch each pass: new captions order and crops, both sides
+        warm_up = loop_pass(records, steps, loops, m, 0, epoch=0)
+        difference = (loader_first - warm_up["ours"][3]).abs().max().item()
+        wall = {side: [] for side in ("loader", *loops)}  # seconds per image, one entry per pass
+        cpu = {side: [] for side in loops}
+        for epoch in range(1, args.repeats + 1):  # a new epoch each pass: new captions order and crops, all sides
             seconds, images, steps, _ = loader_pass(dataset, sampler, args.workers, epoch)
-            rates["loader"].append(images / seconds)
-            seconds, images, _ = loop_pass(records, steps, augment, m, 0, epoch)
-            rates["loop"].append(images / seconds)
+            wall["loader"].append(seconds / images)
+            for side, (seconds, cpu_seconds, images, _) in loop_pass(records, steps, loops, m, 0,
+                                                                      epoch).items():
+                wall[side].append(seconds / images)
+                cpu[side].append(cpu_seconds / images)
     per_pass = sampler.steps_per_epoch * args.captions_per_step * args.images_per_caption
     print(f"{args.captions} captions x {args.images_stored} JPEGs of {args.stored_size} px; a pass = "
           f"{sampler.steps_per_epoch} steps x {args.captions_per_step} captions x {args.images_per_caption} images = "
           f"{per_pass} images, {args.image_size} px crops; cpu cores={os.cpu_count()}, torch threads="
-          f"{torch.get_num_threads()}, torch {torch.__version__}")
-    workers = f"{args.workers} worker process(es)" if args.workers else "no workers, in the main process"
-    print(f"{'':7s} {'img/s':>7s}   passes (img/s)")
-    for side, label in (("loader", f"DataLoader, {workers}"), ("loop", "plain loop, 1 process")):
-        rounds = " ".join(f"{r:.1f}" for r in rates[side])
-        print(f"{side:7s} {statistics.median(rates[side]):7.1f}   {rounds}   ({label})")
-    print(f"same crops on both sides (first step of the warm-up pass): max |difference| {difference:.1e}")
-    ratio = statistics.median(rates["loader"]) / statistics.median(rates["loop"])
-    print(f"loader/loop images/s: {ratio:.2f}x (goal: at least 0.9x)")
+          f"{torch.get_num_threads()}, torch {torch.__version__}; load average before/after: {args.load_before} / "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    workers = f"DataLoader, {args.workers} worker process(es)" if args.workers else "DataLoader, in the main process"
+    labels = {"loader": workers, "ours": "decode + PretrainAugmentation, 1 process",
+              "official": "PIL decode + official pipeline, 1 process",
+              "crop": "decode + crop only (the CPU share of --gpu-augment), 1 process"}
+    median = {side: statistics.median(values) for side, values in wall.items()}
+    median_cpu = {side: statistics.median(values) for side, values in cpu.items()}
+    print(f"{'':9s} {'img/s':>7s} {'ms/img':>7s} {'cpu ms/img':>10s}   passes (ms/img, wall)")
+    for side, values in wall.items():
+        cpu_ms = f"{median_cpu[side] * 1e3:10.2f}" if side in cpu else f"{'':10s}"
+        passes = " ".join(f"{v * 1e3:.2f}" for v in values)
+        print(f"{side:9s} {1 / median[side]:7.1f} {median[side] * 1e3:7.2f} {cpu_ms}   {passes}   ({labels[side]})")
+    print(f"loader and ours make the same crops (first step of the warm-up pass): max |difference| {difference:.1e}")
+    print(f"ours/official time per image on one core: {median['ours'] / median['official']:.2f}x wall, "
+          f"{median_cpu['ours'] / median_cpu['official']:.2f}x CPU (goal: at most 0.5x)")
+    print(f"crop/official (the CPU share of --gpu-augment): {median['crop'] / median['official']:.2f}x wall, "
+          f"{median_cpu['crop'] / median_cpu['official']:.2f}x CPU")
+    print(f"loader/ours images/s: {median['ours'] / median['loader']:.2f}x (goal: at least 0.9x)")
     if args.workers > 1:
         print(f"note: the loader runs {args.workers} processes and the loop 1, on {os.cpu_count()} cores: the ratio "
               "includes the workers' parallelism; --workers 0 compares the Dataset's overhead at equal parallelism")
@@ -195,5 +233,6 @@ if __name__ == "__main__":
     parser.add_argument("--shards", action="store_true",
                         help="compare the loader on generate.py's tar shards with the loader on the file tree (the "
                              "same images and crops) instead of the loader with the plain loop")
-    args = parser.parse_args()
-    shards_main(args) if args.shards else main(args)
+    arguments = parser.parse_args()
+    arguments.load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    shards_main(arguments) if arguments.shards else main(arguments)

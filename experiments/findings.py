@@ -68,9 +68,9 @@ def get_args_parser():
                         help="transformer blocks of the ViT-Ti (default: its own 12); fewer make a CPU run "
                              "faster. The random-init floor gets the same depth (saved as a state dict, since the "
                              "probe scripts' --random-init builds the full depth)")
-    parser.add_argument("--base-lr", type=float, default=3.2e-3,
-                        help="pretrain.py's lr per 256 images; 3.2e-3 gives lr = 1e-3 at 80 images a step, "
-                             "what the digits demo trains well with")
+    parser.add_argument("--base-lr", type=float, default=6.4e-3,
+                        help="pretrain.py's base lr (lr = base x images per step / 512, the official rule); 6.4e-3 "
+                             "gives lr = 1e-3 at 80 images a step, what the digits demo trains well with")
     parser.add_argument("--warmup-fraction", type=float, default=0.1,
                         help="share of the steps spent in linear warmup (then cosine decay to 0)")
     # evaluation
@@ -102,7 +102,8 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
                "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
                "--base-lr", f"{args.base_lr:g}", "--epochs", str(epochs),
                "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
-               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
+               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps),
+               "--head-batchnorm", "joint"]  # 10-40 captions a step: per-view BN batches would be that small
     if args.depth is not None:
         command += ["--depth", str(args.depth)]
     if loss in ("clip", "stablerep+"):
@@ -162,7 +163,7 @@ def main(args):
     out = os.path.abspath(args.output)
     start = time.time()
     print(f"{IMAGES_PER_STEP} images a step x {args.steps} steps = {IMAGES_PER_STEP * args.steps} images seen per "
-          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 256 = {args.base_lr * IMAGES_PER_STEP / 256:g}; "
+          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 512 = {args.base_lr * IMAGES_PER_STEP / 512:g}; "
           f"{len(args.configs)} configs x {args.seeds} seeds", flush=True)
 
     # ---- data ----

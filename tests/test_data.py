@@ -1,8 +1,15 @@
-"""data.py: deterministic items, the per-rank caption sampler, batch labels, the augmentation's settings."""
+"""data.py and augment.py: deterministic items, the per-rank caption sampler, batch labels; the augmentation's
+parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling."""
+import numpy as np
 import torch
-import torchvision.transforms.v2 as T
+import torchvision.transforms as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageFilter
 
-from data import CaptionImagesDataset, CaptionSampler, collate, pretrain_augmentation
+import augment
+from augment import (IMAGENET_MEAN, IMAGENET_STD, ColorParams, PILDownAndUp, PretrainAugmentation, augment_crops,
+                     down_and_up, official_augmentation, sample_color_params)
+from data import CaptionImagesDataset, CaptionSampler, collate
 
 
 def test_an_item_is_a_function_of_epoch_and_index(random_tree):
@@ -46,12 +53,184 @@ def test_labels_run_across_several_trees(random_tree):
     assert len(dataset) == 24 and dataset[(0, 20)].label == 20
 
 
-def test_augmentation_is_the_papers():
-    augment = pretrain_augmentation(224)
-    crop, jitter, gray, blur, flip = augment.transforms[:5]
-    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.08, 1.0) and crop.size == (224, 224)
-    assert jitter.p == 0.8 and gray.p == 0.2 and blur.p == 0.5 and flip.p == 0.5
-    assert blur.transforms[0].sigma == [0.1, 2.0]
-    assert pretrain_augmentation(32, (0.6, 1.0)).transforms[0].scale == (0.6, 1.0)
-    out = augment(torch.randint(0, 256, (3, 300, 260), dtype=torch.uint8))
+# ---- the augmentation (augment.py) ----
+
+def colour_sources(size=96):
+    """Two images of one hue each (orange, blue; saturation 0.7) whose value ramps across the image plus
+    per-pixel noise: hue jitter shows as a hue shift, blur as lost noise, the crop as the part of the ramp kept."""
+    rng = np.random.default_rng(0)
+    images = []
+    for hue, axis in ((0.05, 1), (0.6, 0)):
+        ramp = np.expand_dims(np.linspace(0.25, 0.75, size), 1 - axis)
+        value = np.clip(ramp + 0.15 * rng.uniform(-1, 1, (size, size)), 0, 1)
+        hsv = np.stack([np.full((size, size), hue), np.full((size, size), 0.7), value], -1)
+        images.append(np.array(Image.fromarray((hsv * 255).round().astype(np.uint8), "HSV").convert("RGB")))
+    return images, (0.05, 0.6)
+
+
+def hue_and_chroma(x):
+    """HSV hue (turns) and chroma of RGB images [n, 3, S, S] in [0, 1], written out independently of augment.py."""
+    top, chroma = x.amax(1), x.amax(1) - x.amin(1)
+    r, g, b, safe = *x.unbind(1), chroma.clamp_min(1e-6)
+    hue = torch.where(top == r, (g - b) / safe, torch.where(top == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    return (hue / 6) % 1, chroma
+
+
+def augmentation_statistics(outputs, source_hues):
+    """Statistics of normalised outputs [n, 3, S, S] (rounded to 8 bits, as the official pipeline's are)."""
+    x = outputs * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    x = (x.clamp(0, 1) * 255).round() / 255
+    means = x.mean((2, 3))  # [n, 3]
+    gray = (x.amax(1) - x.amin(1)).amax((1, 2)) < 1e-3
+    luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)  # [n, S, S]
+    laplacian = (4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2]
+                 - luma[:, 1:-1, 2:]).abs().mean((1, 2))
+    hue, chroma = hue_and_chroma(x)
+    shift = (hue - source_hues.view(-1, 1, 1) + 0.5) % 1 - 0.5  # [n, S, S] in turns
+    shift = torch.where(chroma > 0.05, shift, torch.nan).flatten(1).nanmedian(1).values  # per image
+    shift = shift[~gray & ~shift.isnan()]  # images with colour left
+    return {"mean R": means[:, 0].mean(), "mean G": means[:, 1].mean(), "mean B": means[:, 2].mean(),
+            "spread of image means": means.std(0).mean(), "within-image spread": x.std((2, 3)).mean(),
+            "grayscale fraction": gray.float().mean(), "mean |hue shift|": shift.abs().mean(),
+            "hue shift spread": shift.std(),
+            # blur: the blurred half of the images sits in the lower quantiles of fine detail / contrast
+            "detail q25": (laplacian / luma.std((1, 2)).clamp_min(1e-6)).quantile(0.25)}
+
+
+# differences allowed between our pipeline and the official one: absolute for the means and the grayscale
+# fraction, relative for the rest. Dropping or doubling the blur, the hue jitter or the grayscale moves the
+# statistic it governs 2-20 times further than this (checked by breaking the pipeline)
+TOLERANCES = {"mean R": 0.02, "mean G": 0.02, "mean B": 0.02, "spread of image means": 0.06,
+              "within-image spread": 0.06, "grayscale fraction": 0.04, "mean |hue shift|": 0.15,
+              "hue shift spread": 0.15, "detail q25": 0.25}
+RELATIVE = {"spread of image means", "within-image spread", "mean |hue shift|", "hue shift spread", "detail q25"}
+
+
+def test_augmentation_has_the_official_pipelines_statistics():
+    """1500 crops of each pipeline (64 px from 96 px images): the same colour, grayscale, hue, blur and crop
+    statistics as the official pipeline (PIL, torchvision v1, PIL's blur), within TOLERANCES."""
+    images, hues = colour_sources()
+    official, ours = official_augmentation(64), PretrainAugmentation(64)
+    source_hues = torch.tensor([hues[i % 2] for i in range(1500)])
+    torch.manual_seed(0)
+    theirs = torch.stack([official(Image.fromarray(images[i % 2])) for i in range(1500)])
+    torch.manual_seed(1)
+    mine = torch.stack([ours(torch.from_numpy(images[i % 2])) for i in range(1500)])
+    expected, measured = augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
+    for name, tolerance in TOLERANCES.items():
+        difference = abs(measured[name] - expected[name]) / (abs(expected[name]) if name in RELATIVE else 1)
+        assert difference <= tolerance, f"{name}: ours {measured[name]:.4f}, official {expected[name]:.4f}"
+
+
+def test_parameters_follow_the_recipe():
+    torch.manual_seed(0)
+    params = ColorParams.cat([sample_color_params() for _ in range(20000)])
+    for flag, p in ((params.jitter, 0.8), (params.gray, 0.2), (params.sigma > 0, 0.5), (params.flip, 0.5)):
+        assert abs(flag.float().mean().item() - p) < 0.015
+    brightness_contrast_saturation, hue = params.factors[:, :3], params.factors[:, 3]
+    assert 0.6 <= brightness_contrast_saturation.min() and brightness_contrast_saturation.max() <= 1.4
+    assert -0.1 <= hue.min() and hue.max() <= 0.1 and abs(hue.mean()) < 0.005
+    torch.testing.assert_close(brightness_contrast_saturation.mean(0), torch.ones(3), atol=0.01, rtol=0)
+    sigma = params.sigma[params.sigma > 0]
+    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.02
+    orders, counts = params.order.unique(dim=0, return_counts=True)  # every order of the four ops, equally often
+    assert len(orders) == 24 and (counts.float() / 20000 - 1 / 24).abs().max() < 0.01
+    out = PretrainAugmentation(224)(torch.randint(0, 256, (300, 260, 3), dtype=torch.uint8))
     assert out.shape == (3, 224, 224) and out.dtype == torch.float32
+
+
+def test_crops_cut_the_box_torchvision_draws():
+    """A crop of an image whose red and green encode x and y shows the box RandomResizedCrop.get_params drew."""
+    height, width = 90, 120
+    ys, xs = np.mgrid[0:height, 0:width]
+    pixels = torch.from_numpy(np.stack([xs * 2, ys * 2, np.zeros_like(xs)], -1).astype(np.uint8))
+    augment = PretrainAugmentation(48, crop_scale=(0.1, 0.9))
+    for seed in range(20):
+        torch.manual_seed(seed)
+        top, left, box_height, box_width = T.RandomResizedCrop.get_params(pixels.permute(2, 0, 1), (0.1, 0.9),
+                                                                         (3 / 4, 4 / 3))
+        torch.manual_seed(seed)
+        crop = augment.crop(pixels)[0].float()  # [48, 48, 3]: red = 2 x, green = 2 y, resampled
+        assert abs(crop[..., 0].min() / 2 - left) <= 1 and abs(crop[..., 0].max() / 2 - (left + box_width - 1)) <= 1
+        assert abs(crop[..., 1].min() / 2 - top) <= 1 and abs(crop[..., 1].max() / 2 - (top + box_height - 1)) <= 1
+
+
+def test_colour_ops_match_torchvision():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 12, 10)
+    x[0, :, 0, :8] = torch.tensor([[1, 0, 0], [1, 1, 0], [0.5, 0.5, 0.5], [0, 0, 0], [1, 1, 1], [0.8, 0.8, 0.2],
+                                   [0.2, 0.8, 0.8], [0.9, 0.1, 0.9]]).t()  # primaries, greys, ties in the max
+    factors, shifts = torch.tensor([0.6, 0.9, 1.2, 1.4]), torch.tensor([-0.1, -0.03, 0.05, 0.1])
+    for i in range(4):
+        one = x[i:i + 1]
+        torch.testing.assert_close(augment.adjust_brightness(one.clone(), factors[i:i + 1])[0],
+                                   TF.adjust_brightness(x[i], factors[i].item()), atol=1e-6, rtol=0)
+        torch.testing.assert_close(augment.adjust_contrast(one.clone(), factors[i:i + 1])[0],  # torchvision's
+                                   TF.adjust_contrast(x[i], factors[i].item()), atol=1e-4, rtol=0)  # red 0.2989
+        torch.testing.assert_close(augment.adjust_saturation(one.clone(), factors[i:i + 1])[0],
+                                   TF.adjust_saturation(x[i], factors[i].item()), atol=1e-4, rtol=0)
+        torch.testing.assert_close(augment.adjust_hue(one.clone(), shifts[i:i + 1])[0],
+                                   TF.adjust_hue(x[i], shifts[i].item()), atol=1e-5, rtol=0)
+    torch.testing.assert_close(augment.to_grayscale(x), TF.rgb_to_grayscale(x, 3), atol=2e-4, rtol=0)
+
+
+def test_blur_is_pils_gaussian_blur():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float()  # [1, 3, 40, 48]
+    for sigma in (0.1, 0.3, 0.7, 1.0, 1.5, 2.0):
+        kernel = augment.blur_kernels(torch.tensor([sigma]))[0]
+        taps = torch.arange(len(kernel)) - len(kernel) // 2
+        assert abs(kernel.sum() - 1) < 1e-6 and abs((kernel * taps ** 2).sum() - sigma ** 2) < 1e-4
+        ours = augment.gaussian_blur(x.clone(), torch.tensor([sigma]))  # the ops may write over their input
+        pil = torch.from_numpy(np.array(image.filter(ImageFilter.GaussianBlur(sigma)))).permute(2, 0, 1)[None]
+        interior = (ours - pil)[..., len(kernel):-len(kernel), len(kernel):-len(kernel)]
+        # PIL rounds to 8 bits after each of its six passes: at sigma 0.1 that undoes a third of the blur (noise
+        # pixels 85 levels apart move by 0.5 instead of 1.4 levels), at sigma >= 0.3 it is rounding noise
+        assert interior.abs().max() <= 3 and interior.abs().mean() <= (1.1 if sigma < 0.3 else 0.75)
+    # a batch blurs each image with its own kernel
+    batch = augment.gaussian_blur(x.repeat(2, 1, 1, 1), torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(batch[0], augment.gaussian_blur(x.clone(), torch.tensor([0.5]))[0], atol=1e-5, rtol=0)
+
+
+def test_batched_augmentation_equals_the_per_crop_path(random_tree):
+    """--gpu-augment: items carry uint8 crops and their parameters; augment_crops on the collated batch (any
+    device; here the CPU) gives what the loader's per-crop path gives, from the same draws."""
+    on_cpu = CaptionImagesDataset([random_tree], 3, 2, 32, seed=3)
+    deferred = CaptionImagesDataset([random_tree], 3, 2, 32, seed=3, augment_on_device=True)
+    batch = collate([deferred[(1, i)] for i in range(8)])
+    assert batch["images"].dtype == torch.uint8 and batch["images"].shape == (48, 32, 32, 3)
+    assert len(batch["color"].sigma) == 48 and 0 < int(batch["color"].gray.sum()) < 48
+    expected = collate([on_cpu[(1, i)] for i in range(8)])
+    assert expected["color"] is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float32 whatever autocast says
+        images = augment_crops(batch["images"], batch["color"])
+    torch.testing.assert_close(images, expected["images"], atol=1e-5, rtol=0)
+
+
+def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeypatch):
+    rng = np.random.default_rng(0)
+    pixels = torch.from_numpy(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
+    low = down_and_up(pixels, 15)  # shorter side 15 (15 x 20), then back to 60 x 80
+    assert low.shape == pixels.shape and low.dtype == torch.uint8
+    detail = lambda image: (image[1:].float() - image[:-1].float()).abs().mean()  # noqa: E731
+    assert detail(low) < detail(pixels) / 4
+    official = np.array(PILDownAndUp([15])(Image.fromarray(pixels.numpy())), dtype=np.float32)
+    assert np.abs(official - low.numpy()).mean() < 1.5  # torch's resampling computes PIL's
+
+    calls = []
+    monkeypatch.setattr(augment, "down_and_up", lambda image, resolution: calls.append(resolution) or image)
+    torch.manual_seed(0)
+    for _ in range(4000):
+        PretrainAugmentation(32, downsample_prob=0.05, downsample_res=(64, 128)).crop(pixels)
+    assert abs(len(calls) / 4000 - 0.05) < 0.012 and 0.35 < calls.count(64) / len(calls) < 0.65
+    calls.clear()
+    PretrainAugmentation(32).crop(pixels)
+    assert not calls  # off by default
+    monkeypatch.undo()
+
+    items = [CaptionImagesDataset([random_tree], 2, 1, 32, downsample_prob=prob, downsample_res=(4,))[(0, i)]
+             for prob in (0.0, 1.0) for i in range(12)]
+    sharp, smooth = (torch.stack([detail(item.images.permute(0, 2, 3, 1)[k]) for item in items[j:j + 12]
+                                  for k in range(2)]).mean() for j in (0, 12))
+    assert smooth < sharp / 2

@@ -14,8 +14,9 @@ from PIL import Image
 
 import dataindex
 import shards
+from augment import PretrainAugmentation, decode_rgb
 from conftest import caption_text, write_random_shards
-from data import CaptionImagesDataset, CaptionShardStream, collate, decode_rgb, item_seed, pretrain_augmentation
+from data import CaptionImagesDataset, CaptionShardStream, collate, item_seed
 
 
 def items(dataset, epoch=0):
@@ -163,7 +164,7 @@ def test_img2dataset_webdataset_output(tmp_path, tiny_tokenizer):
     assert dataset.fewest_images() == (0, 1)
     with source.open(4) as files:
         assert files.slots == [0] and files.caption() == "caption 10000"
-        assert decode_rgb(files.image(0)).shape == (3, 16, 16)
+        assert decode_rgb(io.BytesIO(files.image(0))).shape == (16, 16, 3)
     item = dataset[(0, 2)]
     assert item.images.shape == (1, 3, 32, 32) and item.label == 2
     assert torch.equal(item.tokens, tiny_tokenizer("caption 3", padding="max_length", max_length=40,
@@ -224,7 +225,7 @@ def test_official_csv_layout(tmp_path, tiny_tokenizer):
     item = dataset[(5, 1)]
     torch.manual_seed(item_seed(4, 5, 1))  # replay the item's draws: 2 of the 3 roots, then their crops
     chosen = torch.randperm(3).tolist()[:2]
-    augment = pretrain_augmentation(32)
+    augment = PretrainAugmentation(32)
     expected = torch.stack([augment(decode_rgb(str(roots[s] / "img/001.png"))) for s in chosen])
     assert item.image_indices.tolist() == chosen
     torch.testing.assert_close(item.images, expected, rtol=0, atol=0)

@@ -15,8 +15,8 @@ import imagetree
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # measured with `python demo.py --seed S --episodes E` on 2 CPU cores: (linear probe, few-shot) of pretrained minus
 # random init, in points
-MEASURED = {"seed 0, 600 episodes": (2.66, 16.26), "seed 0, 200 episodes (this test)": (2.67, 16.80)}
-MIN_LINEAR_PROBE_GAIN, MIN_FEWSHOT_GAIN = 1.0, 8.0
+MEASURED = {"seed 0, 600 episodes, 2 threads": (1.77, 15.97), "seed 0, 200 episodes, 1 thread": (1.55, 16.2)}
+MIN_LINEAR_PROBE_GAIN, MIN_FEWSHOT_GAIN = 0.75, 8.0  # the digits probe linearly at 93.6% even at random init
 
 
 def test_demo_runs_every_stage_and_learns(tmp_path):

@@ -129,6 +129,55 @@ def test_feature_cache_is_reused_by_key(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
+class _Payload:
+    """A pickle that would run code when loaded without weights_only."""
+
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "code-carrying pickle", "another key"])
+def test_a_damaged_feature_cache_is_recomputed(tmp_path, capsys, damage):
+    compute = lambda: (torch.arange(10.0).view(5, 2), torch.arange(5))  # noqa: E731
+    ev.cached_features(str(tmp_path), {"checkpoint": "a"}, compute)
+    (path,) = [p for p in tmp_path.iterdir() if p.suffix == ".pt"]
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:50])
+    elif damage == "garbage":
+        path.write_bytes(b"\x00not a checkpoint")
+    elif damage == "code-carrying pickle":
+        torch.save({"features": _Payload(), "targets": torch.arange(5)}, path)
+    else:
+        torch.save({"features": torch.zeros(5, 2), "targets": torch.arange(5), "key": "{}"}, path)
+    features, targets, hit = ev.cached_features(str(tmp_path), {"checkpoint": "a"}, compute)
+    assert not hit and torch.equal(features, torch.arange(10.0).view(5, 2))
+    assert "recomputing" in capsys.readouterr().err
+    assert ev.cached_features(str(tmp_path), {"checkpoint": "a"}, compute)[2]  # the rewritten file is good
+
+
+@pytest.mark.parametrize("bad", ["truncated", "not an image", "decompression bomb"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encoder, bad, workers):
+    from PIL import Image
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (40, 40), (10, 20, 30)).save(tmp_path / name / "ok.png")
+    broken = tmp_path / "dog" / "broken.png"
+    if bad == "truncated":
+        Image.new("RGB", (64, 64), (200, 10, 10)).save(broken)
+        broken.write_bytes(broken.read_bytes()[:74])
+    elif bad == "not an image":
+        broken.write_bytes(b"GIF89a but not really")
+    else:  # a PNG claiming more pixels than PIL's decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
+        side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 10
+        Image.new("1", (side, side)).save(broken)
+    dataset = ev.open_image_folder(str(tmp_path), ev.eval_transform(32))
+    with pytest.raises(UserError) as info:
+        ev.extract_features(tiny_encoder, dataset, 2, workers, torch.device("cpu"))
+    message = str(info.value)
+    assert "\n" not in message and "broken.png" in message and "cannot read image" in message
+
+
 # ---- logistic regression ----
 
 def test_raw_pixels_give_sane_accuracy(raw_digits):
@@ -178,3 +227,15 @@ def test_standardise_uses_the_statistics_of_the_first_set():
     fit_std, other_std = ev.standardise(fit, other)
     torch.testing.assert_close(fit_std.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(other_std, (other - fit.mean(0)) / (fit.std(0) + 1e-6))
+
+
+def test_eval_transform_is_the_official_probes():
+    """main_linear.py's val transform: Resize(256) and CenterCrop(224) with torchvision's defaults on a PIL image
+    (bilinear), then ImageNet mean/std. Ours must give the same tensor."""
+    import numpy as np
+    from PIL import Image
+    from torchvision import transforms
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    official = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+                                   transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    torch.testing.assert_close(ev.eval_transform(224, "bilinear")(image), official(image))

@@ -101,20 +101,25 @@ def test_class_too_small_for_an_episode_is_named_subprocess(tmp_path, digit_fold
 
 
 @pytest.mark.parametrize("case", ["missing checkpoint", "missing folder", "other architecture", "too many ways",
-                                  "both data sources", "no data"])
+                                  "both data sources", "no data", "C nan", "ways 1", "episodes 0", "seed 2**64"])
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, digit_folders, tiny_checkpoint, case):
     data = ["--data-dir", digit_folders[1]]
+    checkpoint = ["--checkpoint", tiny_checkpoint]
     argv = {"missing checkpoint": ["--checkpoint", tmp_path / "nope.pth", *data],
-            "missing folder": ["--checkpoint", tiny_checkpoint, "--data-dir", tmp_path / "nope"],
-            "other architecture": ["--checkpoint", tiny_checkpoint, "--model", "vit_large", *data],
-            "too many ways": ["--checkpoint", tiny_checkpoint, *data, "--ways", 11],
-            "both data sources": ["--checkpoint", tiny_checkpoint, *data, "--dataset", "cifar10"],
-            "no data": ["--checkpoint", tiny_checkpoint]}[case]
-    out = tmp_path / "fewshot.json"
+            "missing folder": [*checkpoint, "--data-dir", tmp_path / "nope"],
+            "other architecture": [*checkpoint, "--model", "vit_large", *data],
+            "too many ways": [*checkpoint, *data, "--ways", 11],
+            "both data sources": [*checkpoint, *data, "--dataset", "cifar10"],
+            "no data": checkpoint,
+            "C nan": [*checkpoint, *data, "--C", "nan"],
+            "ways 1": [*checkpoint, *data, "--ways", "1"],
+            "episodes 0": [*checkpoint, *data, "--episodes", "0"],
+            "seed 2**64": [*checkpoint, *data, "--seed", 2 ** 64]}[case]
+    out = tmp_path / "results" / "fewshot.json"
     with pytest.raises(SystemExit) as info:
         run(fewshot.main, fewshot.get_args_parser(), [str(a) for a in argv] + ["--num-workers", "0",
                                                                                 "--output", str(out)])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("fewshot.py: error: ")
-    assert not out.exists()
+    assert err.count("\n") == 1 and err.startswith("fewshot.py: error: "), err
+    assert not (tmp_path / "results").exists()

@@ -69,18 +69,24 @@ def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_fo
 
 # ---- sgd protocol ----
 
-def test_sgd_protocol_learns_in_two_epochs(tmp_path, digit_folders, tiny_checkpoint):
+def test_sgd_protocol_learns_in_three_epochs_and_reports_last_and_best(tmp_path, digit_folders, tiny_checkpoint):
     train, _ = split_digits(load_digit_images(size=32), held_out_fraction=0.6, seed=1)
     small_train = write_image_folder(train, str(tmp_path / "train"))
     results = probe("--protocol", "sgd", "--checkpoint", tiny_checkpoint, "--train-dir", small_train,
-                    "--val-dir", digit_folders[1], "--epochs", "2", "--batch-size", "32", "--base-lrs", "0.05", "0.5",
-                    "--num-workers", "0", "--output", tmp_path / "sgd.json")
+                    "--val-dir", digit_folders[1], "--epochs", "3", "--eval-every", "2", "--batch-size", "32",
+                    "--base-lrs", "0.05", "0.5", "--num-workers", "0", "--output", tmp_path / "sgd.json")
     assert [h["lr"] for h in results["heads"]] == pytest.approx([0.05 * 32 / 256, 0.5 * 32 / 256])
     losses = [epoch["train_loss"] for epoch in results["history"]]
-    assert len(losses) == 2 and all(len(row) == 2 for row in losses)
-    assert min(losses[1]) < min(losses[0]) < math.log(10)  # below the loss of a uniform guess, and falling
-    assert results["best"]["top1"] == max(h["top1"] for h in results["heads"]) > 30  # chance is 10
-    assert json.loads((tmp_path / "sgd.json").read_text())["best"] == results["best"]
+    assert len(losses) == 3 and all(len(row) == 2 for row in losses)
+    assert min(losses[2]) < min(losses[0]) < math.log(10)  # below the loss of a uniform guess, and falling
+    # evaluated after epoch 2 (--eval-every 2) and after the last; "last" is the best head of the last evaluation,
+    # "best" the best over evaluations and heads (the official probe's reported number)
+    assert [e["epoch"] for e in results["evaluations"]] == [1, 2]
+    assert results["last"]["epoch"] == 2
+    assert results["last"]["top1"] == max(h["top1"] for h in results["heads"]) > 30  # chance is 10
+    assert results["best"]["top1"] == max(max(e["top1"]) for e in results["evaluations"]) >= results["last"]["top1"]
+    saved = json.loads((tmp_path / "sgd.json").read_text())
+    assert saved["best"] == results["best"] and saved["last"] == results["last"]
 
 
 def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
@@ -101,29 +107,85 @@ def test_missing_checkpoint_subprocess(tmp_path, digit_folders, run_script):
     assert not out.exists()
 
 
+BAD_NUMBERS = {  # flag values that used to be accepted or crash with a traceback (issue 12)
+    "epochs 0": (["--protocol", "sgd", "--epochs", "0"], "--epochs: must be >= 1"),
+    "wd-range nan": (["--wd-range", "nan", "nan"], "--wd-range: must be a finite number > 0"),
+    "wd-range reversed": (["--wd-range", "10", "1"], "needs MIN <= MAX"),
+    "val-fraction 1": (["--val-fraction", "1"], "--val-fraction: must be a finite number > 0 and <= 0.9"),
+    "image-size 0": (["--image-size", "0"], "--image-size: must be >= 16"),
+    "seed 2**64": (["--seed", str(2 ** 64)], "--seed: must be >= 0"),
+    "workers -1": (["--num-workers", "-1"], "--num-workers: must be >= 0"),
+    "base-lrs inf": (["--protocol", "sgd", "--base-lrs", "inf"], "--base-lrs: must be a finite number > 0"),
+}
+
+
 @pytest.mark.parametrize("case", ["missing folder", "empty split", "other architecture", "random init without model",
-                                  "different classes", "map on folders"])
-def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, digit_folders, tiny_checkpoint, case):
+                                  "different classes", "map on folders", "one class", "output is a folder",
+                                  "cache-dir is a file", "random init without output", *BAD_NUMBERS])
+def test_bad_input_is_one_line_and_exit_code_2_and_writes_nothing(tmp_path, capsys, digit_folders, tiny_checkpoint,
+                                                                   case):
     train, test = digit_folders
-    (tmp_path / "empty" / "zero").mkdir(parents=True)
-    (tmp_path / "other" / "cat").mkdir(parents=True)
-    (tmp_path / "other" / "cat" / "a.png").write_bytes(open(os.path.join(test, "zero", os.listdir(
-        os.path.join(test, "zero"))[0]), "rb").read())
+    inputs = tmp_path / "inputs"
+    (inputs / "empty" / "zero").mkdir(parents=True)
+    one_image = open(os.path.join(test, "zero", os.listdir(os.path.join(test, "zero"))[0]), "rb").read()
+    for folder in ("other/cat", "one/zero"):
+        (inputs / folder).mkdir(parents=True)
+        (inputs / folder / "a.png").write_bytes(one_image)
+    (inputs / "one" / "zero" / "b.png").write_bytes(one_image)
+    (inputs / "a_file").write_text("")
+    (inputs / "a_folder").mkdir()
+    out = tmp_path / "results" / "probe.json"
     base = ["--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--num-workers", "0"]
-    argv = {"missing folder": base + ["--train-dir", tmp_path / "nope", "--val-dir", test],
-            "empty split": base + ["--train-dir", train, "--val-dir", tmp_path / "empty"],
-            "other architecture": base + ["--model", "vit_base", "--train-dir", train, "--val-dir", test],
-            "random init without model": ["--protocol", "lbfgs", "--random-init", "--train-dir", train,
-                                          "--val-dir", test],
-            "different classes": base + ["--train-dir", train, "--val-dir", tmp_path / "other"],
-            "map on folders": base + ["--train-dir", train, "--val-dir", test, "--metric", "map11"]}[case]
-    out = tmp_path / "probe.json"
+    folders = ["--train-dir", train, "--val-dir", test]
+    argv = {"missing folder": base + ["--train-dir", inputs / "nope", "--val-dir", test],
+            "empty split": base + ["--train-dir", train, "--val-dir", inputs / "empty"],
+            "other architecture": base + ["--model", "vit_base", *folders],
+            "random init without model": ["--protocol", "lbfgs", "--random-init", *folders],
+            "different classes": base + ["--train-dir", train, "--val-dir", inputs / "other"],
+            "map on folders": base + [*folders, "--metric", "map11"],
+            "one class": base + ["--train-dir", inputs / "one", "--val-dir", inputs / "one"],
+            "output is a folder": base + [*folders, "--output", inputs / "a_folder"],
+            "cache-dir is a file": base + [*folders, "--cache-dir", inputs / "a_file"],
+            "random init without output": ["--protocol", "lbfgs", "--random-init", "--model", "vit_tiny", *folders],
+            }.get(case) or base + folders + BAD_NUMBERS[case][0]
+    if "--output" not in argv and case != "random init without output":
+        argv += ["--output", out]
     with pytest.raises(SystemExit) as info:
-        run(linear_probe.main, linear_probe.get_args_parser(), [str(a) for a in argv] + ["--output", str(out)])
+        run(linear_probe.main, linear_probe.get_args_parser(), [str(a) for a in argv])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("linear_probe.py: error: ")
-    assert not out.exists()
+    assert err.count("\n") == 1 and err.startswith("linear_probe.py: error: "), err
+    if case in BAD_NUMBERS:
+        assert BAD_NUMBERS[case][1] in err, err
+    assert not (tmp_path / "results").exists()  # nothing written, not even the results folder
+    assert sorted(os.listdir(tmp_path)) == ["inputs"]
+
+
+def test_results_go_beside_the_checkpoint_by_default(tmp_path, digit_folders, tiny_checkpoint):
+    import shutil
+    checkpoint = tmp_path / "run" / "encoder.pth"
+    checkpoint.parent.mkdir()
+    shutil.copy(tiny_checkpoint, checkpoint)
+    train, test = digit_folders
+    probe("--protocol", "lbfgs", "--checkpoint", checkpoint, "--train-dir", train, "--val-dir", test,
+          "--wd-steps", "1", "--wd-range", "1", "1", "--max-iter", "50", "--num-workers", "0")
+    assert [p.name for p in (tmp_path / "run").glob("linear_probe_*_train.json")]  # named after the train folder
+    assert (tmp_path / "run" / "feature_cache").is_dir()
+
+
+def test_a_best_strength_at_the_edge_of_the_sweep_is_flagged(capsys):
+    generator = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(4, 16, generator=generator)
+
+    def split(n):
+        targets = torch.randint(0, 4, (n,), generator=generator)
+        return centres[targets] + torch.randn(n, 16, generator=generator), targets
+
+    args = linear_probe.get_args_parser().parse_args(["--protocol", "lbfgs", "--random-init", "--wd-steps", "3",
+                                                      "--wd-range", "1e-6", "1e-4"])  # all far too weak to matter
+    results = linear_probe.sweep_and_refit(split(200), split(100), split(100), 4, "top1", args, torch.device("cpu"))
+    assert results["best_at_edge_of_sweep"] and results["best_weight_decay"] == pytest.approx(1e-6)  # ties: weakest
+    assert "at the edge of --wd-range 1e-06 0.0001" in capsys.readouterr().err
 
 
 def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny_checkpoint):

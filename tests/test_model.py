@@ -184,3 +184,129 @@ def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'vit_huge'"):
         build_vit("vit_huge")
     assert set(model_lib.VIT_SIZES) == {"vit_tiny", "vit_small", "vit_base", "vit_large"}
+
+
+# ---- the head's BatchNorm per view, the text tower, official StableRep+ checkpoints ----
+
+def test_head_runs_once_per_view_so_batchnorm_never_sees_two_positives():
+    torch.manual_seed(0)
+    head = ProjectionHead(16, 32, 8).train()
+    captions, views = 5, 3
+    features = torch.randn(captions * views, 16)  # caption-major: caption 0's 3 views, then caption 1's, ...
+    batch_sizes = []
+    head.bn1.register_forward_hook(lambda module, inputs, output: batch_sizes.append(inputs[0].shape[0]))
+    out = head.forward_per_view(features, views)
+    assert batch_sizes == [captions] * views  # one image of every caption per BatchNorm batch
+    by_view = features.view(captions, views, 16)
+    for view in range(views):  # each view's rows, in the input's order, are the head of that view alone
+        torch.testing.assert_close(out.view(captions, views, 8)[:, view], head(by_view[:, view]))
+    assert not torch.allclose(out, head(features), atol=1e-4)  # a joint BatchNorm batch gives other outputs
+
+
+def test_model_chooses_per_view_or_joint_batchnorm():
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 32, 32)
+    per_view = model_lib.StableRepModel(tiny_vit(), ProjectionHead(192, 32, 8)).train()
+    joint = model_lib.StableRepModel(tiny_vit(), ProjectionHead(192, 32, 8), head_batchnorm="joint").train()
+    joint.load_state_dict(per_view.state_dict())
+    features = per_view.visual(images)
+    torch.testing.assert_close(per_view(images, views=2)["image"],
+                               nn.functional.normalize(per_view.image_mlp.forward_per_view(features, 2), dim=1))
+    torch.testing.assert_close(joint(images, views=2)["image"],
+                               nn.functional.normalize(joint.image_mlp(features), dim=1))
+
+
+def test_text_tower_is_clips():
+    """QuickGELU, LayerNorm eps 1e-5, CLIP's scaled initialisation (stds measured on the official model at width
+    512, 12 layers: attention in 0.044, attention out and MLP c_proj 0.009, MLP c_fc 0.031, projection 0.044)."""
+    torch.manual_seed(0)
+    text = model_lib.TextTransformer(1000, 999, context_length=77, width=512, depth=12, num_heads=8)
+    block = text.blocks[5]
+    assert isinstance(block.mlp.act, model_lib.QuickGELU) and block.norm1.eps == 1e-5 and text.norm.eps == 1e-5
+    x = torch.linspace(-3, 3, 13)
+    torch.testing.assert_close(block.mlp.act(x), x * torch.sigmoid(1.702 * x))
+    for parameter, std in ((block.attn.qkv.weight, 0.0442), (block.attn.proj.weight, 0.0090),
+                           (block.mlp.fc1.weight, 0.0312), (block.mlp.fc2.weight, 0.0090),
+                           (text.projection.weight, 0.0442), (text.token_embedding.weight, 0.02)):
+        assert abs(parameter.std().item() - std) < 0.03 * std, (parameter.shape, parameter.std().item(), std)
+    assert block.attn.qkv.bias.abs().sum() == 0
+
+
+def test_logit_scale_parameter_is_clamped_to_clips_range():
+    text = model_lib.TextTransformer(100, 99, context_length=8, width=32, depth=1, num_heads=2)
+    model = model_lib.StableRepModel(tiny_vit(), None, text)
+    assert model.logit_scale.item() == pytest.approx(2.6593, abs=1e-4)  # ln(1 / 0.07)
+    with torch.no_grad():
+        model.logit_scale.fill_(7.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == pytest.approx(4.6052, abs=1e-4)  # ln 100
+    with torch.no_grad():
+        model.logit_scale.fill_(-1.0)
+    model.clamp_logit_scale()
+    assert model.logit_scale.item() == 0.0
+
+
+class OfficialTextBlock(nn.Module):
+    """CLIP's residual block as the official StableRep+ code builds it (nn.MultiheadAttention, ln_1, c_fc,
+    QuickGELU, c_proj, ln_2), to check our renaming of its checkpoints against its own forward pass."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_1, self.ln_2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, 4 * width))
+        self.mlp.add_module("gelu", model_lib.QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(4 * width, width))
+
+    def forward(self, x, mask):  # x (L, B, width)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def official_text_features(state, tokens, layers, heads):
+    """The official encode_text + text_projection, computed from an official-format state dict."""
+    width = state["token_embedding.weight"].shape[1]
+    length = tokens.shape[1]
+    x = state["token_embedding.weight"][tokens] + state["positional_embedding"][:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)
+    x = x.permute(1, 0, 2)
+    for i in range(layers):
+        block = OfficialTextBlock(width, heads)
+        prefix = f"transformer.resblocks.{i}."
+        block.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        x = block(x, mask)
+    x = nn.functional.layer_norm(x.permute(1, 0, 2), (width,), state["ln_final.weight"], state["ln_final.bias"])
+    return x[torch.arange(len(tokens)), tokens.argmax(dim=-1)] @ state["text_projection"]
+
+
+def test_official_stablerep_plus_checkpoint_gives_the_same_text_features(tmp_path):
+    torch.manual_seed(0)
+    width, layers, heads, vocab, length = 32, 2, 4, 50, 10
+    official = {"token_embedding.weight": torch.randn(vocab, width), "positional_embedding": torch.randn(length, width),
+                "ln_final.weight": 1 + 0.1 * torch.randn(width), "ln_final.bias": 0.1 * torch.randn(width),
+                "text_projection": torch.randn(width, 16), "image_projection": torch.randn(192, 16),
+                "logit_scale": torch.tensor(3.0)}
+    for i in range(layers):
+        block = OfficialTextBlock(width, heads)
+        for parameter in block.parameters():
+            nn.init.normal_(parameter, std=0.2)
+        official.update({f"transformer.resblocks.{i}.{k}": v for k, v in block.state_dict().items()})
+    vit = tiny_vit()
+    official.update({f"module.visual.{k}": v for k, v in vit.state_dict().items()})
+    official = {k if k.startswith("module.") else f"module.{k}": v for k, v in official.items()}
+    path = tmp_path / "official_plus.pth"
+    torch.save({"model": official, "epoch": 3, "args": argparse.Namespace(model="base")}, path)
+
+    ours = model_lib.StableRepModel(tiny_vit(), None, model_lib.TextTransformer(vocab, vocab - 1, length, width,
+                                                                                  layers, heads, 16))
+    state = model_lib.model_state_dict(model_lib.load_checkpoint_file(str(path)))
+    ours.load_state_dict(state)  # strict: every key renamed onto one of ours
+    tokens = torch.tensor([[3, 7, 8, vocab - 1, vocab - 1, vocab - 1], [5, vocab - 1, vocab - 1, vocab - 1, 2, 2]])
+    reference = official_text_features({k[len("module."):]: v for k, v in official.items()}, tokens, layers, heads)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.text(tokens), reference, rtol=1e-4, atol=1e-4)
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours.image_projection(ours.visual(images)),
+                                   vit(images) @ official["module.image_projection"])

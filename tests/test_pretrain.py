@@ -1,4 +1,6 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
+import json
+import math
 import os
 import shutil
 import signal
@@ -39,8 +41,26 @@ def test_defaults_are_the_papers_recipe():
     args = pretrain.get_args_parser().parse_args(["--data", "x"])
     assert (args.model, args.image_size, args.loss, args.temperature) == ("vit_base", 224, "stablerep", 0.1)
     assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
-    assert (args.head_hidden_dim, args.embed_dim, args.epochs) == (4096, 256, 15)
+    assert (args.head_hidden_dim, args.embed_dim, args.schedule, args.head_batchnorm) == (
+        4096, 256, "cc12m-1x", "per-view")
     assert pretrain.DEFAULT_VIEWS == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+    # downsampling off (the official README's table scores it lower), the official command's resolutions at hand
+    assert (args.downsample_prob, tuple(args.downsample_res), args.gpu_augment) == (0.0, (64, 128), False)
+
+
+def test_learning_rate_is_the_official_rule():
+    """main_stablerep.py: blr x (captions per GPU x GPUs) x n_img / 256 x num_crop / 2."""
+    def official(blr, captions_per_gpu, gpus, n_img, num_crop):
+        return blr * captions_per_gpu * gpus * n_img / 256 * num_crop / 2
+
+    for m, c in pretrain.DEFAULT_VIEWS.values():
+        assert math.isclose(pretrain.scaled_lr(2e-4, 43 * 32 * m * c), official(2e-4, 43, 32, m, c))
+    assert math.isclose(pretrain.scaled_lr(2e-4, 8256), 3.225e-3)
+
+
+def test_schedules_are_the_official_readmes():
+    assert pretrain.SCHEDULES == {"cc12m-1x": (15, 0.5), "cc12m-2x": (31, 1.0), "cc12m-3x": (46, 1.5),
+                                  "redcaps-1x": (13, 0.45), "redcaps-2x": (27, 0.9), "redcaps-3x": (40, 1.35)}
 
 
 def test_warmup_then_cosine_to_zero():
@@ -92,6 +112,21 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     assert checkpoint["step"] == 3  # 12 captions / (2 captions x 2 ranks)
     assert any(k.startswith("image_mlp.bn1") for k in checkpoint["model"])
     load_encoder(str(tmp_path / "encoder.pth"))
+
+
+def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(random_tree, tmp_path):
+    """--gpu-augment finishes the augmentation on the device (here the CPU) from the loader's draws: the same
+    losses step for step. --downsample-prob 1 with a tiny resolution trains on other crops."""
+    common = ["--data", random_tree, "--epochs", "1", "--captions-per-gpu", "3", "--images-per-caption", "2", *TINY]
+    losses = {}
+    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]),
+                        ("downsampled", ["--downsample-prob", "1", "--downsample-res", "8"])):
+        run_pretrain(*common, "--output", str(tmp_path / name), *flags)
+        log = (tmp_path / name / "log.jsonl").read_text().splitlines()
+        losses[name] = torch.tensor([json.loads(line)["loss"] for line in log])
+    assert len(losses["cpu"]) == 4
+    torch.testing.assert_close(losses["device"], losses["cpu"], rtol=1e-5, atol=0)
+    assert (losses["downsampled"] - losses["cpu"]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("layout", ["tree", "shards"])
@@ -200,6 +235,8 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
                                        "--images-per-caption", "5", *TINY, check=False), "4 image(s)")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
                                        "--crop-scale", "0.9", "0.5", *TINY, check=False), "0 < MIN <= MAX <= 1")
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
+                                       "--downsample-prob", "1.5", *TINY, check=False), "must be in [0, 1]")
     assert not (tmp_path / "o").exists()  # nothing written for bad input
 
     blocker = tmp_path / "file"
@@ -218,3 +255,81 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(run_dir), "--epochs", "2",
                                        "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False),
                           "already holds checkpoints")
+
+
+# ---- the official code's artefacts as inputs; precision ----
+
+def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
+    """A checkpoint in the official code's format: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace},
+    DDP's `module.` prefix, the text tower (StableRep+) under CLIP's names with [in, out] projection matrices."""
+    import argparse
+    args = pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY])
+    torch.manual_seed(1)
+    model = pretrain.build_model(args, tokenizer)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("text.") or key == "image_projection.weight":
+            continue  # the official text tower is written below under its own names
+        state[key] = value
+    if tokenizer is not None:
+        from model import OFFICIAL_PROJECTIONS, OFFICIAL_TEXT_NAMES
+        for key, value in model.state_dict().items():
+            official = key
+            for theirs, ours in OFFICIAL_TEXT_NAMES:
+                official = official.replace(ours, theirs)
+            if key in OFFICIAL_PROJECTIONS.values():
+                official = next(k for k, v in OFFICIAL_PROJECTIONS.items() if v == key)
+                value = value.T
+            if official != key:
+                state[official] = value
+        if logit_scale is not None:
+            state["logit_scale"] = torch.tensor(logit_scale)
+    torch.save({"model": {f"module.{k}": v for k, v in state.items()}, "optimizer": {}, "epoch": 14, "scaler": {},
+                "args": argparse.Namespace(model="base", n_img=6)}, path)
+    return model
+
+
+def test_resume_from_an_official_checkpoint_is_one_line(random_tree, tmp_path):
+    path = tmp_path / "official.pth"
+    official_checkpoint(path, "stablerep")
+    result = run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--resume", str(path),
+                          "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False)
+    assert_one_line_error(result, "not a pretrain.py checkpoint", "--init-from")
+
+
+def test_init_from_an_official_checkpoint_loads_its_weights(random_tree, tmp_path):
+    path = tmp_path / "official.pth"
+    official = official_checkpoint(path, "stablerep")
+    result = run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--init-from", str(path),
+                          "--epochs", "1", "--captions-per-gpu", "4", "--images-per-caption", "2", "--base-lr", "0",
+                          *TINY)
+    assert "initialised image_mlp, visual from" in result.stdout
+    trained = torch.load(sorted((tmp_path / "run").glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
+    for key, value in official.state_dict().items():  # lr 0: the weights are the official ones (BN stats move)
+        if "running" not in key and "num_batches" not in key:
+            torch.testing.assert_close(trained[key], value, msg=key)
+
+
+def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_each_step(
+        random_tree, tiny_sd_folder, tiny_tokenizer, tmp_path):
+    path = tmp_path / "official_plus.pth"
+    official = official_checkpoint(path, "stablerep+", tiny_tokenizer, logit_scale=6.0)  # above ln 100
+    run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--init-from", str(path), "--loss",
+                 "stablerep+", "--tokenizer", tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4",
+                 "--images-per-caption", "2", "--base-lr", "1e-9", *TINY)
+    trained = torch.load(sorted((tmp_path / "run").glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
+    assert trained["logit_scale"].item() == pytest.approx(math.log(100))  # clamped after the optimiser step
+    torch.testing.assert_close(trained["text.blocks.0.attn.qkv.weight"],
+                               official.state_dict()["text.blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cpu_autocast_run(precision, random_tree, tiny_sd_folder, tmp_path):
+    """--precision bf16 / fp16 on the CPU: the GPU's mixed-precision path (autocast, fp16's gradient scaler,
+    the float32 losses) exercised without a GPU."""
+    result = run_pretrain("--data", random_tree, "--output", str(tmp_path), "--loss", "stablerep+", "--tokenizer",
+                          tiny_sd_folder, "--precision", precision, "--epochs", "2", "--captions-per-gpu", "4",
+                          "--images-per-caption", "2", *TINY)
+    assert f"{precision} on cpu" in result.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
