@@ -216,6 +216,19 @@ def check_writable_folder(path):
         raise UserError(f"output folder {path} cannot be written ({err.strerror or err})") from None
 
 
+def hub_reachable(timeout=3.0):
+    """Does the Hugging Face hub answer a TCP connection within `timeout` seconds? (Offline, huggingface_hub
+    retries every file for minutes before it gives up.)"""
+    import socket
+    from urllib.parse import urlparse
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def git_commit():
     """The git commit of this code, or None outside a git checkout (recorded in every run's settings)."""
     try:

@@ -30,8 +30,8 @@ import time
 from typing import Callable, NamedTuple, Tuple
 
 from catalog import VIT_SIZES
-from cli import (SEED, UserError, atomic_open, atomic_write_json, check_creatable, git_commit, integer, lazy_import,
-                 number, run)
+from cli import (SEED, UserError, atomic_open, atomic_write_json, check_creatable, git_commit, hub_reachable,
+                 integer, lazy_import, number, run)
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
@@ -445,30 +445,43 @@ def build_data(args, tokenizer, world_size, rank, device):
 
 
 def load_tokenizer(name):
-    """The CLIPTokenizer of --tokenizer (a local folder, or a hub id, tried from the local cache first), checked
-    to be a real one: transformers can return an empty tokenizer that maps every word to one id."""
+    """The CLIPTokenizer of --tokenizer: a local folder, or a hub id (from the local cache first, then the hub when
+    it answers), checked to be a real one: offline, transformers returns an empty tokenizer (two tokens, every word
+    the same id) instead of raising, which would train on nothing and crash in the embedding."""
+    tokenizer = _clip_tokenizer(name, local_files_only=True)
+    if not _usable(tokenizer) and not os.path.isdir(name) and not os.environ.get("HF_HUB_OFFLINE"):
+        if not hub_reachable():
+            raise UserError(f"the tokenizer {name!r} is not in the local cache and the Hugging Face hub does not "
+                            "answer: pass --tokenizer a local folder (e.g. a Stable Diffusion snapshot)")
+        tokenizer = _clip_tokenizer(name, local_files_only=False)
+    if not _usable(tokenizer):
+        found = f"{len(tokenizer)} tokens" if tokenizer is not None else "nothing"
+        raise UserError(f"cannot load a usable CLIP tokenizer from {name!r} (found {found}); pass --tokenizer a "
+                        "folder holding one (with or without a tokenizer/ subfolder, e.g. a Stable Diffusion "
+                        "snapshot)")
+    return tokenizer
+
+
+def _clip_tokenizer(name, local_files_only):
     from transformers import CLIPTokenizer
     from transformers.utils import logging as transformers_logging
     transformers_logging.set_verbosity_error()
-    tokenizer, errors = None, []
-    for local_only in (True, False):  # the cache first: offline, the hub would be retried for minutes
-        for subfolder in ("tokenizer", ""):
-            try:
-                tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=subfolder, local_files_only=local_only)
-                break
-            except (OSError, ValueError) as err:
-                errors.append(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
-        if tokenizer is not None or os.path.isdir(name):
-            break
-    if tokenizer is None:
-        raise UserError(f"cannot load a CLIP tokenizer from {name!r} ({errors[-1]}); pass --tokenizer with a local "
-                        "folder (e.g. a Stable Diffusion snapshot) when the hub is unreachable")
-    probe = ["a photo of a cat", "a painting of a red bus"]
-    ids = [tokenizer(text).input_ids for text in probe]
-    if len(tokenizer) < 256 or ids[0] == ids[1] or "cat" not in tokenizer.decode(ids[0]):
-        raise UserError(f"the tokenizer from {name!r} is not usable ({len(tokenizer)} tokens; "
-                        f"{probe[0]!r} -> {ids[0]}): pass --tokenizer a folder holding a CLIP tokenizer")
-    return tokenizer
+    for subfolder in ("tokenizer", ""):
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=subfolder, local_files_only=local_files_only)
+        except (OSError, ValueError):
+            continue
+        if _usable(tokenizer):
+            return tokenizer
+    return None
+
+
+def _usable(tokenizer):
+    """A byte-level BPE vocabulary (>= 256 tokens) that tells two captions apart and decodes back to the words."""
+    if tokenizer is None or len(tokenizer) < 256:
+        return False
+    cat, bus = (tokenizer(text).input_ids for text in ("a photo of a cat", "a painting of a red bus"))
+    return cat != bus and "cat" in tokenizer.decode(cat)
 
 
 def build_model(args, tokenizer=None):
