@@ -48,9 +48,10 @@ SCHEDULES = {
     "cc12m-1x": (15, 0.5), "cc12m-2x": (31, 1.0), "cc12m-3x": (46, 1.5),
     "redcaps-1x": (13, 0.45), "redcaps-2x": (27, 0.9), "redcaps-3x": (40, 1.35),
 }
-# flags a resumed run may change: they do not change what is trained (the rest comes from the checkpoint)
+# flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
-                   "resume", "gpu_augment", "flags_given"}
+                   "gpu_augment"}
+NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, not the run
 
 
 def get_args_parser():
@@ -281,17 +282,17 @@ def main(args):
     device = distributed.init_distributed()
     world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    images_per_step = args.captions_per_gpu * args.images_per_caption * args.crops_per_image * world_size
+    if resumed:
+        check_same_global_batch(resumed, images_per_step, world_size)
     torch.manual_seed(args.seed)
 
     # ---- data ----
     tokenizer = load_tokenizer(args.tokenizer) if objective.text else None
     dataset, sampler, loader = build_data(args, tokenizer, world_size, rank, device)
-    images_per_step = args.captions_per_gpu * args.images_per_caption * args.crops_per_image * world_size
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = max(1, round(args.warmup_epochs * sampler.steps_per_epoch))
     lr = scaled_lr(args.base_lr, images_per_step)
-    if resumed:
-        check_same_global_batch(resumed, images_per_step, world_size)
 
     # ---- model ----
     model_without_ddp = build_model(args, tokenizer).to(device)
@@ -579,8 +580,11 @@ def read_resume_checkpoint(args):
                         "has no optimiser step or random state to continue): start from its weights with "
                         "--init-from instead")
     recorded, given = state["args"], set(getattr(args, "flags_given", None) or changed_from_defaults(args))
+    resumable = RESUMABLE_FLAGS
+    if any(dataindex.is_streamed(spec) for spec in recorded.get("data") or []):
+        resumable = RESUMABLE_FLAGS - {"workers"}  # a stream's steps are dealt to the workers in turn
     for key, value in recorded.items():
-        if key in RESUMABLE_FLAGS or not hasattr(args, key):
+        if key in NEVER_RESTORED or not hasattr(args, key) or (key in resumable and key in given):
             continue
         if key in given and _comparable(getattr(args, key)) != _comparable(value):
             flag = "--" + key.replace("_", "-")

@@ -45,8 +45,14 @@ class RunLog:
         self.wandb = None
         if wandb_project:
             import wandb
-            self.wandb = wandb.init(project=wandb_project, dir=folder, id=_wandb_run_id(folder),
-                                    resume="allow", config=config)
+            try:
+                self.wandb = wandb.init(project=wandb_project, dir=folder, id=_wandb_run_id(folder),
+                                        resume="allow", config=config)
+            except Exception as err:  # noqa: BLE001 - no login, no network, a bad project name...
+                self.close()
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"wandb could not start ({reason}): run `wandb login`, or set WANDB_MODE=offline "
+                                "to log without network") from None
 
     def write(self, step, images=None, **scalars):
         """One record: the scalars given (None ones left out), plus images/s since the last record when `images`
@@ -72,7 +78,7 @@ class RunLog:
         self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if self.wandb is not None:
+        if getattr(self, "wandb", None) is not None:
             self.wandb.finish()
 
 
