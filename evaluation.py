@@ -13,19 +13,17 @@ import os
 import sys
 from contextlib import nullcontext
 
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import datasets, transforms
+from PIL import Image
 from tqdm import tqdm
 
-from PIL import Image
+from catalog import EVAL_DATASETS, VIT_SIZES
+from cli import SEED, UserError, atomic_open, check_creatable, integer, lazy_import
 
-from cli import SEED, UserError, atomic_open, check_creatable, integer
-from model import VIT_SIZES, build_vit, load_encoder
+torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
+torchvision = lazy_import("torchvision")
+augment = lazy_import("augment")
+model_lib = lazy_import("model")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # ------------------------------------------------------------------------------------------------------------
 # encoder
@@ -85,11 +83,11 @@ def build_encoder(args, device):
         if args.model is None:
             raise UserError("--random-init needs --model (one of " + ", ".join(VIT_SIZES) + ")")
         torch.manual_seed(args.seed)
-        encoder = build_vit(args.model, image_size=args.image_size or 224)
+        encoder = model_lib.build_vit(args.model, image_size=args.image_size or 224)
         identity = {"checkpoint": None, "random_init_seed": args.seed}
     else:
         try:
-            encoder = load_encoder(args.checkpoint, args.model, args.image_size)
+            encoder = model_lib.load_encoder(args.checkpoint, args.model, args.image_size)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(str(err).splitlines()[0]) from None
         stat = os.stat(args.checkpoint)
@@ -118,13 +116,14 @@ def eval_transform(image_size, interpolation="bicubic"):
     - "bilinear" is the official ImageNet probe's (main_linear.py leaves torchvision's default)
     - "bicubic" is the transfer protocol's of the fine-grained datasets (SimCLR's and Kornblith et al.'s), which
       the L-BFGS probe and few-shot follow."""
+    transforms = torchvision.transforms
     mode = {"bilinear": transforms.InterpolationMode.BILINEAR, "bicubic": transforms.InterpolationMode.BICUBIC}
     return transforms.Compose([
         transforms.Lambda(to_rgb),
         transforms.Resize(round(image_size * 256 / 224), interpolation=mode[interpolation]),
         transforms.CenterCrop(image_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),  # as the encoder was trained
     ])
 
 
@@ -164,7 +163,7 @@ def open_image_folder(path, transform):
     if not os.path.isdir(path):
         raise UserError(f"image folder {path} does not exist")
     try:
-        return datasets.ImageFolder(path, transform=transform, loader=load_image)
+        return torchvision.datasets.ImageFolder(path, transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as err:  # no class folders, or class folders without images
         raise UserError(f"image folder {path} is empty: {str(err).splitlines()[0]}") from None
 
@@ -174,7 +173,7 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "tvmonitor")
 
 
-class VOCMultiLabel(Dataset):
+class VOCMultiLabel:
     """VOC2007 classification: each image's target is a multi-hot vector over the 20 classes of its objects."""
 
     classes = VOC_CLASSES
@@ -194,41 +193,58 @@ class VOCMultiLabel(Dataset):
         return image, target
 
 
-class HeldOutSplit(Subset):
+class HeldOutSplit:
     """A deterministic train/test split of a dataset that ships as one pool (SUN397, Caltech-101): 20% of the
     images (seeded permutation) are the test set. Ours, not an official partition."""
 
     def __init__(self, dataset, split, fraction=0.2, seed=0):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
         cut = int(round(fraction * len(dataset)))
-        super().__init__(dataset, sorted(order[:cut] if split == "test" else order[cut:]))
+        self.dataset, self.indices = dataset, sorted(order[:cut] if split == "test" else order[cut:])
         self.classes = getattr(dataset, "classes", None) or getattr(dataset, "categories", None)
 
+    def __len__(self):
+        return len(self.indices)
 
-def _pool(constructor):
-    return lambda root, split, transform, download: (
-        None if split == "val" else HeldOutSplit(constructor(root, transform=transform, download=download), split))
+    def __getitem__(self, index):
+        return self.dataset[self.indices[index]]
+
+
+def _torchvision(name):
+    """A torchvision dataset class by name (torchvision is imported at the first call)."""
+    return getattr(torchvision.datasets, name)
+
+
+def _without_val(open_split):
+    """For datasets with no validation split: None for "val" (the probe then holds out part of train)."""
+    return lambda root, split, transform, download: None if split == "val" else open_split(root, split, transform,
+                                                                                           download)
+
+
+def _pool(name):
+    """A dataset that ships as one pool, split by HeldOutSplit."""
+    return _without_val(lambda root, split, transform, download: HeldOutSplit(
+        _torchvision(name)(root, transform=transform, download=download), split))
 
 
 # name: (root, split in {"train", "val", "test"}, transform, download) -> dataset, or None when it has no such split
 TORCHVISION_DATASETS = {
-    "cifar10": lambda root, split, t, d: None if split == "val" else datasets.CIFAR10(
-        root, train=split == "train", transform=t, download=d),
-    "cifar100": lambda root, split, t, d: None if split == "val" else datasets.CIFAR100(
-        root, train=split == "train", transform=t, download=d),
-    "aircraft": lambda root, split, t, d: datasets.FGVCAircraft(root, split=split, transform=t, download=d),
-    "cars": lambda root, split, t, d: None if split == "val" else datasets.StanfordCars(
-        root, split=split, transform=t, download=d),
-    "dtd": lambda root, split, t, d: datasets.DTD(root, split=split, transform=t, download=d),
-    "flowers": lambda root, split, t, d: datasets.Flowers102(root, split=split, transform=t, download=d),
-    "pets": lambda root, split, t, d: None if split == "val" else datasets.OxfordIIITPet(
-        root, split="trainval" if split == "train" else "test", transform=t, download=d),
-    "sun397": _pool(lambda root, transform, download: datasets.SUN397(root, transform=transform, download=download)),
-    "caltech101": _pool(lambda root, transform, download: datasets.Caltech101(
-        root, transform=transform, download=download)),
-    "food101": lambda root, split, t, d: None if split == "val" else datasets.Food101(
-        root, split=split, transform=t, download=d),
-    "voc2007": lambda root, split, t, d: VOCMultiLabel(datasets.VOCDetection(
+    "cifar10": _without_val(lambda root, split, t, d: _torchvision("CIFAR10")(root, train=split == "train",
+                                                                             transform=t, download=d)),
+    "cifar100": _without_val(lambda root, split, t, d: _torchvision("CIFAR100")(root, train=split == "train",
+                                                                               transform=t, download=d)),
+    "aircraft": lambda root, split, t, d: _torchvision("FGVCAircraft")(root, split=split, transform=t, download=d),
+    "cars": _without_val(lambda root, split, t, d: _torchvision("StanfordCars")(root, split=split, transform=t,
+                                                                                download=d)),
+    "dtd": lambda root, split, t, d: _torchvision("DTD")(root, split=split, transform=t, download=d),
+    "flowers": lambda root, split, t, d: _torchvision("Flowers102")(root, split=split, transform=t, download=d),
+    "pets": _without_val(lambda root, split, t, d: _torchvision("OxfordIIITPet")(
+        root, split="trainval" if split == "train" else "test", transform=t, download=d)),
+    "sun397": _pool("SUN397"),
+    "caltech101": _pool("Caltech101"),
+    "food101": _without_val(lambda root, split, t, d: _torchvision("Food101")(root, split=split, transform=t,
+                                                                              download=d)),
+    "voc2007": lambda root, split, t, d: VOCMultiLabel(_torchvision("VOCDetection")(
         root, year="2007", image_set=split, transform=t, download=d)),
 }
 
@@ -238,7 +254,7 @@ def add_dataset_arguments(parser, folder_flags):
     group = parser.add_argument_group("data")
     for flag, help_text in folder_flags.items():
         group.add_argument(flag, default=None, help=help_text)
-    group.add_argument("--dataset", choices=list(TORCHVISION_DATASETS), default=None,
+    group.add_argument("--dataset", choices=EVAL_DATASETS, default=None,
                        help="a torchvision dataset by name instead of image folders (the paper's 11 datasets)")
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
@@ -279,19 +295,18 @@ def class_names(dataset):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
 def extract_features(encoder, dataset, batch_size, num_workers, device, desc="features"):
     """Frozen CLS features and targets of every image, in dataset order: ([N, D] float32, [N] or [N, C]) on CPU.
 
     bf16 autocast on GPU; a tqdm bar on stderr."""
     if len(dataset) == 0:
         raise UserError(f"{desc}: the split holds no images")
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     features, targets = [], []
     for images, target in tqdm(batches(loader), total=len(loader), desc=desc, unit="batch"):
-        with autocast:
+        with torch.inference_mode(), autocast:
             features.append(encoder(images.to(device, non_blocking=True)).float().cpu())
         targets.append(torch.as_tensor(target))
     return torch.cat(features), torch.cat(targets)
@@ -368,9 +383,10 @@ def fit_logistic_regression(features, targets, num_classes, weight_decay, max_it
         optimizer.zero_grad()
         logits = features @ weight + bias.unsqueeze(-2)  # (..., n, C)
         if multilabel:
-            data_loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / n
+            data_loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / n
         else:
-            data_loss = F.cross_entropy(logits.reshape(-1, num_classes), targets.reshape(-1), reduction="sum") / n
+            data_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, num_classes), targets.reshape(-1),
+                                                          reduction="sum") / n
         loss = data_loss + 0.5 * weight_decay * weight.pow(2).sum()
         loss.backward()
         return loss

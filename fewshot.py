@@ -12,11 +12,10 @@ import argparse
 import math
 import os
 
-import torch
-import torch.nn.functional as F
-
 import evaluation as ev
-from cli import UserError, atomic_write_json, integer, number, run
+from cli import UserError, atomic_write_json, integer, lazy_import, number, run
+
+torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 
 
 def get_args_parser():
@@ -85,7 +84,7 @@ def episode_accuracies(features, episodes, shots, classifier, C, chunk=100):
         support = block[:, :, :shots].flatten(1, 2)  # (E, ways * shots, D)
         query = block[:, :, shots:].flatten(1, 2)  # (E, ways * queries, D)
         if classifier == "prototype":
-            prototypes = F.normalize(support.unflatten(1, (ways, shots)).mean(2), dim=-1)  # (E, ways, D)
+            prototypes = torch.nn.functional.normalize(support.unflatten(1, (ways, shots)).mean(2), dim=-1)  # (E, ways, D)
             scores = query @ prototypes.transpose(1, 2)
         else:  # scikit-learn's C on a sum of losses = weight decay 1 / (C n) on their mean
             n = support.shape[1]
@@ -143,7 +142,7 @@ def main(args):
     features, labels, cache_hit = ev.cached_features(
         cache_dir, key, lambda: ev.extract_features(encoder, dataset, args.batch_size, args.num_workers, device))
     check_class_sizes(labels, names, args.ways, args.shots, args.queries)
-    features = F.normalize(features.to(device), dim=-1)
+    features = torch.nn.functional.normalize(features.to(device), dim=-1)
 
     # ---- episodes ----
     episodes = sample_episodes(labels, args.episodes, args.ways, args.shots, args.queries, args.seed)

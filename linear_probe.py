@@ -20,18 +20,16 @@ import os
 import sys
 from contextlib import nullcontext
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
-from torch.utils.data.distributed import DistributedSampler
-from torchvision import transforms
-
 import evaluation as ev
-from cli import UserError, atomic_write_json, integer, number, run
-from distributed import all_gather_no_grad, init_distributed, is_main_process, rank, world_size
+from cli import UserError, atomic_write_json, integer, lazy_import, number, run
+from runlog import RunLog, check_loggers
+
+torch = lazy_import("torch")  # loaded at first use, so --help answers at once
+np = lazy_import("numpy")
+torchvision = lazy_import("torchvision")
+augment = lazy_import("augment")
+distributed = lazy_import("distributed")
+model_lib = lazy_import("model")
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
 PAPER_METRICS = {"aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers": "mean_per_class",
@@ -60,6 +58,11 @@ def get_args_parser():
                      help="drop the BatchNorm (no affine) in front of the heads; on by default since it makes one "
                           "lr range fit features of any scale (the official probe's --use_bn; its README reports "
                           "both, within 1 point of each other)")
+    sgd.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                     help="TensorBoard curves of every head's training loss and held-out top-1, in "
+                          "<output stem>_tensorboard/ (default: on when the tensorboard package is installed); "
+                          "<output stem>.log.jsonl holds the same numbers")
+    sgd.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project")
     sgd.add_argument("--eval-every", type=integer(1), default=10,
                      help="score every head on the held-out images every N epochs and after the last; 10, the "
                           "official probe's --eval-freq. The results hold the last evaluation and the best one")
@@ -120,55 +123,45 @@ METRICS = {"top1": top1, "mean_per_class": mean_per_class_accuracy, "map11": map
 # ------------------------------------------------------------------------------------------------------------
 
 
-class LinearHeads(nn.Module):
-    """One optional BatchNorm (no affine, so it is shared: it has nothing to learn) and one linear head per lr.
-
-    features [B, D] -> logits [heads, B, classes]. Heads start at N(0, 0.01) weights and zero bias."""
-
-    def __init__(self, width, num_classes, num_heads, batchnorm):
-        super().__init__()
-        self.norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if batchnorm else nn.Identity()
-        self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(num_heads))
-        for head in self.heads:
-            nn.init.trunc_normal_(head.weight, std=0.01)
-            nn.init.zeros_(head.bias)
-
-    def forward(self, features):
-        features = self.norm(features)
-        return torch.stack([head(features) for head in self.heads])  # (heads, B, classes)
-
-
 def train_transform(image_size):
     """RandomResizedCrop + horizontal flip, the official probe's training augmentation (bilinear, its default)."""
+    transforms = torchvision.transforms
     return transforms.Compose([
         transforms.Lambda(ev.to_rgb),
         transforms.RandomResizedCrop(image_size, interpolation=transforms.InterpolationMode.BILINEAR),
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
-        transforms.Normalize(ev.IMAGENET_MEAN, ev.IMAGENET_STD),
+        transforms.Normalize(augment.IMAGENET_MEAN, augment.IMAGENET_STD),
     ])
 
 
 def run_sgd(args, encoder, train_set, test_set, num_classes, device):
-    per_rank = args.batch_size // world_size()
+    per_rank = args.batch_size // distributed.world_size()
     if per_rank < 1:
-        raise UserError(f"--batch-size {args.batch_size} is smaller than the {world_size()} processes")
+        raise UserError(f"--batch-size {args.batch_size} is smaller than the {distributed.world_size()} processes")
     lrs = [base * args.batch_size / 256 for base in args.base_lrs]
-    if is_main_process():
-        print(f"batch {args.batch_size} = {per_rank} x {world_size()} processes; lr = base_lr x {args.batch_size} "
-              f"/ 256 = {', '.join(f'{lr:.4g}' for lr in lrs)}")
-    sampler = DistributedSampler(train_set, seed=args.seed) if world_size() > 1 else None
-    loader = DataLoader(train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler,
-                        num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(args.seed))  # drop_last: BatchNorm needs 2+ rows
+    log = None
+    if distributed.is_main_process():
+        print(f"batch {args.batch_size} = {per_rank} x {distributed.world_size()} processes; lr = base_lr x "
+              f"{args.batch_size} / 256 = {', '.join(f'{lr:.4g}' for lr in lrs)}")
+        stem = os.path.splitext(os.path.basename(args.output))[0]
+        log = RunLog(os.path.dirname(os.path.abspath(args.output)), name=f"{stem}.log.jsonl",
+                     tensorboard_dir=f"{stem}_tensorboard", tensorboard=args.tensorboard, wandb_project=args.wandb,
+                     config=vars(args))
+    sampler = (torch.utils.data.distributed.DistributedSampler(train_set, seed=args.seed)
+               if distributed.world_size() > 1 else None)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=per_rank, shuffle=sampler is None, sampler=sampler, num_workers=args.num_workers,
+        pin_memory=device.type == "cuda", drop_last=True,  # drop_last: BatchNorm needs 2+ rows
+        generator=torch.Generator().manual_seed(args.seed))
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
-    heads = LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
-    if world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as the official
-        heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # probe's SyncBatchNorm (GPUs only)
+    heads = model_lib.LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
+    if distributed.world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as the official
+        heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # probe's SyncBatchNorm (GPUs only)
     module = heads
-    if world_size() > 1:
-        module = nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
+    if distributed.world_size() > 1:
+        module = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
                                                      else None)
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr, "base": lr}
                                  for head, lr in zip(heads.heads, lrs)], momentum=0.9, weight_decay=0.0)
@@ -188,24 +181,30 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
                 features = encoder(images.to(device, non_blocking=True))  # one frozen pass for all heads
             targets = targets.to(device, non_blocking=True)
             logits = module(features.float())  # (heads, B, classes)
-            losses = F.cross_entropy(logits.flatten(0, 1), targets.repeat(len(lrs)), reduction="none")
+            losses = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.repeat(len(lrs)), reduction="none")
             losses = losses.view(len(lrs), -1).mean(1)  # (heads,); heads share no parameter, so one backward
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
             loss_sum += losses.detach()
             step += 1
-        mean_losses = (all_gather_no_grad(loss_sum[None]).sum(0) / (len(loader) * world_size())).tolist()
-        if not all(math.isfinite(x) for x in mean_losses):
-            raise FloatingPointError(f"non-finite training loss at epoch {epoch}: {mean_losses}")
+        all_losses = distributed.all_gather_no_grad(loss_sum[None]).sum(0)  # (heads,), summed over ranks
+        mean_losses = (all_losses / (len(loader) * distributed.world_size())).tolist()
+        if not any(math.isfinite(x) for x in mean_losses):
+            raise UserError(f"every head's training loss is non-finite at epoch {epoch}: lower --base-lrs")
         history.append({"epoch": epoch, "train_loss": mean_losses})
         line = f"epoch {epoch}: train loss {min(mean_losses):.4f} (lowest of {len(lrs)} heads)"
+        scalars = {f"train_loss/base_lr_{base:g}": value for base, value in zip(args.base_lrs, mean_losses)}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             accuracies = evaluate_heads(heads, encoder, test_set, per_rank, args.num_workers, autocast, device)
             evaluations.append({"epoch": epoch, "top1": accuracies})
             line += f"; held-out top-1 {max(accuracies):.2f} (best head)"
-        if is_main_process():
+            scalars.update({f"top1/base_lr_{base:g}": value for base, value in zip(args.base_lrs, accuracies)})
+        if log:
             print(line)
+            log.write(epoch + 1, epoch=epoch, **scalars)
+    if log:
+        log.close()
 
     # ---- results: the last evaluation, and the best over evaluations and heads ----
     def best_head(evaluation):
@@ -221,18 +220,19 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
             "evaluations": evaluations, "history": history}
 
 
-@torch.inference_mode()
 def evaluate_heads(heads, encoder, test_set, batch_size, num_workers, autocast, device):
     """Top-1 (%) of every head on the held-out images: each rank scores its share, the counts are summed."""
     heads.eval()
-    shard = Subset(test_set, range(rank(), len(test_set), world_size()))
+    shard = torch.utils.data.Subset(test_set, range(distributed.rank(), len(test_set), distributed.world_size()))
     correct = torch.zeros(len(heads.heads), device=device)
-    for images, targets in ev.batches(DataLoader(shard, batch_size=batch_size, num_workers=num_workers)):
-        with autocast:
-            features = encoder(images.to(device, non_blocking=True))
-        logits = heads(features.float())
-        correct += (logits.argmax(-1) == targets.to(device)).sum(1)
-    return (100.0 * all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers)
+    for images, targets in ev.batches(loader):
+        with torch.inference_mode():
+            with autocast:
+                features = encoder(images.to(device, non_blocking=True))
+            logits = heads(features.float())
+            correct += (logits.argmax(-1) == targets.to(device)).sum(1)
+    return (100.0 * distributed.all_gather_no_grad(correct[None]).sum(0) / len(test_set)).tolist()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -304,6 +304,7 @@ def open_splits(args, transform_for):
 
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
+    check_loggers(args.tensorboard, args.wandb)
     if args.wd_range[0] > args.wd_range[1]:
         raise UserError(f"--wd-range {args.wd_range[0]:g} {args.wd_range[1]:g} needs MIN <= MAX")
     data_name = args.dataset or ev.folder_name(args.train_dir or "folders")
@@ -311,8 +312,8 @@ def main(args):
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
 
     # ---- distributed ----
-    device = init_distributed()
-    if args.protocol == "lbfgs" and world_size() > 1:
+    device = distributed.init_distributed()
+    if args.protocol == "lbfgs" and distributed.world_size() > 1:
         raise UserError("--protocol lbfgs runs as one process (features are extracted once); drop torchrun")
 
     # ---- model ----
@@ -367,16 +368,14 @@ def main(args):
                    (f"test {metric}", results["test"])]
 
     # ---- save ----
-    if is_main_process():
+    if distributed.is_main_process():
         atomic_write_json(output, results)
         width = max(len(name) for name, _ in summary)
         print(f"linear probe ({args.protocol}) of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
         for name, value in summary:
             print(f"  {name:<{width}}  {value:6.2f}")
         print(f"results: {output}")
-    if world_size() > 1:  # leave the process group cleanly: exiting without it aborts gloo/NCCL at shutdown
-        dist.barrier()
-        dist.destroy_process_group()
+    distributed.leave()
     return results
 
 

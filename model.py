@@ -313,6 +313,29 @@ class StableRepModel(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# linear probe heads (linear_probe.py --protocol sgd)
+# ------------------------------------------------------------------------------------------------------------
+
+
+class LinearHeads(nn.Module):
+    """One optional BatchNorm (no affine, so it is shared: it has nothing to learn) and one linear head per lr.
+
+    features [B, D] -> logits [heads, B, classes]. Heads start at N(0, 0.01) weights and zero bias."""
+
+    def __init__(self, width, num_classes, num_heads, batchnorm):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if batchnorm else nn.Identity()
+        self.heads = nn.ModuleList(nn.Linear(width, num_classes) for _ in range(num_heads))
+        for head in self.heads:
+            nn.init.trunc_normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def forward(self, features):
+        features = self.norm(features)
+        return torch.stack([head(features) for head in self.heads])  # (heads, B, classes)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ scalars in TensorBoard and Weights & Biases, both optional.
     log.write(step, loss=..., lr=..., images=...)   # images: seen since this run started, for images/s
     log.close()
 
-TensorBoard: event files in `<folder>/tensorboard`, on by default when the `tensorboard` package is installed
+TensorBoard: event files in `<folder>/tensorboard` (or `tensorboard_dir`), on by default when the `tensorboard` package is installed
 (`tensorboard=True` insists, `False` turns it off). wandb: with a project name, when `wandb` is installed
 (`WANDB_MODE=offline` logs without network). A resumed run continues the same curves with no step twice:
 log.jsonl loses its lines after the resumed step, TensorBoard purges its events from that step on, and wandb
@@ -29,7 +29,8 @@ def check_loggers(tensorboard, wandb_project):
 
 
 class RunLog:
-    def __init__(self, folder, start_step=0, tensorboard=None, wandb_project=None, config=None, name="log.jsonl"):
+    def __init__(self, folder, start_step=0, tensorboard=None, wandb_project=None, config=None, name="log.jsonl",
+                 tensorboard_dir="tensorboard"):
         self.path = os.path.join(folder, name)
         self.start_step = start_step
         self.started = time.time()
@@ -41,7 +42,7 @@ class RunLog:
         self.tensorboard = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=start_step or None)
+            self.tensorboard = SummaryWriter(os.path.join(folder, tensorboard_dir), purge_step=start_step or None)
         self.wandb = None
         if wandb_project:
             import wandb

@@ -1,5 +1,6 @@
 """linear_probe.py: the paper's recipe as defaults, both protocols end to end on the digits, the metrics, and
 one-line errors (exit code 2, no results file) on bad input."""
+import importlib.util
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 import linear_probe
+from model import LinearHeads
 from cli import run
 from digits import load_digit_images, split_digits, write_image_folder
 
@@ -87,13 +89,19 @@ def test_sgd_protocol_learns_in_three_epochs_and_reports_last_and_best(tmp_path,
     assert results["best"]["top1"] == max(max(e["top1"]) for e in results["evaluations"]) >= results["last"]["top1"]
     saved = json.loads((tmp_path / "sgd.json").read_text())
     assert saved["best"] == results["best"] and saved["last"] == results["last"]
+    # the curves: one record per epoch with every head's training loss, and its top-1 where it was evaluated
+    records = [json.loads(line) for line in (tmp_path / "sgd.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and "train_loss/base_lr_0.5" in records[0]
+    assert "top1/base_lr_0.05" in records[1] and "top1/base_lr_0.05" not in records[0]
+    if importlib.util.find_spec("tensorboard"):
+        assert list((tmp_path / "sgd_tensorboard").glob("events.*"))
 
 
 def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
-    heads = linear_probe.LinearHeads(8, 3, num_heads=4, batchnorm=True)
+    heads = LinearHeads(8, 3, num_heads=4, batchnorm=True)
     assert heads(torch.randn(5, 8)).shape == (4, 5, 3)
     assert not list(heads.norm.parameters()) and isinstance(heads.norm, torch.nn.BatchNorm1d)
-    assert isinstance(linear_probe.LinearHeads(8, 3, 2, batchnorm=False).norm, torch.nn.Identity)
+    assert isinstance(LinearHeads(8, 3, 2, batchnorm=False).norm, torch.nn.Identity)
 
 
 # ---- bad input: one line on stderr, exit code 2, no results file ----
