@@ -5,6 +5,9 @@ CLIP text encoder, CLIP tokenizer, the v1.5 noise schedule) at a toy width, and 
 that `StableDiffusionPipeline.from_pretrained(folder)` - generate.py's own loading code - reads it back offline.
 About 7 MB on disk; 32x32 images from 16x16 latents (a two-block VAE halves the resolution once). The weights are
 random, so the images are noise with structure, but every code path of the real model runs.
+
+`build_pipeline(unet_config, vae_config, text_config, ...)` assembles the same pipeline at any size, e.g. v1.5's own
+(bench/gpu_report.py times that architecture with random weights: weights do not change speed).
 """
 import json
 import os
