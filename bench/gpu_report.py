@@ -268,9 +268,11 @@ def section_generation(report, args, device, results):
         del pipe
         built = time.perf_counter() - start
         model = "tiny_sd.py's toy configs" if args.tiny else "Stable Diffusion v1.5's architecture"
+        guidance = generate.get_args_parser().get_default("w")
         sizes = ", ".join(f"{part} {fmt(count / 1e6)}M" for part, count in parameters.items())
         report.table("generation", f"### 1. Generation: {model}, random weights ({sizes} parameters; built and "
-                     f"saved in {built:.0f} s), {args.gen_size} px, {dtype_name}, w = 2, a batch of {batch} images "
+                     f"saved in {built:.0f} s), {args.gen_size} px, {dtype_name}, w = {guidance:g} (generate.py's), a "
+                     f"batch of {batch} images "
                      f"({args.gen_captions} captions x {args.gen_images}); warm-up: one call per side "
                      f"({args.gen_warmup_steps} steps), then {args.gen_repeats} timed batches per side",
                      ["sampler", "side", "images/s", "s per batch (timed)", "peak GiB", "TFLOP/s"])
