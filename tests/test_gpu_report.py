@@ -71,7 +71,8 @@ def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path, run_scri
     for what in skipped:
         assert f"skipped: {what}: " in result.stdout
     assert report["machine"]["device"] == "cpu" and report["sizes"]["world_size"] == 4
-    assert seconds < 120, f"the --tiny run took {seconds:.0f} s"
+    # about 12 s on 2 idle cores; the bound only catches full sizes creeping into --tiny (hours on a CPU), not load
+    assert seconds < 300, f"the --tiny run took {seconds:.0f} s"
 
 
 def test_one_simulated_rank_is_its_share_of_the_one_process_loss():
