@@ -8,6 +8,7 @@ into that line.
 import argparse
 import contextlib
 import errno
+import importlib
 import json
 import math
 import os
@@ -26,13 +27,16 @@ class UserError(Exception):
 
 def run(main, parser, argv=None):
     """Parse the command line and call `main(args)`. A bad flag (argparse's own check or a range check of the
-    flag's `type`) and a UserError both end the script with `prog: error: <message>`, one line, exit code 2."""
+    flag's `type`) and a UserError both end the script with `prog: error: <message>`, one line, exit code 2.
+    `args.flags_given` lists the flags the command line set itself (a resumed run takes the others from its
+    checkpoint)."""
     def fail(message):
         print(f"{parser.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
 
     parser.error = fail  # argparse would print its usage block first; one line says more
     args = parser.parse_args(argv)
+    args.flags_given = sorted(explicit_flags(parser, argv))
     try:
         return main(args)
     except UserError as err:
@@ -41,12 +45,13 @@ def run(main, parser, argv=None):
 
 # ---- range-checked argparse types: a bad number stops at parse time, before anything is read or written ----
 
-def _bounds(minimum, maximum, above):
+def _bounds(minimum, maximum, above=None, below=None):
     """'>= 1 and <= 100' for the messages."""
     def show(value):
         return f"{value:g}" if isinstance(value, float) else str(value)
-    parts = [f"> {show(above)}"] if above is not None else [f">= {show(minimum)}"] if minimum is not None else []
-    return " and ".join(parts + ([f"<= {show(maximum)}"] if maximum is not None else []))
+    low = [f"> {show(above)}"] if above is not None else [f">= {show(minimum)}"] if minimum is not None else []
+    high = [f"< {show(below)}"] if below is not None else [f"<= {show(maximum)}"] if maximum is not None else []
+    return " and ".join(low + high)
 
 
 def integer(minimum=None, maximum=None):
@@ -57,28 +62,66 @@ def integer(minimum=None, maximum=None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum, None)}, got {text}")
+            raise argparse.ArgumentTypeError(f"must be {_bounds(minimum, maximum)}, got {text}")
         return value
     return parse
 
 
-def number(minimum=None, maximum=None, above=None):
-    """An argparse `type`: a finite float (never nan or inf), >= minimum or > above, and <= maximum."""
+def number(minimum=None, maximum=None, above=None, below=None):
+    """An argparse `type`: a finite float (never nan or inf), >= minimum or > above, <= maximum or < below."""
     def parse(text):
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         too_low = (minimum is not None and value < minimum) or (above is not None and value <= above)
-        too_high = maximum is not None and value > maximum
+        too_high = (maximum is not None and value > maximum) or (below is not None and value >= below)
         if not math.isfinite(value) or too_low or too_high:
-            bounds = _bounds(minimum, maximum, above)
+            bounds = _bounds(minimum, maximum, above, below)
             raise argparse.ArgumentTypeError(f"must be a finite number{' ' + bounds if bounds else ''}, got {text}")
         return value
     return parse
 
 
 SEED = integer(0, 2 ** 63 - 1)  # what torch.manual_seed and numpy accept
+
+
+def explicit_flags(parser, argv=None):
+    """The destinations the command line sets itself, as opposed to those left at their defaults (a resumed run
+    takes the rest from its checkpoint)."""
+    quiet = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:  # the same flags, every default suppressed
+        if action.option_strings and not isinstance(action, argparse._HelpAction):
+            quiet._add_action(_without_default(action))
+    known, _ = quiet.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return set(vars(known))
+
+
+def _without_default(action):
+    clone = argparse.Action.__new__(type(action))
+    clone.__dict__.update(action.__dict__, default=argparse.SUPPRESS, required=False)
+    return clone
+
+
+class lazy_import:
+    """A stand-in for the module `name` that imports it at the first use of one of its attributes.
+
+    The stage scripts reach torch, torchvision, diffusers and our torch-based modules through these, so that
+    `--help` and a bad flag answer at once (importing torch alone takes 2 s); the first real use pays the
+    import. Unlike importlib's LazyLoader, nothing is put in sys.modules before the real import, so code that
+    walks sys.modules (inspect does, inside torch's own import) never sets off an import halfway through another.
+    """
+
+    def __init__(self, name):
+        self._name, self._module = name, None
+
+    def __getattr__(self, attribute):
+        if self._module is None:
+            self._module = importlib.import_module(self._name)
+        return getattr(self._module, attribute)
+
+    def __repr__(self):
+        return f"<lazy module {self._name!r}{' (imported)' if self._module is not None else ''}>"
 
 
 # ---- files ----
@@ -152,6 +195,16 @@ def open_append(path):
     return os.fdopen(fd, "a", encoding="utf-8")
 
 
+def check_creatable(path, what="output folder"):
+    """Is `path` a writable folder, or one that could be created (its nearest existing ancestor is a writable
+    folder)? Creates nothing, so a run that then fails on its input leaves nothing behind. UserError otherwise."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path} cannot be written ({probe} is not a writable folder)")
+
+
 def check_writable_folder(path):
     """Create `path` if needed and prove a file can be written there; UserError otherwise."""
     try:
@@ -161,6 +214,28 @@ def check_writable_folder(path):
         os.unlink(probe)
     except OSError as err:
         raise UserError(f"output folder {path} cannot be written ({err.strerror or err})") from None
+
+
+def hub_reachable(timeout=3.0):
+    """Does the Hugging Face hub answer a TCP connection within `timeout` seconds? (Offline, huggingface_hub
+    retries every file for minutes before it gives up.)"""
+    import socket
+    from urllib.parse import urlparse
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def git_commit():
+    """The git commit of this code, or None outside a git checkout (recorded in every run's settings)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def run_stage(title, *command):

@@ -63,3 +63,11 @@ def all_gather_no_grad(tensor):
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newest name first
     gather(out, tensor.contiguous())
     return out
+
+
+def leave():
+    """Leave the process group, if there is one: every rank meets first, since a rank that tears down while
+    another still reduces gradients aborts gloo and NCCL."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

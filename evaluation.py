@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from PIL import Image
 
-from cli import SEED, UserError, atomic_open, integer
+from cli import SEED, UserError, atomic_open, check_creatable, integer
 from model import VIT_SIZES, build_vit, load_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,16 +74,6 @@ def folder_name(path):
     """A short name for an image folder in a results file name: its last two parts, "flowers_test"."""
     parts = os.path.abspath(path).rstrip(os.sep).split(os.sep)
     return "_".join(part for part in parts[-2:] if part)
-
-
-def check_creatable(path, flag):
-    """Is `path` a writable folder, or one that could be created (its nearest existing ancestor is a writable
-    folder)? Creates nothing."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"{flag}: {path} cannot be written ({probe} is not a writable folder)")
 
 
 def build_encoder(args, device):

@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from catalog import VIT_SIZES
+
 # ------------------------------------------------------------------------------------------------------------
 # ViT encoder
 # ------------------------------------------------------------------------------------------------------------
@@ -144,12 +146,6 @@ class VisionTransformer(nn.Module):
         return self.norm(x[:, 0])
 
 
-VIT_SIZES = {  # name: (width, heads); all depth 12, patch 16, image 224, MLP ratio 4
-    "vit_tiny": (192, 3),
-    "vit_small": (384, 6),
-    "vit_base": (768, 12),
-    "vit_large": (1024, 16),
-}
 
 
 def build_vit(name, image_size=224, patch_size=16, depth=None):

@@ -17,7 +17,10 @@ memory):
   augmentations, torch warming up, then stays flat), then after `--items` more items across epochs: the growth per
   item, and the USS every 1000 items. glibc's heap moves a worker's USS up and down by tens of MB between passes
   (its dynamic mmap threshold), so the same is measured again with the threshold pinned
-  (MALLOC_MMAP_THRESHOLD_=131072): what remains is the growth our code causes.
+  (MALLOC_MMAP_THRESHOLD_=131072), and a third time with workers started by forkserver instead of fork: a forked
+  worker also grows by copy-on-write of the parent's heap pages that the allocator reuses (bounded by the parent's
+  private memory, slowing down as it goes), which a forkserver worker, sharing nothing, does not; what remains
+  there is the growth the loading code itself causes.
 - generate.py: main() on a captions file of G captions (`--generate-captions`, and G / 10, to separate the fixed
   cost from the per-caption one) writing webdataset shards of 8 px images, with the diffusion model replaced by a
   stub that returns black images (the bookkeeping is what is measured, not the model); the peak resident-memory
@@ -59,12 +62,19 @@ def private_bytes(pid):
     return fields["Private_Clean"] + fields["Private_Dirty"], fields["Private_Dirty"]
 
 
-def child_pids():
+def child_pids(pid="self"):
     children = []
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as f:
-            children += [int(pid) for pid in f.read().split()]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            children += [int(child) for child in f.read().split()]
     return children
+
+
+def worker_pids(start_method):
+    """The DataLoader workers: this process's children when forked, the forkserver's children otherwise."""
+    if start_method == "fork":
+        return child_pids()
+    return [worker for server in child_pids() for worker in child_pids(server)]
 
 
 def simulate_shards(folder, captions, n, per_shard):
@@ -129,13 +139,13 @@ def child_index(folder, captions):
                       "index_build_peak_rss_mb": build_peak / 2 ** 20, "checksum": checksum % 1000}))
 
 
-def child_workers(folder, items, workers, warmup):
+def child_workers(folder, items, workers, warmup, start_method):
     import torch
     from data import CaptionImagesDataset, CaptionSampler, collate
     dataset = CaptionImagesDataset([folder], 6, 1, 16, crop_scale=(0.5, 1.0))
     sampler = CaptionSampler(len(dataset), 50)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                                         persistent_workers=True)
+                                         persistent_workers=True, multiprocessing_context=start_method)
     marks, total = [], [0]  # (items read, [USS of each worker in MiB]) every 1000 items
 
     def run(count, epoch):
@@ -146,14 +156,15 @@ def child_workers(folder, items, workers, warmup):
                 done += len(batch["caption_labels"])
                 total[0] += len(batch["caption_labels"])
                 if total[0] % 1000 == 0:
-                    marks.append((total[0], [round(private_bytes(pid)[0] / 2 ** 20, 1) for pid in child_pids()]))
+                    marks.append((total[0], [round(private_bytes(pid)[0] / 2 ** 20, 1)
+                                             for pid in worker_pids(start_method)]))
                 if done >= count:
                     break
             epoch += 1
         return done, epoch
 
     _, epoch = run(warmup, 0)
-    pids = child_pids()
+    pids = worker_pids(start_method)
     before = [private_bytes(pid) for pid in pids]
     measured, _ = run(items, epoch)
     after = [private_bytes(pid) for pid in pids]
@@ -226,11 +237,13 @@ def main(args):
         report = {"captions": args.captions, "images_per_caption": args.images_per_caption,
                   "captions_per_shard": args.captions_per_shard, "simulate_s": time.perf_counter() - start}
         report.update(run_child("--child", "index", folder, args.captions))
-        report.update(run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items))
-        pinned = run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items,
-                           env={"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)})
-        report.update({f"{key}_pinned_mmap_threshold": value for key, value in pinned.items()
-                       if key.startswith("worker_uss") or key.startswith("worker_private")})
+        report.update(run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items, "fork"))
+        pinned = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+        for name, start_method in (("pinned_mmap_threshold", "fork"), ("forkserver_pinned", "forkserver")):
+            other = run_child("--child", "workers", folder, args.items, args.workers, args.warmup_items, start_method,
+                              env=pinned)
+            report.update({f"{key}_{name}": value for key, value in other.items()
+                           if key.startswith("worker_uss") or key.startswith("worker_private")})
         small = max(1, args.generate_captions // 10)
         runs = {count: measure_generate(work, count, args.images_per_caption, args.captions_per_shard)
                 for count in (small, args.generate_captions)}
@@ -258,7 +271,7 @@ if __name__ == "__main__":
         if kind == "index":
             child_index(rest[0], int(rest[1]))
         elif kind == "workers":
-            child_workers(rest[0], int(rest[1]), int(rest[2]), int(rest[3]))
+            child_workers(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4])
         else:
             child_generate(rest[0], rest[1], int(rest[2]), int(rest[3]))
         sys.exit(0)

@@ -28,7 +28,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import CaptionImages, collate  # noqa: E402
 from model import VIT_SIZES  # noqa: E402
-from pretrain import build_model, compute_loss, get_args_parser, param_groups, scaled_lr  # noqa: E402
+from pretrain import OBJECTIVES, build_model, compute_loss, get_args_parser, param_groups, scaled_lr  # noqa: E402
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
@@ -93,7 +93,7 @@ def synchronize(device):
 def train_step(model, optimizer, batch, run_args, device, amp):
     """pretrain.py's loop body: autocast forward + loss, backward, AdamW step. Returns the loss."""
     with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-        loss = compute_loss(model, batch, run_args, device)
+        loss = compute_loss(model, batch, OBJECTIVES[run_args.loss], run_args, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

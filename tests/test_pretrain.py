@@ -43,7 +43,8 @@ def test_defaults_are_the_papers_recipe():
     assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
     assert (args.head_hidden_dim, args.embed_dim, args.schedule, args.head_batchnorm) == (
         4096, 256, "cc12m-1x", "per-view")
-    assert pretrain.DEFAULT_VIEWS == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+    views = {name: (o.images_per_caption, o.crops_per_image) for name, o in pretrain.OBJECTIVES.items()}
+    assert views == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
     # downsampling off (the official README's table scores it lower), the official command's resolutions at hand
     assert (args.downsample_prob, tuple(args.downsample_res), args.gpu_augment) == (0.0, (64, 128), False)
 
@@ -53,7 +54,7 @@ def test_learning_rate_is_the_official_rule():
     def official(blr, captions_per_gpu, gpus, n_img, num_crop):
         return blr * captions_per_gpu * gpus * n_img / 256 * num_crop / 2
 
-    for m, c in pretrain.DEFAULT_VIEWS.values():
+    for m, c, *_ in pretrain.OBJECTIVES.values():
         assert math.isclose(pretrain.scaled_lr(2e-4, 43 * 32 * m * c), official(2e-4, 43, 32, m, c))
     assert math.isclose(pretrain.scaled_lr(2e-4, 8256), 3.225e-3)
 
@@ -69,10 +70,10 @@ def test_warmup_then_cosine_to_zero():
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
 
 
-@pytest.mark.parametrize("loss", pretrain.LOSSES)
+@pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
     args = pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY])
-    m, c = pretrain.DEFAULT_VIEWS[loss]
+    m, c = pretrain.OBJECTIVES[loss].images_per_caption, pretrain.OBJECTIVES[loss].crops_per_image
     m = min(m, 3)
     tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
     dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40)
@@ -82,7 +83,7 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
     for _ in range(40):
-        value = pretrain.compute_loss(model, batch, args, torch.device("cpu"))
+        value = pretrain.compute_loss(model, batch, pretrain.OBJECTIVES[loss], args, torch.device("cpu"))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -90,7 +91,7 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("loss", pretrain.LOSSES)
+@pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
     m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
     run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
@@ -217,7 +218,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     output = tmp_path / "run"
     run_pretrain("--data", tree, "--output", str(output), "--epochs", "2", "--captions-per-gpu", "4",
                  "--images-per-caption", "3", *TINY)
-    assert '"corrupt_images": 0' not in (output / "summary.json").read_text()
+    assert json.loads((output / "summary.json").read_text())["corrupt_images_this_run"] > 0
 
 
 def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
@@ -234,9 +235,9 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
                                        "--images-per-caption", "5", *TINY, check=False), "4 image(s)")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
-                                       "--crop-scale", "0.9", "0.5", *TINY, check=False), "0 < MIN <= MAX <= 1")
+                                       "--crop-scale", "0.9", "0.5", *TINY, check=False), "must satisfy MIN <= MAX")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
-                                       "--downsample-prob", "1.5", *TINY, check=False), "must be in [0, 1]")
+                                       "--downsample-prob", "1.5", *TINY, check=False), "--downsample-prob: must be a finite number >= 0 and <= 1")
     assert not (tmp_path / "o").exists()  # nothing written for bad input
 
     blocker = tmp_path / "file"
@@ -333,3 +334,190 @@ def test_cpu_autocast_run(precision, random_tree, tiny_sd_folder, tmp_path):
     assert f"{precision} on cpu" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
+
+
+# ---- resume, bookkeeping, crashes and hostile files (issue 12) ----
+
+def small_run(tree, output, *extra):
+    return ["--data", tree, "--output", str(output), "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY,
+            *extra]
+
+
+def test_resume_takes_the_recorded_recipe_and_refuses_another(random_tree, tmp_path):
+    output = tmp_path / "run"
+    run_pretrain(*small_run(random_tree, output, "--epochs", "2", "--temperature", "0.2", "--save-every", "4"))
+    first_log = (output / "log.jsonl").read_text()
+    checkpoints = sorted(output.glob("checkpoint-*.pth"))
+    assert [p.name for p in checkpoints] == ["checkpoint-00000004.pth", "checkpoint-00000006.pth"]
+    checkpoints[-1].unlink()  # as if killed between step 4 and the end
+    (output / "log.jsonl").write_text(first_log)
+    # no --data, no recipe: all from the checkpoint; --log-every may change
+    result = run_pretrain("--output", str(output), "--resume", "--log-every", "2")
+    assert "resumed at step 4" in result.stdout and "x 2 images" in result.stdout
+    steps = [json.loads(line)["step"] for line in (output / "log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 6  # no step logged twice
+    assert json.loads((output / "run.json").read_text())["args"]["temperature"] == 0.2
+
+    assert_one_line_error(run_pretrain("--output", str(output), "--resume", "checkpoint-x.pth", check=False),
+                          "does not exist")
+    shutil.copy(output / "checkpoint-00000004.pth", tmp_path / "copy.pth")
+    assert_one_line_error(run_pretrain("--output", str(tmp_path / "other"), "--resume", str(tmp_path / "copy.pth"),
+                                       "--temperature", "0.5", check=False), "--temperature 0.2, not 0.5")
+    state = torch.load(tmp_path / "copy.pth", weights_only=True)
+    state["world_size"] = 2  # as if trained by two processes: one would halve the batch and the lr
+    torch.save(state, tmp_path / "copy.pth")
+    assert_one_line_error(run_pretrain("--output", str(tmp_path / "other"), "--resume", str(tmp_path / "copy.pth"),
+                                       check=False), "resume with 2 process(es)")
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_of_a_finished_run_leaves_it_alone(random_tree, tmp_path):
+    output = tmp_path / "run"
+    run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
+    before = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    result = run_pretrain("--output", str(output), "--resume")
+    assert "nothing to do" in result.stdout
+    assert {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()} == before
+
+
+def test_one_step_epochs_write_a_checkpoint_every_save_every_steps_not_every_step(random_tree, tmp_path):
+    output = tmp_path / "run"
+    run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12", "--save-every", "3",
+                            "--keep", "20"))
+    assert [p.name for p in sorted(output.glob("checkpoint-*.pth"))] == [
+        "checkpoint-00000003.pth", "checkpoint-00000006.pth", "checkpoint-00000007.pth"]
+
+
+def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tree, tmp_path):
+    output = tmp_path / "run"
+    for argv, fragment in (
+            (["--data", random_tree, random_tree], "more than once"),
+            (["--data", random_tree, "--temperature", "0"], "--temperature: must be a finite number > 0"),
+            (["--data", random_tree, "--seed", str(2 ** 64)], "--seed: must be >= 0"),
+            (["--data", random_tree, "--betas", "2", "2"], "--betas: must be a finite number >= 0 and < 1"),
+            (["--data", random_tree, "--warmup-epochs", "-1"], "--warmup-epochs: must be a finite number >= 0"),
+            (["--data", random_tree, "--base-lr", "nan"], "--base-lr: must be a finite number"),
+            (["--data", random_tree, "--workers", "-1"], "--workers: must be >= 0"),
+            (["--data", random_tree, "--depth", "0"], "--depth: must be >= 1"),
+            (["--data", random_tree, "--context-length", "0"], "--context-length: must be >= 2"),
+            (["--data", str(tmp_path / "nope")], "does not exist"),
+            ([], "--data"),
+    ):
+        assert_one_line_error(run_pretrain(*argv, "--output", str(output), *TINY, check=False), fragment)
+    assert not output.exists()
+
+
+def test_an_empty_tokenizer_is_refused(random_tree, tmp_path):
+    """transformers returns an empty tokenizer (two tokens) for a hub id it cannot find offline."""
+    result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--loss", "clip", "--tokenizer",
+                                     "nobody/no-such-model"), check=False)
+    assert_one_line_error(result, "usable CLIP tokenizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_never_writes_through_a_planted_link(random_tree, tmp_path):
+    output = tmp_path / "run"
+    output.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    (output / "checkpoint-00000003.pth").symlink_to(victim)  # where the run's checkpoint will go
+    with pytest.raises(AssertionError):  # the folder "holds checkpoints": refused before anything is written
+        run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
+    (output / "checkpoint-00000003.pth").unlink()
+    (output / "log.jsonl").symlink_to(victim)
+    assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False),
+                          "symbolic link")
+    (output / "log.jsonl").unlink()
+    (output / "encoder.pth").symlink_to(victim)
+    run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
+    assert victim.read_text() == "precious" and not (output / "encoder.pth").is_symlink()
+    assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~cli_umask()
+
+
+def cli_umask():
+    import cli
+    return cli.UMASK
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, tmp_path):
+    """RLIMIT_FSIZE makes every write past 200 kB fail (EFBIG), as a full disk would (ENOSPC)."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+
+    output = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"),
+                             *small_run(random_tree, output, "--epochs", "1", "--no-tensorboard")],
+                            capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size)
+    assert_one_line_error(result, "no space left to write", "checkpoint-00000003.pth")
+    assert not [p.name for p in output.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
+    output = tmp_path / "run"
+    argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"), *argv], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(output.glob("checkpoint-*.pth")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and "rerun the same command with --resume" in lines[0], stderr
+
+
+def test_warmup_longer_than_the_run_is_noted(random_tree, tmp_path):
+    result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "5"))
+    assert "note: the warmup" in result.stderr
+
+
+def test_tensorboard_curves_continue_after_resume_without_repeated_steps(random_tree, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    output = tmp_path / "run"
+    run_pretrain(*small_run(random_tree, output, "--epochs", "3", "--save-every", "3", "--tensorboard"))
+    for checkpoint in sorted(output.glob("checkpoint-*.pth"))[1:]:
+        checkpoint.unlink()  # back to step 3 of 9
+    (output / "summary.json").unlink()
+    run_pretrain("--output", str(output), "--resume")
+    steps = []
+    for events in sorted((output / "tensorboard").glob("events.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        steps += [event.step for event in accumulator.Scalars("loss")]
+    assert sorted(set(steps)) == list(range(1, 10))  # every step once the purge is applied on reading
+    lines = [json.loads(line) for line in (output / "log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 10))
+
+
+def test_wandb_offline_logs_the_run(random_tree, tmp_path):
+    pytest.importorskip("wandb")
+    output = tmp_path / "run"
+    env_backup = os.environ.get("WANDB_MODE")
+    os.environ["WANDB_MODE"] = "offline"
+    try:
+        run_pretrain(*small_run(random_tree, output, "--epochs", "1", "--wandb", "stablerep-test"))
+    finally:
+        if env_backup is None:
+            del os.environ["WANDB_MODE"]
+        else:
+            os.environ["WANDB_MODE"] = env_backup
+    assert list((output / "wandb").glob("offline-run-*"))
+    assert (output / "wandb-run-id").is_file()
+
+
+def test_wandb_that_cannot_start_is_one_line(random_tree, tmp_path):
+    """Without the package, or (with it) without a login and network: one line, not wandb's traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "WANDB_MODE": "",
+           "WANDB_API_KEY": ""}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"),
+                             *small_run(random_tree, tmp_path / "run", "--epochs", "1", "--wandb", "p")],
+                            capture_output=True, text=True, env=env, cwd=ROOT)
+    assert_one_line_error(result, "wandb")
+    assert "pip install wandb" in result.stderr or "wandb login" in result.stderr

@@ -1,0 +1,111 @@
+"""The record of a training run, written by rank 0: `log.jsonl` (one JSON line per logging interval) and the same
+scalars in TensorBoard and Weights & Biases, both optional.
+
+    log = RunLog(folder, start_step, tensorboard=None, wandb_project=None, config=vars(args))
+    log.write(step, loss=..., lr=..., images=...)   # images: seen since this run started, for images/s
+    log.close()
+
+TensorBoard: event files in `<folder>/tensorboard`, on by default when the `tensorboard` package is installed
+(`tensorboard=True` insists, `False` turns it off). wandb: with a project name, when `wandb` is installed
+(`WANDB_MODE=offline` logs without network). A resumed run continues the same curves with no step twice:
+log.jsonl loses its lines after the resumed step, TensorBoard purges its events from that step on, and wandb
+resumes the same run id (kept in `<folder>/wandb-run-id`) from that step.
+"""
+import importlib.util
+import json
+import math
+import os
+import time
+
+from cli import UserError, atomic_write_bytes, open_append
+
+
+def check_loggers(tensorboard, wandb_project):
+    """One line when a logger is asked for and its package is missing (called before anything is written)."""
+    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
+    if wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("--wandb needs the wandb package: pip install wandb")
+
+
+class RunLog:
+    def __init__(self, folder, start_step=0, tensorboard=None, wandb_project=None, config=None, name="log.jsonl"):
+        self.path = os.path.join(folder, name)
+        self.start_step = start_step
+        self.started = time.time()
+        self.window = (start_step, 0, self.started)  # (step, images, time) at the last record, for images/s
+        drop_records_after(self.path, start_step)
+        self.jsonl = open_append(self.path)
+        if tensorboard is None:
+            tensorboard = importlib.util.find_spec("tensorboard") is not None
+        self.tensorboard = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(os.path.join(folder, "tensorboard"), purge_step=start_step or None)
+        self.wandb = None
+        if wandb_project:
+            import wandb
+            try:
+                self.wandb = wandb.init(project=wandb_project, dir=folder, id=_wandb_run_id(folder),
+                                        resume="allow", config=config)
+            except Exception as err:  # noqa: BLE001 - no login, no network, a bad project name...
+                self.close()
+                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                raise UserError(f"wandb could not start ({reason}): run `wandb login`, or set WANDB_MODE=offline "
+                                "to log without network") from None
+
+    def write(self, step, images=None, **scalars):
+        """One record: the scalars given (None ones left out), plus images/s since the last record when `images`
+        (seen since this run started) is given."""
+        record = {"step": step, **{k: v for k, v in scalars.items() if v is not None}}
+        if images is not None:
+            now = time.time()
+            last_step, last_images, last_time = self.window
+            record["images_per_s"] = (images - last_images) / max(now - last_time, 1e-9)
+            self.window = (step, images, now)
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))
+                   and math.isfinite(v)}
+        if self.tensorboard is not None:
+            for key, value in numbers.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+        return record
+
+    def close(self):
+        self.jsonl.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+        if getattr(self, "wandb", None) is not None:
+            self.wandb.finish()
+
+
+def drop_records_after(path, step):
+    """Rewrite a log.jsonl without its records after `step` (a resumed run trains those steps again)."""
+    if not os.path.isfile(path) or os.path.islink(path):
+        return  # a link is refused by open_append, with one line
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step(line) <= step]
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+
+
+def _step(line):
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line torn by a killed run: dropped
+
+
+def _wandb_run_id(folder):
+    """The wandb run id of this folder's run, made on the first run and reused on resume."""
+    path = os.path.join(folder, "wandb-run-id")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    run_id = os.urandom(6).hex()
+    atomic_write_bytes(path, (run_id + "\n").encode())
+    return run_id
