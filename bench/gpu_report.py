@@ -203,7 +203,7 @@ def machine(device):
     import diffusers
     import torch
     import transformers
-    from pretrain import git_commit
+    from cli import git_commit
     info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
