@@ -44,11 +44,13 @@ def get_args_parser():
     return parser
 
 
-def generator_args(args, model, output):
+def generator_args(args, model, output, *extra):
+    """generate.py's arguments for this bench's sizes (args: n, steps, size, stored_size, batch_size, dtype), plus
+    `extra` flags (e.g. "--scheduler", "dpm-solver++")."""
     return generate.get_args_parser().parse_args([
         "--captions", "unused", "--model", model, "--output", output, "--n", str(args.n), "--steps", str(args.steps),
         "--size", str(args.size), "--stored-size", str(args.stored_size), "--format", "png",
-        "--batch-size", str(args.batch_size), "--dtype", args.dtype])
+        "--batch-size", str(args.batch_size), "--dtype", args.dtype, *extra])
 
 
 def one_at_a_time(pipe, captions, gen, output):

@@ -67,14 +67,21 @@ def measure_memory(args):
         forward_backward(fn, embeddings, labels, args.autocast)
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set size (VmHWM) to the current one (Linux >= 4.0)
-    base = _status_kib("VmRSS")
+    base = reset_peak_rss()
     forward_backward(fn, embeddings, labels, args.autocast)
-    return (_status_kib("VmHWM") - base) / 1024
+    return (status_kib("VmHWM") - base) / 1024
 
 
-def _status_kib(field):
+def reset_peak_rss():
+    """Reset this process's peak resident set size (VmHWM) to the current one (Linux >= 4.0); returns the current
+    resident set size in KiB, the base that a later VmHWM is compared with."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return status_kib("VmRSS")
+
+
+def status_kib(field):
+    """A KiB field of /proc/self/status (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 

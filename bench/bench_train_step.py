@@ -28,7 +28,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import CaptionImages, collate  # noqa: E402
 from model import VIT_SIZES  # noqa: E402
-from pretrain import OBJECTIVES, build_model, compute_loss, get_args_parser, param_groups  # noqa: E402
+from pretrain import OBJECTIVES, build_model, compute_loss, get_args_parser, param_groups, scaled_lr  # noqa: E402
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
@@ -55,12 +55,34 @@ def make_batch(args):
     return collate(items)
 
 
-def side_bytes(model, optimizer):
-    """Bytes one side holds between steps: its weights, buffers and AdamW state (gradients are freed by
-    zero_grad(set_to_none=True) inside the step, so they count in the step's rise)."""
+def side_bytes(model, optimizer, device_type="cuda"):
+    """Bytes one side holds between steps on devices of `device_type`: its weights, buffers and AdamW state
+    (gradients are freed by zero_grad(set_to_none=True) inside the step, so they count in the step's rise)."""
     tensors = list(model.parameters()) + list(model.buffers())
     tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
+    return sum(t.numel() * t.element_size() for t in tensors if t.device.type == device_type)
+
+
+def build_sides(model_name, image_size, images_per_step, device, depth=None):
+    """pretrain.py's arguments (its defaults, with this model, size and the stablerep loss), and per side ("ours",
+    "timm") the model on `device` in train mode and its AdamW on pretrain.param_groups at the scaled lr. Both sides
+    start from the same weights: timm's encoder state dict loaded into ours, one projection head copied."""
+    import timm
+    run_args = get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
+                                             str(image_size), "--loss", "stablerep"]
+                                            + (["--depth", str(depth)] if depth else []))
+    torch.manual_seed(0)
+    reference = timm.create_model(TIMM_NAMES[model_name], num_classes=0, img_size=image_size,
+                                  **({"depth": depth} if depth else {}))
+    ours = build_model(run_args)
+    ours.visual.load_state_dict(reference.state_dict())
+    theirs = copy.deepcopy(ours)  # the same projection head
+    theirs.visual = TimmFeatures(reference)
+    models = {"ours": ours.to(device).train(), "timm": theirs.to(device).train()}
+    lr = scaled_lr(run_args.base_lr, images_per_step)  # pretrain.py's rule (base x images / 512)
+    optimizers = {side: torch.optim.AdamW(param_groups(model, run_args.weight_decay), lr=lr,
+                                          betas=tuple(run_args.betas)) for side, model in models.items()}
+    return run_args, models, optimizers
 
 
 def synchronize(device):
@@ -87,19 +109,9 @@ def main(args):
         raise SystemExit("bench_train_step.py: error: --amp (bf16 autocast) is the GPU recipe; "
                          "use it with --device cuda")
     # pretrain.py's own arguments, defaults and all, with this bench's model and batch
-    run_args = get_args_parser().parse_args(["--data", "unused", "--model", args.model, "--image-size",
-                                             str(args.image_size), "--loss", "stablerep"])
-    torch.manual_seed(0)
-    reference = timm.create_model(TIMM_NAMES[args.model], num_classes=0, img_size=args.image_size)
-    ours = build_model(run_args)
-    ours.visual.load_state_dict(reference.state_dict())
-    theirs = copy.deepcopy(ours)  # the same projection head
-    theirs.visual = TimmFeatures(reference)
-    models = {"ours": ours.to(device).train(), "timm": theirs.to(device).train()}
     images = args.captions * args.images_per_caption
-    lr = run_args.base_lr * images / 256
-    optimizers = {side: torch.optim.AdamW(param_groups(model, run_args.weight_decay), lr=lr,
-                                          betas=tuple(run_args.betas)) for side, model in models.items()}
+    run_args, models, optimizers = build_sides(args.model, args.image_size, images, device)
+    lr = optimizers["ours"].param_groups[0]["lr"]
     batch = make_batch(args)
     print(f"{args.model}/16 at {args.image_size}, {args.captions} captions x {args.images_per_caption} images = "
           f"{images} images a step, head {run_args.head_hidden_dim}-{run_args.embed_dim}, AdamW lr {lr:.3g}; "

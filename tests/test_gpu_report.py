@@ -1,0 +1,101 @@
+"""bench/gpu_report.py at toy sizes on the CPU, as a subprocess: every section prints its rows and the JSON holds
+finite numbers, so the GPU report cannot rot between the rare runs on a GPU."""
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO
+from loss import multi_positive_loss
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import gpu_report  # noqa: E402
+
+# rows each table must have in a --tiny run on the CPU (SupConLoss's rows only where the package is installed)
+try:
+    import pytorch_metric_learning  # noqa: F401
+    LOSS_ROWS = 4
+except ImportError:
+    LOSS_ROWS = 2
+ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2]}
+
+
+def numbers(value):
+    """Every int and float in a JSON value (booleans and None left out)."""
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path, run_script):
+    output = tmp_path / "report.json"
+    start = time.perf_counter()
+    result = run_script("bench/gpu_report.py", "--device", "cpu", "--tiny", "--output", output)
+    seconds = time.perf_counter() - start
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(output.read_text())
+    assert report["complete"] and not report["failed"] and report["tiny"]
+    assert sorted(report["sections"]) == sorted(gpu_report.SECTIONS)
+    for section, expected in ROWS.items():
+        tables = report["sections"][section]["tables"]
+        assert [len(table["rows"]) for table in tables] == expected, section
+        for table in tables:
+            assert table["title"] in result.stdout
+            for row in table["rows"]:
+                assert "| " + " | ".join(row["cells"]) + " |" in result.stdout  # printed as markdown
+                assert len(row["cells"]) == len(table["columns"])
+                assert list(numbers({k: v for k, v in row.items() if k != "cells"})), row  # each row has numbers
+    values = list(numbers(report["sections"]))
+    assert values and all(math.isfinite(v) for v in values)
+    # the headline numbers are there
+    rows = {section: [row for table in report["sections"][section]["tables"] for row in table["rows"]]
+            for section in ROWS}
+    assert all(row["images_per_s"] > 0 for row in rows["generation"] if "side" in row)
+    assert {row["scheduler"] for row in rows["generation"]} == {"ddim", "dpm-solver++"}
+    assert rows["train"][0]["side"] == "ours" and rows["train"][0]["flops_per_step"] > 0
+    assert abs(rows["train"][2]["loss_difference"]) < 1e-4  # ours and timm compute the same step
+    assert rows["loss"][0]["rows"] * 4 == rows["loss"][0]["columns"]  # one rank of 4 simulated
+    assert all(row["cores"] > 0 for row in rows["loader"][-2:])
+    # what a CPU run cannot measure is said, on stdout and in the JSON
+    skipped = {entry["what"] for entry in report["skipped"]}
+    assert {"generation in float16", "bf16 autocast in the training step", "host-to-device copies"} <= skipped
+    for what in skipped:
+        assert f"skipped: {what}: " in result.stdout
+    assert report["machine"]["device"] == "cpu" and report["sizes"]["world_size"] == 4
+    # about 12 s on 2 idle cores; the bound only catches full sizes creeping into --tiny (hours on a CPU), not load
+    assert seconds < 300, f"the --tiny run took {seconds:.0f} s"
+
+
+def test_one_simulated_rank_is_its_share_of_the_one_process_loss():
+    """Averaged over the ranks of a simulated run, one_rank_loss gives the one-process loss over the whole batch."""
+    generator = torch.Generator().manual_seed(0)
+    columns = F.normalize(torch.randn(48, 16, generator=generator, dtype=torch.float64), dim=1)
+    labels = torch.arange(48) // 6
+    per_rank = [gpu_report.one_rank_loss(columns, labels, rank, 12, 0.1) for rank in range(4)]
+    assert torch.allclose(torch.stack(per_rank).mean(), multi_positive_loss(columns, labels, 0.1), atol=1e-12)
+
+
+def test_help_names_every_size_with_both_defaults(run_script):
+    result = run_script("bench/gpu_report.py", "--help")
+    assert result.returncode == 0
+    for key, value in gpu_report.SIZES["full"].items():
+        if value is not None:
+            flag = "--" + key.replace("_", "-")
+            assert flag in result.stdout, flag
+    for flag in ("--device", "--tiny", "--sections", "--output", "--train-depth"):
+        assert flag in result.stdout
+
+
+def test_bad_flag_is_one_line_and_exit_code_2(run_script):
+    result = run_script("bench/gpu_report.py", "--tiny", "--gen-repeats", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--gen-repeats" in result.stderr
