@@ -9,7 +9,8 @@
 3. pretrain.py with the multi-positive loss on that tree (a ViT-Ti at 32 pixels).
 4. linear_probe.py (L-BFGS protocol) and fewshot.py (5-way 5-shot) on the held-out digits, for the trained
    encoder and for a randomly initialised one of the same architecture.
-5. A table of those numbers, also written as <output>/results.json.
+5. A table of those numbers, also written as <output>/results.json, and a figure, <output>/results.png (the
+   pretraining loss curve and both encoders' numbers as bars; needs matplotlib).
 """
 import argparse
 import os
@@ -17,6 +18,7 @@ import time
 
 from cli import UserError, atomic_write_json, check_writable_folder, read_json, run, run_stage
 from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
+from plots import plot_demo, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,7 +78,7 @@ def main(args):
           "--base-lr", f"{1e-3 * 512 / images_per_step:g}", "--crop-scale", "0.6", "1",
           "--head-hidden-dim", "512", "--embed-dim", "128", "--workers", "2", "--seed", str(args.seed),
           "--head-batchnorm", "joint",  # 10 captions a step: per-view BatchNorm batches would hold 10 rows
-          "--log-every", "20", "--save-every", str(args.epochs))
+          "--log-every", "5", "--save-every", str(args.epochs))
 
     # ---- 4. evaluation ----
     encoders = {"pretrained": ["--checkpoint", os.path.join(out, "pretrain", "encoder.pth")],
@@ -98,13 +100,20 @@ def main(args):
     summary = {"encoders": results, "seconds": time.time() - start, "args": vars(args),
                "pretrain": read_json(os.path.join(out, "pretrain", "summary.json"))}
     atomic_write_json(os.path.join(out, "results.json"), summary)
+    figure = os.path.join(out, "results.png")
+    try:
+        plot_demo(read_log(os.path.join(out, "pretrain", "log.jsonl")), results, figure)
+    except UserError as err:  # matplotlib is optional: the table and results.json say it all too
+        figure = None
+        print(f"note: no figure ({err})")
     print(f"\nheld-out digits ({len(held_out)} images), ViT-Ti/16 at 32 px, {args.epochs} pretraining steps:")
     print(f"{'encoder':12s} {'linear probe top-1':>19s} {'5-way 5-shot':>16s}")
     for name, row in results.items():
         print(f"{name:12s} {row['linear_probe_top1']:19.2f} {row['fewshot_5way_5shot']:9.2f} +- "
               f"{row['fewshot_ci95']:.2f}")
-    print(f"\nall stages in {summary['seconds']:.0f}s; numbers in {os.path.join(out, 'results.json')}, the synthetic "
-          f"tree in {os.path.join(out, 'synthetic')}, its preview in {os.path.join(out, 'preview')}")
+    print(f"\nall stages in {summary['seconds']:.0f}s; numbers in {os.path.join(out, 'results.json')}"
+          + (f", the figure in {figure}" if figure else "") + f", the synthetic tree in "
+          f"{os.path.join(out, 'synthetic')}, its preview in {os.path.join(out, 'preview')}")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,11 @@ def test_demo_runs_every_stage_and_learns(tmp_path):
     assert "linear probe top-1" in result.stdout and "random init" in result.stdout
     assert trained["linear_probe_top1"] >= random_init["linear_probe_top1"] + MIN_LINEAR_PROBE_GAIN, summary
     assert trained["fewshot_5way_5shot"] >= random_init["fewshot_5way_5shot"] + MIN_FEWSHOT_GAIN, summary
+    # the figure beside the table (matplotlib comes with requirements-test.txt): a PNG of a plausible size
+    figure = (output / "results.png").read_bytes()
+    assert figure[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(figure) < 2_000_000
+    # checkpoints: one at the end, not one per one-step epoch
+    assert [p.name for p in (output / "pretrain").glob("checkpoint-*.pth")] == ["checkpoint-00000200.pth"]
 
 
 def test_demo_refuses_a_folder_that_is_not_empty(tmp_path):

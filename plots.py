@@ -1,0 +1,119 @@
+"""Pictures of a run for a person to read: the loss and learning rate of a pretrain.py run against the step (from
+its log.jsonl), and the demo's summary figure. Needs matplotlib, which the stages do not: `pip install matplotlib`.
+
+    python plots.py runs/stablerep                      # -> runs/stablerep/curves.png
+    python plots.py runs/stablerep/log.jsonl --output curves.png
+"""
+import argparse
+import json
+import os
+
+from cli import UserError, atomic_open, run
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("plots.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="a pretrain.py output folder, or its log.jsonl")
+    parser.add_argument("--output", default=None, help="the PNG to write (default: curves.png beside the log)")
+    return parser
+
+
+def main(args):
+    log = os.path.join(args.run, "log.jsonl") if os.path.isdir(args.run) else args.run
+    records = read_log(log)
+    output = args.output or os.path.join(os.path.dirname(os.path.abspath(log)), "curves.png")
+    plot_curves(records, output, title=os.path.basename(os.path.dirname(os.path.abspath(log))))
+    print(f"{len(records)} records of {log} -> {output}")
+    return output
+
+
+def read_log(path):
+    """The records of a log.jsonl that have a step and a loss, in step order; UserError for a missing file or a
+    log without any."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path} does not exist (expected a pretrain.py output folder or its log.jsonl)")
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a killed run
+            if isinstance(record, dict) and "step" in record and "loss" in record:
+                records.append(record)
+    if not records:
+        raise UserError(f"{path} holds no training records yet")
+    return sorted(records, key=lambda record: record["step"])
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(figure, path):
+    with atomic_open(path) as f:
+        figure.savefig(f, format="png", dpi=120)
+
+
+def _curves(axes_loss, records):
+    """Loss (left axis) and learning rate (right axis) against the step."""
+    steps = [r["step"] for r in records]
+    axes_loss.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
+    axes_loss.set_xlabel("step")
+    axes_loss.set_ylabel("loss", color="tab:blue")
+    if all("lr" in r for r in records):
+        axes_lr = axes_loss.twinx()
+        axes_lr.plot(steps, [r["lr"] for r in records], color="tab:orange", linestyle="--", label="learning rate")
+        axes_lr.set_ylabel("learning rate", color="tab:orange")
+        axes_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    axes_loss.grid(alpha=0.3)
+
+
+def plot_curves(records, path, title=None):
+    """One PNG: the loss and the learning rate of `records` (read_log's) against the step."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4))
+    _curves(axes, records)
+    axes.set_title(f"pretraining{': ' + title if title else ''}")
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_demo(records, encoders, path):
+    """The demo's figure: the pretraining curves, and each encoder's linear-probe and few-shot accuracy as bars
+    (few-shot with its 95% interval). `encoders`: {name: {"linear_probe_top1", "fewshot_5way_5shot",
+    "fewshot_ci95"}}."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    _curves(left, records)
+    left.set_title(f"pretraining, {records[-1]['step']} steps")
+    names = list(encoders)
+    width, positions = 0.38, range(len(names))
+    probe = [encoders[n]["linear_probe_top1"] for n in names]
+    fewshot = [encoders[n]["fewshot_5way_5shot"] for n in names]
+    interval = [encoders[n]["fewshot_ci95"] for n in names]
+    bars = right.bar([p - width / 2 for p in positions], probe, width, label="linear probe top-1")
+    right.bar_label(bars, fmt="%.1f", fontsize=8)
+    bars = right.bar([p + width / 2 for p in positions], fewshot, width, yerr=interval, capsize=3,
+                     label="5-way 5-shot")
+    right.bar_label(bars, fmt="%.1f", fontsize=8, padding=3)
+    right.set_xticks(list(positions), names)
+    right.set_ylabel("accuracy on the held-out digits (%)")
+    right.set_ylim(min(probe + fewshot) - 15, 100)
+    right.legend(loc="lower right", fontsize=8)
+    right.set_title("frozen encoders")
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

@@ -1,0 +1,46 @@
+"""plots.py: the curves of a run's log.jsonl, the demo's figure, and one-line errors."""
+import json
+
+import pytest
+
+import plots
+from cli import UserError, run
+
+pytest.importorskip("matplotlib")  # requirements-test.txt installs it; the stages themselves never need it
+
+
+def write_log(path, steps=30):
+    lines = [json.dumps({"step": s, "loss": 4.0 / (1 + 0.1 * s), "lr": 1e-3 * min(1, s / 5)}) for s in range(1, steps)]
+    path.write_text("\n".join(lines) + "\n{\"step\": 99, \"lo")  # a line torn by a killed run is skipped
+    return path
+
+
+def is_png(path, at_least):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= at_least
+
+
+def test_curves_of_a_run_folder(tmp_path):
+    write_log(tmp_path / "log.jsonl")
+    output = plots.main(plots.get_args_parser().parse_args([str(tmp_path)]))
+    assert output == str(tmp_path / "curves.png") and is_png(tmp_path / "curves.png", 10_000)
+    assert [r["step"] for r in plots.read_log(str(tmp_path / "log.jsonl"))] == list(range(1, 30))
+
+
+def test_demo_figure(tmp_path):
+    records = plots.read_log(str(write_log(tmp_path / "log.jsonl")))
+    encoders = {"pretrained": {"linear_probe_top1": 95.3, "fewshot_5way_5shot": 87.1, "fewshot_ci95": 0.5},
+                "random init": {"linear_probe_top1": 93.6, "fewshot_5way_5shot": 71.1, "fewshot_ci95": 0.6}}
+    plots.plot_demo(records, encoders, str(tmp_path / "results.png"))
+    assert is_png(tmp_path / "results.png", 20_000)
+
+
+def test_missing_or_empty_logs_are_one_line(tmp_path, capsys):
+    for argv in ([str(tmp_path / "nope")], [str(tmp_path)]):
+        with pytest.raises(SystemExit) as info:
+            run(plots.main, plots.get_args_parser(), argv)
+        assert info.value.code == 2
+    (tmp_path / "log.jsonl").write_text("")
+    with pytest.raises(UserError, match="no training records"):
+        plots.read_log(str(tmp_path / "log.jsonl"))
+    assert capsys.readouterr().err.count("\n") == 2
