@@ -25,6 +25,17 @@ class UserError(Exception):
     """Bad input from the user (or a full disk): reported as one line and exit code 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """The stage scripts' parser: argparse, plus recipe files. `python pretrain.py @recipes/cc12m_vitb_1x.args`
+    reads flags from the file, any number on a line, `#` starting a comment; flags after it override it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, fromfile_prefix_chars="@", **kwargs)
+
+    def convert_arg_line_to_args(self, line):
+        return shlex.split(line, comments=True)
+
+
 def run(main, parser, argv=None):
     """Parse the command line and call `main(args)`. A bad flag (argparse's own check or a range check of the
     flag's `type`) and a UserError both end the script with `prog: error: <message>`, one line, exit code 2.
@@ -89,7 +100,7 @@ SEED = integer(0, 2 ** 63 - 1)  # what torch.manual_seed and numpy accept
 def explicit_flags(parser, argv=None):
     """The destinations the command line sets itself, as opposed to those left at their defaults (a resumed run
     takes the rest from its checkpoint)."""
-    quiet = argparse.ArgumentParser(add_help=False)
+    quiet = ArgumentParser(add_help=False)
     for action in parser._actions:  # the same flags, every default suppressed
         if action.option_strings and not isinstance(action, argparse._HelpAction):
             quiet._add_action(_without_default(action))

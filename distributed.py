@@ -1,7 +1,7 @@
 """Distributed helpers with a one-process fallback.
 
 The same script runs as one process on a laptop CPU (`python pretrain.py`) and as many under torchrun
-(`torchrun --nproc 8 pretrain.py`): every helper here answers for a single process when torch.distributed
+(`torchrun --nproc-per-node 8 pretrain.py`): every helper here answers for a single process when torch.distributed
 is not initialised.
 """
 import os

@@ -13,13 +13,13 @@ import math
 import os
 
 import evaluation as ev
-from cli import UserError, atomic_write_json, integer, lazy_import, number, run
+from cli import ArgumentParser, UserError, atomic_write_json, integer, lazy_import, number, run
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("fewshot.py", description=__doc__,
+    parser = ArgumentParser("fewshot.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_encoder_arguments(parser)
     data = ev.add_dataset_arguments(parser, {"--data-dir": "ImageFolder to draw episodes from"})

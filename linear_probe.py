@@ -21,7 +21,7 @@ import sys
 from contextlib import nullcontext
 
 import evaluation as ev
-from cli import UserError, atomic_write_json, integer, lazy_import, number, run
+from cli import ArgumentParser, UserError, atomic_write_json, integer, lazy_import, number, run
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
@@ -37,7 +37,7 @@ PAPER_METRICS = {"aircraft": "mean_per_class", "caltech101": "mean_per_class", "
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("linear_probe.py", description=__doc__,
+    parser = ArgumentParser("linear_probe.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["sgd", "lbfgs"], required=True,
                         help="sgd: the ImageNet protocol; lbfgs: the fine-grained protocol (see above)")

@@ -8,11 +8,11 @@ import argparse
 import json
 import os
 
-from cli import UserError, atomic_open, run
+from cli import ArgumentParser, UserError, atomic_open, run
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("plots.py", description=__doc__,
+    parser = ArgumentParser("plots.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a pretrain.py output folder, or its log.jsonl")
     parser.add_argument("--output", default=None, help="the PNG to write (default: curves.png beside the log)")

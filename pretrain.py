@@ -30,8 +30,8 @@ import time
 from typing import Callable, NamedTuple, Tuple
 
 from catalog import VIT_SIZES
-from cli import (SEED, UserError, atomic_open, atomic_write_json, check_creatable, git_commit, hub_reachable,
-                 integer, lazy_import, number, run)
+from cli import (SEED, ArgumentParser, UserError, atomic_open, atomic_write_json, check_creatable, git_commit,
+                 hub_reachable, integer, lazy_import, number, run)
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
@@ -55,7 +55,7 @@ NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, no
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("pretrain.py", description=__doc__,
+    parser = ArgumentParser("pretrain.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # ---- data ----
     parser.add_argument("--data", nargs="+", default=None,

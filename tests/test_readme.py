@@ -1,0 +1,73 @@
+"""Every command a reader copies, from README.md and from the stage scripts' docstrings, parses as written: its
+flags with the script's own parser, torchrun's flags with torchrun's (`--nproc` alone is ambiguous there), and
+recipe files (@recipes/...) through the parsers that read them. The demo's command itself runs in test_demo.py."""
+import importlib
+import os
+import re
+import shlex
+import sys
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "demo.py", "plots.py", "tiny_sd.py")
+
+
+def readme_commands():
+    """(where, words) of every `python X.py ...` and `torchrun ... X.py ...` line in README.md's bash blocks."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        yield from _commands(block, "README.md")
+
+
+def docstring_commands():
+    for script in SCRIPTS:
+        with open(os.path.join(REPO, script), encoding="utf-8") as f:
+            docstring = re.match(r'\s*"""(.*?)"""', f.read(), re.S)
+        if docstring:
+            yield from _commands(docstring.group(1), script)
+
+
+def _commands(text, where):
+    for line in text.replace("\\\n", " ").splitlines():
+        if not re.match(r"\s*(python \S+\.py|torchrun )", line):
+            continue
+        line = re.sub(r"\$\{?(\w+)\}?", "1", line)  # shell variables ($I, $HEAD) -> a value
+        words = shlex.split(line, comments=True)
+        is_script = len(words) > 1 and words[0] == "python" and words[1].endswith(".py")
+        if is_script or (words and words[0] == "torchrun"):
+            yield where, words
+
+
+def parse(words):
+    """Parse a command as its programs would, or fail the test with argparse's message."""
+    if words[0] == "torchrun":
+        from torch.distributed.run import get_args_parser as torchrun_parser
+        parser = torchrun_parser()
+        parser.exit = parser.error = lambda *a, **k: pytest.fail(f"torchrun rejects {' '.join(words)}: {a}")
+        torchrun_args = parser.parse_args(words[1:])
+        script, argv = torchrun_args.training_script, torchrun_args.training_script_args
+    else:
+        script, argv = words[1], words[2:]
+    name = os.path.splitext(os.path.basename(script))[0]
+    if os.path.dirname(script):
+        sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))
+    module = importlib.import_module(name)
+    parser = module.get_args_parser()
+    parser.exit = parser.error = lambda *a, **k: pytest.fail(f"{script} rejects {' '.join(words)}: {a}")
+    return parser.parse_args(argv)
+
+
+COMMANDS = list(readme_commands()) + list(docstring_commands())
+
+
+def test_there_are_commands_to_check():
+    assert len(COMMANDS) > 20 and any(words[0] == "torchrun" for _, words in COMMANDS)
+
+
+@pytest.mark.parametrize("where, words", COMMANDS, ids=[f"{w}: {' '.join(c)[:60]}" for w, c in COMMANDS])
+def test_command_parses_as_written(where, words, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipe files are named relative to the repository
+    parse(words)
