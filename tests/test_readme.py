@@ -1,6 +1,6 @@
-"""Every command a reader copies, from README.md and from the stage scripts' docstrings, parses as written: its
-flags with the script's own parser, torchrun's flags with torchrun's (`--nproc` alone is ambiguous there), and
-recipe files (@recipes/...) through the parsers that read them. The demo's command itself runs in test_demo.py."""
+"""Every command a reader copies parses as written: those of README.md, of the stage scripts' docstrings, and the
+recipe files (recipes/*.args, through the `# run:` line each holds), each with the script's own parser, and
+torchrun's flags with torchrun's (`--nproc` alone is ambiguous there). The demo's command runs in test_demo.py."""
 import importlib
 import os
 import re
@@ -60,11 +60,26 @@ def parse(words):
     return parser.parse_args(argv)
 
 
-COMMANDS = list(readme_commands()) + list(docstring_commands())
+def recipe_commands():
+    """The `# run:` line of every recipe file (which says the paper result it reproduces on a `# reproduces:`
+    line): the command that reads it, so the file is parsed by the script it belongs to."""
+    folder = os.path.join(REPO, "recipes")
+    for name in sorted(os.listdir(folder)):
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        assert lines[0].startswith("# reproduces: "), f"recipes/{name} does not say what it reproduces"
+        run_line = next(line for line in lines if line.startswith("# run: "))
+        commands = list(_commands(run_line[len("# run: "):].split(" (")[0], f"recipes/{name}"))
+        assert len(commands) == 1 and f"@recipes/{name}" in commands[0][1], run_line
+        yield commands[0]
+
+
+COMMANDS = list(readme_commands()) + list(docstring_commands()) + list(recipe_commands())
 
 
 def test_there_are_commands_to_check():
     assert len(COMMANDS) > 20 and any(words[0] == "torchrun" for _, words in COMMANDS)
+    assert sum(where.startswith("recipes/") for where, _ in COMMANDS) == len(os.listdir(os.path.join(REPO, "recipes")))
 
 
 @pytest.mark.parametrize("where, words", COMMANDS, ids=[f"{w}: {' '.join(c)[:60]}" for w, c in COMMANDS])
