@@ -157,7 +157,7 @@ def test_a_damaged_feature_cache_is_recomputed(tmp_path, capsys, damage):
 
 @pytest.mark.parametrize("bad", ["truncated", "not an image", "decompression bomb"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encoder, bad, workers):
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encoder, bad, workers, monkeypatch):
     from PIL import Image
     for name in ("cat", "dog"):
         (tmp_path / name).mkdir()
@@ -168,9 +168,9 @@ def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encode
         broken.write_bytes(broken.read_bytes()[:74])
     elif bad == "not an image":
         broken.write_bytes(b"GIF89a but not really")
-    else:  # a PNG claiming more pixels than PIL's decompression-bomb limit (2 x MAX_IMAGE_PIXELS)
-        side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 10
-        Image.new("1", (side, side)).save(broken)
+    else:  # more pixels than twice PIL's decompression-bomb limit (lowered here; forked workers inherit it)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        Image.new("RGB", (64, 64)).save(broken)
     dataset = ev.open_image_folder(str(tmp_path), ev.eval_transform(32))
     with pytest.raises(UserError) as info:
         ev.extract_features(tiny_encoder, dataset, 2, workers, torch.device("cpu"))
