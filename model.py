@@ -356,6 +356,18 @@ def load_checkpoint_file(path):
         raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line})") from None
 
 
+def _tensors_of(checkpoint):
+    """The state dict inside a loaded checkpoint: the dict itself, or the one under 'model' / 'state_dict'.
+    ValueError when there is none (a bare tensor, a list, a dict of other things)."""
+    state = checkpoint
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
+    return state
+
+
 def encoder_state_dict(checkpoint):
     """The encoder's weights, under timm's names, from any of the formats we accept:
 
@@ -363,12 +375,7 @@ def encoder_state_dict(checkpoint):
     - the official StableRep code: {"model": {"module.visual.*" or "visual.*", ...}, "args": Namespace}
     - a plain timm state dict, or our exported encoder ({"model": timm keys, "config": {...}})
     Heads (timm's classifier `head.*`, `fc_norm.*`, the projection head and text tower) are dropped."""
-    state = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise ValueError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
+    state = _tensors_of(checkpoint)
     for prefix in ENCODER_PREFIXES:
         if any(k.startswith(prefix + "cls_token") for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -395,12 +402,7 @@ def model_state_dict(checkpoint):
       q, k, v layout) and the two projection matrices, stored as [in, out] parameters, become Linear weights
     - an encoder alone (a timm ViT state dict, or our exported encoder.pth): under `visual.`
     Raises ValueError for a file without a state dict."""
-    state = checkpoint
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise ValueError("checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
+    state = _tensors_of(checkpoint)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if not any(k.startswith("visual.") for k in state):  # an encoder alone
         return {f"visual.{k}": v for k, v in encoder_state_dict(state).items()}
