@@ -36,8 +36,9 @@ def get_args_parser():
     episodes.add_argument("--classifier", choices=["logistic", "prototype"], default="logistic",
                           help="logistic: L2-regularised logistic regression, the paper's; prototype: nearest "
                                "class mean by cosine similarity")
-    episodes.add_argument("--C", type=number(above=0), default=1.0, help="inverse L2 strength of the logistic regression "
-                          "as scikit-learn defines it; 1.0, scikit-learn's default used by the few-shot benchmarks")
+    episodes.add_argument("--C", type=number(above=0), default=1.0,
+                          help="inverse L2 strength of the logistic regression as scikit-learn defines it; 1.0, "
+                               "scikit-learn's default used by the few-shot benchmarks")
     ev.add_run_arguments(parser, "fewshot", "the episodes (and --random-init)")
     return parser
 
@@ -84,7 +85,8 @@ def episode_accuracies(features, episodes, shots, classifier, C, chunk=100):
         support = block[:, :, :shots].flatten(1, 2)  # (E, ways * shots, D)
         query = block[:, :, shots:].flatten(1, 2)  # (E, ways * queries, D)
         if classifier == "prototype":
-            prototypes = torch.nn.functional.normalize(support.unflatten(1, (ways, shots)).mean(2), dim=-1)  # (E, ways, D)
+            class_means = support.unflatten(1, (ways, shots)).mean(2)  # (E, ways, D)
+            prototypes = torch.nn.functional.normalize(class_means, dim=-1)
             scores = query @ prototypes.transpose(1, 2)
         else:  # scikit-learn's C on a sum of losses = weight decay 1 / (C n) on their mean
             n = support.shape[1]

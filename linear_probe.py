@@ -157,8 +157,8 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
     heads = model_lib.LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
-    if distributed.world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as the official
-        heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # probe's SyncBatchNorm (GPUs only)
+    if distributed.world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as
+        heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # the official probe's SyncBatchNorm (GPUs)
     module = heads
     if distributed.world_size() > 1:
         module = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
@@ -290,7 +290,8 @@ def open_splits(args, transform_for):
             raise UserError("give either --dataset or --train-dir/--val-dir, not both")
         splits = {split: ev.open_torchvision_split(args.dataset, args.data_root, split, transform_for(split),
                                                    args.download) for split in ("train", "val", "test")}
-        return splits, len(ev.class_names(splits["train"])), {"dataset": args.dataset, "root": os.path.abspath(args.data_root)}
+        identity = {"dataset": args.dataset, "root": os.path.abspath(args.data_root)}
+        return splits, len(ev.class_names(splits["train"])), identity
     if not (args.train_dir and args.val_dir):
         raise UserError("give --dataset NAME, or both --train-dir and --val-dir")
     train = ev.open_image_folder(args.train_dir, transform_for("train"))

@@ -21,7 +21,6 @@ A resumed run (--resume) takes its recipe from its checkpoint: only flags that d
 """
 import argparse
 import glob
-import json
 import math
 import os
 import signal
@@ -30,8 +29,20 @@ import time
 from typing import Callable, NamedTuple, Tuple
 
 from catalog import VIT_SIZES
-from cli import (SEED, ArgumentParser, UserError, atomic_open, atomic_write_json, check_creatable, git_commit,
-                 hub_reachable, integer, lazy_import, number, run)
+from cli import (
+    SEED,
+    ArgumentParser,
+    UserError,
+    atomic_open,
+    atomic_write_json,
+    check_creatable,
+    git_commit,
+    hub_reachable,
+    integer,
+    lazy_import,
+    number,
+    run,
+)
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once

@@ -5,9 +5,9 @@ scalars in TensorBoard and Weights & Biases, both optional.
     log.write(step, loss=..., lr=..., images=...)   # images: seen since this run started, for images/s
     log.close()
 
-TensorBoard: event files in `<folder>/tensorboard` (or `tensorboard_dir`), on by default when the `tensorboard` package is installed
-(`tensorboard=True` insists, `False` turns it off). wandb: with a project name, when `wandb` is installed
-(`WANDB_MODE=offline` logs without network). A resumed run continues the same curves with no step twice:
+TensorBoard: event files in `<folder>/tensorboard` (or `tensorboard_dir`), on by default when the `tensorboard`
+package is installed (`tensorboard=True` insists, `False` turns it off). wandb: with a project name, when `wandb`
+is installed (`WANDB_MODE=offline` logs without network). A resumed run continues the same curves with no step twice:
 log.jsonl loses its lines after the resumed step, TensorBoard purges its events from that step on, and wandb
 resumes the same run id (kept in `<folder>/wandb-run-id`) from that step.
 """

@@ -141,6 +141,7 @@ def child_index(folder, captions):
 
 def child_workers(folder, items, workers, warmup, start_method):
     import torch
+
     from data import CaptionImagesDataset, CaptionSampler, collate
     dataset = CaptionImagesDataset([folder], 6, 1, 16, crop_scale=(0.5, 1.0))
     sampler = CaptionSampler(len(dataset), 50)

@@ -89,6 +89,7 @@ def measure(fn, device):
     after a synchronize, torch's allocator statistics. CPU: perf_counter, the process's resident set (VmRSS) at the
     start and its peak (VmHWM, reset first); None for both where /proc does not allow the reset."""
     import torch
+
     from bench_loss import reset_peak_rss, status_kib
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -203,6 +204,7 @@ def machine(device):
     import diffusers
     import torch
     import transformers
+
     from cli import git_commit
     info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,

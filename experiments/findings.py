@@ -137,6 +137,7 @@ def random_init_flags(seed, depth, folder):
     if depth is None:
         return ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed", str(seed)]
     import torch
+
     from model import build_vit
 
     path = os.path.join(folder, "encoder.pth")
@@ -200,8 +201,8 @@ def main(args):
                "seconds": time.time() - start}
     atomic_write_json(os.path.join(out, "findings.json"), summary)
     depth = f"depth {args.depth}" if args.depth else "12 blocks"
-    print(f"\nheld-out digits, ViT-Ti/16 ({depth}) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, {args.seeds} "
-          f"seed(s), mean +- std over seeds:")
+    print(f"\nheld-out digits, ViT-Ti/16 ({depth}) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, "
+          f"{args.seeds} seed(s), mean +- std over seeds:")
     print(f"| {'config':12s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
     print(f"| {'-' * 12} | {'-' * 18} | {'-' * 14} |")
     for config, row in table.items():

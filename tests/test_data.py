@@ -7,8 +7,17 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 
 import augment
-from augment import (IMAGENET_MEAN, IMAGENET_STD, ColorParams, PILDownAndUp, PretrainAugmentation, augment_crops,
-                     down_and_up, official_augmentation, sample_color_params)
+from augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ColorParams,
+    PILDownAndUp,
+    PretrainAugmentation,
+    augment_crops,
+    down_and_up,
+    official_augmentation,
+    sample_color_params,
+)
 from data import CaptionImagesDataset, CaptionSampler, collate
 
 

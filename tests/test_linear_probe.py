@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 import linear_probe
-from model import LinearHeads
 from cli import run
 from digits import load_digit_images, split_digits, write_image_folder
+from model import LinearHeads
 
 
 def probe(*argv):
@@ -228,6 +228,7 @@ def test_sweep_picks_a_strength_and_scores_multilabel_map(tmp_path):
                                                       "--wd-range", "1e-4", "1e2"])
     results = linear_probe.sweep_and_refit(split(300), split(100), split(200), 3, "map11", args,
                                            torch.device("cpu"))
-    assert len(results["sweep"]) == 3 and any(results["best_weight_decay"] == pytest.approx(w) for w in (1e-4, 1e-1, 1e2))
+    assert len(results["sweep"]) == 3
+    assert any(results["best_weight_decay"] == pytest.approx(w) for w in (1e-4, 1e-1, 1e2))
     assert results["best_val"] == max(row["val"] for row in results["sweep"])
     assert results["test"] > 80  # chance (random scores) is about 40

@@ -174,7 +174,8 @@ def near_converged_batch(captions=43, images=6, dim=256, seed=7):
     generator = torch.Generator().manual_seed(seed)
     centres = F.normalize(torch.randn(captions, dim, generator=generator), dim=1)
     noise = 0.05 * torch.randn(captions * images, dim, generator=generator)
-    return F.normalize(centres.repeat_interleave(images, 0) + noise, dim=1), torch.arange(captions).repeat_interleave(images)
+    labels = torch.arange(captions).repeat_interleave(images)
+    return F.normalize(centres.repeat_interleave(images, 0) + noise, dim=1), labels
 
 
 def _loss_and_gradients(loss_fn, inputs, autocast_dtype, backward_inside):

@@ -237,7 +237,8 @@ def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
                                        "--crop-scale", "0.9", "0.5", *TINY, check=False), "must satisfy MIN <= MAX")
     assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "o"),
-                                       "--downsample-prob", "1.5", *TINY, check=False), "--downsample-prob: must be a finite number >= 0 and <= 1")
+                                       "--downsample-prob", "1.5", *TINY, check=False),
+                          "--downsample-prob: must be a finite number >= 0 and <= 1")
     assert not (tmp_path / "o").exists()  # nothing written for bad input
 
     blocker = tmp_path / "file"
