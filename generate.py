@@ -11,15 +11,22 @@ from a generator seeded by `image_seed(seed, i, k)`, so it is the same image wha
 or the resume. Output: imagetree.py's folder tree (`--output-format files`) or shards.py's tar shards
 (`webdataset`); caption i goes to folder or tar i // --captions-per-shard, and each process of a run owns a
 contiguous block of those, so a rerun skips what is on disk by looking at its own block only, and refuses to mix
-settings into an output made with other ones.
+settings into an output made with other ones. A process locks each shard while it writes it, so processes started
+on the same output by mistake share the shards instead of making every image twice.
 """
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import csv
+import dataclasses
+import datetime
+import fcntl
 import hashlib
 import itertools
+import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,12 +34,13 @@ import warnings
 from typing import List, NamedTuple
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import distributed
 import imagetree
 import shards
-from cli import UserError, atomic_write_bytes, check_writable_folder, run
+from cli import SEED, UserError, atomic_write_bytes, atomic_write_json, check_writable_folder, integer, no_space, \
+    number, run
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
@@ -45,6 +53,20 @@ RECIPE_DEFAULTS = {"output_format": "files", "captions_per_shard": imagetree.CAP
 OUTPUT_FORMATS = ("files", "webdataset")
 MANY_FILES = 1_000_000  # a files run writing more than this is told about shards (cluster inode quotas)
 SKIPPED_LISTED = 1000  # skipped rows listed by number in settings.json; the rest are counted
+TRUNCATED_FILE = "truncated.json"  # beside settings.json: the captions cut at the text encoder's token limit
+TRUNCATED_LISTED = 1000  # truncated captions listed by id in truncated.json; the rest are counted
+LOCK_PREFIX = ".lock-"  # <output>/.lock-00012: held (flock) by the process writing shard 12
+# ranks of a torchrun run meet only at the start and the end; one may finish its block days before another
+SUMMARY_TIMEOUT = datetime.timedelta(days=365)
+MAX_SIZE = 2048  # pixels; Stable Diffusion v1.5 draws at 512, and UNet memory grows with the square of the side
+
+
+def pixel_size(text):
+    """An argparse `type`: an image side in pixels, a multiple of 8 (the VAE's downsampling) up to MAX_SIZE."""
+    value = integer(8, MAX_SIZE)(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 8, got {text}")
+    return value
 
 
 def get_args_parser():
@@ -62,26 +84,30 @@ def get_args_parser():
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
                              "paper uses v1.5")
-    parser.add_argument("--n", "--num-images", dest="n", type=int, default=10,
-                        help="images per caption, each from its own latent noise; 10 in the paper (StableRep trains "
-                             "on 6 of them per step). Under torchrun write --num-images: torchrun takes --n as an "
-                             "ambiguous abbreviation of its own flags")
-    parser.add_argument("--w", type=float, default=2.0,
-                        help="classifier-free guidance scale; 2 is StableRep's best (low w = diverse images of a "
-                             "caption, which the multi-positive loss wants), SimCLR peaks at 6-8; diffusers applies "
-                             "no guidance for w <= 1")
+    parser.add_argument("--n", "--num-images", dest="n", type=integer(1, 100), default=10,
+                        help="images per caption (1-100: image names carry k in two digits), each from its own "
+                             "latent noise; 10 in the paper (StableRep trains on 6 of them per step). Under torchrun "
+                             "write --num-images: torchrun takes --n as an ambiguous abbreviation of its own flags")
+    parser.add_argument("--w", type=number(0, 100), default=2.0,
+                        help="classifier-free guidance scale, 0-100; 2 is StableRep's best (low w = diverse images "
+                             "of a caption, which the multi-positive loss wants), SimCLR peaks at 6-8; diffusers "
+                             "applies no guidance for w <= 1, and a huge w overflows float16 into black images")
     parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
                         help="sampler: the paper's DDIM; dpm-solver++ (DPM-Solver++, 20-25 steps) is the fast "
                              "choice; `model` keeps the scheduler saved with the model (PNDM for v1.5)")
-    parser.add_argument("--steps", type=int, default=50, help="denoising steps; 50 DDIM steps in the paper")
-    parser.add_argument("--eta", type=float, default=0.0,
-                        help="DDIM's eta (0: deterministic DDIM, as in the paper); only DDIM reads it")
-    parser.add_argument("--size", type=int, default=512,
-                        help="generated height and width in pixels; 512, Stable Diffusion v1.5's native size")
-    parser.add_argument("--stored-size", type=int, default=256,
-                        help="images are resized to this before saving; 256 in the paper (pre-training crops 224)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="base seed: image k of caption i starts from noise seeded by (seed, i, k)")
+    parser.add_argument("--steps", type=integer(1, 1000), default=50,
+                        help="denoising steps, 1-1000 (the model's training timesteps); 50 DDIM steps in the paper")
+    parser.add_argument("--eta", type=number(0, 1), default=0.0,
+                        help="DDIM's eta, 0-1 (0: deterministic DDIM, as in the paper; 1: DDPM's noise); only DDIM "
+                             "reads it")
+    parser.add_argument("--size", type=pixel_size, default=512,
+                        help="generated height and width in pixels, a multiple of 8; 512, Stable Diffusion v1.5's "
+                             "native size")
+    parser.add_argument("--stored-size", type=pixel_size, default=256,
+                        help="images are resized to this before saving (a multiple of 8, at most --size); 256 in the "
+                             "paper (pre-training crops 224)")
+    parser.add_argument("--seed", type=SEED, default=0,
+                        help="base seed (0 .. 2**63-1): image k of caption i starts from noise seeded by (seed, i, k)")
     # ---- output files ----
     parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
                         help="files (the default, to look at and for small runs): a folder tree, one file per "
@@ -89,7 +115,7 @@ def get_args_parser():
                              "uncompressed tar per "
                              "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
                              "at random offsets or streamed from object storage)")
-    parser.add_argument("--captions-per-shard", type=int, default=imagetree.CAPTIONS_PER_FOLDER,
+    parser.add_argument("--captions-per-shard", type=integer(1), default=imagetree.CAPTIONS_PER_FOLDER,
                         help="captions per tar (webdataset) or per folder (files): caption i goes to shard i // this. "
                              "1000 makes 10,000 images, a few hundred MB of 256 px JPEGs, per tar: big enough for "
                              "streaming reads and 1 file per 1000 captions (12,400 for CC12M), small enough that a "
@@ -97,49 +123,37 @@ def get_args_parser():
                              "captions in flight")
     parser.add_argument("--format", default="jpg", choices=sorted(imagetree.PIL_FORMATS),
                         help="image file format; JPEG keeps 10 images x millions of captions on one disk")
-    parser.add_argument("--quality", type=int, default=95, help="JPEG/WebP quality (ignored by png)")
-    parser.add_argument("--preview", type=int, nargs="?", const=8, default=0, metavar="ROWS",
+    parser.add_argument("--quality", type=integer(1, 100), default=95,
+                        help="JPEG/WebP quality, 1-100 (ignored by png)")
+    parser.add_argument("--preview", type=integer(1, 100), nargs="?", const=8, default=0, metavar="ROWS",
                         help="instead of the tree, write one PNG grid <output>/preview_w<w>.png of the first ROWS "
-                             "captions (rows) x their n images (columns), to see what w does; ROWS defaults to 8")
+                             "captions (rows, labelled with their id and first words) x their n images (columns, "
+                             "labelled k), to see what w does; ROWS (1-100) defaults to 8")
     # ---- speed ----
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=integer(1), default=32,
                         help="images per denoising batch, across captions and seeds (the UNet sees twice as many "
                              "rows with guidance); lower it if the GPU runs out of memory")
     parser.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
                         help="weights and activations; auto = float16 on a GPU, float32 on the CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (minutes of compilation, then faster steps on a GPU)")
-    parser.add_argument("--writers", type=int, default=4,
+    parser.add_argument("--writers", type=integer(1), default=4,
                         help="threads that resize, encode and write images while the GPU goes on")
     # ---- distributed ----
-    parser.add_argument("--shard", type=int, default=0,
+    parser.add_argument("--shard", type=integer(0), default=0,
                         help="this job's part of the captions (0 .. num-shards-1): a contiguous block of the output "
                              "shards (tars or folders), so each job writes and resumes whole shards of its own; "
                              "under torchrun each rank splits its part again")
-    parser.add_argument("--num-shards", type=int, default=1, help="number of parts the captions are split into")
+    parser.add_argument("--num-shards", type=integer(1), default=1,
+                        help="number of parts the captions are split into")
     return parser
 
 
 def check_args(args):
-    """Bad numbers end the run before anything is read or written."""
-    if args.n < 1:
-        raise UserError(f"--n must be at least 1, got {args.n}")
-    if args.w < 0:
-        raise UserError(f"--w must be >= 0, got {args.w}")
-    if args.steps < 1:
-        raise UserError(f"--steps must be at least 1, got {args.steps}")
-    for flag, value in (("--size", args.size), ("--stored-size", args.stored_size)):
-        if value < 8 or value % 8:
-            raise UserError(f"{flag} must be a positive multiple of 8, got {value}")
+    """What no single flag's type can check: flags that must agree."""
     if args.stored_size > args.size:
         raise UserError(f"--stored-size {args.stored_size} is larger than the generated --size {args.size}")
-    if args.batch_size < 1 or args.writers < 1 or args.captions_per_shard < 1:
-        raise UserError("--batch-size, --writers and --captions-per-shard must be at least 1")
-    if not 1 <= args.quality <= 100:
-        raise UserError(f"--quality must be in 1..100, got {args.quality}")
-    if args.preview < 0:
-        raise UserError(f"--preview needs a positive number of rows, got {args.preview}")
-    if not 0 <= args.shard < args.num_shards:
+    if args.shard >= args.num_shards:
         raise UserError(f"--shard must be in 0..{args.num_shards - 1} (--num-shards {args.num_shards}), "
                         f"got {args.shard}")
 
@@ -155,7 +169,7 @@ class Captions(NamedTuple):
     captions: dict  # caption id (row number) -> caption text
     valid_ids: List[int]  # the usable caption ids read, in order
     rows: int  # data rows read, skipped ones included
-    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field"}]
+    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long"}]
     layout: str  # how the file was read, for the run's record
 
 
@@ -172,11 +186,19 @@ def _looks_like_url(field):
 
 
 def _records(path, delimiter):
-    """The file's rows as lists of fields, streamed (CC12M is 2 GB); bytes that are not UTF-8 become surrogates."""
+    """The file's rows as lists of fields, streamed (CC12M is 2 GB); bytes that are not UTF-8 become surrogates.
+    A CSV row that the csv module refuses (a field over its size limit, 128 KiB: a runaway quote or not a caption)
+    is None; the csv reader goes on at the next line."""
     if delimiter == ",":
         with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-            yield from csv.reader(f)
-        return
+            reader = csv.reader(f)
+            while True:
+                try:
+                    yield next(reader)
+                except StopIteration:
+                    return
+                except csv.Error:
+                    yield None
     with open(path, "rb") as f:  # rows end at b"\n" only: a stray \r inside a caption does not split it
         for number, line in enumerate(f):
             if number == 0 and line.startswith(b"\xef\xbb\xbf"):
@@ -188,7 +210,11 @@ def _records(path, delimiter):
 def _layout(path, first):
     """(delimiter, caption column, has a header, description) from the first non-blank row's text."""
     delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
-    header = [name.strip().lower() for name in (next(csv.reader([first])) if delimiter == "," else first.split("\t"))]
+    try:
+        fields = next(csv.reader([first])) if delimiter == "," else first.split("\t")
+    except csv.Error as err:
+        raise UserError(f"captions file {path} has no `caption` column (its first row: {err})") from None
+    header = [name.strip().lower() for name in fields]
     if "caption" in header:
         kind = {",": "CSV", "\t": "TSV", None: "text"}[delimiter]
         return delimiter, header.index("caption"), True, f"{kind} with a header, column {header.index('caption')}"
@@ -206,8 +232,11 @@ def _rows(path, delimiter, column, has_header):
     """(row, caption, None) for a usable row, (row, None, reason) for a skipped one; streamed."""
     records = _records(path, delimiter)
     if has_header:
-        next(record for record in records if "".join(record).strip())
+        next(record for record in records if record is None or "".join(record).strip())
     for row, record in enumerate(records):
+        if record is None:
+            yield row, None, "too long"
+            continue
         caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
         if not caption:
             yield row, None, "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
@@ -221,7 +250,7 @@ def open_captions(path):
     """(layout description, the rows as _rows yields them) of a captions file (see --captions for the formats).
     UserError for a missing, empty or column-less file."""
     if not os.path.isfile(path):
-        raise UserError(f"captions file {path} does not exist")
+        raise UserError(f"captions file {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
     with open(path, "rb") as f:
         first = next((line for line in f if line.strip()), None)
     if first is None:
@@ -296,7 +325,11 @@ def load_pipeline(args, device, dtype):
     import transformers
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
-    diffusers.utils.logging.set_verbosity_error()  # no per-batch truncation warnings: we say it once ourselves
+    # no truncation warnings from diffusers' encode_prompt (per batch) or the tokenizer ("Token indices sequence
+    # length is longer than ..."): long_captions says it once and truncated.json lists them
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.get_logger("transformers.tokenization_utils_base").setLevel(
+        transformers.utils.logging.ERROR)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     try:
@@ -325,6 +358,33 @@ def load_pipeline(args, device, dtype):
     return pipe  # attention runs through PyTorch's fused scaled_dot_product_attention (diffusers' default)
 
 
+def model_source(name):
+    """(model, revision) as settings.json records --model: a local folder's absolute path (revision None), or the
+    hub id and the commit of the snapshot that from_pretrained loads from the hub cache (None before a download)."""
+    if os.path.isdir(name):
+        return os.path.abspath(name), None
+    return name, hub_revision(name)
+
+
+def hub_revision(repo_id, cache_dir=None):
+    """The commit hash of the hub cache's current snapshot of `repo_id` (refs/main resolved, as from_pretrained
+    resolves it: `<cache>/models--org--name/snapshots/<commit>/`), or None when the cache does not hold it."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "model_index.json", cache_dir=cache_dir)
+    except ValueError:  # not a repo id at all: loading the model says so
+        return None
+    return os.path.basename(os.path.dirname(path)) if isinstance(path, str) else None
+
+
+def describe_model(args, pipe, dtype, device):
+    """The line that says what the run generates with, and the UNet rows a step sees (users get that wrong)."""
+    return (f"model {args.model}: {type(pipe.scheduler).__name__} {args.steps} steps, w={args.w:g}, "
+            f"{args.size}px -> {args.stored_size}px {args.format}, {dtype}, {device}; batch {args.batch_size} "
+            f"images = {2 * args.batch_size if args.w > 1 else args.batch_size} UNet rows per step")
+
+
 # ---- generation ----
 
 def image_seed(seed, caption_id, image_index, stream="latents"):
@@ -342,13 +402,27 @@ def initial_noise(pipe, items, seed, size):
     return torch.cat(noise)
 
 
+def long_captions(tokenizer, captions):
+    """The ids of the captions [(id, text)] longer than the tokenizer's `model_max_length` (77 tokens for Stable
+    Diffusion): the text encoder sees only their first tokens."""
+    if not captions:
+        return []
+    token_ids = tokenizer([text for _, text in captions], truncation=False).input_ids
+    return [i for (i, _), ids in zip(captions, token_ids) if len(ids) > tokenizer.model_max_length]
+
+
+def truncation_note(first, tokenizer):
+    """The one note a run prints about captions over the token limit, naming the first."""
+    return (f"note: captions longer than {tokenizer.model_max_length} tokens are cut there by the text encoder "
+            f"(first: caption id {first})")
+
+
 class PromptCache:
     """Text embeddings: each caption is encoded once for all its images, the empty prompt once for the run."""
 
     def __init__(self, pipe, device):
         self.pipe, self.device, self.cache = pipe, device, {}
         self.uncond = None
-        self.truncated = 0
 
     def _encode(self, texts):
         embeds, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
@@ -358,15 +432,7 @@ class PromptCache:
         """(prompt_embeds, negative_prompt_embeds) for a batch; forgets the captions not in this batch."""
         new = sorted(set(caption_ids) - set(self.cache))
         if new:
-            texts = [captions[i] for i in new]
-            limit = self.pipe.tokenizer.model_max_length
-            lengths = [len(ids) for ids in self.pipe.tokenizer(texts, truncation=False).input_ids]
-            long = [i for i, length in zip(new, lengths) if length > limit]
-            if long and not self.truncated:
-                print(f"note: captions longer than {limit} tokens are truncated by the tokenizer "
-                      f"(first: caption id {long[0]}); counted at the end", file=sys.stderr)
-            self.truncated += len(long)
-            self.cache.update(zip(new, self._encode(texts)))
+            self.cache.update(zip(new, self._encode([captions[i] for i in new])))
         if self.uncond is None:
             self.uncond = self._encode([""])
         self.cache = {i: self.cache[i] for i in set(caption_ids)}  # a caption spans at most two batches
@@ -421,10 +487,11 @@ def library_versions():
 
 def settings_of(args, survey, dtype):
     """settings.json's content but the library versions (library_versions(), added when the file is written)."""
+    model, revision = model_source(args.model)
     return {
-        "model": args.model, "scheduler": args.scheduler, "steps": args.steps, "eta": args.eta, "w": args.w,
-        "n": args.n, "size": args.size, "stored_size": args.stored_size, "format": args.format,
-        "quality": args.quality, "seed": args.seed, "output_format": args.output_format,
+        "model": model, "model_revision": revision, "scheduler": args.scheduler, "steps": args.steps,
+        "eta": args.eta, "w": args.w, "n": args.n, "size": args.size, "stored_size": args.stored_size,
+        "format": args.format, "quality": args.quality, "seed": args.seed, "output_format": args.output_format,
         "captions_per_shard": args.captions_per_shard,
         "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
         "captions_file": os.path.basename(args.captions), "caption_rows": survey.rows,
@@ -433,13 +500,28 @@ def settings_of(args, survey, dtype):
     }
 
 
+def recorded_value(recorded, key):
+    """A recipe value of an output's settings.json as this version writes it: a key added later reads as what
+    outputs held before it existed, and a model folder recorded as typed (before paths were made absolute) is
+    resolved."""
+    value = recorded.get(key, RECIPE_DEFAULTS.get(key))
+    if key == "model" and isinstance(value, str) and os.path.isdir(value):
+        return os.path.abspath(value)
+    return value
+
+
 def check_settings(root, settings):
-    """Refuse to add images made one way to an output made another way (mixing w would corrupt an experiment)."""
-    recorded = imagetree.read_settings(root)
+    """Refuse to add images made one way to an output made another way (mixing w would corrupt an experiment),
+    and an output whose settings.json cannot be read."""
+    try:
+        recorded = imagetree.read_settings(root)
+    except ValueError as err:
+        raise UserError(f"{err}; it records how the output was made: restore it, or choose another --output") \
+            from None
     if recorded is None:
         return
-    differ = [f"{key} {recorded.get(key, RECIPE_DEFAULTS.get(key))!r} -> {settings[key]!r}" for key in RECIPE_KEYS
-              if recorded.get(key, RECIPE_DEFAULTS.get(key)) != settings[key]]
+    differ = [f"{key} {recorded_value(recorded, key)!r} -> {settings[key]!r}" for key in RECIPE_KEYS
+              if recorded_value(recorded, key) != settings[key]]
     if differ:
         raise UserError(f"{root} was made with other settings ({'; '.join(differ)}); use another --output or the "
                         "output's settings (settings.json)")
@@ -454,6 +536,96 @@ def check_output_creatable(path):
         raise UserError(f"output folder {path} cannot be written ({probe} is not a writable folder)")
 
 
+@contextlib.contextmanager
+def output_folder(path):
+    """The output folder, created (with its missing parents) for the block. If the block fails, the folders it
+    created are removed again when empty: a run that fails before writing anything leaves nothing behind."""
+    created, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        check_writable_folder(path)
+        yield
+    except BaseException:
+        for folder in created:  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+class LockFile:
+    """An advisory lock (flock) on the file `path`, which names its holder ("pid 123 on host x") and is removed
+    on release. The kernel drops the lock when its process dies, so the file a killed run leaves blocks nobody."""
+
+    def __init__(self, path):
+        self.path, self.fd = path, None
+
+    def acquire(self, wait=False):
+        """True once this process holds the lock; False if another process holds it (unless `wait`)."""
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # the umask applies, as in open
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return False
+            except OSError as err:  # a file system without locks (some network mounts)
+                os.close(fd)
+                raise OSError(err.errno, f"cannot be locked ({err.strerror})", self.path) from None
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                    break
+            os.close(fd)  # its holder removed the file after this process opened it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return True
+
+    def holder(self):
+        """Who holds the lock, as the holder wrote it."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as f:
+                return f.read(200).strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def release(self):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # before unlocking: a process that opened the file meanwhile sees it is gone
+        os.close(self.fd)
+        self.fd = None
+
+
+def shard_lock(root, shard):
+    """The lock of output shard `shard`: <root>/.lock-00012, whichever the output format."""
+    return LockFile(os.path.join(root, f"{LOCK_PREFIX}{shard:05d}"))
+
+
+def record_truncated(root, shard, caption_ids, max_tokens):
+    """Add the ids of shard `shard`'s captions over the token limit to <root>/truncated.json: {"max_tokens",
+    "count", "caption_ids" (the first TRUNCATED_LISTED, ascending), "shards" ({shard: count})}. The processes of a
+    run take turns (a lock); a shard already counted (by an earlier run) is not counted twice. An unreadable file
+    is started afresh: it is a record, not part of the data."""
+    path, lock = os.path.join(root, TRUNCATED_FILE), LockFile(os.path.join(root, LOCK_PREFIX + "truncated"))
+    lock.acquire(wait=True)
+    try:
+        try:
+            with open(path, encoding="utf-8") as f:
+                record = json.load(f)
+            count, listed, counted = record["count"], record["caption_ids"], record["shards"]
+        except (OSError, ValueError, KeyError, TypeError):
+            count, listed, counted = 0, [], {}
+        key = f"{shard:05d}"
+        if key not in counted:
+            counted[key] = len(caption_ids)
+            atomic_write_json(path, {"max_tokens": max_tokens, "count": count + len(caption_ids),
+                                     "caption_ids": sorted(set(listed) | set(caption_ids))[:TRUNCATED_LISTED],
+                                     "shards": counted})
+    finally:
+        lock.release()
+
+
 def own_shards(rows, per_shard, shard, num_shards):
     """This process's output shards: block `shard` of `num_shards` contiguous blocks of the ceil(rows / per_shard)
     shards (caption i is in shard i // per_shard whatever the number of processes)."""
@@ -463,7 +635,11 @@ def own_shards(rows, per_shard, shard, num_shards):
 
 class TreeOutput:
     """imagetree's folder tree, folder s = shard s. The writer threads write each image file; the folder's
-    _index.json, written once its last image is on disk, marks the shard finished."""
+    _index.json, written once its last image is on disk, marks the shard finished.
+
+    An output (this class or TarOutput): `begin(shard, captions)` lists the images to make (none: the shard is
+    now finished), `encode` runs on a writer thread, `put` takes its result in image order and returns the shard
+    it finished, if any; `close` leaves unfinished shards resumable."""
 
     def __init__(self, args):
         self.args = args
@@ -501,9 +677,11 @@ class TreeOutput:
     def put(self, caption_id, k, _):
         shard = caption_id // self.args.captions_per_shard
         self.left[shard] -= 1
-        if not self.left[shard]:
-            del self.left[shard]
-            imagetree.index_folder(self.folder(shard))
+        if self.left[shard]:
+            return None
+        del self.left[shard]
+        imagetree.index_folder(self.folder(shard))
+        return shard
 
     def close(self):
         pass
@@ -548,64 +726,159 @@ class TarOutput:
         done = images.setdefault(caption_id, {})
         done[k] = data
         if len(done) < args.n:
-            return
+            return None
         seeds = [image_seed(args.seed, caption_id, j) for j in range(args.n)]
         writer.add(caption_id, [(j, args.format, done[j]) for j in range(args.n)], texts.pop(caption_id),
                    {"caption_id": caption_id, "row": caption_id, "seeds": seeds})
         del images[caption_id]
-        if writer.complete:
-            writer.finish()
-            del self.open[shard]
+        if not writer.complete:
+            return None
+        writer.finish()
+        del self.open[shard]
+        return shard
 
     def close(self):
         for writer, _, _ in self.open.values():
             writer.close()  # the temporary tar stays: the next run resumes it
 
 
-def write_preview(pipe, prompts, captions, args):
-    """One PNG grid, rows = the first --preview captions, columns = their n images; no tree is written."""
-    rows = list(captions)[:args.preview]
-    items = [(i, k) for i in rows for k in range(args.n)]
-    s = args.stored_size
-    grid = Image.new("RGB", (s * args.n, s * len(rows)))
-    for batch in batches(items, args.batch_size):
+class PreviewGrid:
+    """The --preview picture: one row per caption, one column per image index k (each image its own seed). A
+    header line labels the columns with k, a line above each row gives the caption id and the caption's first
+    words, and white gutters separate the tiles. Text in Pillow's default font (built in: no font file to ship)."""
+
+    def __init__(self, captions, n, size):
+        self.rows = {i: row for row, i in enumerate(captions)}  # caption id -> row
+        self.size, self.gutter = size, max(4, size // 32)
+        font = ImageFont.load_default(size=max(10, size // 16))
+        self.line = font.getbbox("Ag")[3] + self.gutter  # a text line and the gap under it
+        width = self.gutter + n * (size + self.gutter)
+        self.image = Image.new("RGB", (width, self.top(len(captions))), "white")
+        draw = ImageDraw.Draw(self.image)
+        for k in range(n):
+            label = f"k={k}"
+            draw.text((self.left(k) + (size - draw.textlength(label, font=font)) / 2, self.gutter), label,
+                      fill="black", font=font)
+        for i, text in captions.items():
+            shown = first_words(f"#{i}: {text}", width - 2 * self.gutter, draw, font)
+            draw.text((self.gutter, self.top(self.rows[i])), shown, fill="black", font=font)
+
+    def left(self, k):
+        return self.gutter + k * (self.size + self.gutter)
+
+    def top(self, row):
+        """The y of row `row`'s caption line (of the bottom edge for row = the number of rows)."""
+        return self.gutter + self.line + row * (self.line + self.size + self.gutter)
+
+    def paste(self, caption_id, k, image):
+        self.image.paste(image, (self.left(k), self.top(self.rows[caption_id]) + self.line))
+
+
+def first_words(text, width, draw, font):
+    """As many of the first words of `text` as fit in `width` pixels, "..." marking a cut; the first word always."""
+    words = text.split()
+    for count in range(len(words), 1, -1):
+        shown = " ".join(words[:count]) + ("" if count == len(words) else " ...")
+        if draw.textlength(shown, font=font) <= width:
+            return shown
+    return words[0]
+
+
+def write_preview(args, device):
+    """--preview: one PNG grid of the first --preview usable captions x their n images; no tree. Returns its path."""
+    # ---- data ----
+    captions = read_captions(args.captions, max_captions=args.preview).captions
+    check_output_creatable(args.output)
+    # ---- model ----
+    dtype = resolve_dtype(args.dtype, device)
+    pipe = load_pipeline(args, device, dtype)
+    print(describe_model(args, pipe, dtype, device))
+    long = long_captions(pipe.tokenizer, list(captions.items()))
+    if long:
+        print(truncation_note(long[0], pipe.tokenizer), file=sys.stderr)
+    # ---- the grid ----
+    grid, prompts = PreviewGrid(captions, args.n, args.stored_size), PromptCache(pipe, device)
+    for batch in batches([(i, k) for i in captions for k in range(args.n)], args.batch_size):
         for (i, k), pixels in zip(batch, generate_batch(pipe, prompts, batch, captions, args)):
-            grid.paste(to_stored(pixels, s), (k * s, rows.index(i) * s))
+            grid.paste(i, k, to_stored(pixels, args.stored_size))
     path = os.path.join(args.output, f"preview_w{args.w:g}.png")
-    check_writable_folder(args.output)
-    atomic_write_bytes(path, imagetree.encode_image(grid, "png"))
-    print(f"preview: {len(rows)} captions x {args.n} images at w={args.w:g} -> {path}")
+    with output_folder(args.output):
+        atomic_write_bytes(path, imagetree.encode_image(grid.image, "png"))
+    print(f"preview: {len(captions)} captions x {args.n} images at w={args.w:g} -> {path}")
     return path
+
+
+@dataclasses.dataclass
+class Tally:
+    """What a process did: images made, shards finished, shards skipped because another process holds them,
+    captions of its shards cut at the token limit."""
+    made: int = 0
+    finished: int = 0
+    held: int = 0
+    truncated: int = 0
 
 
 def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, total_images=None, show_progress=True):
     """Generate the missing images of the shards that `captions_by_shard` yields as (shard, [(id, text)]) into
-    `output` (TreeOutput or TarOutput), in batches that run across shard boundaries; returns the images made.
-    Holds the captions of the shards in flight only (the generator is read as the batches need it). The progress
-    bar starts at `total_images` (n per row of the shards) and drops, as each shard begins, the images of its
-    skipped rows and those already on disk (`rows`: the captions file's row count)."""
+    `output` (TreeOutput or TarOutput), in batches that run across shard boundaries; returns a Tally.
+
+    A shard is locked (shard_lock) before it begins: one that another process holds is skipped and its holder
+    named, one finished meanwhile is left alone, so processes started on the same output share the work. When a
+    shard is finished its captions over the token limit go into truncated.json and its lock is released. Holds
+    the captions of the shards in flight only (the generator is read as the batches need it). The progress bar
+    starts at `total_images` (n per row of the shards) and drops, as each shard begins, the images of its skipped
+    rows and those already on disk (`rows`: the captions file's row count)."""
     from tqdm import tqdm
 
     bar = tqdm(total=total_images, unit="img", disable=not show_progress, dynamic_ncols=True, smoothing=0.1)
+    tally, locks, long = Tally(), {}, {}  # locks and long: shard -> its LockFile, its captions over the limit
+
+    def drop_from_bar(shard, images_to_make):
+        if rows is not None and total_images is not None:
+            bar.total -= min(args.captions_per_shard, rows - shard * args.captions_per_shard) * args.n - images_to_make
+            bar.refresh()
+
+    def finish(shard):
+        if long[shard]:
+            record_truncated(args.output, shard, long[shard], pipe.tokenizer.model_max_length)
+        del long[shard]
+        locks.pop(shard).release()
+        tally.finished += 1
 
     def items():
         for shard, captions in captions_by_shard:
+            lock = shard_lock(args.output, shard)
+            if not lock.acquire():
+                tally.held += 1
+                bar.write(f"shard {shard} skipped: {lock.holder()} is writing it", file=sys.stderr)
+                drop_from_bar(shard, 0)
+                continue
+            if output.finished(shard):  # by another process, after this one looked
+                lock.release()
+                drop_from_bar(shard, 0)
+                continue
+            locks[shard], long[shard] = lock, long_captions(pipe.tokenizer, captions)
+            if long[shard] and not tally.truncated and distributed.is_main_process():
+                bar.write(truncation_note(long[shard][0], pipe.tokenizer) + f"; listed in {TRUNCATED_FILE}",
+                          file=sys.stderr)
+            tally.truncated += len(long[shard])
             todo = output.begin(shard, captions)
-            if rows is not None and total_images is not None:
-                bar.total -= min(args.captions_per_shard, rows - shard * args.captions_per_shard) * args.n - len(todo)
-                bar.refresh()
+            drop_from_bar(shard, len(todo))
+            if not todo:
+                finish(shard)
             texts = dict(captions)
             for i, k in todo:
                 yield i, k, texts[i]
 
     pool = concurrent.futures.ThreadPoolExecutor(args.writers)
     pending = collections.deque()  # (caption id, k, future), oldest first
-    made = 0
 
     def drain(keep):
         while len(pending) > keep:
             i, k, future = pending.popleft()
-            output.put(i, k, future.result())  # a failed write (disk full) stops the run here
+            finished = output.put(i, k, future.result())  # a failed write (disk full) stops the run here
+            if finished is not None:
+                finish(finished)
 
     try:
         for batch in batches(items(), args.batch_size):
@@ -613,77 +886,127 @@ def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, tota
             pixels = generate_batch(pipe, prompts, pairs, {i: text for i, _, text in batch}, args)
             pending.extend((i, k, pool.submit(output.encode, i, k, image)) for (i, k), image in zip(pairs, pixels))
             drain(keep=2 * args.batch_size)  # the writers work on this batch while the next one denoises
-            made += len(batch)
+            tally.made += len(batch)
             bar.update(len(batch))
         drain(keep=0)
     finally:
-        pool.shutdown()
+        pool.shutdown(cancel_futures=True)
         output.close()
+        for lock in locks.values():
+            lock.release()
         bar.close()
-    return made
+    return tally
+
+
+def summary_group():
+    """A gloo process group for the run's counts under torchrun (None in one process): CPU tensors whatever the
+    device, and a timeout long enough for ranks that finish their blocks days apart (the default would stop them)."""
+    if not torch.distributed.is_initialized():
+        return None
+    return torch.distributed.new_group(backend="gloo", timeout=SUMMARY_TIMEOUT)
+
+
+def summed(values, group):
+    """The integers `values` summed over the ranks of `group` (as they are in one process)."""
+    if group is None:
+        return list(values)
+    total = torch.tensor(list(values), dtype=torch.int64)
+    torch.distributed.all_reduce(total, group=group)
+    return total.tolist()
+
+
+def write_dataset(args, device):
+    """The images of this process's shards that are not on disk yet; returns how many it made. Under torchrun,
+    rank 0 prints the run's lines, with the counts of every rank."""
+    group = summary_group()
+    shard, num_shards = process_shard(args)
+    main_process = distributed.is_main_process()
+
+    # ---- data ----
+    dtype = resolve_dtype(args.dtype, device)
+    survey = survey_captions(args.captions)  # one streaming pass: counts; the captions are read shard by shard later
+    check_settings(args.output, settings_of(args, survey, dtype))
+    check_output_creatable(args.output)
+    output = (TarOutput if args.output_format == "webdataset" else TreeOutput)(args)
+    todo = [s for s in own_shards(survey.rows, args.captions_per_shard, shard, num_shards) if not output.finished(s)]
+    unfinished, = summed([len(todo)], group)  # one stat per shard of this process, nothing else
+    if main_process:
+        job = own_shards(survey.rows, args.captions_per_shard, args.shard, args.num_shards)  # all ranks of this job
+        ranks = f" over {distributed.world_size()} processes" if group else ""
+        print(f"captions: {survey.rows} rows ({survey.layout}), {survey.used} usable, {survey.skipped_count} "
+              f"skipped; job {args.shard} of {args.num_shards}: shards {job.start}..{job.stop - 1} of "
+              f"{-(-survey.rows // args.captions_per_shard)} ({args.captions_per_shard} captions each, "
+              f"{args.output_format}){ranks}, {unfinished} not finished, n={args.n}")
+        files = survey.used * (args.n + 1)
+        if args.output_format == "files" and files > MANY_FILES:
+            print(f"note: the files tree will hold {files:,} files (n + 1 per caption); many cluster file systems "
+                  "cap a user at a few million: --output-format webdataset writes one tar per "
+                  f"{args.captions_per_shard} captions instead")
+    if not unfinished:
+        if main_process:
+            print(f"nothing to do: every shard of this job is in {args.output}")
+        return 0
+    tally, started = Tally(), time.time()
+    if todo:  # a rank whose shards are all on disk goes straight to the summary
+        # ---- model ----
+        pipe = load_pipeline(args, device, dtype)
+        prompts = PromptCache(pipe, device)
+        if main_process:
+            print(describe_model(args, pipe, dtype, device))
+
+        # ---- resume ----
+        with output_folder(args.output):
+            if imagetree.read_settings(args.output) is None:  # every process writes the same bytes: no race to lose
+                imagetree.write_settings(args.output, {**settings_of(args, survey, dtype),
+                                                       "versions": library_versions()})
+            rows_to_do = sum(min(args.captions_per_shard, survey.rows - s * args.captions_per_shard) for s in todo)
+
+            # ---- generation loop ----
+            tally = write_shards(pipe, prompts, shard_captions(args.captions, todo, args.captions_per_shard), output,
+                                 args, rows=survey.rows, total_images=rows_to_do * args.n,
+                                 show_progress=main_process)
+
+    # ---- summary ----
+    made, finished, held, truncated = summed(dataclasses.astuple(tally), group)
+    if main_process:
+        line = (f"done: {made} images made in {time.time() - started:.0f}s, {finished} of {unfinished} unfinished "
+                f"shards finished in {args.output}")
+        if held:
+            line += f"; {held} skipped: other processes are writing them (named above)"
+        if truncated:
+            line += f"; {truncated} captions cut at the token limit, listed in {TRUNCATED_FILE}"
+        print(line)
+    return tally.made
+
+
+@contextlib.contextmanager
+def file_errors_as_one_line():
+    """An OSError about a file (a full disk, a folder where a file belongs, no permission, a link where none
+    belongs) ends the run as a UserError: one line naming the file. Other errors keep their traceback."""
+    try:
+        yield
+    except OSError as err:
+        code = no_space(err)
+        if code:
+            raise UserError(f"no space left to write {err.filename or 'the output'} ({os.strerror(code)}); free "
+                            "some space and rerun the same command") from None
+        if err.filename is None:
+            raise
+        raise UserError(f"{err.filename}: {err.strerror}") from None
 
 
 def main(args):
     check_args(args)
     # ---- distributed ----
     device = distributed.init_distributed()
-    shard, num_shards = process_shard(args)
-    if args.preview and not distributed.is_main_process():
-        return None  # one preview is enough
-
-    # ---- data ----
-    dtype = resolve_dtype(args.dtype, device)
-    if args.preview:  # the first ROWS usable captions, whatever the shard
-        captions = read_captions(args.captions, max_captions=args.preview)
-    else:  # one streaming pass: counts for the settings; the captions themselves are read shard by shard later
-        survey = survey_captions(args.captions)
-        check_settings(args.output, settings_of(args, survey, dtype))
-    check_output_creatable(args.output)
-    if not args.preview:
-        output = (TarOutput if args.output_format == "webdataset" else TreeOutput)(args)
-        mine = own_shards(survey.rows, args.captions_per_shard, shard, num_shards)
-        todo = [s for s in mine if not output.finished(s)]  # one stat per shard of this process, nothing else
-        print(f"captions: {survey.rows} rows ({survey.layout}), {survey.used} usable, {survey.skipped_count} "
-              f"skipped; process {shard}/{num_shards}: shards {mine.start}..{mine.stop - 1} of "
-              f"{-(-survey.rows // args.captions_per_shard)} ({args.captions_per_shard} captions each, "
-              f"{args.output_format}), {len(todo)} not finished, n={args.n}")
-        files = survey.used * (args.n + 1)
-        if args.output_format == "files" and files > MANY_FILES and distributed.is_main_process():
-            print(f"note: the files tree will hold {files:,} files (n + 1 per caption); many cluster file systems "
-                  "cap a user at a few million: --output-format webdataset writes one tar per "
-                  f"{args.captions_per_shard} captions instead")
-        if not todo:
-            print(f"nothing to do: every shard of this process is in {args.output}")
-            if torch.distributed.is_initialized():
-                torch.distributed.destroy_process_group()
-            return 0
-
-    # ---- model ----
-    pipe = load_pipeline(args, device, dtype)
-    prompts = PromptCache(pipe, device)
-    print(f"model {args.model}: {type(pipe.scheduler).__name__} {args.steps} steps, w={args.w:g}, "
-          f"{args.size}px -> {args.stored_size}px {args.format}, {dtype}, {device}; batch {args.batch_size} images "
-          f"= {2 * args.batch_size if args.w > 1 else args.batch_size} UNet rows per step")
-    if args.preview:
-        return write_preview(pipe, prompts, captions.captions, args)
-
-    # ---- resume ----
-    check_writable_folder(args.output)
-    if imagetree.read_settings(args.output) is None:  # every process writes the same bytes: no race to lose
-        imagetree.write_settings(args.output, {**settings_of(args, survey, dtype), "versions": library_versions()})
-    rows_to_do = sum(min(args.captions_per_shard, survey.rows - s * args.captions_per_shard) for s in todo)
-
-    # ---- generation loop ----
-    started = time.time()
-    made = write_shards(pipe, prompts, shard_captions(args.captions, todo, args.captions_per_shard), output, args,
-                        rows=survey.rows, total_images=rows_to_do * args.n,
-                        show_progress=distributed.is_main_process())
-    if prompts.truncated:
-        print(f"{prompts.truncated} captions were truncated to {pipe.tokenizer.model_max_length} tokens")
-    print(f"done: {made} images made in {time.time() - started:.0f}s, {len(todo)} shards finished in {args.output}")
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return made
+    try:
+        with file_errors_as_one_line():
+            if args.preview:  # one grid: the other ranks have nothing to do
+                return write_preview(args, device) if distributed.is_main_process() else None
+            return write_dataset(args, device)
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

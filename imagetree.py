@@ -90,12 +90,20 @@ def images_on_disk(folder, image_format="jpg"):
 
 
 def read_settings(root):
-    """The tree's settings.json as a dict, or None when there is none."""
+    """The tree's settings.json as a dict, or None when there is none. ValueError, one line, when something is
+    there that is not a readable JSON object (a folder, damaged bytes)."""
     path = os.path.join(root, SETTINGS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, not JSON
+        reason = err.strerror if isinstance(err, OSError) else err
+        raise ValueError(f"{path} is not a readable settings file ({reason})") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not a readable settings file (a JSON {type(settings).__name__}, not an object)")
+    return settings
 
 
 def write_settings(root, settings):

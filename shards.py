@@ -16,6 +16,7 @@ id, as in imagetree's files and in img2dataset's output, whose tars hold `<key>.
 `<key>.json` per caption. The tars are plain uncompressed ustar, so any member can be read at its data offset
 (random access: the 512-byte header right before the data gives its size and a checksum).
 """
+import contextlib
 import io
 import json
 import os
@@ -206,12 +207,17 @@ def _npy_bytes(array):
 class ShardWriter:
     """Writes one shard of generate.py: the given captions, in order, each with its n images, text and JSON.
 
-    The shard grows under its temporary name (`.tmp-00012.tar`), flushed after every caption, and is renamed
-    to its final name by `finish()`, so a killed run never leaves a partial tar under the final name. Opening a
-    writer on a shard whose temporary file exists resumes it: the captions complete there are kept (a caption
-    is complete once its JSON member, written last, is whole), the file is cut after the last of them, and
+    The shard grows under its temporary name (`.tmp-00012.tar`), one write per caption, and is renamed to its
+    final name by `finish()`, so a killed run never leaves a partial tar under the final name. Opening a writer
+    on a shard whose temporary file exists resumes it: the captions complete there are kept (a caption is
+    complete once its JSON member, written last, is whole), the file is cut after the last of them, and
     `remaining` lists the captions still to add. The `__index__` member comes first, written as zeros of its
-    final size when the shard starts and filled in by `finish()`, so no member moves."""
+    final size when the shard starts and filled in by `finish()`, so no member moves.
+
+    A write that fails (a full disk) cuts the file back to where the caption started, so the temporary tar
+    holds whole captions only, and raises an OSError naming it. The temporary file is opened without following
+    a link (one planted at the predictable name is refused) and gets the mode `open` gives (0666 less the
+    umask)."""
 
     def __init__(self, path, caption_ids, n):
         self.path, self.tmp, self.n = path, temporary_path(path), n
@@ -219,11 +225,16 @@ class ShardWriter:
         self.table[:, 0] = caption_ids
         self.index_size = len(_npy_bytes(self.table))
         self.written = 0
-        self.file = None
-        if not (os.path.exists(self.tmp) and self._recover()):
-            self.file = open(self.tmp, "wb")
-            self.file.write(member_header(INDEX_MEMBER, self.index_size) + b"\0" * padded(self.index_size))
-        self.position = self.file.tell()
+        self.fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        try:
+            self.position = self._recover()
+            if self.position is None:  # a new shard, or a temporary file that is not one of ours
+                self.position = 0
+                os.ftruncate(self.fd, 0)
+                self._append(member_header(INDEX_MEMBER, self.index_size) + b"\0" * padded(self.index_size))
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def complete(self):
@@ -235,15 +246,14 @@ class ShardWriter:
         return self.table[self.written:, 0].tolist()
 
     def _recover(self):
-        """Keep the complete captions of an interrupted shard; False if the temporary file is not usable."""
-        fd = os.open(self.tmp, os.O_RDONLY)
+        """Keep the complete captions of an interrupted shard and return where the next one goes; None if the
+        temporary file is empty or not such a shard."""
+        members, size, keep = scan_members(self.fd), os.fstat(self.fd).st_size, None
         try:
-            members = scan_members(fd)
             first = next(members, None)
             if first is None or first.name != INDEX_MEMBER or first.size != self.index_size:
-                return False
-            size, keep = os.fstat(fd).st_size, first.offset + padded(first.size)
-            row = {}
+                return None
+            keep, row = first.offset + padded(first.size), {}
             for member in members:
                 if self.written == len(self.table) or member.offset + member.size > size:
                     break
@@ -260,46 +270,62 @@ class ShardWriter:
                         self.table[self.written, column] = offset
                     self.written, row = self.written + 1, {}
                     keep = member.offset + padded(member.size)
-        finally:
-            os.close(fd)
-        self.file = open(self.tmp, "r+b")
-        self.file.truncate(keep)
-        self.file.seek(keep)
-        return True
+        except ValueError:  # a header scan_members cannot parse: what came before it is kept
+            if keep is None:
+                return None
+        os.ftruncate(self.fd, keep)
+        return keep
 
-    def _member(self, name, data):
-        self.file.write(member_header(name, len(data)))
-        self.file.write(data)
-        self.file.write(b"\0" * (padded(len(data)) - len(data)))
-        offset = self.position + BLOCK
-        self.position = offset + padded(len(data))
-        return offset
+    def _write_at(self, data, offset):
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(self.fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, self.tmp) from None
+
+    def _append(self, data):
+        """Write `data` at the end of the shard; if that fails, cut the file back to where it was."""
+        try:
+            self._write_at(data, self.position)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.position)
+            raise
+        self.position += len(data)
 
     def add(self, caption_id, images, caption, meta):
         """Append caption `caption_id` (the next in order): images [(k, format, encoded bytes)], its text and a
-        JSON-able dict."""
+        JSON-able dict, in one write (a killed process keeps it, or none of it once the next run cuts the file)."""
         if self.written == len(self.table) or caption_id != self.table[self.written, 0]:
             raise ValueError(f"caption {caption_id} is not the next one of shard {self.path}")
-        key, row = f"{caption_id:09d}", self.table[self.written]
-        for k, image_format, data in images:
-            row[2 + k] = self._member(f"{key}.{k:02d}.{image_format}", data)
-        row[1] = self._member(f"{key}.txt", caption.encode("utf-8"))
-        self._member(f"{key}.json", json.dumps(meta, sort_keys=True).encode())
-        self.file.flush()  # a killed process keeps what was flushed: the next run resumes after this caption
+        key = f"{caption_id:09d}"
+        members = [(f"{key}.{k:02d}.{image_format}", data, 2 + k) for k, image_format, data in images]
+        members += [(f"{key}.txt", caption.encode("utf-8"), 1),
+                    (f"{key}.json", json.dumps(meta, sort_keys=True).encode(), None)]
+        chunks, offsets, offset = [], {}, self.position
+        for name, data, column in members:
+            chunks += [member_header(name, len(data)), data, b"\0" * (padded(len(data)) - len(data))]
+            if column is not None:
+                offsets[column] = offset + BLOCK
+            offset += BLOCK + padded(len(data))
+        self._append(b"".join(chunks))
+        for column, value in offsets.items():
+            self.table[self.written, column] = value
         self.written += 1
 
     def finish(self):
         """Write the index and the end-of-archive blocks, then rename the shard to its final name."""
         if self.written != len(self.table):
             raise ValueError(f"shard {self.path} has {self.written} of {len(self.table)} captions")
-        self.file.write(b"\0" * (2 * BLOCK))
-        self.file.seek(BLOCK)
-        self.file.write(_npy_bytes(self.table))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self._append(b"\0" * (2 * BLOCK))
+        self._write_at(_npy_bytes(self.table), BLOCK)
+        os.fsync(self.fd)
+        self.close()
         os.replace(self.tmp, self.path)
 
     def close(self):
-        if self.file is not None and not self.file.closed:
-            self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

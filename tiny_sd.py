@@ -6,14 +6,19 @@ that `StableDiffusionPipeline.from_pretrained(folder)` - generate.py's own loadi
 About 7 MB on disk; 32x32 images from 16x16 latents (a two-block VAE halves the resolution once). The weights are
 random, so the images are noise with structure, but every code path of the real model runs.
 
+    python tiny_sd.py --output tiny_sd        # then: python generate.py --model tiny_sd --size 32 --stored-size 32 ...
+
 `build_pipeline(unet_config, vae_config, text_config, ...)` assembles the same pipeline at any size, e.g. v1.5's own
 (bench/gpu_report.py times that architecture with random weights: weights do not change speed).
 """
+import argparse
 import json
 import os
 import tempfile
 
 import torch
+
+from cli import UserError, check_writable_folder, integer, run
 
 # the tokenizer's vocabulary: GPT-2's 256 printable byte characters, the same with the end-of-word mark, then
 # CLIP's two special tokens; no merges beyond a few common pairs, so every word tokenizes to its characters
@@ -103,3 +108,30 @@ def save_tiny_pipeline(folder, image_size=32):
     with tempfile.TemporaryDirectory() as tokenizer_sources:
         build_tiny_pipeline(image_size, work_folder=tokenizer_sources).save_pretrained(folder)
     return folder
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("tiny_sd.py", description="Save the tiny random-weight Stable Diffusion "
+                                     "pipeline to a folder that generate.py --model reads offline.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--output", required=True, help="folder to save it in (created; about 7 MB)")
+    parser.add_argument("--image-size", type=integer(8, 512), default=32,
+                        help="image side the model is built for, a multiple of 8; 32 keeps a CPU run fast (the "
+                             "tests' size)")
+    return parser
+
+
+def main(args):
+    if args.image_size % 8:
+        raise UserError(f"--image-size must be a multiple of 8, got {args.image_size}")
+    import transformers
+
+    check_writable_folder(args.output)
+    transformers.utils.logging.disable_progress_bar()  # the text encoder's "Writing model shards" bar
+    save_tiny_pipeline(args.output, args.image_size)
+    print(f"tiny Stable Diffusion ({args.image_size} px, random weights) saved to {args.output}; use it with "
+          f"generate.py --model {args.output} --size {args.image_size} --stored-size {args.image_size}")
+
+
+if __name__ == "__main__":
+    run(main, get_args_parser())

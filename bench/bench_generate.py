@@ -67,6 +67,7 @@ def one_at_a_time(pipe, captions, gen, output):
 
 
 def batched(pipe, captions, gen):
+    os.makedirs(gen.output, exist_ok=True)  # write_shards writes into an existing output (its shard locks first)
     prompts = generate.PromptCache(pipe, pipe.device)
     by_shard = itertools.groupby(sorted(captions.items()), key=lambda item: item[0] // gen.captions_per_shard)
     generate.write_shards(pipe, prompts, ((shard, list(items)) for shard, items in by_shard),

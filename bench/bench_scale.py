@@ -186,9 +186,15 @@ def child_generate(captions_file, output, n, per_shard):
 
     import generate
 
+    class StubTokenizer:  # every caption one token: none is over the limit
+        model_max_length = 77
+
+        def __call__(self, texts, **_):
+            return types.SimpleNamespace(input_ids=[[0]] * len(texts))
+
     class StubPipeline:  # what main() reads of a pipeline; the images come from the stubbed generate_batch
         scheduler = object()
-        tokenizer = types.SimpleNamespace(model_max_length=77)
+        tokenizer = StubTokenizer()
 
     generate.load_pipeline = lambda args, device, dtype: StubPipeline()
     generate.generate_batch = lambda pipe, prompts, items, captions, args: np.zeros(

@@ -1,9 +1,13 @@
 """generate.py on a tiny random-weight Stable Diffusion pipeline (tiny_sd.py), loaded through generate.py's own
 from_pretrained code, offline, on the CPU: 32x32 images, 2 DDIM steps."""
+import errno
 import io
 import json
+import logging
 import os
+import resource
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -16,6 +20,7 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: the hub is never asked
 
+import cli  # noqa: E402
 import distributed  # noqa: E402
 import generate  # noqa: E402
 import imagetree  # noqa: E402
@@ -106,6 +111,31 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
+def test_flags_accept_their_edges():
+    args = generate.get_args_parser().parse_args([
+        "--captions", "x", "--seed", str(2 ** 63 - 1), "--w", "0", "--eta", "1", "--n", "100", "--steps", "1000",
+        "--size", "8", "--stored-size", "8", "--quality", "100", "--preview", "--shard", "0", "--num-shards", "1"])
+    assert (args.seed, args.w, args.eta, args.n, args.steps, args.size, args.preview) == \
+        (2 ** 63 - 1, 0.0, 1.0, 100, 1000, 8, 8)
+    assert generate.image_seed(args.seed, 0, 0) >= 0
+
+
+def test_a_field_over_the_csv_limit_is_a_skipped_row(tmp_path):
+    huge = "x" * 200_000  # csv's field size limit is 131072 characters
+    path = tmp_path / "data.csv"
+    path.write_text(f"url,caption\nu0,a cat\nu1,{huge}\nu2,a dog\nu3,\"a runaway quote {'y ' * 70_000}\nu4,a bird\n")
+    captions = generate.read_captions(str(path))
+    assert captions.captions == {0: "a cat", 2: "a dog", 4: "a bird"}
+    assert captions.skipped == [{"row": 1, "reason": "too long"}, {"row": 3, "reason": "too long"}]
+    assert [(s, [i for i, _ in c]) for s, c in generate.shard_captions(str(path), [0, 1], 3)] == [(0, [0, 2]),
+                                                                                                  (1, [4])]
+    (tmp_path / "header.csv").write_text(f"{huge},caption\nu0,a cat\n")
+    with pytest.raises(generate.UserError, match="no `caption` column"):
+        generate.read_captions(str(tmp_path / "header.csv"))
+    (tmp_path / "data.tsv").write_text(f"key\tcaption\n0\t{huge}\n")  # TSV rows are split by us: no limit
+    assert generate.read_captions(str(tmp_path / "data.tsv")).captions == {0: huge}
+
+
 def test_captions_streamed_shard_by_shard_and_the_first_few(captions_file):
     streamed = list(generate.shard_captions(captions_file, [1, 2], 3))  # rows 3-5 and 6-8 (the file has 8)
     assert [(shard, [i for i, _ in captions]) for shard, captions in streamed] == [(1, [3, 5]), (2, [6, 7])]
@@ -143,7 +173,7 @@ def test_image_seeds_are_distinct_and_fixed():
 
 # ---- the tree ----
 
-def test_tree_layout_count_settings_and_index(reference, captions_file):
+def test_tree_layout_count_settings_and_index(reference, captions_file, tiny_model):
     records = imagetree.read_tree(str(reference))
     assert [r.caption_id for r in records] == VALID_IDS
     assert all(len(r.image_paths) == N for r in records)
@@ -155,6 +185,7 @@ def test_tree_layout_count_settings_and_index(reference, captions_file):
     assert (settings["w"], settings["n"], settings["steps"], settings["scheduler"]) == (2.0, N, 2, "ddim")
     assert settings["skipped_rows"] == [{"row": 1, "reason": "blank"}, {"row": 4, "reason": "undecodable"}]
     assert {"torch", "diffusers", "transformers", "code"} <= set(settings["versions"])
+    assert (settings["model"], settings["model_revision"]) == (os.path.abspath(tiny_model), None)
     images = pixels(reference)
     assert len(images) == len(VALID_IDS) * N and images["000000000_00.png"].shape == (32, 32, 3)
     assert np.abs(images["000000000_00.png"].astype(int) - images["000000000_01.png"]).mean() > 1  # seeds differ
@@ -212,6 +243,11 @@ def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, cap
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_images(reference, out)
     assert listing(out) == listing(reference)
+    # rank 0 speaks for both: one start line, one summary with the totals of both ranks
+    assert result.stdout.count("captions:") == 1 and "over 2 processes, 2 not finished" in result.stdout
+    done = [line for line in result.stdout.splitlines() if line.startswith("done:")]
+    assert len(done) == 1 and done[0].startswith(f"done: {len(VALID_IDS) * N} images made") and \
+        "2 of 2 unfinished shards finished" in done[0], result.stdout
 
 
 def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
@@ -344,7 +380,7 @@ def test_a_files_run_of_many_files_suggests_shards_once(reference, tiny_model, c
     assert out.count("--output-format webdataset") == 1 and "nothing to do" in out
 
 
-def test_each_caption_is_encoded_once_and_truncation_is_said_once(tiny_model, capsys):
+def test_each_caption_is_encoded_once(tiny_model):
     args = generate.get_args_parser().parse_args(["--captions", "x", "--model", tiny_model])
     pipe = generate.load_pipeline(args, torch.device("cpu"), torch.float32)
     encoded = []
@@ -357,8 +393,62 @@ def test_each_caption_is_encoded_once_and_truncation_is_said_once(tiny_model, ca
     assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[3])
     prompts.embeddings([1, 1, 2, 2], texts)
     assert sorted(map(tuple, encoded)) == sorted([(texts[0], texts[1]), ("",), (texts[2],)])
-    assert prompts.truncated == 2
-    assert capsys.readouterr().err.count("truncated") == 1
+
+
+def test_the_model_is_recorded_as_a_folder_path_or_a_hub_id_and_commit(tiny_model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.chdir(os.path.dirname(tiny_model))
+    assert generate.model_source(os.path.basename(tiny_model)) == (tiny_model, None)  # a folder: absolute
+    commit = "0123456789abcdef0123456789abcdef01234567"  # a hub cache as from_pretrained leaves it
+    repo = tmp_path / "hub" / "models--org--sd-model"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert generate.hub_revision("org/sd-model", cache_dir=str(tmp_path / "hub")) == commit
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert generate.model_source("org/sd-model") == ("org/sd-model", commit)
+    assert generate.model_source("org/never-downloaded") == ("org/never-downloaded", None)
+
+
+def test_an_output_that_recorded_the_model_folder_as_typed_still_resumes(reference, tmp_path, monkeypatch):
+    settings = imagetree.read_settings(str(reference))
+    model = settings["model"]
+    monkeypatch.chdir(os.path.dirname(model))
+    imagetree.write_settings(str(tmp_path), {**settings, "model": os.path.basename(model)})
+    generate.check_settings(str(tmp_path), settings)  # the relative folder resolves to the same model
+
+
+def test_truncated_captions_are_listed_and_said_once(tiny_model, tmp_path, monkeypatch, capfd):
+    # the tiny tokenizer: one token per character, 77 with the start and end tokens
+    long = {1: "a" * 80, 2: "b " * 80, 4: "c" * 300}
+    path = tmp_path / "captions.txt"
+    path.write_text("".join(long.get(row, f"short caption {row}") + "\n" for row in range(6)))
+    tokenizer_log = logging.getLogger("transformers.tokenization_utils_base")  # where transformers warns
+    tokenizer_log.setLevel(logging.NOTSET)  # as a fresh process has it
+    warnings = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    tokenizer_log.addHandler(handler)
+    monkeypatch.setattr(generate, "TRUNCATED_LISTED", 2)
+    out = tmp_path / "tree"
+    try:
+        made = generate_in_process("--captions", str(path), "--model", tiny_model, "--output", str(out), "--n", "1",
+                                   "--steps", "1", "--size", "32", "--stored-size", "32", "--captions-per-shard", "3")
+    finally:
+        tokenizer_log.removeHandler(handler)
+    assert made == 6
+    assert warnings == []  # not "Token indices sequence length is longer than ..."
+    captured = capfd.readouterr()
+    assert captured.err.count("note: captions longer than 77 tokens") == 1
+    assert "3 captions cut at the token limit, listed in truncated.json" in captured.out
+    record = json.loads((out / generate.TRUNCATED_FILE).read_text())
+    assert record == {"max_tokens": 77, "count": 3, "caption_ids": [1, 2], "shards": {"00000": 2, "00001": 1}}
+    (out / "00001" / imagetree.INDEX_FILE).unlink()  # the shard is finished again: it is not counted twice
+    generate_in_process("--captions", str(path), "--model", tiny_model, "--output", str(out), "--n", "1",
+                        "--steps", "1", "--size", "32", "--stored-size", "32", "--captions-per-shard", "3")
+    assert json.loads((out / generate.TRUNCATED_FILE).read_text()) == record
 
 
 # ---- schedulers, compile, preview ----
@@ -389,13 +479,38 @@ def test_dpm_solver_run_writes_images(tiny_model, captions_file, tmp_path):
     assert imagetree.read_settings(str(out))["scheduler"] == "dpm-solver++"
 
 
-def test_preview_writes_one_png_grid_and_no_tree(tiny_model, captions_file, tmp_path):
+def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "preview"
-    path = generate_in_process(*argv(tiny_model, captions_file, out, "--preview", "2", "--w", "4"))
-    assert path == str(out / "preview_w4.png")
-    grid = Image.open(path)
-    assert grid.format == "PNG" and grid.size == (N * 32, 2 * 32)
-    assert os.listdir(out) == ["preview_w4.png"]
+    path = generate_in_process(*argv(tiny_model, captions_file, out, "--preview", "2"))
+    assert path == str(out / "preview_w2.png") and os.listdir(out) == ["preview_w2.png"]
+    image = Image.open(path)
+    assert image.format == "PNG"
+    grid = np.asarray(image.convert("RGB")).astype(int)
+    layout = generate.PreviewGrid({0: "", 2: ""}, N, 32)  # rows: the first two usable captions, ids 0 and 2
+    assert grid.shape == (layout.top(2), layout.left(N), 3)
+    dark = grid.min(axis=2) < 100
+    for k in range(N):  # the header labels each column (k = 0, 1, 2)
+        assert dark[:layout.top(0), layout.left(k):layout.left(k) + 32].any()
+    tree = pixels(reference)
+    for row, caption_id in enumerate((0, 2)):
+        assert dark[layout.top(row):layout.top(row) + layout.line, :].any()  # the caption line
+        top = layout.top(row) + layout.line
+        for k in range(N):
+            tile = grid[top:top + 32, layout.left(k):layout.left(k) + 32]
+            assert np.abs(tile - tree[imagetree.image_name(caption_id, k, "png")]).max() <= 1  # row i, column k
+            gutter = grid[top:top + 32, layout.left(k) - layout.gutter:layout.left(k)]
+            assert (gutter == 255).all()  # white between the tiles
+
+
+def test_row_labels_keep_the_first_words_that_fit():
+    from PIL import ImageDraw, ImageFont
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default(size=10)
+    text = "#12: a photo of a cat on a mat"
+    assert generate.first_words(text, 1000, draw, font) == text
+    cut = generate.first_words(text, draw.textlength("#12: a photo of ...", font=font), draw, font)
+    assert cut == "#12: a photo of ..."
+    assert generate.first_words(text, 1, draw, font) == "#12:"  # the id, whatever the width
 
 
 # ---- bad input: one line, exit code 2, nothing written ----
@@ -409,25 +524,42 @@ def run_cli(args, capsys):
 
 BAD_INPUTS = {
     "missing captions": (["--captions", "{tmp}/nope.txt"], "does not exist"),
+    "captions a folder": (["--captions", "{tmp}"], "is not a file"),
     "empty captions": (["--captions", "{tmp}/empty.txt"], "is empty"),
     "no caption column": (["--captions", "{tmp}/nocol.csv"], "no `caption` column"),
-    "n < 1": (["--n", "0"], "--n"),
-    "w < 0": (["--w", "-1"], "--w"),
-    "steps < 1": (["--steps", "0"], "--steps"),
-    "size not a multiple of 8": (["--size", "36"], "multiple of 8"),
     "stored size larger": (["--stored-size", "64"], "larger than"),
-    "output not writable": (["--output", "{tmp}/afile/tree"], "cannot be written"),
+    "shard out of range": (["--shard", "2", "--num-shards", "2"], "--shard must be in 0..1"),
+    "output in a file": (["--output", "{tmp}/afile/tree"], "cannot be written"),
+    "output a file": (["--output", "{tmp}/afile"], "cannot be written"),
+    "preview output a file": (["--preview", "--output", "{tmp}/afile"], "cannot be written"),
     "model not loadable": (["--model", "{tmp}/no-such-model"], "offline"),
+}
+# every numeric flag: finite, signed and bounded at parse time
+BAD_NUMBERS = {
+    "n < 1": (["--n", "0"], "--n"), "n > 100": (["--n", "101"], "--n"),
+    "w < 0": (["--w", "-1"], "--w"), "w inf": (["--w", "inf"], "--w"), "w nan": (["--w", "nan"], "--w"),
+    "w > 100": (["--w", "1e6"], "--w"),
+    "eta nan": (["--eta", "nan"], "--eta"), "eta < 0": (["--eta", "-1"], "--eta"), "eta > 1": (["--eta", "2"], "--eta"),
+    "steps < 1": (["--steps", "0"], "--steps"), "steps > 1000": (["--steps", "1001"], "--steps"),
+    "size 0": (["--size", "0"], "--size"), "size not a multiple of 8": (["--size", "36"], "multiple of 8"),
+    "size huge": (["--size", "1048576"], "--size"), "stored size 12": (["--stored-size", "12"], "--stored-size"),
+    "seed < 0": (["--seed", "-1"], "--seed"), "seed 2**64": (["--seed", str(2 ** 64)], "--seed"),
+    "seed not an integer": (["--seed", "1.5"], "--seed"),
+    "batch size 0": (["--batch-size", "0"], "--batch-size"), "writers 0": (["--writers", "0"], "--writers"),
+    "quality 0": (["--quality", "0"], "--quality"), "quality 101": (["--quality", "101"], "--quality"),
+    "preview 0": (["--preview", "0"], "--preview"), "shard < 0": (["--shard", "-1"], "--shard"),
+    "num shards 0": (["--num-shards", "0"], "--num-shards"),
+    "captions per shard 0": (["--captions-per-shard", "0"], "--captions-per-shard"),
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS) + sorted(BAD_NUMBERS))
 def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model, captions_file, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "nocol.csv").write_text("url,text\nhttp://x/1.jpg,a cat\n")
     (tmp_path / "afile").write_text("a file, not a folder")
     before = listing(tmp_path)
-    extra, message = BAD_INPUTS[case]
+    extra, message = {**BAD_INPUTS, **BAD_NUMBERS}[case]
     args = argv(tiny_model, captions_file, tmp_path / "tree") + [a.format(tmp=tmp_path) for a in extra]
     code, err = run_cli(args, capsys)
     assert code == 2
@@ -441,3 +573,166 @@ def test_rerun_with_other_settings_is_refused(reference, tiny_model, captions_fi
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "w 2.0 -> 8.0" in err
     assert listing(reference) == before
+
+
+@pytest.mark.parametrize("damage", ["not json", "a folder", "a list"])
+def test_an_unreadable_settings_json_is_one_line(damage, tiny_model, captions_file, tmp_path, capsys):
+    out = tmp_path / "tree"
+    out.mkdir()
+    settings = out / imagetree.SETTINGS_FILE
+    if damage == "a folder":
+        settings.mkdir()
+    else:
+        settings.write_bytes(b'{"w": 2.0, "n"' if damage == "not json" else b"[1, 2]")
+    before = listing(tmp_path)
+    for extra in ([], ["--output-format", "webdataset"]):
+        code, err = run_cli(argv(tiny_model, captions_file, out, *extra), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "settings.json is not a readable settings file" in err
+    assert listing(tmp_path) == before
+
+
+def test_a_failing_first_write_leaves_no_output_folder(tiny_model, captions_file, tmp_path, capsys, monkeypatch):
+    def disk_full(root, settings):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(root, imagetree.SETTINGS_FILE))
+
+    monkeypatch.setattr(imagetree, "write_settings", disk_full)
+    code, err = run_cli(argv(tiny_model, captions_file, tmp_path / "new" / "tree"), capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("generate.py: error: no space left to write")
+    assert os.listdir(tmp_path) == []  # the folders the run created are gone again
+
+
+def run_with_file_size_limit(limit, args):
+    """generate.py as a subprocess that cannot write a file past `limit` bytes: a write there fails with EFBIG, as
+    on a full disk (SIGXFSZ ignored, so the write fails instead of killing the process)."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, preexec_fn=limit_file_size,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("output_format", ["files", "webdataset"])
+def test_disk_full_is_one_line_leaves_whole_files_and_resumes(output_format, reference, tiny_model, captions_file,
+                                                              tmp_path):
+    # 2000 bytes: settings.json and the captions fit, a 32 px PNG (about 3 KB) does not; 20000: the tar takes
+    # its first caption (3 images) and not the second
+    limit = 2000 if output_format == "files" else 20000
+    out = tmp_path / "out"
+    args = argv(tiny_model, captions_file, out, "--output-format", output_format, "--writers", "2")
+    result = run_with_file_size_limit(limit, args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("generate.py: error: no space left to write") and "File too large" in last, last
+    names = listing(out)
+    assert not [name for name in names if os.path.basename(name).startswith((".lock", ".tmp"))
+                and not name.endswith(".tar")]  # no lock and no temporary file but the resumable tar
+    if output_format == "files":
+        assert not [name for name in names if name.endswith(".png")]  # none was whole: none has its final name
+    else:
+        assert not shards.list_shards(str(out))  # no tar under its final name
+        partial = out / ".tmp-00000.tar"
+        assert partial.stat().st_size <= limit
+        writer = shards.ShardWriter(str(out / "00000.tar"), [0, 2, 3], N)
+        assert writer.remaining == [2, 3]  # caption 0 is whole, caption 2's partial write was cut off
+        writer.close()
+    made = generate_in_process(*args)  # room again: the same command finishes the output
+    assert made == len(VALID_IDS) * N - (N if output_format == "webdataset" else 0)
+    (assert_same_images if output_format == "files" else assert_same_as_tree)(reference, out)
+
+
+# ---- files a lab can share ----
+
+def test_every_file_gets_the_mode_open_gives(tiny_model, tmp_path, monkeypatch):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a cat\n" + "a" * 100 + "\n")  # the second is over the token limit: truncated.json
+    previous = os.umask(0o022)
+    monkeypatch.setattr(cli, "UMASK", 0o022)  # what cli reads at import in a process started with this umask
+    runs = {"files": ["--output-format", "files"], "webdataset": ["--output-format", "webdataset"],
+            "preview": ["--preview", "1"]}
+    try:
+        for name, extra in runs.items():
+            generate_in_process(*argv(tiny_model, str(captions), tmp_path / name, "--n", "1", *extra))
+    finally:
+        os.umask(previous)
+    modes = {}
+    for folder, folders, files in os.walk(tmp_path):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            modes[os.path.relpath(path, tmp_path)] = stat.S_IMODE(os.stat(path).st_mode)
+    del modes["captions.txt"]
+    assert {"files/settings.json", "files/truncated.json", "files/00000/_index.json", "files/00000/000000000.txt",
+            "files/00000/000000000_00.png", "webdataset/00000.tar", "webdataset/settings.json",
+            "webdataset/truncated.json", "preview/preview_w2.png", "files/00000"} <= set(modes)
+    # the tar is its temporary file renamed; images, captions, indexes, settings and preview go through cli
+    assert modes == {name: 0o755 if os.path.isdir(tmp_path / name) else 0o644 for name in modes}
+
+
+# ---- concurrency ----
+
+HOLDER = """
+import fcntl, os, socket, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_shard_another_process_holds_is_skipped_and_named(reference, tiny_model, captions_file, tmp_path, capfd):
+    out = tmp_path / "tree"
+    out.mkdir()
+    lock = out / ".lock-00000"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert generate_in_process(*argv(tiny_model, captions_file, out)) == 3 * N  # shard 1 only
+        captured = capfd.readouterr()
+        assert f"shard 0 skipped: pid {holder.pid} on " in captured.err
+        assert "1 skipped: other processes are writing them" in captured.out
+        assert not (out / "00000").exists() and (out / "00001" / imagetree.INDEX_FILE).exists()
+    finally:
+        holder.kill()  # a dead holder: its lock goes with it, its file stays
+        holder.wait()
+    assert lock.exists()
+    assert generate_in_process(*argv(tiny_model, captions_file, out)) == 3 * N  # shard 0, no longer held
+    assert_same_images(reference, out)
+    assert listing(out) == listing(reference)  # no lock file left
+
+
+def test_two_processes_on_one_output_make_each_image_once(reference, tiny_model, captions_file, tmp_path):
+    out = tmp_path / "tree"
+    command = [sys.executable, os.path.join(REPO, "generate.py"),
+               *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
+
+    def made(stdout):  # "done: 9 images made ...", or "nothing to do" if the other process had finished already
+        return sum(int(line.split()[1]) for line in stdout.splitlines() if line.startswith("done:"))
+
+    assert sum(made(stdout) for stdout, _ in outputs) == len(VALID_IDS) * N  # each image once, whoever made it
+    assert_same_images(reference, out)
+    assert listing(out) == listing(reference)
+
+
+def test_a_lock_file_names_its_holder_and_goes_on_release(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        lock = generate.shard_lock(str(tmp_path), 12)
+        assert lock.acquire()
+    finally:
+        os.umask(previous)
+    path = tmp_path / ".lock-00012"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_text().startswith(f"pid {os.getpid()} on ")
+    other = generate.shard_lock(str(tmp_path), 12)  # flock: another open file is another holder, even here
+    assert not other.acquire() and other.holder().startswith(f"pid {os.getpid()}")
+    lock.release()
+    assert not path.exists() and other.acquire()
+    other.release()

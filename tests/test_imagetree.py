@@ -48,6 +48,18 @@ def test_settings_round_trip(tmp_path):
     assert imagetree.read_settings(str(tmp_path)) == {"w": 2.0, "n": 10}
 
 
+@pytest.mark.parametrize("content", [b'{"w": 2.0, "n"', b"\xff\xfe", b"[1, 2]", None])
+def test_an_unreadable_settings_file_is_a_one_line_value_error(tmp_path, content):
+    path = tmp_path / imagetree.SETTINGS_FILE
+    if content is None:
+        path.mkdir()  # a folder where the file belongs
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match="settings.json is not a readable settings file") as error:
+        imagetree.read_settings(str(tmp_path))
+    assert "\n" not in str(error.value)
+
+
 def test_bad_trees_are_named(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         imagetree.read_tree(str(tmp_path / "missing"))

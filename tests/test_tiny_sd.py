@@ -6,6 +6,8 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import tiny_sd  # noqa: E402
+from cli import run  # noqa: E402
 from tiny_sd import save_tiny_pipeline  # noqa: E402
 
 
@@ -30,3 +32,26 @@ def test_saved_pipeline_loads_back_exactly_offline(tmp_path):
 def test_image_size_must_be_a_multiple_of_8(tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         save_tiny_pipeline(str(tmp_path / "tiny"), image_size=20)
+
+
+def test_command_line_saves_the_pipeline(tmp_path, run_script):
+    result = run_script("tiny_sd.py", "--output", tmp_path / "tiny", "--image-size", "16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "saved to" in result.stdout
+    assert sorted(os.listdir(tmp_path / "tiny")) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",
+                                                     "unet", "vae"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--output", "{tmp}/afile"], "cannot be written"),
+    (["--output", "{tmp}/tiny", "--image-size", "20"], "multiple of 8"),
+    (["--output", "{tmp}/tiny", "--image-size", "0"], "--image-size"),
+    ([], "--output"),
+])
+def test_command_line_bad_input_is_one_line(args, message, tmp_path, capsys):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tiny_sd.main, tiny_sd.get_args_parser(), [a.format(tmp=tmp_path) for a in args])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert os.listdir(tmp_path) == ["afile"]
