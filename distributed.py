@@ -65,9 +65,11 @@ def all_gather_no_grad(tensor):
     return out
 
 
-def leave():
-    """Leave the process group, if there is one: every rank meets first, since a rank that tears down while
-    another still reduces gradients aborts gloo and NCCL."""
+def leave(meet=True):
+    """Leave the process group, if there is one. With `meet`, every rank waits for the others first: a rank that
+    tears down while another still reduces gradients aborts gloo and NCCL. Without it (generate.py, whose ranks
+    finish hours apart and meet at their summary instead), each leaves when it is done."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if meet:
+            dist.barrier()
         dist.destroy_process_group()

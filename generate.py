@@ -2,7 +2,7 @@
 shards.
 
     python generate.py --captions cc3m.tsv --n 10 --w 2            # one GPU (w = 2: StableRep; --w 8: SimCLR)
-    torchrun --nproc 8 generate.py --captions cc12m.tsv --num-images 10 --output-format webdataset
+    torchrun --nproc-per-node 8 generate.py --captions cc12m.tsv --num-images 10 --output-format webdataset
     python generate.py --captions cc12m.tsv --shard 3 --num-shards 64   # one job of a cluster array
 
 Stable Diffusion (diffusers' StableDiffusionPipeline, `--model`) draws `--n` images per caption from different
@@ -27,24 +27,37 @@ import itertools
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 import warnings
 from typing import List, NamedTuple
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import distributed
 import imagetree
 import shards
-from cli import SEED, UserError, atomic_write_bytes, atomic_write_json, check_writable_folder, integer, no_space, \
-    number, run
+from cli import (
+    SEED,
+    ArgumentParser,
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_creatable,
+    check_writable_folder,
+    git_commit,
+    integer,
+    lazy_import,
+    no_space,
+    number,
+    run,
+)
+
+torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
+distributed = lazy_import("distributed")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # --dtype: torch's dtypes by name
 # what a rerun must share with the tree's settings.json; the rest of the file (versions, dtype, counts) is a record
 RECIPE_KEYS = ("model", "scheduler", "steps", "eta", "w", "n", "size", "stored_size", "format", "quality", "seed",
                "captions_file", "caption_rows", "output_format", "captions_per_shard")
@@ -70,7 +83,7 @@ def pixel_size(text):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("generate.py", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser("generate.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- data ----
     parser.add_argument("--captions", required=True,
@@ -133,7 +146,7 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=integer(1), default=32,
                         help="images per denoising batch, across captions and seeds (the UNet sees twice as many "
                              "rows with guidance); lower it if the GPU runs out of memory")
-    parser.add_argument("--dtype", default="auto", choices=("auto",) + tuple(DTYPES),
+    parser.add_argument("--dtype", default="auto", choices=("auto",) + DTYPES,
                         help="weights and activations; auto = float16 on a GPU, float32 on the CPU")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet (minutes of compilation, then faster steps on a GPU)")
@@ -316,7 +329,7 @@ def shard_captions(path, wanted, per_shard):
 def resolve_dtype(name, device):
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def load_pipeline(args, device, dtype):
@@ -440,17 +453,17 @@ class PromptCache:
         return prompt, self.uncond.expand(len(caption_ids), -1, -1)
 
 
-@torch.inference_mode()
 def generate_batch(pipe, prompts, items, captions, args):
     """uint8 (B, H, W, 3) CPU images for items [(caption id, image index)], at the generated size."""
-    prompt_embeds, negative_embeds = prompts.embeddings([i for i, _ in items], captions)
-    latents = initial_noise(pipe, items, args.seed, args.size).to(pipe.device, pipe.unet.dtype)
-    step_noise = [torch.Generator().manual_seed(image_seed(args.seed, i, k, "steps")) for i, k in items]
-    images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=latents,
-                  generator=step_noise,  # per image, on the CPU: used by DDIM only when eta > 0
-                  height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.w,
-                  eta=args.eta, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-    return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    with torch.inference_mode():
+        prompt_embeds, negative_embeds = prompts.embeddings([i for i, _ in items], captions)
+        latents = initial_noise(pipe, items, args.seed, args.size).to(pipe.device, pipe.unet.dtype)
+        step_noise = [torch.Generator().manual_seed(image_seed(args.seed, i, k, "steps")) for i, k in items]
+        images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, latents=latents,
+                      generator=step_noise,  # per image, on the CPU: used by DDIM only when eta > 0
+                      height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.w,
+                      eta=args.eta, output_type="pt").images  # (B, 3, H, W) in [0, 1]
+        return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def to_stored(pixels, stored_size):
@@ -469,20 +482,11 @@ def batches(items, batch_size):
 
 # ---- outputs ----
 
-def code_commit():
-    """The git commit of this code, or None outside a git checkout."""
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def library_versions():
     import diffusers
     import transformers
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-            "code": code_commit()}
+            "code": git_commit()}
 
 
 def settings_of(args, survey, dtype):
@@ -525,15 +529,6 @@ def check_settings(root, settings):
     if differ:
         raise UserError(f"{root} was made with other settings ({'; '.join(differ)}); use another --output or the "
                         "output's settings (settings.json)")
-
-
-def check_output_creatable(path):
-    """Is `path` a writable folder or creatable as one? Checked before the model loads; writes nothing."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {path} cannot be written ({probe} is not a writable folder)")
 
 
 @contextlib.contextmanager
@@ -788,7 +783,7 @@ def write_preview(args, device):
     """--preview: one PNG grid of the first --preview usable captions x their n images; no tree. Returns its path."""
     # ---- data ----
     captions = read_captions(args.captions, max_captions=args.preview).captions
-    check_output_creatable(args.output)
+    check_creatable(args.output)
     # ---- model ----
     dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args, device, dtype)
@@ -926,7 +921,7 @@ def write_dataset(args, device):
     dtype = resolve_dtype(args.dtype, device)
     survey = survey_captions(args.captions)  # one streaming pass: counts; the captions are read shard by shard later
     check_settings(args.output, settings_of(args, survey, dtype))
-    check_output_creatable(args.output)
+    check_creatable(args.output)
     output = (TarOutput if args.output_format == "webdataset" else TreeOutput)(args)
     todo = [s for s in own_shards(survey.rows, args.captions_per_shard, shard, num_shards) if not output.finished(s)]
     unfinished, = summed([len(todo)], group)  # one stat per shard of this process, nothing else
@@ -1005,8 +1000,7 @@ def main(args):
                 return write_preview(args, device) if distributed.is_main_process() else None
             return write_dataset(args, device)
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.leave(meet=False)
 
 
 if __name__ == "__main__":
