@@ -1,5 +1,5 @@
-"""What every stage script shares at its edges: one-line errors for bad input, atomic file writes, and (for the
-scripts that chain stages: demo.py, experiments/) running a stage script as a user would.
+"""What every stage script shares at its edges: one-line errors for bad input, range-checked flags and recipe files,
+atomic file writes, lazy imports of the heavy libraries.
 
 A user error (a missing folder, a bad flag value, a checkpoint of the wrong model) ends the script with one line
 on stderr and exit code 2, never a traceback: the stage raises `UserError`, and `run(main, parser)` turns it
@@ -247,18 +247,3 @@ def git_commit():
                               timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def run_stage(title, *command):
-    """`python <command>` from the repository root, offline, echoing the command as a user would type it; a
-    failure becomes a UserError naming the command (the stage has already printed its own message)."""
-    line = " ".join(shlex.quote(part) for part in command)
-    print(f"\n==> {title}\n$ python {line}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if subprocess.run([sys.executable, *command], cwd=REPOSITORY, env=env).returncode != 0:
-        raise UserError(f"stage '{title}' failed (command: python {line})")
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

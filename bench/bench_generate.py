@@ -1,6 +1,6 @@
 """generate.py's batched generator against a one-image-at-a-time loop of the same pipeline.
 
-    python bench/bench_generate.py                       # the tiny random-weight pipeline (tiny_sd.py) on the CPU
+    python bench/bench_generate.py                       # the tiny random-weight pipeline (demo/tiny_sd.py) on the CPU
     python bench/bench_generate.py --model sd15-folder --size 512 --stored-size 256 --steps 50   # a real model
 
 Both sides make the same images (same pipeline object, scheduler, seeds, w) and write them to disk at the stored
@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate  # noqa: E402
 import imagetree  # noqa: E402
-from tiny_sd import save_tiny_pipeline  # noqa: E402
+from demo.tiny_sd import save_tiny_pipeline  # noqa: E402
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("bench_generate.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="a model folder or id; default: a fresh tiny_sd.py pipeline")
+    parser.add_argument("--model", default=None, help="a model folder or id; default: a fresh demo/tiny_sd.py pipeline")
     parser.add_argument("--captions", type=int, default=12, help="captions to generate for")
     parser.add_argument("--n", type=int, default=4, help="images per caption")
     parser.add_argument("--steps", type=int, default=5, help="DDIM steps")
@@ -84,7 +84,7 @@ def main(args):
     captions = {i: " ".join(words[(i * 7 + j) % len(words)] for j in range(6)) for i in range(args.captions)}
     images = args.captions * args.n
     print(f"{images} images ({args.captions} captions x {args.n}), {args.size}px, DDIM {args.steps} steps, "
-          f"w={gen.w:g}, {device}, {torch.get_num_threads()} CPU threads, model {args.model or 'tiny_sd.py'}")
+          f"w={gen.w:g}, {device}, {torch.get_num_threads()} CPU threads, model {args.model or 'demo/tiny_sd.py'}")
 
     # warm-up: the first call of each batch shape pays for kernel selection
     one_at_a_time(pipe, {0: captions[0]}, gen, os.path.join(work, "warmup_loop"))

@@ -76,7 +76,8 @@ SD15_VAE = dict(
     sample_size=512, in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
     block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu")
-SD15_TEXT = dict(  # CLIP ViT-L/14's text tower; the tokenizer is tiny_sd.py's (speed does not depend on the vocabulary)
+# CLIP ViT-L/14's text tower; the tokenizer is demo/tiny_sd.py's (speed does not depend on the vocabulary)
+SD15_TEXT = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
@@ -244,7 +245,7 @@ def section_generation(report, args, device, results):
 
     import generate
     from bench_generate import generator_args
-    from tiny_sd import build_pipeline, tiny_configs
+    from demo.tiny_sd import build_pipeline, tiny_configs
 
     dtype = generate.resolve_dtype("auto", device)
     dtype_name = str(dtype).replace("torch.", "")
@@ -269,7 +270,7 @@ def section_generation(report, args, device, results):
         pipe.to(dtype).to("cpu").save_pretrained(folder)
         del pipe
         built = time.perf_counter() - start
-        model = "tiny_sd.py's toy configs" if args.tiny else "Stable Diffusion v1.5's architecture"
+        model = "demo/tiny_sd.py's toy configs" if args.tiny else "Stable Diffusion v1.5's architecture"
         guidance = generate.get_args_parser().get_default("w")
         sizes = ", ".join(f"{part} {fmt(count / 1e6)}M" for part, count in parameters.items())
         report.table("generation", f"### 1. Generation: {model}, random weights ({sizes} parameters; built and "
@@ -602,9 +603,9 @@ def get_args_parser():
                         help="cuda, cuda:N or cpu (default: cuda when there is one); sections needing CUDA for a "
                              "part (float16 generation, bf16 autocast, host-to-device copies) say what they skip")
     parser.add_argument("--tiny", action="store_true",
-                        help="toy sizes (tiny_sd.py's pipeline at 32 px, a 2-block ViT-Ti at 32 px, small batches, "
-                             "1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py runs it so "
-                             "the script cannot rot. Its numbers are not for comparison")
+                        help="toy sizes (demo/tiny_sd.py's pipeline at 32 px, a 2-block ViT-Ti at 32 px, small "
+                             "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
+                             "runs it so the script cannot rot. Its numbers are not for comparison")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="which sections to run, always in the order 1-4 (default: all; section 4's cores per "
                              "GPU needs section 2)")

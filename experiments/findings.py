@@ -32,8 +32,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cli import UserError, atomic_write_json, check_writable_folder, read_json, run, run_stage  # noqa: E402
-from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
+from cli import UserError, atomic_write_json, check_writable_folder, run  # noqa: E402
+from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
+from demo.stages import read_json, run_stage  # noqa: E402
 
 IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
 CAPTIONS_PER_DIGIT = 8  # 10 digits x 8 = 80 captions in the tree
@@ -175,7 +176,7 @@ def main(args):
         write_caption_tree(train, tree, captions_per_digit=CAPTIONS_PER_DIGIT)
         write_image_folder(train, train_folder)
         write_image_folder(held_out, test_folder)
-        from tiny_sd import save_tiny_pipeline  # its character-level tokenizer feeds the text tower
+        from demo.tiny_sd import save_tiny_pipeline  # its character-level tokenizer feeds the text tower
         save_tiny_pipeline(tokenizer)
         open(os.path.join(out, "data_ready"), "w").close()
 

@@ -11,9 +11,10 @@ from PIL import Image
 
 import imagetree
 import shards
-from digits import load_digit_images, split_digits, write_image_folder
+from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import build_vit
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: scripts run from here
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches for the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
@@ -74,7 +75,7 @@ def random_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd_folder(tmp_path_factory):
     """tiny_sd's random-weight Stable Diffusion pipeline, saved once per test session (about 7 MB)."""
-    from tiny_sd import save_tiny_pipeline
+    from demo.tiny_sd import save_tiny_pipeline
     return save_tiny_pipeline(str(tmp_path_factory.mktemp("tiny_sd")), image_size=32)
 
 
@@ -97,8 +98,6 @@ def tiny_tokenizer(tiny_sd_folder):
     from transformers import CLIPTokenizer
     return CLIPTokenizer.from_pretrained(tiny_sd_folder, subfolder="tokenizer")
 
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # CI machines have 2 cores shared with other jobs: two spinning intra-op threads then slow the small matrix
 # products of L-BFGS down 25-fold (measured), so tests and their subprocesses use one thread.
@@ -128,14 +127,27 @@ def tiny_checkpoint(tmp_path_factory, tiny_encoder):
     return str(path)
 
 
-def run_stage(script, *args):
-    """The stage script as a subprocess (offline, one thread), returning the CompletedProcess."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], capture_output=True,
-                          text=True, env=env, cwd=REPO)
+def python_env(**extra):
+    """The environment of every subprocess a test starts: offline, one thread, plus `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
-@pytest.fixture(scope="session")
-def run_script():
-    """run_script(script, *args): see run_stage."""
-    return run_stage
+def run_python(*args, env=None, **kwargs):
+    """`python <args>` from the repository root, as a user would run it (a script path, `-m module` or
+    `-m torch.distributed.run ...`), with python_env(); returns the CompletedProcess, output captured as text."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})),
+                          capture_output=True, text=True, **kwargs)
+
+
+def start_python(*args, env=None, **kwargs):
+    """run_python's command started in the background (subprocess.Popen), for tests that kill or interrupt it."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})), **kwargs)
+
+
+def assert_one_line_error(result, *fragments):
+    """A run that stopped on bad input: exit code 2, one line on stderr naming every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

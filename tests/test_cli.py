@@ -36,13 +36,6 @@ def test_check_writable_folder(tmp_path):
         cli.check_writable_folder(str(tmp_path / "file" / "sub"))
 
 
-def test_run_stage_echoes_and_turns_failure_into_a_user_error(tmp_path, capsys):
-    cli.run_stage("help", "demo.py", "--help")
-    assert "$ python demo.py --help" in capsys.readouterr().out
-    with pytest.raises(cli.UserError, match="stage 'broken' failed"):
-        cli.run_stage("broken", "demo.py", "--epochs", "0", "--output", str(tmp_path / "x"))
-
-
 # ---- range-checked flags: one line, exit code 2, before main runs ----
 
 @pytest.mark.parametrize("argv, message", [

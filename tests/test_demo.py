@@ -1,4 +1,5 @@
-"""demo.py: every stage runs end to end, and pretraining on the digit captions beats a random-init encoder.
+"""demo/ (`python -m demo`, and demo/stages.py): every stage runs end to end, and pretraining on the digit captions
+beats a random-init encoder.
 
 One run of the demo's own command serves both checks (it is the slowest test, about a minute on 2 cores): 200
 pretraining steps, then the linear probe and few-shot episodes on the held-out digits for both encoders. The
@@ -6,14 +7,15 @@ margins asserted are well inside what was measured (see MEASURED), so the test f
 when a seed is unlucky.
 """
 import json
-import os
-import subprocess
-import sys
+
+import pytest
 
 import imagetree
+from cli import UserError
+from conftest import assert_one_line_error, run_python
+from demo.stages import run_stage
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# measured with `python demo.py --seed S --episodes E` on 2 CPU cores: (linear probe, few-shot) of pretrained minus
+# measured with `python -m demo --seed S --episodes E` on 2 CPU cores: (linear probe, few-shot) of pretrained minus
 # random init, in points
 MEASURED = {"seed 0, 600 episodes, 2 threads": (1.77, 15.97), "seed 0, 200 episodes, 1 thread": (1.55, 16.2)}
 MIN_LINEAR_PROBE_GAIN, MIN_FEWSHOT_GAIN = 0.75, 8.0  # the digits probe linearly at 93.6% even at random init
@@ -21,9 +23,7 @@ MIN_LINEAR_PROBE_GAIN, MIN_FEWSHOT_GAIN = 0.75, 8.0  # the digits probe linearly
 
 def test_demo_runs_every_stage_and_learns(tmp_path):
     output = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--output", str(output),
-                             "--episodes", "200"], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = run_python("-m", "demo", "--output", output, "--episodes", "200")
     assert result.returncode == 0, result.stderr[-3000:]
 
     # stage 1: the synthetic tree (8 captions x 4 images) and its preview grid
@@ -46,6 +46,11 @@ def test_demo_runs_every_stage_and_learns(tmp_path):
 
 def test_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "keep.txt").write_text("")
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "demo.py"), "--output", str(tmp_path)],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not empty" in result.stderr
+    assert_one_line_error(run_python("-m", "demo", "--output", tmp_path), "not empty")
+
+
+def test_run_stage_echoes_the_command_and_turns_failure_into_a_user_error(tmp_path, capsys):
+    run_stage("help", "pretrain.py", "--help")
+    assert "$ python pretrain.py --help" in capsys.readouterr().out
+    with pytest.raises(UserError, match="stage 'broken' failed"):
+        run_stage("broken", "pretrain.py", "--epochs", "0", "--output", str(tmp_path / "x"))

@@ -1,9 +1,9 @@
-"""digits.py: real RGB images of the right size, a deterministic per-class split, an ImageFolder tree."""
+"""demo/digits.py: real RGB images of the right size, a deterministic per-class split, an ImageFolder tree."""
 import numpy as np
 import pytest
 from torchvision import datasets
 
-from digits import CLASS_NAMES, load_digit_images, split_digits, write_image_folder
+from demo.digits import CLASS_NAMES, load_digit_images, split_digits, write_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 
 import fewshot
 from cli import run
+from conftest import run_python
 
 
 def few(*argv):
@@ -90,9 +91,9 @@ def test_script_on_digit_folder_same_episodes_for_two_encoders(tmp_path, digit_f
 
 # ---- bad input: one line on stderr, exit code 2, no results file ----
 
-def test_class_too_small_for_an_episode_is_named_subprocess(tmp_path, digit_folders, tiny_checkpoint, run_script):
+def test_class_too_small_for_an_episode_is_named_subprocess(tmp_path, digit_folders, tiny_checkpoint):
     out = tmp_path / "fewshot.json"
-    result = run_script("fewshot.py", "--checkpoint", tiny_checkpoint, "--data-dir", digit_folders[1],
+    result = run_python("fewshot.py", "--checkpoint", tiny_checkpoint, "--data-dir", digit_folders[1],
                         "--shots", 40, "--num-workers", 0, "--output", out)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("fewshot.py: error: ")

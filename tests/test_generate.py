@@ -1,4 +1,4 @@
-"""generate.py on a tiny random-weight Stable Diffusion pipeline (tiny_sd.py), loaded through generate.py's own
+"""generate.py on a tiny random-weight Stable Diffusion pipeline (demo/tiny_sd.py), loaded through generate.py's own
 from_pretrained code, offline, on the CPU: 32x32 images, 2 DDIM steps."""
 import errno
 import io
@@ -18,16 +18,14 @@ import pytest
 import torch
 from PIL import Image
 
-os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: the hub is never asked
+import cli
+import distributed
+import generate
+import imagetree
+import shards
+from cli import run
+from conftest import run_python, start_python
 
-import cli  # noqa: E402
-import distributed  # noqa: E402
-import generate  # noqa: E402
-import imagetree  # noqa: E402
-import shards  # noqa: E402
-from cli import run  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
             "two birds and the sky", "an old house", "a bowl of soup"]
 VALID_IDS = [0, 2, 3, 5, 6, 7]  # row 1 is blank, row 4 is not UTF-8
@@ -236,10 +234,8 @@ def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model,
 def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     args = [a if a != "--n" else "--num-images" for a in argv(tiny_model, captions_file, out)]  # torchrun owns --n
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               os.path.join(REPO, "generate.py"), *args]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "generate.py", *args,
+                        timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_images(reference, out)
     assert listing(out) == listing(reference)
@@ -252,10 +248,8 @@ def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, cap
 
 def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
-    command = [sys.executable, os.path.join(REPO, "generate.py"),
-               *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = start_python("generate.py", *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1"),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -338,11 +332,9 @@ def test_shards_do_not_depend_on_processes_or_batch(reference_shards, tiny_model
 
 def test_killed_shard_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "shards"
-    command = [sys.executable, os.path.join(REPO, "generate.py"),
-               *argv(tiny_model, captions_file, out, "--output-format", "webdataset", "--batch-size", "1",
-                     "--writers", "1")]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = start_python("generate.py", *argv(tiny_model, captions_file, out, "--output-format", "webdataset",
+                                             "--batch-size", "1", "--writers", "1"),
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / ".tmp-00000.tar"
     try:
         deadline = time.time() + 120
@@ -609,9 +601,7 @@ def run_with_file_size_limit(limit, args):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, preexec_fn=limit_file_size,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    return run_python("generate.py", *args, timeout=300, preexec_fn=limit_file_size)
 
 
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
@@ -706,11 +696,8 @@ def test_a_shard_another_process_holds_is_skipped_and_named(reference, tiny_mode
 
 def test_two_processes_on_one_output_make_each_image_once(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
-    command = [sys.executable, os.path.join(REPO, "generate.py"),
-               *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    command = ["generate.py", *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]
+    procs = [start_python(*command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], [err[-2000:] for _, err in outputs]
 

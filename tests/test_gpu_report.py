@@ -9,7 +9,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, run_python
 from loss import multi_positive_loss
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
@@ -36,10 +36,10 @@ def numbers(value):
         yield value
 
 
-def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path, run_script):
+def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path):
     output = tmp_path / "report.json"
     start = time.perf_counter()
-    result = run_script("bench/gpu_report.py", "--device", "cpu", "--tiny", "--output", output)
+    result = run_python("bench/gpu_report.py", "--device", "cpu", "--tiny", "--output", output)
     seconds = time.perf_counter() - start
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(output.read_text())
@@ -84,8 +84,8 @@ def test_one_simulated_rank_is_its_share_of_the_one_process_loss():
     assert torch.allclose(torch.stack(per_rank).mean(), multi_positive_loss(columns, labels, 0.1), atol=1e-12)
 
 
-def test_help_names_every_size_with_both_defaults(run_script):
-    result = run_script("bench/gpu_report.py", "--help")
+def test_help_names_every_size_with_both_defaults():
+    result = run_python("bench/gpu_report.py", "--help")
     assert result.returncode == 0
     for key, value in gpu_report.SIZES["full"].items():
         if value is not None:
@@ -95,7 +95,7 @@ def test_help_names_every_size_with_both_defaults(run_script):
         assert flag in result.stdout
 
 
-def test_bad_flag_is_one_line_and_exit_code_2(run_script):
-    result = run_script("bench/gpu_report.py", "--tiny", "--gen-repeats", "0")
+def test_bad_flag_is_one_line_and_exit_code_2():
+    result = run_python("bench/gpu_report.py", "--tiny", "--gen-repeats", "0")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "--gen-repeats" in result.stderr

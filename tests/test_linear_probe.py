@@ -11,7 +11,8 @@ from sklearn.metrics import balanced_accuracy_score
 
 import linear_probe
 from cli import run
-from digits import load_digit_images, split_digits, write_image_folder
+from conftest import run_python
+from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import LinearHeads
 
 
@@ -106,9 +107,9 @@ def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
 
 # ---- bad input: one line on stderr, exit code 2, no results file ----
 
-def test_missing_checkpoint_subprocess(tmp_path, digit_folders, run_script):
+def test_missing_checkpoint_subprocess(tmp_path, digit_folders):
     out = tmp_path / "probe.json"
-    result = run_script("linear_probe.py", "--protocol", "lbfgs", "--checkpoint", tmp_path / "nope.pth",
+    result = run_python("linear_probe.py", "--protocol", "lbfgs", "--checkpoint", tmp_path / "nope.pth",
                         "--train-dir", digit_folders[0], "--val-dir", digit_folders[1], "--output", out)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "nope.pth does not exist" in result.stderr
@@ -198,16 +199,11 @@ def test_a_best_strength_at_the_edge_of_the_sweep_is_flagged(capsys):
 
 def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny_checkpoint):
     """DDP on CPU (gloo): the batch splits over 2 processes and every held-out image is scored exactly once."""
-    import subprocess
-    import sys
     out = tmp_path / "ddp.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(os.path.dirname(os.path.dirname(__file__)), "linear_probe.py"), "--protocol", "sgd",
-         "--checkpoint", tiny_checkpoint, "--train-dir", digit_folders[1], "--val-dir", digit_folders[1],
-         "--epochs", "1", "--batch-size", "64", "--base-lrs", "0.5", "--num-workers", "0", "--output", str(out)],
-        capture_output=True, text=True, env=env)
+    result = run_python("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "linear_probe.py",
+                        "--protocol", "sgd", "--checkpoint", tiny_checkpoint, "--train-dir", digit_folders[1],
+                        "--val-dir", digit_folders[1], "--epochs", "1", "--batch-size", "64", "--base-lrs", "0.5",
+                        "--num-workers", "0", "--output", out)
     assert result.returncode == 0, "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
     assert "batch 64 = 32 x 2 processes" in result.stdout
     top1 = json.loads(out.read_text())["heads"][0]["top1"]

@@ -5,36 +5,26 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 import pretrain
-from conftest import run_stage, write_random_tree
+from conftest import assert_one_line_error, run_python, start_python, write_random_tree
 from data import CaptionImagesDataset, collate
 from model import load_encoder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
         "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
         "--workers", "0", "--log-every", "1"]
 
 
 def run_pretrain(*args, check=True):
-    result = run_stage("pretrain.py", *args)
+    result = run_python("pretrain.py", *args)
     if check:
         assert result.returncode == 0, result.stderr
     return result
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_defaults_are_the_papers_recipe():
@@ -103,11 +93,9 @@ def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tm
 
 
 def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--standalone", os.path.join(ROOT, "pretrain.py"), "--data", random_tree,
-                             "--output", str(tmp_path), "--epochs", "1", "--captions-per-gpu", "2",
-                             "--images-per-caption", "2", *TINY], capture_output=True, text=True, env=env, cwd=ROOT)
+    result = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "pretrain.py",
+                        "--data", random_tree, "--output", tmp_path, "--epochs", "1", "--captions-per-gpu", "2",
+                        "--images-per-caption", "2", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = torch.load(sorted(tmp_path.glob("checkpoint-*.pth"))[-1], weights_only=True)
     assert checkpoint["step"] == 3  # 12 captions / (2 captions x 2 ranks)
@@ -138,10 +126,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(layout, random_tree, 
     run_pretrain(*common, "--output", str(tmp_path / "whole"))
 
     interrupted = tmp_path / "interrupted"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"), *common, "--output",
-                                str(interrupted)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = start_python("pretrain.py", *common, "--output", interrupted, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not list(interrupted.glob("checkpoint-0000000[2-9].pth")) and time.time() < deadline:
         time.sleep(0.02)
@@ -449,10 +435,8 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, t
         resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
 
     output = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"),
-                             *small_run(random_tree, output, "--epochs", "1", "--no-tensorboard")],
-                            capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size)
+    result = run_python("pretrain.py", *small_run(random_tree, output, "--epochs", "1", "--no-tensorboard"),
+                        preexec_fn=limit_file_size)
     assert_one_line_error(result, "no space left to write", "checkpoint-00000003.pth")
     assert not [p.name for p in output.iterdir() if p.name.startswith(".tmp")]
 
@@ -460,9 +444,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, t
 def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     output = tmp_path / "run"
     argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "pretrain.py"), *argv], cwd=ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = start_python("pretrain.py", *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not list(output.glob("checkpoint-*.pth")) and time.time() < deadline:
         time.sleep(0.05)
@@ -500,25 +482,16 @@ def test_tensorboard_curves_continue_after_resume_without_repeated_steps(random_
 def test_wandb_offline_logs_the_run(random_tree, tmp_path):
     pytest.importorskip("wandb")
     output = tmp_path / "run"
-    env_backup = os.environ.get("WANDB_MODE")
-    os.environ["WANDB_MODE"] = "offline"
-    try:
-        run_pretrain(*small_run(random_tree, output, "--epochs", "1", "--wandb", "stablerep-test"))
-    finally:
-        if env_backup is None:
-            del os.environ["WANDB_MODE"]
-        else:
-            os.environ["WANDB_MODE"] = env_backup
+    result = run_python("pretrain.py", *small_run(random_tree, output, "--epochs", "1", "--wandb", "stablerep-test"),
+                        env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr
     assert list((output / "wandb").glob("offline-run-*"))
     assert (output / "wandb-run-id").is_file()
 
 
 def test_wandb_that_cannot_start_is_one_line(random_tree, tmp_path):
     """Without the package, or (with it) without a login and network: one line, not wandb's traceback."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "WANDB_MODE": "",
-           "WANDB_API_KEY": ""}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain.py"),
-                             *small_run(random_tree, tmp_path / "run", "--epochs", "1", "--wandb", "p")],
-                            capture_output=True, text=True, env=env, cwd=ROOT)
+    result = run_python("pretrain.py", *small_run(random_tree, tmp_path / "run", "--epochs", "1", "--wandb", "p"),
+                        env={"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": ""})
     assert_one_line_error(result, "wandb")
     assert "pip install wandb" in result.stderr or "wandb login" in result.stderr

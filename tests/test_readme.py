@@ -11,7 +11,8 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "demo.py", "plots.py", "tiny_sd.py")
+SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "plots.py", "demo/__main__.py",
+           "demo/tiny_sd.py")
 
 
 def readme_commands():
@@ -32,11 +33,11 @@ def docstring_commands():
 
 def _commands(text, where):
     for line in text.replace("\\\n", " ").splitlines():
-        if not re.match(r"\s*(python \S+\.py|torchrun )", line):
+        if not re.match(r"\s*(python \S+\.py|python -m demo|torchrun )", line):
             continue
         line = re.sub(r"\$\{?(\w+)\}?", "1", line)  # shell variables ($I, $HEAD) -> a value
         words = shlex.split(line, comments=True)
-        is_script = len(words) > 1 and words[0] == "python" and words[1].endswith(".py")
+        is_script = len(words) > 1 and words[0] == "python" and (words[1].endswith(".py") or words[1] == "-m")
         if is_script or (words and words[0] == "torchrun"):
             yield where, words
 
@@ -49,11 +50,16 @@ def parse(words):
         parser.exit = parser.error = lambda *a, **k: pytest.fail(f"torchrun rejects {' '.join(words)}: {a}")
         torchrun_args = parser.parse_args(words[1:])
         script, argv = torchrun_args.training_script, torchrun_args.training_script_args
+    elif words[1] == "-m":  # python -m demo, python -m demo.tiny_sd
+        script, argv = words[2], words[3:]
     else:
         script, argv = words[1], words[2:]
-    name = os.path.splitext(os.path.basename(script))[0]
-    if os.path.dirname(script):
-        sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))
+    if script.endswith(".py"):
+        name = os.path.splitext(os.path.basename(script))[0]
+        if os.path.dirname(script):
+            sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))
+    else:
+        name = script + ".__main__" if script == "demo" else script
     module = importlib.import_module(name)
     parser = module.get_args_parser()
     parser.exit = parser.error = lambda *a, **k: pytest.fail(f"{script} rejects {' '.join(words)}: {a}")

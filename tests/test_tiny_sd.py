@@ -1,4 +1,5 @@
-"""tiny_sd.py: the random-weight Stable Diffusion that tests, benchmarks and the offline demo load from a folder."""
+"""demo/tiny_sd.py: the random-weight Stable Diffusion that tests, benchmarks and the offline demo load from a
+folder."""
 import os
 
 import pytest
@@ -6,9 +7,10 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-import tiny_sd  # noqa: E402
 from cli import run  # noqa: E402
-from tiny_sd import save_tiny_pipeline  # noqa: E402
+from conftest import run_python
+from demo import tiny_sd  # noqa: E402
+from demo.tiny_sd import save_tiny_pipeline  # noqa: E402
 
 
 def test_saved_pipeline_loads_back_exactly_offline(tmp_path):
@@ -34,8 +36,8 @@ def test_image_size_must_be_a_multiple_of_8(tmp_path):
         save_tiny_pipeline(str(tmp_path / "tiny"), image_size=20)
 
 
-def test_command_line_saves_the_pipeline(tmp_path, run_script):
-    result = run_script("tiny_sd.py", "--output", tmp_path / "tiny", "--image-size", "16")
+def test_command_line_saves_the_pipeline(tmp_path):
+    result = run_python("-m", "demo.tiny_sd", "--output", tmp_path / "tiny", "--image-size", "16")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "saved to" in result.stdout
     assert sorted(os.listdir(tmp_path / "tiny")) == ["model_index.json", "scheduler", "text_encoder", "tokenizer",

@@ -6,7 +6,7 @@ that `StableDiffusionPipeline.from_pretrained(folder)` - generate.py's own loadi
 About 7 MB on disk; 32x32 images from 16x16 latents (a two-block VAE halves the resolution once). The weights are
 random, so the images are noise with structure, but every code path of the real model runs.
 
-    python tiny_sd.py --output tiny_sd        # then: python generate.py --model tiny_sd --size 32 --stored-size 32 ...
+    python -m demo.tiny_sd --output tiny_sd   # then: python generate.py --model tiny_sd --size 32 --stored-size 32 ...
 
 `build_pipeline(unet_config, vae_config, text_config, ...)` assembles the same pipeline at any size, e.g. v1.5's own
 (bench/gpu_report.py times that architecture with random weights: weights do not change speed).
@@ -111,9 +111,9 @@ def save_tiny_pipeline(folder, image_size=32):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("tiny_sd.py", description="Save the tiny random-weight Stable Diffusion "
-                                     "pipeline to a folder that generate.py --model reads offline.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser("python -m demo.tiny_sd", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     description="Save the tiny random-weight Stable Diffusion pipeline to a "
+                                                 "folder that generate.py --model reads offline.")
     parser.add_argument("--output", required=True, help="folder to save it in (created; about 7 MB)")
     parser.add_argument("--image-size", type=integer(8, 512), default=32,
                         help="image side the model is built for, a multiple of 8; 32 keeps a CPU run fast (the "

@@ -1,5 +1,7 @@
 """The whole method end to end on a laptop CPU, offline, in a few minutes: every stage script, run as you would.
 
+    python -m demo                       # from the repository root; --output demo_output
+
 1. generate.py on demo/captions.tsv (CC3M-style captions we wrote) with a tiny Stable Diffusion whose weights are
    random: its images are structured noise, and the point is the stage itself (the real model is one
    `--model stable-diffusion-v1-5/stable-diffusion-v1-5` away). Also its --preview grid.
@@ -16,31 +18,30 @@ import argparse
 import os
 import time
 
-from cli import UserError, atomic_write_json, check_writable_folder, read_json, run, run_stage
-from digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
+from cli import ArgumentParser, UserError, atomic_write_json, check_writable_folder, integer, run
+from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
+from demo.stages import read_json, run_stage
 from plots import plot_demo, read_log
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.abspath(__file__))  # the demo folder: its captions.tsv
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("demo.py", description=__doc__,
+    parser = ArgumentParser("python -m demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="demo_output", help="folder for every stage's files (made anew)")
-    parser.add_argument("--captions", default=os.path.join(HERE, "demo", "captions.tsv"),
+    parser.add_argument("--captions", default=os.path.join(HERE, "captions.tsv"),
                         help="captions for the generation stage (CC3M's TSV: caption, url)")
-    parser.add_argument("--epochs", type=int, default=200,
+    parser.add_argument("--epochs", type=integer(1), default=200,
                         help="pretraining epochs over the 10 digit captions; one step each (all 10 captions x "
                              "--images-per-caption images a step)")
-    parser.add_argument("--images-per-caption", type=int, default=8, help="m, positives per caption and step")
-    parser.add_argument("--episodes", type=int, default=600, help="few-shot episodes (600, the paper's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pretraining run")
+    parser.add_argument("--images-per-caption", type=integer(2), default=8, help="m, positives per caption and step")
+    parser.add_argument("--episodes", type=integer(1), default=600, help="few-shot episodes (600, the paper's)")
+    parser.add_argument("--seed", type=integer(0, 2 ** 63 - 1), default=0, help="seed of the pretraining run")
     return parser
 
 
 def main(args):
-    if args.epochs < 1 or args.episodes < 1 or args.images_per_caption < 1:
-        raise UserError("--epochs, --episodes and --images-per-caption must be at least 1")
     if not os.path.isfile(args.captions):
         raise UserError(f"captions file {args.captions} does not exist")
     if os.path.exists(args.output) and os.listdir(args.output):
@@ -50,7 +51,7 @@ def main(args):
     start = time.time()
 
     # ---- 1. synthetic images ----
-    from tiny_sd import save_tiny_pipeline
+    from demo.tiny_sd import save_tiny_pipeline
     print("==> a tiny Stable Diffusion with random weights (its images are noise; the real model is a download "
           "away)", flush=True)
     tiny_model = save_tiny_pipeline(os.path.join(out, "tiny_sd"))
