@@ -20,6 +20,7 @@ A resumed run (--resume) takes its recipe from its checkpoint: only flags that d
 (workers, logging, checkpoint cadence) may differ, and a different global batch is refused.
 """
 import argparse
+import contextlib
 import glob
 import math
 import os
@@ -545,8 +546,9 @@ def checkpoint_due(step, total_steps, steps_per_epoch, save_every):
 
 def save_checkpoint(path, state):
     """torch.save through cli.atomic_open: a run killed mid-write keeps its last checkpoint, a full disk is one
-    line and leaves no partial file, and a link planted at the name is replaced, never written through."""
-    with atomic_open(path) as f:
+    line and leaves no partial file, and a link planted at the name is replaced, never written through. Ctrl-C
+    and SIGTERM wait until the file is whole."""
+    with interrupts_deferred(), atomic_open(path) as f:
         torch.save(state, f)
 
 
@@ -675,6 +677,23 @@ def init_from(path, model):
 # ------------------------------------------------------------------------------------------------------------
 # the run's edges
 # ------------------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """Within the block, Ctrl-C (SIGINT) and SIGTERM wait: they end the run as KeyboardInterrupt once the block is
+    done, so a checkpoint being written is never cut in the middle (torch.save's own cleanup would then fail with a
+    traceback)."""
+    received = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            raise KeyboardInterrupt
+
 
 class stop_on_sigterm:
     """Within the block, SIGTERM (a cluster's preemption, torchrun stopping its workers) raises KeyboardInterrupt,

@@ -495,3 +495,16 @@ def test_wandb_that_cannot_start_is_one_line(random_tree, tmp_path):
                         env={"HOME": str(tmp_path), "WANDB_MODE": "", "WANDB_API_KEY": ""})
     assert_one_line_error(result, "wandb")
     assert "pip install wandb" in result.stderr or "wandb login" in result.stderr
+
+
+def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
+    """Ctrl-C landing inside torch.save used to surface as torch's RuntimeError with a traceback."""
+    path = tmp_path / "checkpoint.pth"
+    with pytest.raises(KeyboardInterrupt):
+        with pretrain.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            pretrain.torch.save({"weights": torch.ones(3)}, path)  # the signals wait for the write
+            written = torch.load(path, weights_only=True)
+    assert torch.equal(written["weights"], torch.ones(3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
