@@ -207,9 +207,14 @@ def augment_crops(crops, params):
 
 # ---- the crop stage (CPU, uint8) ----
 
+# what PIL raises for a file it cannot decode: truncated or corrupt data, a header it cannot parse, or more pixels
+# than twice Image.MAX_IMAGE_PIXELS (a decompression bomb). PIL fails cleanly where a C decoder may crash outright.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def decode_rgb(path):
-    """uint8 [H, W, 3] pixels of an image file (decoded by PIL, as the official code does); raises OSError (or
-    ValueError) on a corrupt or truncated file."""
+    """uint8 [H, W, 3] pixels of an image file (decoded by PIL, as the official code does); raises one of
+    DECODE_ERRORS on a corrupt, truncated or oversized file."""
     with Image.open(path) as image:
         return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB")))
 

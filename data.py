@@ -24,7 +24,7 @@ import torch
 
 import dataindex
 import shards
-from augment import ColorParams, PretrainAugmentation, decode_rgb
+from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, decode_rgb
 
 
 def item_seed(seed, epoch, index):
@@ -68,7 +68,7 @@ class _CaptionItems:
             try:
                 source = image_of(slot)
                 pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
-            except (OSError, ValueError):
+            except DECODE_ERRORS:
                 corrupt += 1
                 continue
             for _ in range(self.crops_per_image):

@@ -144,7 +144,7 @@ def load_image(path):
             image = Image.open(f)
             image.load()
             return image
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except augment.DECODE_ERRORS as err:
         raise UnreadableImage(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
 
 

@@ -1,6 +1,11 @@
 """data.py and augment.py: deterministic items, the per-rank caption sampler, batch labels; the augmentation's
 parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling."""
+import io
+import os
+import warnings
+
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
@@ -18,6 +23,7 @@ from augment import (
     official_augmentation,
     sample_color_params,
 )
+from conftest import write_random_tree
 from data import CaptionImagesDataset, CaptionSampler, collate
 
 
@@ -243,3 +249,35 @@ def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeyp
     sharp, smooth = (torch.stack([detail(item.images.permute(0, 2, 3, 1)[k]) for item in items[j:j + 12]
                                   for k in range(2)]).mean() for j in (0, 12))
     assert smooth < sharp / 2
+
+
+# ---- unreadable images: skipped and counted, never trained on, never a crash ----
+
+@pytest.mark.parametrize("damage", ["truncated jpeg", "74-byte png", "not an image", "decompression bomb"])
+def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch):
+    """The 74-byte PNG (a header that claims 64x64, too little data) made torchvision's decoder segfault, which no
+    skip could catch and every --resume hit again; PIL raises instead."""
+    tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
+    broken = os.path.join(tree, "00000", "000000001_00.jpg")
+    if damage == "truncated jpeg":
+        with open(broken, "r+b") as f:
+            f.truncate(100)
+    elif damage == "74-byte png":
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
+        with open(broken, "wb") as f:
+            f.write(buffer.getvalue()[:74])
+    elif damage == "not an image":
+        with open(broken, "wb") as f:
+            f.write(b"\x89PNG but nothing else")
+    else:  # more pixels than twice PIL's limit, lowered here (the 40 x 40 images stay under twice it)
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+        Image.new("RGB", (64, 64)).save(broken, format="JPEG")
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    dataset = CaptionImagesDataset([tree], 2, 1, 32)
+    assert all(dataset[(0, i)].images.shape == (2, 3, 32, 32) for i in range(8))
+    caption_1 = [dataset[(epoch, 1)] for epoch in range(10)]  # each epoch draws 2 of its 3 images anew
+    assert all(item.label == 1 and 0 not in item.image_indices.tolist() for item in caption_1)  # never image 0
+    assert any(item.corrupt == 1 for item in caption_1)  # counted when it was drawn
+    item = CaptionImagesDataset([tree], 3, 1, 32)[(0, 1)]  # only 2 readable images: another caption stands in
+    assert item.label != 1 and item.corrupt == 1
