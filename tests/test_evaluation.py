@@ -155,6 +155,7 @@ def test_a_damaged_feature_cache_is_recomputed(tmp_path, capsys, damage):
     assert ev.cached_features(str(tmp_path), {"checkpoint": "a"}, compute)[2]  # the rewritten file is good
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("bad", ["truncated", "not an image", "decompression bomb"])
 @pytest.mark.parametrize("workers", [0, 1])
 def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encoder, bad, workers, monkeypatch):
