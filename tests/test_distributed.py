@@ -4,6 +4,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed
+from conftest import leave_spawned_worker
 
 
 def test_one_process_fallback_needs_no_process_group():
@@ -22,8 +23,7 @@ def _worker(rank, world_size, store_path, result_path):
     (gathered * weights).sum().backward()
     labels = distributed.all_gather_no_grad(torch.tensor([rank, rank]))
     torch.save({"gathered": gathered.detach(), "grad": local.grad, "labels": labels}, f"{result_path}.{rank}")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_spawned_worker()
 
 
 def test_gathers_concatenate_in_rank_order_and_sum_gradients_back(tmp_path):
