@@ -29,13 +29,12 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 
 import numpy as np
 
 import imagetree
 import shards
-from cli import atomic_write_json
+from cli import atomic_open, atomic_write_json
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".stablerep-index"
@@ -244,11 +243,20 @@ def _csv_records(f):
         yield start, b"".join(parts)
 
 
+def _fields(record):
+    """The fields of one CSV record (bytes); [] for one csv cannot parse (a field over its 128 KiB limit: a runaway
+    quote), which is then skipped like any row without an image path."""
+    try:
+        return next(csv.reader([record.decode("utf-8", errors="replace")]), [])
+    except csv.Error:
+        return []
+
+
 def read_csv_record(f, offset):
     """The fields of the CSV record at byte `offset` of the binary file `f`."""
     f.seek(offset)
     _, record = next(_csv_records(f))
-    return next(csv.reader([record.decode("utf-8", errors="replace")]), [])
+    return _fields(record)
 
 
 def build_csv(path, roots):
@@ -258,7 +266,7 @@ def build_csv(path, roots):
     rows, offsets = [], []
     with open(path, "rb") as f:
         for number, (offset, record) in enumerate(_csv_records(f)):
-            fields = next(csv.reader([record.decode("utf-8", errors="replace")]), [])
+            fields = _fields(record)
             if len(fields) >= 2 and fields[0].endswith(CSV_IMAGE_SUFFIXES):
                 rows.append(number)
                 offsets.append(offset)
@@ -487,10 +495,8 @@ def open_source(spec, folder_list=None, fallback_cache=None, build=True):
     if folder is None:
         raise ValueError(f"cannot write the index of {spec} to {' or '.join(candidates)}")
     table_name = f"{source_id}-{fingerprint}.npy"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)  # nodes building at once: own names
-    with os.fdopen(fd, "wb") as f:
+    with atomic_open(os.path.join(folder, table_name)) as f:  # nodes building at once write under their own names
         np.save(f, table, allow_pickle=False)
-    os.replace(tmp, os.path.join(folder, table_name))
     metadata = {**metadata, "kind": kind, "spec": spec, "fingerprint": fingerprint, "table": table_name,
                 "captions": len(table), "version": INDEX_VERSION,
                 "root": os.path.abspath(spec) if kind == "tree" else None}

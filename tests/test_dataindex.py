@@ -214,10 +214,11 @@ def test_official_csv_layout(tmp_path, tiny_tokenizer):
                         'img/000.png,"a cat, sitting"\n'
                         'img/001.png,"a ""quoted"" dog\non two lines"\n'
                         'notes.txt,not an image row\n'
-                        'img/002.jpg,a plain caption\n')
+                        'img/002.jpg,a plain caption\n'
+                        f'img/000.png,{"x" * 200_000}\n')  # over csv's 128 KiB field limit: skipped, no traceback
     dataset = CaptionImagesDataset([str(csv_path)], 2, 1, 32, seed=4, folder_list=[str(r) for r in roots],
                                    tokenizer=tiny_tokenizer, context_length=40)
-    assert len(dataset) == 3 and dataset.fewest_images() == (0, 3)  # the header and the .txt row are skipped
+    assert len(dataset) == 3 and dataset.fewest_images() == (0, 3)  # the header, .txt and huge rows are skipped
     source = dataset.sources[0]
     assert [source.key(j) for j in range(3)] == [1, 2, 4]
     with source.open(1) as files:
