@@ -12,6 +12,13 @@ VIT_SIZES = {  # name: (width, heads); patch 16, MLP ratio 4; depth 12 (vit_larg
     "vit_large": (1024, 16),
 }
 
+
+
+def vit_name(width):
+    """The VIT_SIZES name of a ViT of this width, or None."""
+    return next((name for name, (size_width, _) in VIT_SIZES.items() if size_width == width), None)
+
+
 # the paper's 11 fine-grained datasets, as torchvision names them (evaluation.TORCHVISION_DATASETS opens them)
 EVAL_DATASETS = ("cifar10", "cifar100", "aircraft", "cars", "dtd", "flowers", "pets", "sun397", "caltech101",
                  "food101", "voc2007")

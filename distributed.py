@@ -25,6 +25,20 @@ def init_distributed():
     return torch.device("cpu")
 
 
+def data_parallel(module, device):
+    """(module, the module to call): under torchrun, its BatchNorms become SyncBatchNorm on GPUs (statistics over
+    the global batch, as the official code's; gloo on CPU keeps them per process: SyncBatchNorm needs GPUs) and it
+    is wrapped in DistributedDataParallel, which averages the gradients; one process: (module, module). The first
+    is what the optimiser and the checkpoints see."""
+    if world_size() == 1:
+        return module, module
+    if device.type == "cuda":
+        module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    ddp = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+    return module, ddp
+
+
 def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 

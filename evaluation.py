@@ -11,12 +11,11 @@ import hashlib
 import json
 import os
 import sys
-from contextlib import nullcontext
 
 from PIL import Image
 from tqdm import tqdm
 
-from catalog import EVAL_DATASETS, VIT_SIZES
+from catalog import EVAL_DATASETS, VIT_SIZES, vit_name
 from cli import SEED, UserError, atomic_open, check_creatable, integer, lazy_import
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
@@ -94,15 +93,11 @@ def build_encoder(args, device):
         identity = {"checkpoint": os.path.abspath(args.checkpoint), "bytes": stat.st_size,
                     "mtime_ns": stat.st_mtime_ns}
     config = encoder.config
-    identity.update(model=args.model or _size_name(encoder.width), image_size=config["image_size"],
+    identity.update(model=args.model or vit_name(encoder.width), image_size=config["image_size"],
                     depth=config["depth"], patch_size=config["patch_size"])
     for parameter in encoder.parameters():
         parameter.requires_grad_(False)
     return encoder.eval().to(device), identity
-
-
-def _size_name(width):
-    return next(name for name, (size_width, _) in VIT_SIZES.items() if size_width == width)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -264,6 +259,17 @@ def add_dataset_arguments(parser, folder_flags):
     return group
 
 
+def uses_named_dataset(args, folder_flags):
+    """True when the data is --dataset, False when it is the script's image folders (`folder_flags`, e.g.
+    ["--train-dir", "--val-dir"]); UserError when both are given, or neither in full."""
+    folders = [getattr(args, flag.lstrip("-").replace("-", "_")) for flag in folder_flags]
+    if args.dataset and any(folders):
+        raise UserError(f"give either --dataset or {'/'.join(folder_flags)}, not both")
+    if not args.dataset and not all(folders):
+        raise UserError(f"give --dataset NAME, or {' and '.join(folder_flags)}")
+    return bool(args.dataset)
+
+
 def open_torchvision_split(name, root, split, transform, download):
     """Split `split` of the torchvision dataset `name`, or None if it has none; an absent dataset is a UserError."""
     try:
@@ -303,7 +309,7 @@ def extract_features(encoder, dataset, batch_size, num_workers, device, desc="fe
         raise UserError(f"{desc}: the split holds no images")
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     features, targets = [], []
     for images, target in tqdm(batches(loader), total=len(loader), desc=desc, unit="batch"):
         with torch.inference_mode(), autocast:

@@ -120,20 +120,16 @@ def main(args):
     transform = ev.eval_transform(encoder_id["image_size"])
 
     # ---- data ----
-    if args.dataset:
-        if args.data_dir:
-            raise UserError("give either --dataset or --data-dir, not both")
+    if ev.uses_named_dataset(args, ["--data-dir"]):
         dataset = ev.open_torchvision_split(args.dataset, args.data_root, args.split, transform, args.download)
         if dataset is None:
             raise UserError(f"{args.dataset} has no {args.split} split")
         if args.dataset == "voc2007":
             raise UserError("voc2007 is multi-label: one class per image is needed for episodes")
         data_id = {"dataset": args.dataset, "root": os.path.abspath(args.data_root), "split": args.split}
-    elif args.data_dir:
+    else:
         dataset = ev.open_image_folder(args.data_dir, transform)
         data_id = {"dataset": "folder", "data_dir": os.path.abspath(args.data_dir)}
-    else:
-        raise UserError("give --data-dir or --dataset")
     names = ev.class_names(dataset)
     listed = getattr(dataset, "targets", None) or getattr(dataset, "_labels", None)  # ImageFolder, torchvision
     if listed is not None:  # fail before the long extraction when the labels are known without images

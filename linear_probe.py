@@ -18,7 +18,6 @@ import argparse
 import math
 import os
 import sys
-from contextlib import nullcontext
 
 import evaluation as ev
 from cli import ArgumentParser, UserError, atomic_write_json, integer, lazy_import, number, run
@@ -156,27 +155,21 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
         generator=torch.Generator().manual_seed(args.seed))
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
-    heads = model_lib.LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device)
-    if distributed.world_size() > 1 and device.type == "cuda":  # BatchNorm statistics over the global batch, as
-        heads = torch.nn.SyncBatchNorm.convert_sync_batchnorm(heads)  # the official probe's SyncBatchNorm (GPUs)
-    module = heads
-    if distributed.world_size() > 1:
-        module = torch.nn.parallel.DistributedDataParallel(heads, device_ids=[device.index] if device.type == "cuda"
-                                                     else None)
-    optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr, "base": lr}
-                                 for head, lr in zip(heads.heads, lrs)], momentum=0.9, weight_decay=0.0)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    heads, module = distributed.data_parallel(
+        model_lib.LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device), device)
+    optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(heads.heads, lrs)],
+                                momentum=0.9, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader))  # per step
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # ---- loop ----
-    total_steps, step, history, evaluations = args.epochs * len(loader), 0, [], []
+    history, evaluations = [], []
     for epoch in range(args.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
         module.train()
         loss_sum = torch.zeros(len(lrs), device=device)
         for images, targets in ev.batches(loader):
-            for group in optimizer.param_groups:  # cosine to 0, per step
-                group["lr"] = group["base"] * 0.5 * (1 + math.cos(math.pi * step / total_steps))
             with torch.no_grad(), autocast:
                 features = encoder(images.to(device, non_blocking=True))  # one frozen pass for all heads
             targets = targets.to(device, non_blocking=True)
@@ -186,8 +179,8 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
             optimizer.zero_grad(set_to_none=True)
             losses.sum().backward()
             optimizer.step()
+            schedule.step()
             loss_sum += losses.detach()
-            step += 1
         all_losses = distributed.all_gather_no_grad(loss_sum[None]).sum(0)  # (heads,), summed over ranks
         mean_losses = (all_losses / (len(loader) * distributed.world_size())).tolist()
         if not any(math.isfinite(x) for x in mean_losses):
@@ -285,15 +278,11 @@ def sweep_and_refit(train, val, test, num_classes, metric, args, device):
 
 def open_splits(args, transform_for):
     """{"train", "val" (or None), "test"} datasets, the number of classes, and a description for the results."""
-    if args.dataset:
-        if args.train_dir or args.val_dir:
-            raise UserError("give either --dataset or --train-dir/--val-dir, not both")
+    if ev.uses_named_dataset(args, ["--train-dir", "--val-dir"]):
         splits = {split: ev.open_torchvision_split(args.dataset, args.data_root, split, transform_for(split),
                                                    args.download) for split in ("train", "val", "test")}
         identity = {"dataset": args.dataset, "root": os.path.abspath(args.data_root)}
         return splits, len(ev.class_names(splits["train"])), identity
-    if not (args.train_dir and args.val_dir):
-        raise UserError("give --dataset NAME, or both --train-dir and --val-dir")
     train = ev.open_image_folder(args.train_dir, transform_for("train"))
     test = ev.open_image_folder(args.val_dir, transform_for("test"))
     if train.classes != test.classes:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from catalog import VIT_SIZES
+from catalog import VIT_SIZES, vit_name
 
 # ------------------------------------------------------------------------------------------------------------
 # ViT encoder
@@ -437,8 +437,7 @@ def checkpoint_config(checkpoint):
 
 def infer_vit_name(state):
     """The VIT_SIZES entry whose width matches the state dict's, or None (the depth is read off the keys)."""
-    width = state["cls_token"].shape[-1] if "cls_token" in state else None
-    return next((name for name, (size_width, _) in VIT_SIZES.items() if size_width == width), None)
+    return vit_name(state["cls_token"].shape[-1]) if "cls_token" in state else None
 
 
 def interpolate_pos_embed(pos_embed, grid_size):

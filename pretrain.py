@@ -307,13 +307,7 @@ def main(args):
     lr = scaled_lr(args.base_lr, images_per_step)
 
     # ---- model ----
-    model_without_ddp = build_model(args, tokenizer).to(device)
-    model = model_without_ddp
-    if world_size > 1:
-        if device.type == "cuda":  # SyncBatchNorm runs on GPUs only; gloo/CPU keeps local BN
-            model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model_without_ddp, device_ids=[device.index] if device.type == "cuda" else None)
+    model_without_ddp, model = distributed.data_parallel(build_model(args, tokenizer).to(device), device)
     forward = torch.compile(model) if args.compile else model
 
     # ---- optimiser and schedule ----

@@ -20,7 +20,7 @@ import time
 
 from cli import ArgumentParser, UserError, atomic_write_json, check_writable_folder, integer, run
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
-from demo.stages import read_json, run_stage
+from demo.stages import probe_and_fewshot, read_json, run_stage
 from plots import plot_demo, read_log
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the demo folder: its captions.tsv
@@ -85,17 +85,11 @@ def main(args):
     encoders = {"pretrained": ["--checkpoint", os.path.join(out, "pretrain", "encoder.pth")],
                 "random init": ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed",
                                 str(args.seed)]}
-    results = {}
-    for name, encoder in encoders.items():
-        tag = name.replace(" ", "_")
-        probe_json, fewshot_json = os.path.join(out, f"linear_{tag}.json"), os.path.join(out, f"fewshot_{tag}.json")
-        run_stage(f"linear_probe.py ({name})", "linear_probe.py", "--protocol", "lbfgs", *encoder,
-              "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", "2", "--output", probe_json)
-        run_stage(f"fewshot.py ({name})", "fewshot.py", *encoder, "--data-dir", test_folder, "--num-workers", "2",
-              "--episodes", str(args.episodes), "--output", fewshot_json)
-        probe, fewshot = read_json(probe_json), read_json(fewshot_json)
-        results[name] = {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],
-                         "fewshot_ci95": fewshot["ci95"]}
+    results = {name: probe_and_fewshot(name, encoder, train_folder, test_folder,
+                                       os.path.join(out, "eval_" + name.replace(" ", "_")),
+                                       probe_flags=["--num-workers", "2"],
+                                       fewshot_flags=["--num-workers", "2", "--episodes", str(args.episodes)])
+               for name, encoder in encoders.items()}
 
     # ---- 5. summary ----
     summary = {"encoders": results, "seconds": time.time() - start, "args": vars(args),

@@ -21,3 +21,19 @@ def run_stage(title, *command):
 def read_json(path):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def probe_and_fewshot(title, encoder_flags, train_folder, test_folder, folder, probe_flags=(), fewshot_flags=()):
+    """One encoder scored as the demo and experiments/findings.py score it: linear_probe.py (L-BFGS, trained on
+    `train_folder`, tested on `test_folder`) and fewshot.py (5-way 5-shot episodes from `test_folder`), results in
+    `folder` (a result already there is reused). Returns the three numbers the tables print."""
+    probe_json, fewshot_json = os.path.join(folder, "linear_probe.json"), os.path.join(folder, "fewshot.json")
+    if not os.path.isfile(probe_json):
+        run_stage(f"linear_probe.py ({title})", "linear_probe.py", "--protocol", "lbfgs", *encoder_flags,
+                  "--train-dir", train_folder, "--val-dir", test_folder, *probe_flags, "--output", probe_json)
+    if not os.path.isfile(fewshot_json):
+        run_stage(f"fewshot.py ({title})", "fewshot.py", *encoder_flags, "--data-dir", test_folder, *fewshot_flags,
+                  "--output", fewshot_json)
+    probe, fewshot = read_json(probe_json), read_json(fewshot_json)
+    return {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],
+            "fewshot_ci95": fewshot["ci95"]}

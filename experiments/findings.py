@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 
 from cli import UserError, atomic_write_json, check_writable_folder, run  # noqa: E402
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
-from demo.stages import read_json, run_stage  # noqa: E402
+from demo.stages import probe_and_fewshot, run_stage  # noqa: E402
 
 IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
 CAPTIONS_PER_DIGIT = 8  # 10 digits x 8 = 80 captions in the tree
@@ -116,18 +116,10 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
 
 def evaluate(name, encoder_flags, seed, args, train_folder, test_folder, folder):
     """Linear probe and few-shot accuracy of one encoder; results files already there are reused."""
-    probe_json, fewshot_json = os.path.join(folder, "linear.json"), os.path.join(folder, "fewshot.json")
-    if not os.path.isfile(probe_json):
-        run_stage(f"linear_probe.py ({name} seed {seed})", "linear_probe.py", "--protocol", "lbfgs", *encoder_flags,
-              "--train-dir", train_folder, "--val-dir", test_folder, "--num-workers", str(args.workers),
-              "--wd-steps", str(args.probe_wd_steps), "--seed", str(seed), "--output", probe_json)
-    if not os.path.isfile(fewshot_json):
-        run_stage(f"fewshot.py ({name} seed {seed})", "fewshot.py", *encoder_flags, "--data-dir", test_folder,
-              "--num-workers", str(args.workers), "--episodes", str(args.episodes), "--seed", str(seed),
-              "--output", fewshot_json)
-    probe, fewshot = read_json(probe_json), read_json(fewshot_json)
-    return {"linear_probe_top1": probe["test"], "fewshot_5way_5shot": fewshot["accuracy"],
-            "fewshot_ci95": fewshot["ci95"]}
+    workers = ["--num-workers", str(args.workers), "--seed", str(seed)]
+    return probe_and_fewshot(f"{name} seed {seed}", encoder_flags, train_folder, test_folder, folder,
+                             probe_flags=[*workers, "--wd-steps", str(args.probe_wd_steps)],
+                             fewshot_flags=[*workers, "--episodes", str(args.episodes)])
 
 
 def random_init_flags(seed, depth, folder):
