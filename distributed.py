@@ -2,20 +2,34 @@
 
 The same script runs as one process on a laptop CPU (`python pretrain.py`) and as many under torchrun
 (`torchrun --nproc-per-node 8 pretrain.py`): every helper here answers for a single process when torch.distributed
-is not initialised.
+is not initialised, and a process that torchrun did not start answers without importing torch at all.
 """
 import os
+import sys
 
-import torch
-import torch.distributed as dist
+from cli import lazy_import
+
+torch = lazy_import("torch")
+
+
+def launched():
+    """Was this process started by torchrun (its environment names a rank and a world size)?"""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def joined():
+    """Has this process joined a process group? (Not if torch was never imported: then the answer costs nothing.)"""
+    return "torch" in sys.modules and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def init_distributed():
-    """Join the process group described by torchrun's environment, or run as one process.
+    """Join the process group described by torchrun's environment, or run as one process (calling it again is
+    harmless).
 
     Returns the device this process should use: its own GPU (NCCL) when CUDA is present, else the CPU (gloo).
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+    dist = torch.distributed
+    if launched() and not dist.is_initialized():
         use_cuda = torch.cuda.is_available()
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -40,11 +54,11 @@ def data_parallel(module, device):
 
 
 def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return torch.distributed.get_world_size() if joined() else 1
 
 
 def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return torch.distributed.get_rank() if joined() else 0
 
 
 def is_main_process():
@@ -59,7 +73,7 @@ def all_gather_with_grad(tensor):
     """
     if world_size() == 1:
         return tensor
-    group = dist.group.WORLD
+    group = torch.distributed.group.WORLD
     try:  # torch >= 2.6: functional collective with autograd support
         from torch.distributed._functional_collectives import all_gather_single_autograd, wait_tensor
         return wait_tensor(all_gather_single_autograd(tensor.contiguous(), 0, group))
@@ -68,14 +82,16 @@ def all_gather_with_grad(tensor):
         return torch.cat(all_gather(tensor.contiguous(), group=group), dim=0)
 
 
-@torch.no_grad()
 def all_gather_no_grad(tensor):
     """Concatenate `tensor` from every rank along dim 0, without gradient (labels, token ids, counts)."""
     if world_size() == 1:
         return tensor
-    out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newest name first
-    gather(out, tensor.contiguous())
+    dist = torch.distributed
+    with torch.no_grad():
+        out = torch.empty((world_size() * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                          device=tensor.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # newest name first
+        gather(out, tensor.contiguous())
     return out
 
 
@@ -83,7 +99,7 @@ def leave(meet=True):
     """Leave the process group, if there is one. With `meet`, every rank waits for the others first: a rank that
     tears down while another still reduces gradients aborts gloo and NCCL. Without it (generate.py, whose ranks
     finish hours apart and meet at their summary instead), each leaves when it is done."""
-    if dist.is_available() and dist.is_initialized():
+    if joined():
         if meet:
-            dist.barrier()
-        dist.destroy_process_group()
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()

@@ -489,8 +489,9 @@ def library_versions():
             "code": git_commit()}
 
 
-def settings_of(args, survey, dtype):
-    """settings.json's content but the library versions (library_versions(), added when the file is written)."""
+def settings_of(args, survey):
+    """settings.json's content but the library versions and the dtype (added when the file is written: they need
+    torch, which a run with nothing to do never imports)."""
     model, revision = model_source(args.model)
     return {
         "model": model, "model_revision": revision, "scheduler": args.scheduler, "steps": args.steps,
@@ -500,7 +501,7 @@ def settings_of(args, survey, dtype):
         "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
         "captions_file": os.path.basename(args.captions), "caption_rows": survey.rows,
         "captions_layout": survey.layout, "captions_used": survey.used, "skipped_rows": survey.skipped,
-        "skipped_count": survey.skipped_count, "dtype": str(dtype).replace("torch.", ""),
+        "skipped_count": survey.skipped_count,
     }
 
 
@@ -896,7 +897,7 @@ def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, tota
 def summary_group():
     """A gloo process group for the run's counts under torchrun (None in one process): CPU tensors whatever the
     device, and a timeout long enough for ranks that finish their blocks days apart (the default would stop them)."""
-    if not torch.distributed.is_initialized():
+    if not distributed.joined():
         return None
     return torch.distributed.new_group(backend="gloo", timeout=SUMMARY_TIMEOUT)
 
@@ -910,17 +911,19 @@ def summed(values, group):
     return total.tolist()
 
 
-def write_dataset(args, device):
+def write_dataset(args):
     """The images of this process's shards that are not on disk yet; returns how many it made. Under torchrun,
-    rank 0 prints the run's lines, with the counts of every rank."""
+    rank 0 prints the run's lines, with the counts of every rank. One process with nothing to do never imports
+    torch (a resumed, finished output answers in a fraction of a second)."""
+    if distributed.launched():
+        distributed.init_distributed()  # the ranks meet at the start (shards) and at the end (the summary)
     group = summary_group()
     shard, num_shards = process_shard(args)
     main_process = distributed.is_main_process()
 
     # ---- data ----
-    dtype = resolve_dtype(args.dtype, device)
     survey = survey_captions(args.captions)  # one streaming pass: counts; the captions are read shard by shard later
-    check_settings(args.output, settings_of(args, survey, dtype))
+    check_settings(args.output, settings_of(args, survey))
     check_creatable(args.output)
     output = (TarOutput if args.output_format == "webdataset" else TreeOutput)(args)
     todo = [s for s in own_shards(survey.rows, args.captions_per_shard, shard, num_shards) if not output.finished(s)]
@@ -944,6 +947,8 @@ def write_dataset(args, device):
     tally, started = Tally(), time.time()
     if todo:  # a rank whose shards are all on disk goes straight to the summary
         # ---- model ----
+        device = distributed.init_distributed()
+        dtype = resolve_dtype(args.dtype, device)
         pipe = load_pipeline(args, device, dtype)
         prompts = PromptCache(pipe, device)
         if main_process:
@@ -952,8 +957,8 @@ def write_dataset(args, device):
         # ---- resume ----
         with output_folder(args.output):
             if imagetree.read_settings(args.output) is None:  # every process writes the same bytes: no race to lose
-                imagetree.write_settings(args.output, {**settings_of(args, survey, dtype),
-                                                       "versions": library_versions()})
+                imagetree.write_settings(args.output, {**settings_of(args, survey), "versions": library_versions(),
+                                                       "dtype": str(dtype).replace("torch.", "")})
             rows_to_do = sum(min(args.captions_per_shard, survey.rows - s * args.captions_per_shard) for s in todo)
 
             # ---- generation loop ----
@@ -992,13 +997,12 @@ def file_errors_as_one_line():
 
 def main(args):
     check_args(args)
-    # ---- distributed ----
-    device = distributed.init_distributed()
     try:
         with file_errors_as_one_line():
             if args.preview:  # one grid: the other ranks have nothing to do
+                device = distributed.init_distributed()
                 return write_preview(args, device) if distributed.is_main_process() else None
-            return write_dataset(args, device)
+            return write_dataset(args)
     finally:
         distributed.leave(meet=False)
 
