@@ -1,8 +1,10 @@
 """Fixtures shared by the tests: offline hub, small image trees in generate.py's layout, the tiny Stable Diffusion
 pipeline, the handwritten digits as ImageFolders, a tiny ViT checkpoint, and stage scripts run as subprocesses."""
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -152,6 +154,15 @@ def run_python(*args, env=None, **kwargs):
 def start_python(*args, env=None, **kwargs):
     """run_python's command started in the background (subprocess.Popen), for tests that kill or interrupt it."""
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})), **kwargs)
+
+
+def signal_when(process, ready, signum=signal.SIGKILL, timeout=120):
+    """Send `signum` to a started process as soon as `ready()` is true (checked every 20 ms), or when it has exited or
+    `timeout` seconds have passed; for tests that kill or interrupt a run part-way."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.02)
+    process.send_signal(signum)
 
 
 def assert_one_line_error(result, *fragments):

@@ -11,7 +11,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import time
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ import generate
 import imagetree
 import shards
 from cli import run
-from conftest import run_python, start_python
+from conftest import run_python, signal_when, start_python
 
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
             "two birds and the sky", "an old house", "a bowl of soup"]
@@ -250,17 +249,15 @@ def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_f
     out = tmp_path / "tree"
     proc = start_python("generate.py", *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1"),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def images_written():
+        return sum(len(v) for v in imagetree.images_on_disk(str(out / "00000"), "png").values())
+
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if sum(len(v) for v in imagetree.images_on_disk(str(out / "00000"), "png").values()) >= 4:
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        signal_when(proc, lambda: images_written() >= 4)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    written = sum(len(v) for v in imagetree.images_on_disk(str(out / "00000"), "png").values())
+    written = images_written()
     assert 4 <= written < len(VALID_IDS) * N
     assert not (out / "00000" / imagetree.INDEX_FILE).exists()  # the folder is not complete yet
     for name in os.listdir(out / "00000"):  # whole files only: partial writes are .tmp names
@@ -336,13 +333,8 @@ def test_killed_shard_run_resumes_to_the_same_images(reference, tiny_model, capt
                                              "--batch-size", "1", "--writers", "1"),
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = out / ".tmp-00000.tar"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if partial.exists() and b"000000002.json" in partial.read_bytes():  # caption 0 is complete
-                break
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+    try:  # killed once caption 0 is complete
+        signal_when(proc, lambda: partial.exists() and b"000000002.json" in partial.read_bytes())
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL

@@ -5,13 +5,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 import torch
 
 import pretrain
-from conftest import assert_one_line_error, run_python, start_python, write_random_tree
+from conftest import assert_one_line_error, run_python, signal_when, start_python, write_random_tree
 from data import CaptionImagesDataset, collate
 from model import load_encoder
 
@@ -128,10 +127,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(layout, random_tree, 
     interrupted = tmp_path / "interrupted"
     process = start_python("pretrain.py", *common, "--output", interrupted, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(interrupted.glob("checkpoint-0000000[3-9].pth")) and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
+    signal_when(process, lambda: list(interrupted.glob("checkpoint-0000000[3-9].pth")))
     process.wait()
     saved = sorted(interrupted.glob("checkpoint-*.pth"))
     assert saved and saved[-1].name != "checkpoint-00000012.pth", "the run finished before it could be killed"
@@ -438,10 +434,7 @@ def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     output = tmp_path / "run"
     argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "2")
     process = start_python("pretrain.py", *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(output.glob("checkpoint-*.pth")) and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    signal_when(process, lambda: list(output.glob("checkpoint-*.pth")), signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
