@@ -34,7 +34,7 @@ import numpy as np
 
 import imagetree
 import shards
-from cli import atomic_open, atomic_write_json
+from files import atomic_open, atomic_write_json
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".stablerep-index"

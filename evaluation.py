@@ -16,7 +16,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from catalog import EVAL_DATASETS, VIT_SIZES, vit_name
-from cli import SEED, UserError, atomic_open, check_creatable, integer, lazy_import
+from cli import SEED, UserError, integer, lazy_import
+from files import atomic_open, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
 torchvision = lazy_import("torchvision")

@@ -36,21 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import imagetree
 import shards
-from cli import (
-    SEED,
-    ArgumentParser,
-    UserError,
-    atomic_write_bytes,
-    atomic_write_json,
-    check_creatable,
-    check_writable_folder,
-    git_commit,
-    integer,
-    lazy_import,
-    no_space,
-    number,
-    run,
-)
+from cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
+from files import atomic_write_bytes, atomic_write_json, check_creatable, check_writable_folder, no_space
 
 torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
 distributed = lazy_import("distributed")

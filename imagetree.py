@@ -11,14 +11,14 @@ A caption's id is its row in the captions file; caption id i lives in folder i /
 images per caption). The 9-digit key and the `.txt` beside the image are img2dataset's `files` layout, so an
 image-text set downloaded with img2dataset (one `<key>.jpg` per caption, no index) reads the same way. Every file
 is written through a temporary name and a rename
-(cli.atomic_write_bytes): a killed writer leaves whole files or none, and readers skip the `.tmp*` leftovers.
+(files.atomic_write_bytes): a killed writer leaves whole files or none, and readers skip the `.tmp*` leftovers.
 """
 import io
 import json
 import os
 from typing import List, NamedTuple
 
-from cli import atomic_write_bytes, atomic_write_json
+from files import atomic_write_bytes, atomic_write_json
 
 CAPTIONS_PER_FOLDER = 1000
 SETTINGS_FILE = "settings.json"

@@ -20,7 +20,8 @@ import os
 import sys
 
 import evaluation as ev
-from cli import ArgumentParser, UserError, atomic_write_json, integer, lazy_import, number, run
+from cli import ArgumentParser, UserError, integer, lazy_import, number, run
+from files import atomic_write_json
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once

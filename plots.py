@@ -8,7 +8,8 @@ import argparse
 import json
 import os
 
-from cli import ArgumentParser, UserError, atomic_open, run
+from cli import ArgumentParser, UserError, run
+from files import atomic_open
 
 
 def get_args_parser():

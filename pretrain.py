@@ -30,20 +30,8 @@ import time
 from typing import Callable, NamedTuple, Tuple
 
 from catalog import VIT_SIZES
-from cli import (
-    SEED,
-    ArgumentParser,
-    UserError,
-    atomic_open,
-    atomic_write_json,
-    check_creatable,
-    git_commit,
-    hub_reachable,
-    integer,
-    lazy_import,
-    number,
-    run,
-)
+from cli import SEED, ArgumentParser, UserError, git_commit, hub_reachable, integer, lazy_import, number, run
+from files import atomic_open, atomic_write_json, check_creatable
 from runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
@@ -539,7 +527,7 @@ def checkpoint_due(step, total_steps, steps_per_epoch, save_every):
 
 
 def save_checkpoint(path, state):
-    """torch.save through cli.atomic_open: a run killed mid-write keeps its last checkpoint, a full disk is one
+    """torch.save through files.atomic_open: a run killed mid-write keeps its last checkpoint, a full disk is one
     line and leaves no partial file, and a link planted at the name is replaced, never written through. Ctrl-C
     and SIGTERM wait until the file is whole."""
     with interrupts_deferred(), atomic_open(path) as f:

@@ -17,7 +17,8 @@ import math
 import os
 import time
 
-from cli import UserError, atomic_write_bytes, open_append
+from cli import UserError
+from files import atomic_write_bytes, open_append
 
 
 def check_loggers(tensorboard, wandb_project):

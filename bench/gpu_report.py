@@ -42,7 +42,8 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub: every model is built from configs
 
-from cli import UserError, atomic_write_json, integer, run  # noqa: E402  (stdlib only: --help stays fast)
+from cli import UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
+from files import atomic_write_json
 
 SECTIONS = ("generation", "train", "loss", "loader")
 

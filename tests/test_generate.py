@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import distributed
+import files
 import generate
 import imagetree
 import shards
@@ -631,7 +631,7 @@ def test_every_file_gets_the_mode_open_gives(tiny_model, tmp_path, monkeypatch):
     captions = tmp_path / "captions.txt"
     captions.write_text("a cat\n" + "a" * 100 + "\n")  # the second is over the token limit: truncated.json
     previous = os.umask(0o022)
-    monkeypatch.setattr(cli, "UMASK", 0o022)  # what cli reads at import in a process started with this umask
+    monkeypatch.setattr(files, "UMASK", 0o022)  # what files.py reads at import in a process started with this umask
     runs = {"files": ["--output-format", "files"], "webdataset": ["--output-format", "webdataset"],
             "preview": ["--preview", "1"]}
     try:
@@ -640,8 +640,8 @@ def test_every_file_gets_the_mode_open_gives(tiny_model, tmp_path, monkeypatch):
     finally:
         os.umask(previous)
     modes = {}
-    for folder, folders, files in os.walk(tmp_path):
-        for name in folders + files:
+    for folder, folders, file_names in os.walk(tmp_path):
+        for name in folders + file_names:
             path = os.path.join(folder, name)
             modes[os.path.relpath(path, tmp_path)] = stat.S_IMODE(os.stat(path).st_mode)
     del modes["captions.txt"]

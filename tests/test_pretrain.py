@@ -407,12 +407,12 @@ def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     (output / "encoder.pth").symlink_to(victim)
     run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
     assert victim.read_text() == "precious" and not (output / "encoder.pth").is_symlink()
-    assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~cli_umask()
+    assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~files_umask()
 
 
-def cli_umask():
-    import cli
-    return cli.UMASK
+def files_umask():
+    import files
+    return files.UMASK
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, tmp_path):
