@@ -32,6 +32,11 @@ def item_seed(seed, epoch, index):
     return (seed * 1_000_003 + epoch) * 2_147_483_647 + index & (2 ** 63 - 1)
 
 
+class UnreadableData(RuntimeError):
+    """No caption has enough readable images (every image tried failed to decode): the data, not the code, is
+    wrong. Raised in a DataLoader worker, it reaches the main process with the worker's traceback in its text."""
+
+
 class CaptionImages(NamedTuple):
     images: torch.Tensor  # [m * c, 3, S, S] float, image-major: image 0 crop 0, image 0 crop 1, ..., image 1 crop 0
     #                       (augment_on_device: uint8 [m * c, S, S, 3] crops)
@@ -152,7 +157,7 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
             if item is not None:
                 return item._replace(corrupt=corrupt)
             index = int(torch.randint(len(self), ()))
-        raise RuntimeError("no caption has enough readable images")
+        raise UnreadableData("no caption has enough readable images")
 
 
 class _ShuffleBuffer:
@@ -232,7 +237,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         def urls():
             for t in itertools.count():
                 if t >= len(self.shards) and not seen[0]:
-                    raise RuntimeError(f"no sample could be read from {self.shards[0][1]} ...")
+                    raise UnreadableData(f"no sample could be read from {self.shards[0][1]} ...")
                 yield {"url": self.shards[int(order[(q + t * queue) % len(self.shards)])][1]}
 
         files = tar_file_expander(url_opener(urls(), handler=warn_and_continue), handler=warn_and_continue)
@@ -274,7 +279,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
             sample = buffer.peek(random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}"))
             if sample is None:
                 break
-        raise RuntimeError("the stream holds no caption with enough readable images")
+        raise UnreadableData("the stream holds no caption with enough readable images")
 
 
 class CaptionSampler(torch.utils.data.Sampler):

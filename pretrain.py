@@ -371,6 +371,9 @@ def main(args):
                         last_saved = step
                     if step == total_steps:
                         break
+    except data.UnreadableData as err:  # the last line of its text is the message, whichever process raised it
+        raise UserError(f"{str(err).strip().splitlines()[-1].split('UnreadableData: ')[-1]} in --data "
+                        f"{' '.join(args.data)}; check that its images decode (e.g. open a few with PIL)") from None
     except KeyboardInterrupt:  # Ctrl-C (every rank gets it) or SIGTERM: one line from rank 0, no tracebacks
         if is_main:
             log.close()

@@ -1,4 +1,5 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
+import glob
 import json
 import math
 import os
@@ -194,6 +195,17 @@ def test_corrupt_images_are_counted_in_the_summary(tmp_path):
     run_pretrain("--data", tree, "--output", str(output), "--epochs", "2", "--captions-per-gpu", "4",
                  "--images-per-caption", "3", *TINY)
     assert json.loads((output / "summary.json").read_text())["corrupt_images_this_run"] > 0
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_data_with_no_readable_image_is_one_line(workers, tmp_path):
+    tree = write_random_tree(tmp_path / "tree", captions=4, images_per_caption=2)
+    for image in glob.glob(os.path.join(tree, "*", "*.jpg")):
+        with open(image, "r+b") as f:
+            f.truncate(0)  # what a generation run that hit its disk quota leaves
+    result = run_pretrain("--data", tree, "--output", str(tmp_path / "run"), "--epochs", "1", "--captions-per-gpu",
+                          "2", "--images-per-caption", "2", *TINY, "--workers", workers, check=False)
+    assert_one_line_error(result, "no caption has enough readable images in --data", "decode")
 
 
 def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
