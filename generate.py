@@ -517,6 +517,10 @@ def check_settings(root, settings):
     if differ:
         raise UserError(f"{root} was made with other settings ({'; '.join(differ)}); use another --output or the "
                         "output's settings (settings.json)")
+    revisions = recorded.get("model_revision"), settings["model_revision"]
+    if None not in revisions and revisions[0] != revisions[1]:  # same hub id, another snapshot of its weights
+        print(f"note: {root} was made with {settings['model']} at commit {revisions[0]}; the hub cache now holds "
+              f"commit {revisions[1]}, so images made from here on may differ from the earlier ones", file=sys.stderr)
 
 
 @contextlib.contextmanager

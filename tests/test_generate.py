@@ -559,6 +559,17 @@ def test_rerun_with_other_settings_is_refused(reference, tiny_model, captions_fi
     assert listing(reference) == before
 
 
+def test_another_snapshot_of_the_hub_model_is_noted_on_resume(reference, tmp_path, capsys):
+    settings = {**imagetree.read_settings(str(reference)), "model": "org/model", "model_revision": "aaaa"}
+    imagetree.write_settings(str(tmp_path), settings)
+    for current in ("aaaa", None):  # the same snapshot, or none in the cache yet: nothing to say
+        generate.check_settings(str(tmp_path), {**settings, "model_revision": current})
+    assert capsys.readouterr().err == ""
+    generate.check_settings(str(tmp_path), {**settings, "model_revision": "bbbb"})
+    err = capsys.readouterr().err
+    assert "note:" in err and "commit aaaa" in err and "commit bbbb" in err
+
+
 @pytest.mark.parametrize("damage", ["not json", "a folder", "a list"])
 def test_an_unreadable_settings_json_is_one_line(damage, tiny_model, captions_file, tmp_path, capsys):
     out = tmp_path / "tree"
