@@ -667,10 +667,10 @@ def init_from(path, model):
 def interrupts_deferred():
     """Within the block, Ctrl-C (SIGINT) and SIGTERM wait: they end the run as KeyboardInterrupt once the block is
     done, so a checkpoint being written is never cut in the middle (torch.save's own cleanup would then fail with a
-    traceback)."""
+    traceback). A signal the process was started to ignore (nohup, a background job) stays ignored."""
     received = []
     previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+                for sig in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -152,8 +152,11 @@ def run_python(*args, env=None, **kwargs):
 
 
 def start_python(*args, env=None, **kwargs):
-    """run_python's command started in the background (subprocess.Popen), for tests that kill or interrupt it."""
-    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})), **kwargs)
+    """run_python's command started in the background (subprocess.Popen), for tests that kill or interrupt it.
+    Ctrl-C's SIGINT reaches it as in a terminal even when the tests themselves run with SIGINT ignored (nohup, a
+    script's background job), which the child would otherwise inherit."""
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kwargs)
 
 
 def signal_when(process, ready, signum=signal.SIGKILL, timeout=120):

@@ -498,11 +498,27 @@ def test_wandb_that_cannot_start_is_one_line(random_tree, tmp_path):
 def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     """Ctrl-C landing inside torch.save used to surface as torch's RuntimeError with a traceback."""
     path = tmp_path / "checkpoint.pth"
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if run under nohup
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with pretrain.interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGTERM)
+                pretrain.torch.save({"weights": torch.ones(3)}, path)  # the signals wait for the write
+                written = torch.load(path, weights_only=True)
+        assert torch.equal(written["weights"], torch.ones(3))
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_an_ignored_interrupt_stays_ignored_while_a_checkpoint_is_written(tmp_path):
+    """A run started with SIGINT ignored (nohup, a background job) must not start reacting to it."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
         with pretrain.interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
-            os.kill(os.getpid(), signal.SIGTERM)
-            pretrain.torch.save({"weights": torch.ones(3)}, path)  # the signals wait for the write
-            written = torch.load(path, weights_only=True)
-    assert torch.equal(written["weights"], torch.ones(3))
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+            pretrain.torch.save({"weights": torch.ones(3)}, tmp_path / "checkpoint.pth")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
