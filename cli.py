@@ -20,6 +20,19 @@ class UserError(Exception):
     """Bad input from the user (or a full disk): reported as one line and exit code 2."""
 
 
+def first_line(err):
+    """An exception's message for a one-line error: its first line, or its type's name when it has none."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def raised_message(err):
+    """The message `err` was raised with, also when a DataLoader worker raised it: the main process then gets the
+    same type with the worker's traceback as its text, which ends in `<module>.<Type>: <message>`."""
+    last = str(err).strip().splitlines()[-1] if str(err).strip() else ""
+    return last.removeprefix(f"{type(err).__module__}.{type(err).__qualname__}: ")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """The stage scripts' parser: argparse, plus recipe files. `python pretrain.py @recipes/cc12m_vitb_1x.args`
     reads flags from the file, any number on a line, `#` starting a comment; flags after it override it."""

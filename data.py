@@ -34,7 +34,8 @@ def item_seed(seed, epoch, index):
 
 class UnreadableData(RuntimeError):
     """No caption has enough readable images (every image tried failed to decode): the data, not the code, is
-    wrong. Raised in a DataLoader worker, it reaches the main process with the worker's traceback in its text."""
+    wrong. Raised in a DataLoader worker, it reaches the main process with the worker's traceback in its text
+    (cli.raised_message finds the message again)."""
 
 
 class CaptionImages(NamedTuple):

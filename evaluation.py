@@ -16,7 +16,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from catalog import EVAL_DATASETS, VIT_SIZES, vit_name
-from cli import SEED, UserError, integer, lazy_import
+from cli import SEED, UserError, first_line, integer, lazy_import, raised_message
 from files import atomic_open, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
@@ -141,17 +141,15 @@ def load_image(path):
             image.load()
             return image
     except augment.DECODE_ERRORS as err:
-        raise UnreadableImage(f"{path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        raise UnreadableImage(f"{path}: {first_line(err)}") from None
 
 
 def batches(loader):
     """Iterate a DataLoader; an unreadable image (raised in a worker or here) becomes a one-line UserError."""
     try:
         yield from loader
-    except UnreadableImage as err:  # from a worker the message carries its traceback; the last line is ours
-        reason = str(err).strip().splitlines()[-1].removeprefix(f"{UnreadableImage.__module__}.")
-        reason = reason.removeprefix("UnreadableImage: ")
-        raise UserError(f"cannot read image {reason}; remove or replace the file") from None
+    except UnreadableImage as err:
+        raise UserError(f"cannot read image {raised_message(err)}; remove or replace the file") from None
 
 
 def open_image_folder(path, transform):
@@ -276,8 +274,7 @@ def open_torchvision_split(name, root, split, transform, download):
     try:
         return TORCHVISION_DATASETS[name](root, split, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted..."
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{name} {split} split under {root}: {message}") from None
+        raise UserError(f"{name} {split} split under {root}: {first_line(err)}") from None
 
 
 def dataset_identity(dataset, description):

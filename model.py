@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from catalog import VIT_SIZES, vit_name
+from cli import first_line
 
 # ------------------------------------------------------------------------------------------------------------
 # ViT encoder
@@ -352,8 +353,7 @@ def load_checkpoint_file(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line})") from None
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line(err)})") from None
 
 
 def _tensors_of(checkpoint):

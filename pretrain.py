@@ -30,7 +30,18 @@ import time
 from typing import Callable, NamedTuple, Tuple
 
 from catalog import VIT_SIZES
-from cli import SEED, ArgumentParser, UserError, git_commit, hub_reachable, integer, lazy_import, number, run
+from cli import (
+    SEED,
+    ArgumentParser,
+    UserError,
+    git_commit,
+    hub_reachable,
+    integer,
+    lazy_import,
+    number,
+    raised_message,
+    run,
+)
 from files import atomic_open, atomic_write_json, check_creatable
 from runlog import RunLog, check_loggers
 
@@ -371,9 +382,9 @@ def main(args):
                         last_saved = step
                     if step == total_steps:
                         break
-    except data.UnreadableData as err:  # the last line of its text is the message, whichever process raised it
-        raise UserError(f"{str(err).strip().splitlines()[-1].split('UnreadableData: ')[-1]} in --data "
-                        f"{' '.join(args.data)}; check that its images decode (e.g. open a few with PIL)") from None
+    except data.UnreadableData as err:  # raised here or in a loader worker
+        raise UserError(f"{raised_message(err)} in --data {' '.join(args.data)}; check that its images decode (e.g. "
+                        "open a few with PIL)") from None
     except KeyboardInterrupt:  # Ctrl-C (every rank gets it) or SIGTERM: one line from rank 0, no tracebacks
         if is_main:
             log.close()

@@ -17,7 +17,7 @@ import math
 import os
 import time
 
-from cli import UserError
+from cli import UserError, first_line
 from files import atomic_write_bytes, open_append
 
 
@@ -52,9 +52,8 @@ class RunLog:
                                         resume="allow", config=config)
             except Exception as err:  # noqa: BLE001 - no login, no network, a bad project name...
                 self.close()
-                reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                raise UserError(f"wandb could not start ({reason}): run `wandb login`, or set WANDB_MODE=offline "
-                                "to log without network") from None
+                raise UserError(f"wandb could not start ({first_line(err)}): run `wandb login`, or set "
+                                "WANDB_MODE=offline to log without network") from None
 
     def write(self, step, images=None, **scalars):
         """One record: the scalars given (None ones left out), plus images/s since the last record when `images`

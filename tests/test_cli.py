@@ -50,3 +50,22 @@ def test_good_flags_are_parsed_to_numbers():
     parser.add_argument("--temperature", type=cli.number(above=0))
     args = parser.parse_args(["--epochs", "3", "--temperature", "1e-3"])
     assert (args.epochs, args.temperature) == (3, 1e-3)
+
+
+# ---- messages of exceptions, for one-line errors ----
+
+class Unreadable(Exception):
+    pass
+
+
+def test_first_line_of_an_error_or_its_type():
+    assert cli.first_line(ValueError("bad header\nmore detail")) == "bad header"
+    assert cli.first_line(Unreadable()) == "Unreadable"
+
+
+def test_raised_message_finds_the_message_in_a_loader_workers_traceback():
+    assert cli.raised_message(Unreadable("a/b.png: truncated")) == "a/b.png: truncated"  # raised in this process
+    from_worker = Unreadable("Caught Unreadable in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                             "call last):\n  File \"x.py\", line 1, in f\n"
+                             f"{__name__}.Unreadable: a/b.png: truncated\n")
+    assert cli.raised_message(from_worker) == "a/b.png: truncated"
