@@ -48,9 +48,9 @@ def atomic_open(path):
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if no_space(err):
-            raise UserError(f"no space left to write {path} ({os.strerror(no_space(err))}); free some space and "
-                            "rerun the same command") from None
+        full = no_space_error(err, path)
+        if full:
+            raise full from None
         raise
 
 
@@ -62,6 +62,16 @@ def no_space(err):
             return cause.errno
     text = str(err)
     return next((code for code in NO_SPACE if os.strerror(code) in text), 0)
+
+
+def no_space_error(err, path):
+    """The one-line UserError for `err` when a full disk, quota or file-size limit is behind it (naming `path`),
+    else None."""
+    code = no_space(err)
+    if not code:
+        return None
+    return UserError(f"no space left to write {path} ({os.strerror(code)}); free some space and rerun the same "
+                     "command")
 
 
 def atomic_write_bytes(path, data):

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 import imagetree
 import shards
 from cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
-from files import atomic_write_bytes, atomic_write_json, check_creatable, check_writable_folder, no_space
+from files import atomic_write_bytes, atomic_write_json, check_creatable, check_writable_folder, no_space_error
 
 torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
 distributed = lazy_import("distributed")
@@ -977,10 +977,9 @@ def file_errors_as_one_line():
     try:
         yield
     except OSError as err:
-        code = no_space(err)
-        if code:
-            raise UserError(f"no space left to write {err.filename or 'the output'} ({os.strerror(code)}); free "
-                            "some space and rerun the same command") from None
+        full = no_space_error(err, err.filename or "the output")
+        if full:
+            raise full from None
         if err.filename is None:
             raise
         raise UserError(f"{err.filename}: {err.strerror}") from None
