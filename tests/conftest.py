@@ -1,6 +1,7 @@
 """Fixtures shared by the tests: offline hub, small image trees in generate.py's layout, the tiny Stable Diffusion
 pipeline, the handwritten digits as ImageFolders, a tiny ViT checkpoint, and stage scripts run as subprocesses."""
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -149,6 +150,16 @@ def run_python(*args, env=None, **kwargs):
     `-m torch.distributed.run ...`), with python_env(); returns the CompletedProcess, output captured as text."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=python_env(**(env or {})),
                           capture_output=True, text=True, **kwargs)
+
+
+def run_python_with_file_size_limit(limit, *args, **kwargs):
+    """run_python in a process that cannot write a file past `limit` bytes: a write there fails with EFBIG, as on a
+    full disk (SIGXFSZ ignored, so the write fails instead of killing the process)."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return run_python(*args, preexec_fn=limit_file_size, **kwargs)
 
 
 def start_python(*args, env=None, **kwargs):

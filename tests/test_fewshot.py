@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 
 import fewshot
 from cli import run
-from conftest import run_python
+from conftest import assert_one_line_error, run_python
 
 
 def few(*argv):
@@ -95,9 +95,8 @@ def test_class_too_small_for_an_episode_is_named_subprocess(tmp_path, digit_fold
     out = tmp_path / "fewshot.json"
     result = run_python("fewshot.py", "--checkpoint", tiny_checkpoint, "--data-dir", digit_folders[1],
                         "--shots", 40, "--num-workers", 0, "--output", out)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith("fewshot.py: error: ")
-    assert "fewer than 40 shots + 15 queries = 55 images: 'eight' (44)" in result.stderr
+    assert_one_line_error(result, "fewer than 40 shots + 15 queries = 55 images: 'eight' (44)")
+    assert result.stderr.startswith("fewshot.py: error: ")
     assert not out.exists()
 
 

@@ -5,11 +5,9 @@ import io
 import json
 import logging
 import os
-import resource
 import signal
 import stat
 import subprocess
-import sys
 import tarfile
 
 import numpy as np
@@ -23,7 +21,7 @@ import generate
 import imagetree
 import shards
 from cli import run
-from conftest import run_python, signal_when, start_python
+from conftest import run_python, run_python_with_file_size_limit, signal_when, start_python
 
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
             "two birds and the sky", "an old house", "a bowl of soup"]
@@ -597,16 +595,6 @@ def test_a_failing_first_write_leaves_no_output_folder(tiny_model, captions_file
     assert os.listdir(tmp_path) == []  # the folders the run created are gone again
 
 
-def run_with_file_size_limit(limit, args):
-    """generate.py as a subprocess that cannot write a file past `limit` bytes: a write there fails with EFBIG, as
-    on a full disk (SIGXFSZ ignored, so the write fails instead of killing the process)."""
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return run_python("generate.py", *args, timeout=300, preexec_fn=limit_file_size)
-
-
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 def test_disk_full_is_one_line_leaves_whole_files_and_resumes(output_format, reference, tiny_model, captions_file,
                                                               tmp_path):
@@ -615,7 +603,7 @@ def test_disk_full_is_one_line_leaves_whole_files_and_resumes(output_format, ref
     limit = 2000 if output_format == "files" else 20000
     out = tmp_path / "out"
     args = argv(tiny_model, captions_file, out, "--output-format", output_format, "--writers", "2")
-    result = run_with_file_size_limit(limit, args)
+    result = run_python_with_file_size_limit(limit, "generate.py", *args, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("generate.py: error: no space left to write") and "File too large" in last, last
@@ -679,8 +667,7 @@ def test_a_shard_another_process_holds_is_skipped_and_named(reference, tiny_mode
     out = tmp_path / "tree"
     out.mkdir()
     lock = out / ".lock-00000"
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(lock)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = start_python("-c", HOLDER, lock, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
         assert generate_in_process(*argv(tiny_model, captions_file, out)) == 3 * N  # shard 1 only

@@ -11,7 +11,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 import linear_probe
 from cli import run
-from conftest import run_python
+from conftest import assert_one_line_error, run_python
 from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import LinearHeads
 
@@ -111,8 +111,7 @@ def test_missing_checkpoint_subprocess(tmp_path, digit_folders):
     out = tmp_path / "probe.json"
     result = run_python("linear_probe.py", "--protocol", "lbfgs", "--checkpoint", tmp_path / "nope.pth",
                         "--train-dir", digit_folders[0], "--val-dir", digit_folders[1], "--output", out)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.count("\n") == 1 and "nope.pth does not exist" in result.stderr
+    assert_one_line_error(result, "nope.pth does not exist")
     assert not out.exists()
 
 

@@ -10,8 +10,16 @@ import subprocess
 import pytest
 import torch
 
+import files
 import pretrain
-from conftest import assert_one_line_error, run_python, signal_when, start_python, write_random_tree
+from conftest import (
+    assert_one_line_error,
+    run_python,
+    run_python_with_file_size_limit,
+    signal_when,
+    start_python,
+    write_random_tree,
+)
 from data import CaptionImagesDataset, collate
 from model import load_encoder
 
@@ -409,8 +417,10 @@ def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
     (output / "checkpoint-00000003.pth").symlink_to(victim)  # where the run's checkpoint will go
-    with pytest.raises(AssertionError):  # the folder "holds checkpoints": refused before anything is written
-        run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
+    # the folder "holds checkpoints": refused before anything is written
+    assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False),
+                          "already holds checkpoints")
+    assert victim.read_text() == "precious"
     (output / "checkpoint-00000003.pth").unlink()
     (output / "log.jsonl").symlink_to(victim)
     assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False),
@@ -419,25 +429,14 @@ def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     (output / "encoder.pth").symlink_to(victim)
     run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
     assert victim.read_text() == "precious" and not (output / "encoder.pth").is_symlink()
-    assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~files_umask()
-
-
-def files_umask():
-    import files
-    return files.UMASK
+    assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~files.UMASK
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, tmp_path):
-    """RLIMIT_FSIZE makes every write past 200 kB fail (EFBIG), as a full disk would (ENOSPC)."""
-    import resource
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
-
+    """Every write past 200 kB fails (EFBIG), as a full disk would (ENOSPC)."""
     output = tmp_path / "run"
-    result = run_python("pretrain.py", *small_run(random_tree, output, "--epochs", "1", "--no-tensorboard"),
-                        preexec_fn=limit_file_size)
+    result = run_python_with_file_size_limit(200_000, "pretrain.py", *small_run(random_tree, output, "--epochs",
+                                                                                "1", "--no-tensorboard"))
     assert_one_line_error(result, "no space left to write", "checkpoint-00000003.pth")
     assert not [p.name for p in output.iterdir() if p.name.startswith(".tmp")]
 

@@ -5,7 +5,6 @@ import importlib
 import os
 import re
 import shlex
-import sys
 
 import pytest
 
@@ -55,9 +54,7 @@ def parse(words):
     else:
         script, argv = words[1], words[2:]
     if script.endswith(".py"):
-        name = os.path.splitext(os.path.basename(script))[0]
-        if os.path.dirname(script):
-            sys.path.insert(0, os.path.join(REPO, os.path.dirname(script)))
+        name = os.path.splitext(script)[0].replace("/", ".")  # demo/tiny_sd.py -> demo.tiny_sd
     else:
         name = script + ".__main__" if script == "demo" else script
     module = importlib.import_module(name)

@@ -5,12 +5,10 @@ import os
 import pytest
 import torch
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-from cli import run  # noqa: E402
+from cli import run
 from conftest import run_python
-from demo import tiny_sd  # noqa: E402
-from demo.tiny_sd import save_tiny_pipeline  # noqa: E402
+from demo import tiny_sd
+from demo.tiny_sd import save_tiny_pipeline
 
 
 def test_saved_pipeline_loads_back_exactly_offline(tmp_path):
