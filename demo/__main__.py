@@ -20,7 +20,7 @@ import time
 
 from cli import ArgumentParser, UserError, integer, run
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
-from demo.stages import probe_and_fewshot, read_json, run_stage
+from demo.stages import DIGIT_ENCODER_FLAGS, DIGIT_PRETRAIN_FLAGS, probe_and_fewshot, read_json, run_stage
 from files import atomic_write_json, check_writable_folder
 from plots import plot_demo, read_log
 
@@ -59,9 +59,9 @@ def main(args):
     generate_args = ["--captions", args.captions, "--model", tiny_model, "--n", "4", "--size", "32",
                      "--stored-size", "32", "--steps", "10", "--batch-size", "16", "--writers", "1"]
     run_stage("generate.py: 4 images per caption", "generate.py", *generate_args,
-          "--output", os.path.join(out, "synthetic"))
+              "--output", os.path.join(out, "synthetic"))
     run_stage("generate.py --preview: captions x seeds in one PNG", "generate.py", *generate_args,
-          "--output", os.path.join(out, "preview"), "--preview", "4")
+              "--output", os.path.join(out, "preview"), "--preview", "4")
 
     # ---- 2. real images in the same layout ----
     train, held_out = split_digits(load_digit_images(size=32))
@@ -74,18 +74,15 @@ def main(args):
     # ---- 3. pretraining ----
     images_per_step = 10 * args.images_per_caption
     run_stage("pretrain.py: multi-positive loss on the digit captions", "pretrain.py", "--data", tree,
-          "--output", os.path.join(out, "pretrain"), "--model", "vit_tiny", "--image-size", "32",
-          "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
-          "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
-          "--base-lr", f"{1e-3 * 512 / images_per_step:g}", "--crop-scale", "0.6", "1",
-          "--head-hidden-dim", "512", "--embed-dim", "128", "--workers", "2", "--seed", str(args.seed),
-          "--head-batchnorm", "joint",  # 10 captions a step: per-view BatchNorm batches would hold 10 rows
-          "--log-every", "5", "--save-every", str(args.epochs))
+              "--output", os.path.join(out, "pretrain"), *DIGIT_PRETRAIN_FLAGS,
+              "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
+              "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
+              "--base-lr", f"{1e-3 * 512 / images_per_step:g}", "--workers", "2", "--seed", str(args.seed),
+              "--log-every", "5", "--save-every", str(args.epochs))
 
     # ---- 4. evaluation ----
     encoders = {"pretrained": ["--checkpoint", os.path.join(out, "pretrain", "encoder.pth")],
-                "random init": ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed",
-                                str(args.seed)]}
+                "random init": ["--random-init", *DIGIT_ENCODER_FLAGS, "--seed", str(args.seed)]}
     results = {name: probe_and_fewshot(name, encoder, train_folder, test_folder,
                                        os.path.join(out, "eval_" + name.replace(" ", "_")),
                                        probe_flags=["--num-workers", "2"],

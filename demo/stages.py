@@ -7,6 +7,12 @@ import sys
 
 from cli import REPOSITORY, UserError
 
+# the encoder the demo and findings.py train on the 32 px digits, and the pretraining flags they share
+DIGIT_ENCODER_FLAGS = ["--model", "vit_tiny", "--image-size", "32"]
+DIGIT_PRETRAIN_FLAGS = [*DIGIT_ENCODER_FLAGS, "--crop-scale", "0.6", "1", "--head-hidden-dim", "512",
+                        "--embed-dim", "128",
+                        "--head-batchnorm", "joint"]  # 10-40 captions a step: per-view BatchNorm batches that small
+
 
 def run_stage(title, *command):
     """`python <command>` from the repository root, offline, echoing the command as a user would type it; a

@@ -34,7 +34,7 @@ sys.path.insert(0, REPO)
 
 from cli import UserError, run  # noqa: E402
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
-from demo.stages import probe_and_fewshot, run_stage  # noqa: E402
+from demo.stages import DIGIT_ENCODER_FLAGS, DIGIT_PRETRAIN_FLAGS, probe_and_fewshot, run_stage  # noqa: E402
 from files import atomic_write_json, check_writable_folder  # noqa: E402
 
 IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
@@ -99,19 +99,17 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
         return encoder
     steps_per_epoch = 80 // captions  # the tree has 80 captions; every config's captions divide it
     epochs = args.steps // steps_per_epoch
-    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, "--model", "vit_tiny",
-               "--image-size", "32", "--crop-scale", "0.6", "1", "--head-hidden-dim", "512", "--embed-dim", "128",
+    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, *DIGIT_PRETRAIN_FLAGS,
                "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
                "--base-lr", f"{args.base_lr:g}", "--epochs", str(epochs),
                "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
-               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps),
-               "--head-batchnorm", "joint"]  # 10-40 captions a step: per-view BN batches would be that small
+               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
     if args.depth is not None:
         command += ["--depth", str(args.depth)]
     if loss in ("clip", "stablerep+"):
         command += ["--tokenizer", tokenizer, *TEXT_FLAGS]
     run_stage(f"{config} seed {seed}: {captions} captions x {m} images x {crops} crops = {IMAGES_PER_STEP} images a "
-          f"step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
+              f"step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
     return encoder
 
 
@@ -129,7 +127,7 @@ def random_init_flags(seed, depth, folder):
     At the full depth the probes' own --random-init builds it; a shallower one is built here as the probes build
     theirs (seed, then build_vit) and saved as a plain state dict, whose depth load_encoder reads from the keys."""
     if depth is None:
-        return ["--random-init", "--model", "vit_tiny", "--image-size", "32", "--seed", str(seed)]
+        return ["--random-init", *DIGIT_ENCODER_FLAGS, "--seed", str(seed)]
     import torch
 
     from model import build_vit
