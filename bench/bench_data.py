@@ -2,6 +2,10 @@
 
     python bench/bench_data.py                  # 48 captions x 6 of 10 images, 256 px JPEGs -> 224 crops, 2 workers
     python bench/bench_data.py --workers 0      # the loader in the main process: the Dataset's own overhead
+    python bench/bench_data.py --shards         # the loader on generate.py's tar shards vs on the same file tree
+
+--shards writes the same images as tar shards too and times pretrain.py's loader on each layout, taking turns
+(the same crops on both sides, checked); shards/tree is the images/s ratio (goal: at least 1.0).
 
 The bench writes its own image tree in a temporary folder (imagetree's layout, as generate.py writes it: 10
 JPEGs of 256 x 256 per caption, quality 95, smooth random images so they compress like real ones, and each
@@ -115,7 +119,12 @@ def pil_rgb(path):
         return image.convert("RGB")
 
 
+def load_average():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def main(args):
+    load_before = load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_data_") as root:
@@ -145,8 +154,8 @@ def main(args):
     print(f"{args.captions} captions x {args.images_stored} JPEGs of {args.stored_size} px; a pass = "
           f"{sampler.steps_per_epoch} steps x {args.captions_per_step} captions x {args.images_per_caption} images = "
           f"{per_pass} images, {args.image_size} px crops; cpu cores={os.cpu_count()}, torch threads="
-          f"{torch.get_num_threads()}, torch {torch.__version__}; load average before/after: {args.load_before} / "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+          f"{torch.get_num_threads()}, torch {torch.__version__}; load average before/after: {load_before} / "
+          f"{load_average()}")
     workers = f"DataLoader, {args.workers} worker process(es)" if args.workers else "DataLoader, in the main process"
     labels = {"loader": workers, "ours": "decode + PretrainAugmentation, 1 process",
               "official": "PIL decode + official pipeline, 1 process",
@@ -234,5 +243,4 @@ if __name__ == "__main__":
                         help="compare the loader on generate.py's tar shards with the loader on the file tree (the "
                              "same images and crops) instead of the loader with the plain loop")
     arguments = parser.parse_args()
-    arguments.load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     shards_main(arguments) if arguments.shards else main(arguments)

@@ -45,9 +45,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import shards  # noqa: E402
 
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # every process this bench starts
 
-def rss_bytes(pid="self"):
-    with open(f"/proc/{pid}/status") as f:
+
+def rss_bytes():
+    """This process's resident set (bench_loss.status_kib would import torch into the index child)."""
+    with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
@@ -107,9 +110,8 @@ def simulate_shards(folder, captions, n, per_shard):
 def run_child(*args, env=None):
     """This script in a fresh process with `args` (and extra environment variables); its last stdout line parsed
     as JSON."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, os.path.abspath(__file__), *map(str, args)], capture_output=True,
-                            text=True, env=env, cwd=REPO)
+                            text=True, env={**CHILD_ENV, **(env or {})}, cwd=REPO)
     if result.returncode != 0:
         raise SystemExit(f"child {args[:2]} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -223,10 +225,9 @@ def measure_generate(work, captions, n, per_shard):
     output = os.path.join(work, f"generated_{captions}")
     result = run_child("--child", "generate", path, output, n, per_shard)
     assert result["resume_made"] == 0 and result["images"] == captions * n
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     command = subprocess.run([sys.executable, os.path.join(REPO, "generate.py"), *result["argv"]],
-                             capture_output=True, text=True, env=env, cwd=REPO)
+                             capture_output=True, text=True, env=CHILD_ENV, cwd=REPO)
     result["resume_command_s"] = time.perf_counter() - start
     assert command.returncode == 0 and "nothing to do" in command.stdout, command.stderr[-2000:]
     files = sum(len(names) for _, _, names in os.walk(output))

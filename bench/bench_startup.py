@@ -15,26 +15,31 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# script -> how to run it in a checkout: (path or -m module, a flag value the script refuses)
+# script -> (a flag, a value its parser refuses)
 SCRIPTS = {"generate.py": ("--w", "nan"), "pretrain.py": ("--epochs", "0"),
            "linear_probe.py": ("--epochs", "0"), "fewshot.py": ("--episodes", "0")}
 
 
-def time_command(command, cwd):
+def time_command(command, cwd, expected_code):
+    """Seconds the command takes; it must exit with `expected_code` (0 for --help, 2 for a refused flag), or what
+    was timed is not start-up."""
     start = time.perf_counter()
-    subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    code = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - start
+    if code != expected_code:
+        raise SystemExit(f"{' '.join(command[1:])} in {cwd} exited with {code}, not {expected_code}")
+    return seconds
 
 
 def main(args):
     sides = {"this": HERE, "baseline": os.path.abspath(args.baseline)} if args.baseline else {"this": HERE}
     print(f"{'command':40s} " + " ".join(f"{side:>10s}" for side in sides) + ("   ratio" if args.baseline else ""))
     for script, bad_flag in SCRIPTS.items():
-        for label, extra in (("--help", ["--help"]), ("bad flag " + " ".join(bad_flag), list(bad_flag))):
+        for label, extra, code in (("--help", ["--help"], 0), ("bad flag " + " ".join(bad_flag), list(bad_flag), 2)):
             times = {side: [] for side in sides}
             for _ in range(args.repeats):  # the sides take turns
                 for side, folder in sides.items():
-                    times[side].append(time_command([sys.executable, script, *extra], folder))
+                    times[side].append(time_command([sys.executable, script, *extra], folder, code))
             medians = {side: statistics.median(values) for side, values in times.items()}
             ratio = f"   {medians['this'] / medians['baseline']:.2f}x" if args.baseline else ""
             print(f"{script + ' ' + label:40s} " + " ".join(f"{m:9.2f}s" for m in medians.values()) + ratio,

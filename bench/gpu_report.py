@@ -87,7 +87,7 @@ SD15_PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_0
 # ---- measuring ----
 
 def measure(fn, device):
-    """(seconds, bytes allocated at the start, peak bytes during the call, fn's result). CUDA: events around the call
+    """(seconds, bytes allocated at the start, peak bytes during the call). CUDA: events around the call
     after a synchronize, torch's allocator statistics. CPU: perf_counter, the process's resident set (VmRSS) at the
     start and its peak (VmHWM, reset first); None for both where /proc does not allow the reset."""
     import torch
@@ -99,18 +99,18 @@ def measure(fn, device):
         base = torch.cuda.memory_allocated(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        result = fn()
+        fn()
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) / 1e3, base, torch.cuda.max_memory_allocated(device), result
+        return start.elapsed_time(end) / 1e3, base, torch.cuda.max_memory_allocated(device)
     try:
         base = reset_peak_rss() * 1024
     except OSError:
         base = None
     start = time.perf_counter()
-    result = fn()
+    fn()
     seconds = time.perf_counter() - start
-    return seconds, base, status_kib("VmHWM") * 1024 if base is not None else None, result
+    return seconds, base, status_kib("VmHWM") * 1024 if base is not None else None
 
 
 def count_flops(fn):
@@ -126,7 +126,7 @@ def alternate(calls, repeats, device):
     timings = {side: [] for side in calls}
     for _ in range(repeats):
         for side, call in calls.items():
-            seconds, base, peak, _ = measure(call, device)
+            seconds, base, peak = measure(call, device)
             timings[side].append((seconds, base, peak))
     return timings
 
@@ -196,7 +196,10 @@ class Report:
         self.data["skipped"].append({"what": what, "why": why})
         self.save()
 
-    def fail(self, section, error):
+    def fail(self, section, error, part=""):
+        """Record and print a failure with its traceback (called in the `except` block); the run goes on."""
+        traceback.print_exc()
+        print(f"FAILED: section {section}{part}: {type(error).__name__}: {error}", flush=True)
         self.data["failed"].append({"section": section, "error": f"{type(error).__name__}: {error}"})
         self.save()
 
@@ -527,9 +530,7 @@ def section_loader(report, args, device, results):
     try:
         augment_seconds = device_share(report, args, device, collate(last[gpu_path]), collate(last[cpu_path]))
     except Exception as error:
-        traceback.print_exc()
-        print(f"FAILED: section loader, the device's share: {type(error).__name__}: {error}", flush=True)
-        report.fail("loader", error)
+        report.fail("loader", error, ", the device's share")
         augment_seconds = None
 
     # how many cores one GPU needs: the step's consumption over one core's rate
@@ -687,8 +688,6 @@ def main(args):
         try:
             sections[section](report, args, device, results)
         except Exception as error:  # one section's failure (out of memory, a bug) must not cost the others
-            traceback.print_exc()
-            print(f"FAILED: section {section}: {type(error).__name__}: {error}", flush=True)
             report.fail(section, error)
         finally:
             if device.type == "cuda":
