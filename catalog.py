@@ -13,7 +13,6 @@ VIT_SIZES = {  # name: (width, heads); patch 16, MLP ratio 4; depth 12 (vit_larg
 }
 
 
-
 def vit_name(width):
     """The VIT_SIZES name of a ViT of this width, or None."""
     return next((name for name, (size_width, _) in VIT_SIZES.items() if size_width == width), None)

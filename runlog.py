@@ -79,7 +79,7 @@ class RunLog:
         self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        if getattr(self, "wandb", None) is not None:
+        if self.wandb is not None:
             self.wandb.finish()
 
 
