@@ -109,30 +109,15 @@ def _tree_folder_captions(folder):
     """[(key text, [image file names])] of a tree folder: from its _index.json when generate.py wrote one, else
     from a listing (img2dataset's `files` output: `<key>.jpg` + `<key>.txt`); captions without a .txt are left
     out, as imagetree.read_tree leaves them out."""
-    index = os.path.join(folder, imagetree.INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            return [(entry["key"], entry["images"]) for entry in json.load(f)["captions"]]
-    texts, images = set(), {}
-    for name in os.listdir(folder):
-        if name.startswith((".", "_")):
-            continue
-        stem, ext = os.path.splitext(name)
-        if ext == ".txt":
-            texts.add(stem)
-        elif ext.lower() in imagetree.IMAGE_EXTENSIONS:
-            images.setdefault(stem.split("_")[0], []).append(name)
-    return [(key, images[key]) for key in sorted(texts) if key in images]
+    entries = imagetree.folder_index(folder)
+    if entries is not None:
+        return [(entry["key"], entry["images"]) for entry in entries]
+    return [(key, image_names) for key, _, image_names in imagetree.list_folder(folder)]
 
 
 def build_tree(root):
     """(table, metadata) of a folder tree; ValueError with a one-line message when it is not one."""
-    if not os.path.isdir(root):
-        raise ValueError(f"data folder {root} does not exist")
-    folders = sorted(name for name in os.listdir(root) if name.isdigit() and os.path.isdir(os.path.join(root, name)))
-    if not folders:
-        raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; make one with "
-                         "generate.py or img2dataset --output_format files)")
+    folders = imagetree.caption_folders(root)
     extensions, key_width, parts = [], None, []
     for folder_id, name in enumerate(folders):
         entries = _tree_folder_captions(os.path.join(root, name))

@@ -110,22 +110,51 @@ def write_settings(root, settings):
     atomic_write_json(os.path.join(root, SETTINGS_FILE), settings)
 
 
-def _scan_folder(folder):
-    """Group a folder's files by caption key: [(key, caption text, [image names])], sorted by key."""
+def caption_folders(root):
+    """The tree's numbered caption folders ("00000", "00001", ...), sorted. ValueError with a one-line message for a
+    missing folder or one that is not such a tree."""
+    if not os.path.isdir(root):
+        raise ValueError(f"data folder {root} does not exist")
+    folders = sorted(name for name in os.listdir(root)
+                     if name.isdigit() and os.path.isdir(os.path.join(root, name)))
+    if not folders:
+        raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; "
+                         "make one with generate.py or img2dataset --output_format files)")
+    return folders
+
+
+def list_folder(folder):
+    """A caption folder's captions from a listing, without reading their text: [(key, caption file name, [image
+    names])], sorted, for every key with a `.txt` and at least one image. Hidden files (temporary files, locks) and
+    `_index.json` are skipped."""
     captions, images = {}, {}
     for name in os.listdir(folder):
-        if name.startswith((".tmp", "_")):
+        if name.startswith((".", "_")):
             continue
         stem, ext = os.path.splitext(name)
         if ext == ".txt":
             captions[stem] = name
         elif ext.lower() in IMAGE_EXTENSIONS:
             images.setdefault(stem.split("_")[0], []).append(name)
+    return [(key, captions[key], sorted(images[key])) for key in sorted(captions) if key in images]
+
+
+def folder_index(folder):
+    """The entries of the folder's _index.json ([{"key", "caption", "images"}]), or None when there is none yet
+    (an img2dataset folder, or one generate.py has not finished)."""
+    index = os.path.join(folder, INDEX_FILE)
+    if not os.path.isfile(index):
+        return None
+    with open(index, encoding="utf-8") as f:
+        return json.load(f)["captions"]
+
+
+def _scan_folder(folder):
+    """A folder's captions from what is on disk: [(key, caption text, [image names])], sorted by key."""
     entries = []
-    for key in sorted(captions):
-        if key in images:
-            with open(os.path.join(folder, captions[key]), encoding="utf-8", errors="replace") as f:
-                entries.append((key, f.read().strip(), sorted(images[key])))
+    for key, caption_file, image_names in list_folder(folder):
+        with open(os.path.join(folder, caption_file), encoding="utf-8", errors="replace") as f:
+            entries.append((key, f.read().strip(), image_names))
     return entries
 
 
@@ -137,10 +166,9 @@ def index_folder(folder):
 
 
 def _folder_entries(folder):
-    index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):  # the fast path: one small file instead of listing thousands
-        with open(index, encoding="utf-8") as f:
-            return [(e["key"], e["caption"], e["images"]) for e in json.load(f)["captions"]]
+    entries = folder_index(folder)  # the fast path: one small file instead of listing thousands
+    if entries is not None:
+        return [(e["key"], e["caption"], e["images"]) for e in entries]
     return _scan_folder(folder)  # an img2dataset folder, or one generate.py has not finished yet
 
 
@@ -149,15 +177,8 @@ def read_tree(root):
 
     Raises ValueError with a one-line message for a missing folder, a folder that is not such a tree, or a tree
     without a single image."""
-    if not os.path.isdir(root):
-        raise ValueError(f"data folder {root} does not exist")
-    folders = sorted(name for name in os.listdir(root)
-                     if name.isdigit() and os.path.isdir(os.path.join(root, name)))
-    if not folders:
-        raise ValueError(f"{root} is not an image tree (no numbered caption folders such as 00000/; "
-                         "make one with generate.py or img2dataset --output_format files)")
     records = []
-    for name in folders:
+    for name in caption_folders(root):
         folder = os.path.join(root, name)
         for key, caption, image_names in _folder_entries(folder):
             records.append(CaptionRecord(int(key), caption, [os.path.join(folder, n) for n in image_names]))
