@@ -12,6 +12,12 @@ their drawn colour, blur and flip parameters (`color`) instead, for augment.augm
 training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
 seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
 exactly the batches an uninterrupted one would have seen.
+
+The self-supervised families take other crops: a View per crop (MoCo v3's and BYOL's two asymmetric views, MAE's
+crop and flip), DINO's `local` crops of a smaller size beside its two global ones (`local_images`), and
+`noise_per_crop` uniform draws per crop for the model's own random choices (MAE's mask, DINO's stochastic depth),
+drawn with the item's seed too: a sample's randomness travels with it, so one process and several give the same
+numbers.
 """
 import io
 import itertools
@@ -24,7 +30,7 @@ import torch
 
 import dataindex
 import shards
-from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, decode_rgb
+from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, View, decode_rgb
 
 
 def item_seed(seed, epoch, index):
@@ -46,16 +52,35 @@ class CaptionImages(NamedTuple):
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
     color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
+    local_images: Optional[torch.Tensor] = None  # [m * l, 3, s, s] DINO's local crops, image-major (or uint8 crops)
+    local_color: Optional[ColorParams] = None  # augment_on_device: the local crops' parameters
+    noise: Optional[torch.Tensor] = None  # [m * c, noise_per_crop] uniform draws for the model, one row per crop
+    local_noise: Optional[torch.Tensor] = None  # [m * l, noise_per_crop], the local crops'
+
+
+class LocalCrops(NamedTuple):
+    """DINO's multi-crop: `count` more crops of each image at `size` pixels, of `scale` of its area, by `view`."""
+    count: int
+    size: int
+    scale: tuple
+    view: View
 
 
 class _CaptionItems:
     """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
     def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                 downsample_prob, downsample_res, augment_on_device):
+                 downsample_prob, downsample_res, augment_on_device, views=None, local=None, noise_per_crop=0):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
-        self.augment = PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res)
+        views = views or (View(),) * crops_per_image  # one View per crop (StableRep, SimCLR: c alike)
+        if len(views) != crops_per_image:
+            raise ValueError(f"{len(views)} views for {crops_per_image} crops per image")
+        self.augments = [PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res, view)
+                         for view in views]
+        self.local_augments = [PretrainAugmentation(local.size, local.scale, downsample_prob, downsample_res,
+                                                    local.view) for _ in range(local.count)] if local else []
+        self.noise_per_crop = noise_per_crop
         self.augment_on_device = augment_on_device
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
@@ -68,7 +93,8 @@ class _CaptionItems:
         """(item or None, corrupt): decode m distinct images of a caption, taken in a random order of its `slots`
         (torch's generator, seeded by the caller), `image_of(slot)` giving a path or the file's bytes; a corrupt or
         truncated one is skipped and counted, never trained on. None when fewer than m are readable."""
-        images, colors, chosen, corrupt = [], [], [], 0
+        images, colors, local_images, local_colors, noise, local_noise = [], [], [], [], [], []
+        chosen, corrupt = [], 0
         for position in torch.randperm(len(slots)).tolist():
             slot = slots[position]
             try:
@@ -77,13 +103,13 @@ class _CaptionItems:
             except DECODE_ERRORS:
                 corrupt += 1
                 continue
-            for _ in range(self.crops_per_image):
-                if self.augment_on_device:
-                    crop, color = self.augment.crop(pixels)
-                    images.append(crop)
-                    colors.append(color)
-                else:
-                    images.append(self.augment(pixels))
+            for augment in self.augments:
+                self._crop(augment, pixels, images, colors)
+            for augment in self.local_augments:
+                self._crop(augment, pixels, local_images, local_colors)
+            if self.noise_per_crop:  # after the crops: the crops' draws are those of a run without noise
+                noise.append(torch.rand(len(self.augments), self.noise_per_crop))
+                local_noise.append(torch.rand(len(self.local_augments), self.noise_per_crop))
             chosen.append(slot)
             if len(chosen) == self.images_per_caption:
                 tokens = None
@@ -92,10 +118,24 @@ class _CaptionItems:
                         tokens = self.tokenize(caption_of())
                     except OSError:  # an unreadable caption file or member
                         return None, corrupt + 1
-                color = ColorParams.cat(colors) if colors else None
-                item = CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt, color)
+                item = CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt,
+                                     ColorParams.cat(colors) if colors else None,
+                                     torch.stack(local_images) if local_images else None,
+                                     ColorParams.cat(local_colors) if local_colors else None,
+                                     torch.cat(noise) if noise else None,
+                                     torch.cat(local_noise) if local_images and noise else None)
                 return item, corrupt
         return None, corrupt
+
+    def _crop(self, augment, pixels, crops, colors):
+        """One crop of `pixels` by `augment` onto `crops`: finished here, or (augment_on_device) uint8 with its
+        drawn colour parameters onto `colors`."""
+        if self.augment_on_device:
+            crop, color = augment.crop(pixels)
+            crops.append(crop)
+            colors.append(color)
+        else:
+            crops.append(augment(pixels))
 
 
 class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
@@ -106,9 +146,10 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
                  context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
-                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True):
+                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True, views=None,
+                 local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device)
+                         downsample_prob, downsample_res, augment_on_device, views, local, noise_per_crop)
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
@@ -200,9 +241,9 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
                  seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
                  downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
-                 shuffle_buffer=500):
+                 shuffle_buffer=500, views=None, local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device)
+                         downsample_prob, downsample_res, augment_on_device, views, local, noise_per_crop)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
         self.source_of = {url: source for source, url in self.shards}
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
@@ -314,7 +355,8 @@ class CaptionSampler(torch.utils.data.Sampler):
 
 def collate(items):
     """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
-    ColorParams, "color") and per-image caption labels and image ids.
+    ColorParams, "color") and per-image caption labels and image ids; the families' local crops, their colour
+    parameters and the crops' noise likewise, each None where the items have none.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
@@ -328,4 +370,13 @@ def collate(items):
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
     color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
     return {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
-            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items),
+            "local_images": _cat([item.local_images for item in items]),
+            "local_color": (ColorParams.cat([item.local_color for item in items])
+                            if items[0].local_color is not None else None),
+            "noise": _cat([item.noise for item in items]), "local_noise": _cat([item.local_noise for item in items])}
+
+
+def _cat(tensors):
+    """torch.cat of the items' tensors, or None when they hold none."""
+    return None if tensors[0] is None else torch.cat(tensors)

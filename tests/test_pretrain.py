@@ -36,13 +36,15 @@ def run_pretrain(*args, check=True):
 
 
 def test_defaults_are_the_papers_recipe():
-    args = pretrain.get_args_parser().parse_args(["--data", "x"])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x"]))
     assert (args.model, args.image_size, args.loss, args.temperature) == ("vit_base", 224, "stablerep", 0.1)
     assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
     assert (args.head_hidden_dim, args.embed_dim, args.schedule, args.head_batchnorm) == (
         4096, 256, "cc12m-1x", "per-view")
+    assert (args.epochs, args.warmup_epochs, tuple(args.crop_scale)) == (15, 0.5, (0.08, 1.0))
     views = {name: (o.images_per_caption, o.crops_per_image) for name, o in pretrain.OBJECTIVES.items()}
-    assert views == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+    assert views == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1),
+                     "mocov3": (1, 2), "byol": (1, 2), "dino": (1, 2), "mae": (1, 1)}
     # downsampling off (the official README's table scores it lower), the official command's resolutions at hand
     assert (args.downsample_prob, tuple(args.downsample_res), args.gpu_augment) == (0.0, (64, 128), False)
 
@@ -52,8 +54,11 @@ def test_learning_rate_is_the_official_rule():
     def official(blr, captions_per_gpu, gpus, n_img, num_crop):
         return blr * captions_per_gpu * gpus * n_img / 256 * num_crop / 2
 
-    for m, c, *_ in pretrain.OBJECTIVES.values():
+    for name in ("stablerep", "simclr", "clip", "stablerep+"):
+        m, c = pretrain.OBJECTIVES[name].images_per_caption, pretrain.OBJECTIVES[name].crops_per_image
         assert math.isclose(pretrain.scaled_lr(2e-4, 43 * 32 * m * c), official(2e-4, 43, 32, m, c))
+        lr, _ = pretrain.objective_lr(pretrain.OBJECTIVES[name], 2e-4, 43 * 32 * m * c, c)
+        assert math.isclose(lr, official(2e-4, 43, 32, m, c))
     assert math.isclose(pretrain.scaled_lr(2e-4, 8256), 3.225e-3)
 
 
