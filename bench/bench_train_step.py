@@ -28,7 +28,15 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import CaptionImages, collate  # noqa: E402
 from model import VIT_SIZES  # noqa: E402
-from pretrain import OBJECTIVES, build_model, compute_loss, get_args_parser, param_groups, scaled_lr  # noqa: E402
+from pretrain import (  # noqa: E402
+    OBJECTIVES,
+    build_model,
+    compute_loss,
+    fill_recipe,
+    get_args_parser,
+    param_groups,
+    scaled_lr,
+)
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
@@ -68,9 +76,9 @@ def build_sides(model_name, image_size, images_per_step, device, depth=None):
     "timm") the model on `device` in train mode and its AdamW on pretrain.param_groups at the scaled lr. Both sides
     start from the same weights: timm's encoder state dict loaded into ours, one projection head copied."""
     import timm
-    run_args = get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
-                                             str(image_size), "--loss", "stablerep"]
-                                            + (["--depth", str(depth)] if depth else []))
+    run_args = fill_recipe(get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
+                                                         str(image_size), "--loss", "stablerep"]
+                                                        + (["--depth", str(depth)] if depth else [])))
     torch.manual_seed(0)
     reference = timm.create_model(TIMM_NAMES[model_name], num_classes=0, img_size=image_size,
                                   **({"depth": depth} if depth else {}))

@@ -406,9 +406,9 @@ def section_loss(report, args, device, results):
     import torch.nn.functional as F
 
     from bench_loss import forward_backward, loss_function, make_inputs
-    from pretrain import get_args_parser
+    from pretrain import fill_recipe, get_args_parser
 
-    defaults = get_args_parser().parse_args(["--data", "unused"])  # the paper's tau and embedding width
+    defaults = fill_recipe(get_args_parser().parse_args(["--data", "unused"]))  # the paper's tau and embedding width
     tau, dim, m = defaults.temperature, defaults.embed_dim, args.images_per_caption
     n_local = args.captions * m
     n_global = n_local * args.world_size

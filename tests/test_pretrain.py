@@ -26,6 +26,9 @@ from model import load_encoder
 TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
         "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
         "--workers", "0", "--log-every", "1"]
+# the families' own parts, as small (DINO: 2 local crops of 16 px, one patch each)
+FAMILY_TINY = {"dino": ["--out-dim", "64", "--local-crops", "2", "--local-crop-size", "16"],
+               "mae": ["--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2"]}
 
 
 def run_pretrain(*args, check=True):
@@ -75,11 +78,13 @@ def test_warmup_then_cosine_to_zero():
 
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
-    args = pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY,
+                                                                       *FAMILY_TINY.get(loss, [])]))
     m, c = pretrain.OBJECTIVES[loss].images_per_caption, pretrain.OBJECTIVES[loss].crops_per_image
     m = min(m, 3)
     tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
-    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40)
+    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40,
+                                   **pretrain.family_crops(args))
     batch = collate([dataset[i] for i in range(6)])
     torch.manual_seed(0)
     model = pretrain.build_model(args, tokenizer)
@@ -98,7 +103,7 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
 def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
     m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
     run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
-                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY)
+                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY, *FAMILY_TINY.get(loss, []))
     summary = (tmp_path / "summary.json").read_text()
     assert '"steps": 3' in summary
     encoder = load_encoder(str(tmp_path / "encoder.pth"))
@@ -265,7 +270,7 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
     """A checkpoint in the official code's format: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace},
     DDP's `module.` prefix, the text tower (StableRep+) under CLIP's names with [in, out] projection matrices."""
     import argparse
-    args = pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY]))
     torch.manual_seed(1)
     model = pretrain.build_model(args, tokenizer)
     state = {}
