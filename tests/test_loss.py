@@ -317,7 +317,7 @@ def test_mocov3_loss_is_the_symmetrised_infonce_with_2_tau(temperature):
     queries, keys = family_inputs(20, (6, 2, 8), (6, 2, 8))
     assert_value_and_gradient(lambda q, k: mocov3_loss(q, k, temperature),
                               lambda q, k: looped_mocov3(q, k, temperature), [queries, keys], trained={0})
-    keys.requires_grad_()
+    queries.requires_grad_(), keys.requires_grad_()
     mocov3_loss(queries, keys, temperature).backward()
     assert keys.grad is None  # the keys are the momentum encoder's: no gradient reaches them
 
