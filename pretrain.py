@@ -507,10 +507,17 @@ def recipe_values(key):
         if key in objective.recipe:
             value = objective.recipe[key]
             shown = (" ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else
-                     ("on" if value else "off") if isinstance(value, bool) else f"{value:g}"
+                     ("on" if value else "off") if isinstance(value, bool) else _short(value)
                      if isinstance(value, (int, float)) else str(value))
             groups.setdefault(shown, []).append(name)
     return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
+
+
+def _short(number):
+    """2e-4 rather than 0.0002; 0.04 and 4096 as they are."""
+    if number == 0 or abs(number) >= 1e-3:
+        return f"{number:g}"
+    return f"{number:.1e}".replace(".0e", "e").replace("e-0", "e-")
 
 
 def fill_recipe(args):
