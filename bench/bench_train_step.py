@@ -118,17 +118,17 @@ def train_step(model, optimizer, batch, run_args, device, amp):
     return loss.detach()
 
 
-def objective_side(name, args, device):
-    """(pretrain.py's arguments, model, AdamW, batch) of one objective at args.crops crops a step: its recipe, this
-    bench's model and size, random images in its own views (DINO's local crops, the crops' noise included)."""
-    run_args = fill_recipe(get_args_parser().parse_args(["--data", "unused", "--model", args.model, "--image-size",
-                                                         str(args.image_size), "--loss", name]))
+def objective_side(name, model_name, image_size, crops, device, flags=()):
+    """(pretrain.py's arguments, model, AdamW, batch) of one objective at `crops` crops a step: its recipe (with
+    `flags` on top), this model and size, random images in its own views (DINO's local crops, the crops' noise)."""
+    run_args = fill_recipe(get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
+                                                         str(image_size), "--loss", name, *flags]))
     m, c = run_args.images_per_caption, run_args.crops_per_image
-    captions = args.crops // (m * c)
-    crops = family_crops(run_args)
-    local, noise = crops.get("local"), crops.get("noise_per_crop", 0)
+    captions = crops // (m * c)
+    family = family_crops(run_args)
+    local, noise = family.get("local"), family.get("noise_per_crop", 0)
     generator = torch.Generator().manual_seed(0)
-    size = args.image_size
+    size = image_size
 
     def random(*shape):
         return torch.randn(*shape, generator=generator)
@@ -163,7 +163,8 @@ def objective_step(model, optimizer, batch, run_args, device, amp, step):
 
 
 def compare_objectives(args, device):
-    sides = {name: objective_side(name, args, device) for name in args.objectives}
+    sides = {name: objective_side(name, args.model, args.image_size, args.crops, device)
+             for name in args.objectives}
     print(f"{args.model}/16 at {args.image_size}, {args.crops} crops of {args.image_size} px a step per objective; "
           f"device={device}, amp(bf16)={args.amp}, threads={torch.get_num_threads()}, torch {torch.__version__}")
     times = {name: [] for name in sides}

@@ -22,6 +22,11 @@ Sections, in this order (--sections picks some):
                 CPU path, and the crop-only path of --gpu-augment) on JPEGs of 256 px, one thread; augment_crops on the
                 device for one step's batch and the host-to-device copy of that batch; and from section 2's step how
                 many CPU cores one GPU needs to keep up, for both paths.
+  5 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
+                networks and hooks, bench/bench_train_step.py --objectives) on ViT-B/16 at 224 px, bf16 autocast, at
+                the per-GPU batch of its CC3M recipe (recipes/pretrain_cc3m_<family>_synthetic.args): seconds a
+                step, peak memory, and the GPU hours of that recipe on CC3M's 3.3M captions at 32 GPUs (steps x the
+                step time x 32, communication left out).
 
 Timing: every measured call is warmed up once (the first call of a shape pays for kernel selection and allocation),
 then repeated the count given below, sides alternating; the median is reported, with every timed value. On a GPU a
@@ -42,10 +47,12 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub: every model is built from configs
 
-from cli import UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
+from cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
 from files import atomic_write_json
 
-SECTIONS = ("generation", "train", "loss", "loader")
+SECTIONS = ("generation", "train", "loss", "loader", "families")
+CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
+RECIPE_GPUS = 32  # the CC3M recipes' torchrun command: 4 nodes x 8 GPUs
 
 # Every size and repeat count of the run: "full" is what the report means on a GPU, "tiny" the CPU smoke run.
 SIZES = {
@@ -55,14 +62,20 @@ SIZES = {
         train_model="vit_base", train_depth=None, image_size=224, captions=43, images_per_caption=6,
         train_repeats=10,
         world_size=32, loss_repeats=20,
-        loader_captions=43, stored_size=256, loader_repeats=5, augment_repeats=10),
+        loader_captions=43, stored_size=256, loader_repeats=5, augment_repeats=10,
+        # family_batch None: each CC3M recipe's own per-GPU batch; family_flags (not a flag): the tiny run's small
+        # heads and decoder, on top of each family's recipe
+        family_repeats=5, family_batch=None, family_flags=None),
     "tiny": dict(
         gen_size=32, gen_captions=2, gen_images=2,
         ddim_steps=3, dpm_steps=2, gen_warmup_steps=1, gen_repeats=1,
         train_model="vit_tiny", train_depth=2, image_size=32, captions=2, images_per_caption=6,
         train_repeats=2,
         world_size=4, loss_repeats=2,
-        loader_captions=4, stored_size=40, loader_repeats=1, augment_repeats=2),
+        loader_captions=4, stored_size=40, loader_repeats=1, augment_repeats=2,
+        family_repeats=1, family_batch=4,
+        family_flags=("--head-hidden-dim", "64", "--embed-dim", "32", "--out-dim", "64", "--local-crop-size", "16",
+                      "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2")),
 }
 
 # Stable Diffusion v1.5's published configs (unet/, vae/ and text_encoder/config.json of
@@ -589,6 +602,53 @@ def device_share(report, args, device, crops, floats):
 
 # ---- main ----
 
+# ---- 5. the self-supervised families ----
+
+def section_families(report, args, device, results):
+    from pretrain import FAMILIES
+
+    amp = device.type == "cuda"
+    if not amp:
+        report.skip("bf16 autocast in the families' steps", "pretrain.py uses it on CUDA only; timed in float32")
+    blocks = f", {args.train_depth} blocks" if args.train_depth else ""
+    report.table("families", f"### 5. The families' training steps: {args.train_model}/16{blocks} at "
+                 f"{args.image_size} px, {'bf16 autocast' if amp else 'float32'}, each at its CC3M recipe's "
+                 f"per-GPU batch; warm-up 1 step, then {args.family_repeats} timed steps each; GPU hours of the "
+                 f"recipe at {RECIPE_GPUS} GPUs on CC3M's {CC3M_CAPTIONS} captions",
+                 ["family", "images a GPU (+ local crops)", "s per step (timed)", "peak GiB", "GPU hours (recipe)"])
+    for name in FAMILIES:  # one at a time: a family's model and optimiser are freed before the next is built
+        family_row(report, args, device, amp, name)
+
+
+def family_row(report, args, device, amp, name):
+    """One family's step at its CC3M recipe's per-GPU batch (or --family-batch), and the recipe's GPU hours."""
+    from bench_train_step import objective_side, objective_step, side_bytes
+    from pretrain import get_args_parser as pretrain_parser
+
+    recipe = pretrain_parser().parse_args(
+        [f"@{os.path.join(REPOSITORY, 'recipes', f'pretrain_cc3m_{name}_synthetic.args')}"])
+    images = args.family_batch or recipe.captions_per_gpu
+    flags = [*(["--depth", str(args.train_depth)] if args.train_depth else []), *(args.family_flags or ())]
+    run_args, model, optimizer, batch = objective_side(name, args.train_model, args.image_size,
+                                                       images * (1 if name == "mae" else 2), device, flags)
+    steps_done = iter(range(10 ** 6))
+
+    def step():
+        return objective_step(model, optimizer, batch, run_args, device, amp, next(steps_done))
+
+    step()  # warm-up
+    timing = alternate({name: step}, args.family_repeats, device)[name]
+    seconds = median_seconds(timing)
+    steps = run_args.epochs * (CC3M_CAPTIONS // (recipe.captions_per_gpu * RECIPE_GPUS))
+    hours = steps * seconds * RECIPE_GPUS / 3600  # the recipe's only at its own per-GPU batch
+    local = batch["local_images"]
+    shown = f"{images}" + (f" (+ {len(local)} of {local.shape[-1]} px)" if local is not None else "")
+    peak = highest(timing, side_bytes(model, optimizer, device.type))
+    report.row([name, shown, seconds_list(timing), fmt(gib(peak)), fmt(hours)], family=name, images=images,
+               seconds=[t for t, _, _ in timing], peak_bytes=peak, recipe_epochs=run_args.epochs,
+               recipe_steps=steps, gpu_hours=hours)
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "gpu_report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -609,7 +669,7 @@ def get_args_parser():
                              "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
                              "runs it so the script cannot rot. Its numbers are not for comparison")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run, always in the order 1-4 (default: all; section 4's cores per "
+                        help="which sections to run, always in the order 1-5 (default: all; section 4's cores per "
                              "GPU needs section 2)")
     parser.add_argument("--output", default=None, metavar="JSON",
                         help="write every number here, rewritten after each row (default: print only)")
@@ -637,6 +697,11 @@ def get_args_parser():
     size_flag(group, "--stored-size", "JPEG size on disk (generate.py's --stored-size: 256)")
     size_flag(group, "--loader-repeats", "timed passes per augmentation path")
     size_flag(group, "--augment-repeats", "timed augment_crops calls and copies")
+    group = parser.add_argument_group("5. the families (section 2's model, depth and image size)")
+    size_flag(group, "--family-repeats", "timed steps per family")
+    group.add_argument("--family-batch", type=integer(2), default=None,
+                       help="images a GPU for every family (default: each CC3M recipe's own; --tiny: 4); GPU hours "
+                            "are the recipe's only at its own batch")
     return parser
 
 
@@ -644,7 +709,7 @@ def resolve_sizes(args):
     """Fill every size flag left unset from SIZES (tiny or full)."""
     sizes = SIZES["tiny" if args.tiny else "full"]
     for key, value in sizes.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.captions * args.images_per_caption < 2:
         raise UserError("a contrastive batch needs at least two images: raise --captions or --images-per-caption")
@@ -678,7 +743,7 @@ def main(args):
           f"{info['diffusers']}, transformers {info['transformers']}, timm {info['timm']}; CPU {info['cpu']}, "
           f"{info['cpu_cores']} cores.\nCommand: `{header['command']}`", flush=True)
     sections = {"generation": section_generation, "train": section_train, "loss": section_loss,
-                "loader": section_loader}
+                "loader": section_loader, "families": section_families}
     results, total = {}, time.perf_counter()
     for section in SECTIONS:
         if section not in args.sections:
