@@ -625,15 +625,16 @@ def interpolate_pos_embed(pos_embed, grid_size):
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-def load_encoder(path, model_name=None, image_size=None):
-    """Build a VisionTransformer and load the encoder weights of the checkpoint at `path` into it.
+def load_encoder(path, model_name=None, image_size=None, checkpoint=None):
+    """Build a VisionTransformer and load the encoder weights of the checkpoint at `path` into it (`checkpoint`:
+    the file's content when the caller has read it already).
 
     model_name: a VIT_SIZES name; default what the checkpoint records, else what its shapes say.
     image_size: the input size to evaluate at; default the checkpoint's. The position embedding is interpolated
     when it differs. Raises FileNotFoundError or ValueError with a one-line message naming the problem (missing
     file, not a checkpoint, other architecture, missing or unexpected keys).
     """
-    checkpoint = load_checkpoint_file(path)
+    checkpoint = load_checkpoint_file(path) if checkpoint is None else checkpoint
     state = encoder_state_dict(checkpoint)
     config = checkpoint_config(checkpoint)
     stored_name = config.get("model") or infer_vit_name(state)
@@ -658,3 +659,37 @@ def load_encoder(path, model_name=None, image_size=None):
                          f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}")
     return model
+
+
+def load_image_text_model(path, text_heads=None, image_size=None, eos_token_id=None):
+    """A StableRepModel with its text tower (no head) from a checkpoint that has one: ours (pretrain.py --loss clip
+    or stablerep+) or the official StableRep+ code's (renamed by model_state_dict). The text tower's sizes are read
+    off the weights; its number of heads, which the weights do not show, from the checkpoint's args (ours record
+    text_heads), else `text_heads`, else CLIP's width / 64. eos_token_id: the tokenizer's end-of-text token, whose
+    state is pooled (set `model.text.eos_token_id` later when the tokenizer is known only then). Returns (model in
+    eval mode, the heads used, the checkpoint's recorded args as a dict). Raises ValueError (one line) for a
+    checkpoint without a text tower."""
+    checkpoint = load_checkpoint_file(path)
+    state = model_state_dict(checkpoint)
+    if "text.token_embedding.weight" not in state or "image_projection.weight" not in state:
+        raise ValueError(f"{path} has no text tower: image-text evaluations need a StableRep+ or CLIP checkpoint "
+                         "(pretrain.py --loss stablerep+ or clip, or the official StableRep+)")
+    visual = load_encoder(path, image_size=image_size, checkpoint=checkpoint)
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    vocab, width = state["text.token_embedding.weight"].shape
+    depth = len({k.split(".")[2] for k in state if k.startswith("text.blocks.")})
+    heads = text_heads or args.get("text_heads") or max(1, width // 64)
+    if width % heads:
+        raise ValueError(f"{path}: a text width of {width} does not split into {heads} heads (give the right number)")
+    text = TextTransformer(vocab, eos_token_id, state["text.positional_embedding"].shape[0], width, depth, heads,
+                           state["text.projection.weight"].shape[0])
+    model = StableRepModel(visual, None, text)
+    wanted = {k: v for k, v in state.items() if k.startswith("text.") or k in ("image_projection.weight",
+                                                                                 "logit_scale")}
+    missing, unexpected = model.load_state_dict(wanted, strict=False)
+    missing = [k for k in missing if not k.startswith("visual.") and k != "logit_scale"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the text tower's keys do not match: missing {sorted(missing)[:4]}, unexpected "
+                         f"{sorted(unexpected)[:4]}")
+    return model.eval(), heads, args
