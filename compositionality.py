@@ -12,7 +12,7 @@ caption and perturbed ones; a case is right when the true caption has the highes
     flickr30k_order four shufflings of its words (nouns and adjectives among themselves, the other words, within
                     trigrams, the trigrams); accuracy over all cases
 
-    python compositionality.py --checkpoint runs/stablerep_plus/checkpoint-00050000.pth --aro-root aro \\
+    python compositionality.py --checkpoint runs/stablerep_plus/checkpoint-00050000.pth --aro-root aro \
         --coco-root coco --flickr-root flickr30k
     python compositionality.py --checkpoint runs/clip/checkpoint-00050000.pth --zero-shot-dir imagenet/val
 
