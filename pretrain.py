@@ -38,7 +38,6 @@ from cli import (
     UserError,
     first_line,
     git_commit,
-    hub_reachable,
     integer,
     lazy_import,
     number,
@@ -47,6 +46,7 @@ from cli import (
 )
 from files import atomic_open, atomic_write_json, check_creatable, output_folder
 from runlog import RunLog, check_loggers
+from tokenizer import load_tokenizer
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
 augment = lazy_import("augment")
@@ -519,46 +519,6 @@ def build_data(args, tokenizer, world_size, rank, device):
         raise UserError(f"{len(dataset)} captions are fewer than one step needs "
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
     return dataset, sampler, loader
-
-
-def load_tokenizer(name):
-    """The CLIPTokenizer of --tokenizer: a local folder, or a hub id (from the local cache first, then the hub when
-    it answers), checked to be a real one: offline, transformers returns an empty tokenizer (two tokens, every word
-    the same id) instead of raising, which would train on nothing and crash in the embedding."""
-    tokenizer = _clip_tokenizer(name, local_files_only=True)
-    if not _usable(tokenizer) and not os.path.isdir(name) and not os.environ.get("HF_HUB_OFFLINE"):
-        if not hub_reachable():
-            raise UserError(f"the tokenizer {name!r} is not in the local cache and the Hugging Face hub does not "
-                            "answer: pass --tokenizer a local folder (e.g. a Stable Diffusion snapshot)")
-        tokenizer = _clip_tokenizer(name, local_files_only=False)
-    if not _usable(tokenizer):
-        found = f"{len(tokenizer)} tokens" if tokenizer is not None else "nothing"
-        raise UserError(f"cannot load a usable CLIP tokenizer from {name!r} (found {found}); pass --tokenizer a "
-                        "folder holding one (with or without a tokenizer/ subfolder, e.g. a Stable Diffusion "
-                        "snapshot)")
-    return tokenizer
-
-
-def _clip_tokenizer(name, local_files_only):
-    from transformers import CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-    transformers_logging.set_verbosity_error()
-    for subfolder in ("tokenizer", ""):
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=subfolder, local_files_only=local_files_only)
-        except (OSError, ValueError):
-            continue
-        if _usable(tokenizer):
-            return tokenizer
-    return None
-
-
-def _usable(tokenizer):
-    """A byte-level BPE vocabulary (>= 256 tokens) that tells two captions apart and decodes back to the words."""
-    if tokenizer is None or len(tokenizer) < 256:
-        return False
-    cat, bus = (tokenizer(text).input_ids for text in ("a photo of a cat", "a painting of a red bus"))
-    return cat != bus and "cat" in tokenizer.decode(cat)
 
 
 def build_model(args, tokenizer=None):
