@@ -21,3 +21,6 @@ def vit_name(width):
 # the paper's 11 fine-grained datasets, as torchvision names them (evaluation.TORCHVISION_DATASETS opens them)
 EVAL_DATASETS = ("cifar10", "cifar100", "aircraft", "cars", "dtd", "flowers", "pets", "sun397", "caltech101",
                  "food101", "voc2007")
+
+# FairFace (Karkkainen & Joo 2021), one name per attribute classified: the paper's fairness probe (evaluation.FairFace)
+FAIRFACE_DATASETS = ("fairface", "fairface_gender", "fairface_age", "fairface_race_gender")

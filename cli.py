@@ -35,13 +35,42 @@ def raised_message(err):
 
 class ArgumentParser(argparse.ArgumentParser):
     """The stage scripts' parser: argparse, plus recipe files. `python pretrain.py @recipes/cc12m_vitb_1x.args`
-    reads flags from the file, any number on a line, `#` starting a comment; flags after it override it."""
+    reads flags from the file, any number on a line, `#` starting a comment; flags after it override it, and a
+    file may name other files (`@other.args`). A recipe file is part of the command line, as a shell script is:
+    whatever it says is run as if typed (`--data pipe:COMMAND` included), so read one before running it.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, fromfile_prefix_chars="@", **kwargs)
+    A file that names itself (directly or through others), that is not UTF-8 text, or whose quotes do not close,
+    and a NUL byte in any argument, end the script with one line (`error`), as a bad flag does."""
 
-    def convert_arg_line_to_args(self, line):
-        return shlex.split(line, comments=True)
+    def parse_known_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else [str(arg) for arg in args]
+        return super().parse_known_args(self._expand_files(argv, ()), namespace)
+
+    def _expand_files(self, argv, including):
+        """argv with every `@file` replaced by the flags in it; `including` holds the files being read."""
+        expanded = []
+        for arg in argv:
+            if "\0" in arg:
+                shown = arg.replace("\0", "\\0")[:80]
+                self.error(f"an argument holds a NUL byte ({shown!r}): no path or value can contain one")
+            if not arg.startswith("@") or len(arg) == 1:
+                expanded.append(arg)
+                continue
+            path = arg[1:]
+            if os.path.realpath(path) in including:
+                self.error(f"{arg}: the recipe file includes itself")
+            try:
+                with open(path, encoding="utf-8") as f:
+                    lines = f.read().splitlines()
+                flags = [flag for line in lines for flag in shlex.split(line, comments=True)]
+            except OSError as err:
+                self.error(f"{arg}: cannot read {path} ({err.strerror})")
+            except UnicodeDecodeError:
+                self.error(f"{arg}: {path} is not a text file of flags (its bytes are not UTF-8)")
+            except ValueError as err:  # shlex: an unclosed quote
+                self.error(f"{arg}: {path} cannot be read as flags ({err})")
+            expanded += self._expand_files(flags, including + (os.path.realpath(path),))
+        return expanded
 
 
 def run(main, parser, argv=None):

@@ -49,9 +49,11 @@ def is_streamed(spec):
 
 
 def expand(spec):
-    """The paths of a brace pattern ("shards/{00000..00099}.tar"), through webdataset's own expansion."""
-    from webdataset.shardlists import expand_urls
-    return expand_urls(spec)
+    """The paths of a brace pattern ("shards/{00000..00099}.tar"), by the braceexpand package webdataset itself
+    uses. Only the braces: webdataset's own expand_urls also splits at "::" and substitutes `${NAME}` from the
+    environment (a traceback when the variable is unset), which a path or command must not undergo."""
+    from braceexpand import braceexpand
+    return list(braceexpand(spec))
 
 
 def _uint(maximum):

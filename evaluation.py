@@ -7,6 +7,7 @@ feature extraction with an on-disk cache, and multinomial logistic regression fi
 Every failure a user can cause (missing checkpoint or folder, another architecture, an empty split) is raised
 as `cli.UserError`, which the scripts turn into one line on stderr and exit code 2.
 """
+import csv
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from catalog import EVAL_DATASETS, VIT_SIZES, vit_name
+from catalog import EVAL_DATASETS, FAIRFACE_DATASETS, VIT_SIZES, vit_name
 from cli import SEED, UserError, first_line, integer, lazy_import, raised_message
 from files import atomic_open, check_creatable
 
@@ -204,6 +205,66 @@ class HeldOutSplit:
         return self.dataset[self.indices[index]]
 
 
+FAIRFACE_CLASSES = {  # the attribute values of FairFace's CSVs, in the order of its README
+    "race": ("White", "Black", "Latino_Hispanic", "East Asian", "Southeast Asian", "Indian", "Middle Eastern"),
+    "gender": ("Male", "Female"),
+    "age": ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"),
+}
+
+
+class FairFace:
+    """FairFace as distributed (github.com/joojs/fairface): a folder holding fairface_label_train.csv and
+    fairface_label_val.csv (columns file, age, gender, race, service_test; `file` is "train/1.jpg") and the train/
+    and val/ image folders (either of its two crops, padding 0.25 or 1.25). The target is one attribute (race, gender,
+    age) or the 14 race x gender classes ("race_gender", CLIP's intersectional label set). FairFace has no test split:
+    its val is the held-out set ("test" here), and the probe holds part of train out to choose its L2 strength."""
+
+    def __init__(self, root, split, attribute, transform):
+        csv_name = {"train": "fairface_label_train.csv", "test": "fairface_label_val.csv"}[split]
+        path = os.path.join(root, csv_name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no {csv_name} in {root} (FairFace's labels and its train/ and val/ folders)")
+        if attribute == "race_gender":
+            self.classes = [f"{race} {gender}" for race in FAIRFACE_CLASSES["race"]
+                            for gender in FAIRFACE_CLASSES["gender"]]
+        else:
+            self.classes = list(FAIRFACE_CLASSES[attribute])
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        missing = {"file", "race", "gender", "age"} - set(rows[0] if rows else [])
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))}")
+        self.samples = []
+        for line, row in enumerate(rows, start=2):
+            value = f"{row['race']} {row['gender']}" if attribute == "race_gender" else row[attribute]
+            if value not in self.classes:
+                raise ValueError(f"{path}, line {line}: {attribute} {value!r} is not one of FairFace's")
+            self.samples.append((os.path.join(root, row["file"]), self.classes.index(value)))
+        self.targets = [label for _, label in self.samples]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        if not os.path.isfile(path):
+            raise UnreadableImage(f"{path}: no such file")
+        image = load_image(path)
+        return (self.transform(image) if self.transform else image), label
+
+
+def _fairface(attribute):
+    def open_split(root, split, transform, download):
+        if download:
+            raise UserError("FairFace cannot be downloaded automatically: get it from github.com/joojs/fairface and "
+                            "unpack it under <data-root>/fairface")
+        if split == "val":
+            return None  # no validation split: the probe holds out part of train
+        return FairFace(os.path.join(root, "fairface"), split, attribute, transform)
+    return open_split
+
+
 def _torchvision(name):
     """A torchvision dataset class by name (torchvision is imported at the first call)."""
     return getattr(torchvision.datasets, name)
@@ -240,6 +301,10 @@ TORCHVISION_DATASETS = {
                                                                               download=d)),
     "voc2007": lambda root, split, t, d: VOCMultiLabel(_torchvision("VOCDetection")(
         root, year="2007", image_set=split, transform=t, download=d)),
+    "fairface": _fairface("race"),
+    "fairface_gender": _fairface("gender"),
+    "fairface_age": _fairface("age"),
+    "fairface_race_gender": _fairface("race_gender"),
 }
 
 
@@ -248,8 +313,10 @@ def add_dataset_arguments(parser, folder_flags):
     group = parser.add_argument_group("data")
     for flag, help_text in folder_flags.items():
         group.add_argument(flag, default=None, help=help_text)
-    group.add_argument("--dataset", choices=EVAL_DATASETS, default=None,
-                       help="a torchvision dataset by name instead of image folders (the paper's 11 datasets)")
+    group.add_argument("--dataset", choices=EVAL_DATASETS + FAIRFACE_DATASETS, default=None,
+                       help="a dataset by name instead of image folders: the paper's 11 datasets (torchvision's), or "
+                            "FairFace under <data-root>/fairface (fairface: race, 7 classes; fairface_gender, "
+                            "fairface_age, fairface_race_gender: 2, 9, 14 classes)")
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
@@ -273,7 +340,7 @@ def open_torchvision_split(name, root, split, transform, download):
     """Split `split` of the torchvision dataset `name`, or None if it has none; an absent dataset is a UserError."""
     try:
         return TORCHVISION_DATASETS[name](root, split, transform, download)
-    except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted..."
+    except (RuntimeError, FileNotFoundError, OSError, ValueError) as err:  # torchvision: "Dataset not found..."
         raise UserError(f"{name} {split} split under {root}: {first_line(err)}") from None
 
 

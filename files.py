@@ -9,6 +9,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
 
 from cli import UserError
@@ -114,3 +115,26 @@ def check_writable_folder(path):
         os.unlink(probe)
     except OSError as err:
         raise UserError(f"output folder {path} cannot be written ({err.strerror or err})") from None
+
+
+@contextlib.contextmanager
+def output_folder(path, scratch=()):
+    """The output folder, created (with its missing parents) and proven writable for the block. If the block fails,
+    what it created is removed again when nothing but `scratch` is in it (names of caches the block may have
+    written, e.g. an index it built before the run failed on its data): a run that fails before writing its own
+    files leaves nothing behind. A folder that existed before is left as it is."""
+    created, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder):
+        created.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        check_writable_folder(path)
+        yield
+    except BaseException:
+        if created and os.path.isdir(path) and set(os.listdir(path)) <= set(scratch):
+            for name in os.listdir(path):
+                shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+        for folder in created:  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise

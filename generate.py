@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 import imagetree
 import shards
 from cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
-from files import atomic_write_bytes, atomic_write_json, check_creatable, check_writable_folder, no_space_error
+from files import atomic_write_bytes, atomic_write_json, check_creatable, no_space_error, output_folder
 
 torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
 distributed = lazy_import("distributed")
@@ -502,15 +502,30 @@ def recorded_value(recorded, key):
     return value
 
 
+def made_files(root):
+    """What of an output generate.py writes (tar shards, caption folders, the truncation list) `root` holds."""
+    if not os.path.isdir(root):
+        return []
+    tars = set(shards.list_shards(root))
+    return [name for name in sorted(os.listdir(root)) if name in tars or name == TRUNCATED_FILE
+            or (name.isdigit() and os.path.isdir(os.path.join(root, name)))]
+
+
 def check_settings(root, settings):
-    """Refuse to add images made one way to an output made another way (mixing w would corrupt an experiment),
-    and an output whose settings.json cannot be read."""
+    """Refuse to add images made one way to an output made another way (mixing w would corrupt an experiment), an
+    output whose settings.json cannot be read, and a folder holding shards or caption folders but no settings.json
+    (settings.json is written before the first image, so those are not this recipe's)."""
     try:
         recorded = imagetree.read_settings(root)
     except ValueError as err:
         raise UserError(f"{err}; it records how the output was made: restore it, or choose another --output") \
             from None
     if recorded is None:
+        theirs = made_files(root)
+        if theirs:
+            raise UserError(f"{root} holds {', '.join(theirs[:3])} but no {imagetree.SETTINGS_FILE}: images this run "
+                            "did not make (or whose settings were lost) would be mixed with its own; choose another "
+                            "--output")
         return
     differ = [f"{key} {recorded_value(recorded, key)!r} -> {settings[key]!r}" for key in RECIPE_KEYS
               if recorded_value(recorded, key) != settings[key]]
@@ -521,24 +536,6 @@ def check_settings(root, settings):
     if None not in revisions and revisions[0] != revisions[1]:  # same hub id, another snapshot of its weights
         print(f"note: {root} was made with {settings['model']} at commit {revisions[0]}; the hub cache now holds "
               f"commit {revisions[1]}, so images made from here on may differ from the earlier ones", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def output_folder(path):
-    """The output folder, created (with its missing parents) for the block. If the block fails, the folders it
-    created are removed again when empty: a run that fails before writing anything leaves nothing behind."""
-    created, folder = [], os.path.abspath(path)
-    while not os.path.exists(folder):
-        created.append(folder)
-        folder = os.path.dirname(folder)
-    try:
-        check_writable_folder(path)
-        yield
-    except BaseException:
-        for folder in created:  # the deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(folder)
-        raise
 
 
 class LockFile:

@@ -683,6 +683,175 @@ class LinearHeads(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# semantic segmentation (segment.py): UperNet on a ViT's multi-level features, as BEiT and MAE fine-tune it
+# ------------------------------------------------------------------------------------------------------------
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: each sample's residual branch is dropped with probability `rate`, kept ones scaled by
+    1 / (1 - rate); the identity outside training."""
+    if not training or rate == 0:
+        return x
+    keep = torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) >= rate
+    return x * keep / (1 - rate)
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size):
+    """mmsegmentation's ConvModule: convolution (no bias), BatchNorm, ReLU; Kaiming init (fan out)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def segmentation_classifier(in_channels, num_classes):
+    """Dropout2d(0.1) then a 1x1 convolution to the classes, N(0, 0.01) weights (mmsegmentation's cls_seg)."""
+    conv = nn.Conv2d(in_channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.Dropout2d(0.1), conv)
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias of one block: a learned table with one entry per head for every 2-d offset
+    between two patches ((2g - 1)^2 of them) and three for the class token (to a patch, from a patch, to itself).
+    forward() -> the additive attention bias [heads, 1 + g^2, 1 + g^2]. Zero at the start (the MAE paper's
+    transfer setting)."""
+
+    def __init__(self, grid, heads):
+        super().__init__()
+        offsets = (2 * grid - 1) ** 2
+        self.table = nn.Parameter(torch.zeros(offsets + 3, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + grid - 1  # (g^2, g^2, 2), >= 0
+        index = torch.empty(1 + grid * grid, 1 + grid * grid, dtype=torch.long)
+        index[1:, 1:] = delta[..., 0] * (2 * grid - 1) + delta[..., 1]
+        index[0, 1:], index[1:, 0], index[0, 0] = offsets, offsets + 1, offsets + 2
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1)  # (heads, 1 + g^2, 1 + g^2)
+
+
+class ViTBackbone(nn.Module):
+    """The encoder's blocks with stochastic depth (rising linearly to `drop_path` over the blocks, timm's rule) and,
+    optionally, a relative position bias per block; returns the patch tokens of the tapped blocks laid on the patch
+    grid, [B, D, g, g] each. The encoder's final LayerNorm is not used: BEiT's backbone taps the blocks' outputs as
+    they are (and a module without gradient would stop DDP)."""
+
+    def __init__(self, encoder, taps, drop_path=0.0, rel_pos_bias=False):
+        super().__init__()
+        self.encoder = encoder
+        encoder.norm = nn.Identity()
+        self.taps = list(taps)
+        depth = len(encoder.blocks)
+        self.drop_rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        grid, heads = encoder.patch_embed.grid_size, encoder.blocks[0].attn.num_heads
+        self.rel_pos = (nn.ModuleList(RelativePositionBias(grid, heads) for _ in range(depth)) if rel_pos_bias
+                        else None)
+
+    def forward(self, images):
+        x = self.encoder.embed(images)  # [B, 1 + g^2, D]
+        batch, grid = len(x), self.encoder.patch_embed.grid_size
+        maps = []
+        for i, block in enumerate(self.encoder.blocks):
+            bias = self.rel_pos[i]() if self.rel_pos is not None else None
+            x = x + drop_path(block.attn(block.norm1(x), attn_mask=bias), self.drop_rates[i], self.training)
+            x = x + drop_path(block.mlp(block.norm2(x)), self.drop_rates[i], self.training)
+            maps.extend(x[:, 1:].transpose(1, 2).reshape(batch, -1, grid, grid) for tap in self.taps if tap == i)
+        return maps  # 4 x [B, D, g, g], in the order of taps
+
+
+class Pyramid(nn.Module):
+    """BEiT's multi-level neck: the four tapped maps (1/16 of the input) to 1/4, 1/8, 1/16 and 1/32:
+    ConvTranspose 2x - BatchNorm - GELU - ConvTranspose 2x; ConvTranspose 2x; identity; MaxPool 2x."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(width, width, 2, stride=2), nn.BatchNorm2d(width), nn.GELU(),
+                                 nn.ConvTranspose2d(width, width, 2, stride=2))
+        self.up2 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, maps):
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's module: the map average-pooled to 1x1, 2x2, 3x3 and 6x6, each projected (1x1 conv-BN-ReLU) and
+    upsampled back, concatenated with the map and fused by a 3x3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels, channels, scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1))
+                                    for s in scales)
+        self.bottleneck = conv_bn_relu(in_channels + len(scales) * channels, channels, 3)
+
+    def forward(self, x):
+        pooled = [upsample(stage(x), x.shape[2:]) for stage in self.stages]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+
+class UperNetHead(nn.Module):
+    """UperNet (Xiao et al. 2018) over four levels, finest first: 1x1 laterals on the three finer levels and
+    pyramid pooling on the coarsest; a top-down path adding each coarser level, upsampled, into the next finer one;
+    a 3x3 conv on each of the three; all four upsampled to the finest, concatenated, fused (3x3 conv-BN-ReLU) and
+    classified: [B, classes, H/4, W/4] for BEiT's pyramid."""
+
+    def __init__(self, in_channels, channels, num_classes):
+        super().__init__()
+        self.laterals = nn.ModuleList(conv_bn_relu(in_channels, channels, 1) for _ in range(3))
+        self.ppm = PyramidPooling(in_channels, channels)
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        self.classify = segmentation_classifier(channels, num_classes)
+
+    def forward(self, levels):
+        lateral = [conv(level) for conv, level in zip(self.laterals, levels)] + [self.ppm(levels[3])]
+        for i in range(3, 0, -1):  # top-down: coarse to fine
+            lateral[i - 1] = lateral[i - 1] + upsample(lateral[i], lateral[i - 1].shape[2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lateral[:3])] + [lateral[3]]
+        size = outs[0].shape[2:]
+        return self.classify(self.fuse(torch.cat([outs[0]] + [upsample(x, size) for x in outs[1:]], dim=1)))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head: 3x3 conv-BN-ReLU to 256 channels, then classified."""
+
+    def __init__(self, in_channels, num_classes, channels=256):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.classify = segmentation_classifier(channels, num_classes)
+
+    def forward(self, x):
+        return self.classify(self.conv(x))
+
+
+class Segmenter(nn.Module):
+    """ViT backbone -> Pyramid -> UperNetHead, and the auxiliary FCNHead on the 1/16 level (training only).
+
+    forward(images [B, 3, S, S]) -> logits [B, classes, S, S] (UperNet's, upsampled bilinearly); in training, the
+    pair (those, the auxiliary head's likewise upsampled)."""
+
+    def __init__(self, encoder, taps, num_classes, channels=None, drop_path=0.0, rel_pos_bias=False):
+        super().__init__()
+        self.backbone = ViTBackbone(encoder, taps, drop_path, rel_pos_bias)
+        self.neck = Pyramid(encoder.width)
+        self.decode_head = UperNetHead(encoder.width, channels or encoder.width, num_classes)
+        self.auxiliary_head = FCNHead(encoder.width, num_classes)
+
+    def forward(self, images):
+        levels = self.neck(self.backbone(images))
+        logits = upsample(self.decode_head(levels), images.shape[2:])
+        if not self.training:
+            return logits
+        return logits, upsample(self.auxiliary_head(levels[2]), images.shape[2:])
+
+
+# ------------------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
 
@@ -804,15 +973,16 @@ def interpolate_pos_embed(pos_embed, grid_size, antialias=True):
     return torch.cat([cls_pos, patch_pos], dim=1)
 
 
-def load_encoder(path, model_name=None, image_size=None):
-    """Build a VisionTransformer and load the encoder weights of the checkpoint at `path` into it.
+def load_encoder(path, model_name=None, image_size=None, checkpoint=None):
+    """Build a VisionTransformer and load the encoder weights of the checkpoint at `path` into it (`checkpoint`:
+    the file's content when the caller has read it already).
 
     model_name: a VIT_SIZES name; default what the checkpoint records, else what its shapes say.
     image_size: the input size to evaluate at; default the checkpoint's. The position embedding is interpolated
     when it differs. Raises FileNotFoundError or ValueError with a one-line message naming the problem (missing
     file, not a checkpoint, other architecture, missing or unexpected keys).
     """
-    checkpoint = load_checkpoint_file(path)
+    checkpoint = load_checkpoint_file(path) if checkpoint is None else checkpoint
     state = encoder_state_dict(checkpoint)
     config = checkpoint_config(checkpoint)
     stored_name = config.get("model") or infer_vit_name(state)
@@ -837,3 +1007,37 @@ def load_encoder(path, model_name=None, image_size=None):
                          f"{'...' if len(missing) > 8 else ''}, unexpected {sorted(unexpected)[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}")
     return model
+
+
+def load_image_text_model(path, text_heads=None, image_size=None, eos_token_id=None):
+    """A StableRepModel with its text tower (no head) from a checkpoint that has one: ours (pretrain.py --loss clip
+    or stablerep+) or the official StableRep+ code's (renamed by model_state_dict). The text tower's sizes are read
+    off the weights; its number of heads, which the weights do not show, from the checkpoint's args (ours record
+    text_heads), else `text_heads`, else CLIP's width / 64. eos_token_id: the tokenizer's end-of-text token, whose
+    state is pooled (set `model.text.eos_token_id` later when the tokenizer is known only then). Returns (model in
+    eval mode, the heads used, the checkpoint's recorded args as a dict). Raises ValueError (one line) for a
+    checkpoint without a text tower."""
+    checkpoint = load_checkpoint_file(path)
+    state = model_state_dict(checkpoint)
+    if "text.token_embedding.weight" not in state or "image_projection.weight" not in state:
+        raise ValueError(f"{path} has no text tower: image-text evaluations need a StableRep+ or CLIP checkpoint "
+                         "(pretrain.py --loss stablerep+ or clip, or the official StableRep+)")
+    visual = load_encoder(path, image_size=image_size, checkpoint=checkpoint)
+    args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    vocab, width = state["text.token_embedding.weight"].shape
+    depth = len({k.split(".")[2] for k in state if k.startswith("text.blocks.")})
+    heads = text_heads or args.get("text_heads") or max(1, width // 64)
+    if width % heads:
+        raise ValueError(f"{path}: a text width of {width} does not split into {heads} heads (give the right number)")
+    text = TextTransformer(vocab, eos_token_id, state["text.positional_embedding"].shape[0], width, depth, heads,
+                           state["text.projection.weight"].shape[0])
+    model = StableRepModel(visual, None, text)
+    wanted = {k: v for k, v in state.items() if k.startswith("text.") or k in ("image_projection.weight",
+                                                                                 "logit_scale")}
+    missing, unexpected = model.load_state_dict(wanted, strict=False)
+    missing = [k for k in missing if not k.startswith("visual.") and k != "logit_scale"]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the text tower's keys do not match: missing {sorted(missing)[:4]}, unexpected "
+                         f"{sorted(unexpected)[:4]}")
+    return model.eval(), heads, args

@@ -5,11 +5,12 @@ its log.jsonl), and the demo's summary figure. Needs matplotlib, which the stage
     python plots.py runs/stablerep/log.jsonl --output curves.png
 """
 import argparse
-import json
 import os
+import sys
 
 from cli import ArgumentParser, UserError, run
 from files import atomic_open
+from runlog import read_records
 
 
 def get_args_parser():
@@ -30,22 +31,23 @@ def main(args):
 
 
 def read_log(path):
-    """The records of a log.jsonl that have a step and a loss, in step order; UserError for a missing file or a
-    log without any."""
+    """The records of a log.jsonl that have a step and a numeric loss, in step order; UserError for a missing file
+    or a log without any. Damaged lines (torn by a kill, bytes that are not a record) are skipped and counted."""
     if not os.path.isfile(path):
-        raise UserError(f"{path} does not exist (expected a pretrain.py output folder or its log.jsonl)")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a killed run
-            if isinstance(record, dict) and "step" in record and "loss" in record:
-                records.append(record)
+        raise UserError(f"{path} is not a file (expected a pretrain.py output folder or its log.jsonl)"
+                        if os.path.exists(path) else
+                        f"{path} does not exist (expected a pretrain.py output folder or its log.jsonl)")
+    records, damaged = read_records(path)
+    records = [record for record in records if _is_number(record.get("loss"))]
+    if damaged:
+        print(f"note: {path}: {damaged} damaged line(s) skipped", file=sys.stderr)
     if not records:
         raise UserError(f"{path} holds no training records yet")
     return sorted(records, key=lambda record: record["step"])
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _pyplot():
@@ -69,7 +71,7 @@ def _curves(axes_loss, records):
     axes_loss.plot(steps, [r["loss"] for r in records], color="tab:blue", label="loss")
     axes_loss.set_xlabel("step")
     axes_loss.set_ylabel("loss", color="tab:blue")
-    if all("lr" in r for r in records):
+    if all(_is_number(r.get("lr")) for r in records):
         axes_lr = axes_loss.twinx()
         axes_lr.plot(steps, [r["lr"] for r in records], color="tab:orange", linestyle="--", label="learning rate")
         axes_lr.set_ylabel("learning rate", color="tab:orange")

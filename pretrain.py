@@ -29,6 +29,8 @@ A resumed run (--resume) takes its recipe from its checkpoint: only flags that d
 import argparse
 import contextlib
 import glob
+import itertools
+import json
 import math
 import os
 import signal
@@ -41,16 +43,17 @@ from cli import (
     SEED,
     ArgumentParser,
     UserError,
+    first_line,
     git_commit,
-    hub_reachable,
     integer,
     lazy_import,
     number,
     raised_message,
     run,
 )
-from files import atomic_open, atomic_write_json, check_creatable
+from files import atomic_open, atomic_write_json, check_creatable, output_folder
 from runlog import RunLog, check_loggers
+from tokenizer import load_tokenizer
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
 augment = lazy_import("augment")
@@ -61,6 +64,9 @@ loss_lib = lazy_import("loss")
 model_lib = lazy_import("model")
 
 CHECKPOINT_GLOB = "checkpoint-*.pth"
+# what a run writes in --output besides its checkpoints: a folder holding any of them holds a run
+RUN_FILES = ("run.json", "log.jsonl", "summary.json", "encoder.pth", "tensorboard", "wandb-run-id", "wandb")
+INDEX_CACHE = "index-cache"  # --output's copy of the data index, when the data's own folder is read-only
 # the official README's schedules: name -> (epochs, warmup epochs); "1x" is the paper's 35 epochs of 2 views
 SCHEDULES = {
     "cc12m-1x": (15, 0.5), "cc12m-2x": (31, 1.0), "cc12m-3x": (46, 1.5),
@@ -640,6 +646,14 @@ def main(args):
     absolute_paths(args)
     resumed = read_resume_checkpoint(args)
     check_args(args)
+    run_id = check_output(args, resumed)
+    with output_folder(args.output, scratch=(INDEX_CACHE,)):  # a launch refused before its first write leaves
+        train(args, resumed, run_id)                           # no folder behind (an index it built included)
+
+
+def train(args, resumed, run_id):
+    """The run itself, once its arguments and --output are checked: nothing is written to --output until the data
+    has given its first batch."""
     objective = OBJECTIVES[args.loss]
 
     # ---- distributed ----
@@ -676,10 +690,15 @@ def main(args):
         loaded = init_from(args.init_from, model_without_ddp)
         if is_main:
             print(f"initialised {', '.join(loaded)} from {args.init_from}")
-    if step >= total_steps:
-        if is_main:
+    if step >= total_steps:  # trained to the end: only the finish may be missing (killed while writing it)
+        if is_main and finished(args.output, step):
             print(f"{args.output}: the run finished at step {step} of {total_steps}; nothing to do "
                   f"(summary.json and encoder.pth are there)")
+        elif is_main:
+            print(f"{args.output}: trained to step {step} of {total_steps}; writing encoder.pth and summary.json")
+            with interrupts_as_one_line(step, step):
+                finish(objective.exported(model_without_ddp), args,
+                       summary_of(step, images_per_step, 0, 0.0, resumed["state"].get("loss"), 0))
         return distributed.leave()
     if is_main:
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "
@@ -691,12 +710,16 @@ def main(args):
             print(f"note: the warmup ({warmup_steps} steps) is as long as the whole run ({total_steps} steps): the "
                   "learning rate never decays; lower --warmup-epochs", file=sys.stderr)
 
-    # ---- output: created only now that every input has been checked ----
+    # ---- the first batch: data that cannot be read is refused before anything is written ----
+    batches = training_batches(loader, sampler, step, total_steps)
+    with data_errors_as_one_line(args):
+        first_batch = next(batches)
+
+    # ---- output ----
     log = None
     if is_main:
-        os.makedirs(args.output, exist_ok=True)
         atomic_write_json(os.path.join(args.output, "run.json"),
-                          {"args": vars(args), "git_commit": git_commit(), "world_size": world_size,
+                          {"args": vars(args), "run_id": run_id, "git_commit": git_commit(), "world_size": world_size,
                            "torch": torch.__version__, "images_per_step": images_per_step, "lr": lr,
                            "total_steps": total_steps, "resumed_from": resumed["path"] if resumed else None})
         log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args))
@@ -705,65 +728,110 @@ def main(args):
     start_time, start_step, last_saved = time.time(), step, step
     loss_value, corrupt = float("nan"), 0
     model.train()
-    try:
-        with stop_on_sigterm():
-            while step < total_steps:
-                epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
-                sampler.set_epoch(epoch, start_step=step_in_epoch)
-                for batch in loader:
-                    for group in optimizer.param_groups:
-                        group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
-                    progress = Progress(step, sampler.steps_per_epoch, total_steps)
-                    for hook in objective.before_step:
-                        hook(model_without_ddp, optimizer, progress, args)
-                    with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                        loss = compute_loss(forward, batch, objective, args, device)
-                    if not torch.isfinite(loss):
-                        raise UserError(f"loss is {loss.item()} at step {step} (epoch {epoch}); stopping")
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    if objective.after_backward:
-                        scaler.unscale_(optimizer)
-                        for hook in objective.after_backward:
-                            hook(model_without_ddp, optimizer, progress, args)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    for hook in objective.after_step:
-                        hook(model_without_ddp, optimizer, progress, args)
-                    step += 1
-                    loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
-                    if log and (step % args.log_every == 0 or step == total_steps):
-                        log.write(step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
-                                  images=(step - start_step) * images_per_step, corrupt_images=corrupt,
-                                  logit_scale=(model_without_ddp.logit_scale.exp().item()
-                                               if objective.text else None))
-                    if checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
-                        if is_main:
-                            save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args)
-                        last_saved = step
-                    if step == total_steps:
-                        break
-    except data.UnreadableData as err:  # raised here or in a loader worker
-        raise UserError(f"{raised_message(err)} in --data {' '.join(args.data)}; check that its images decode (e.g. "
-                        "open a few with PIL)") from None
-    except KeyboardInterrupt:  # Ctrl-C (every rank gets it) or SIGTERM: one line from rank 0, no tracebacks
+    with interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args):
+        for epoch, batch in itertools.chain([first_batch], batches):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
+            progress = Progress(step, sampler.steps_per_epoch, total_steps)
+            for hook in objective.before_step:
+                hook(model_without_ddp, optimizer, progress, args)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = compute_loss(forward, batch, objective, args, device)
+            if not torch.isfinite(loss):
+                raise UserError(f"loss is {loss.item()} at step {step} (epoch {epoch}); stopping")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if objective.after_backward:
+                scaler.unscale_(optimizer)
+                for hook in objective.after_backward:
+                    hook(model_without_ddp, optimizer, progress, args)
+            scaler.step(optimizer)
+            scaler.update()
+            for hook in objective.after_step:
+                hook(model_without_ddp, optimizer, progress, args)
+            step += 1
+            loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
+            if log and (step % args.log_every == 0 or step == total_steps):
+                log.write(step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+                          images=(step - start_step) * images_per_step, corrupt_images=corrupt,
+                          logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None))
+            if checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
+                if is_main:
+                    save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args, run_id,
+                                        loss_value)
+                last_saved = step
+
+        # ---- finish: a step like the others, repeated by --resume until it is done ----
         if is_main:
             log.close()
-            print(f"\npretrain.py: stopped at step {step}; the last checkpoint is step {last_saved}: rerun the same "
-                  f"command with --resume to continue", file=sys.stderr)
+            elapsed = time.time() - start_time
+            summary = summary_of(step, images_per_step, step - start_step, elapsed, loss_value, corrupt)
+            finish(objective.exported(model_without_ddp), args, summary)
+            print(f"done: {step} steps, {step * images_per_step} images seen, {elapsed:.0f}s this run, final loss "
+                  f"{loss_value:.4f}; encoder in {os.path.join(args.output, 'encoder.pth')}")
+    distributed.leave()
+
+
+def training_batches(loader, sampler, step, total_steps):
+    """(epoch, batch) from `step` to the end of the run, epoch after epoch."""
+    while step < total_steps:
+        epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
+        sampler.set_epoch(epoch, start_step=step_in_epoch)
+        for batch in loader:
+            yield epoch, batch
+            step += 1
+            if step == total_steps:
+                return
+
+
+@contextlib.contextmanager
+def data_errors_as_one_line(args):
+    """Data with no readable image, raised here or in a loader worker, ends the run as one line."""
+    try:
+        yield
+    except data.UnreadableData as err:
+        raise UserError(f"{raised_message(err)} in --data {' '.join(args.data)}; check that its images decode (e.g. "
+                        "open a few with PIL)") from None
+
+
+@contextlib.contextmanager
+def interrupts_as_one_line(step, last_saved, log=None):
+    """Ctrl-C (every rank gets it) or SIGTERM (a cluster's preemption) within the block ends the run with one line
+    from rank 0 saying where it stopped and how to go on, exit code 130. `step` and `last_saved` are numbers or
+    functions returning them (read when the interrupt lands)."""
+    try:
+        with stop_on_sigterm():
+            yield
+    except KeyboardInterrupt:
+        if distributed.is_main_process():
+            if log:
+                log.close()
+            current, saved = (value() if callable(value) else value for value in (step, last_saved))
+            print(f"\npretrain.py: stopped at step {current}; the last checkpoint is step {saved}: rerun the same "
+                  "command with --resume to continue", file=sys.stderr)
         sys.exit(130)
 
-    # ---- save ----
-    if is_main:
-        log.close()
-        export_encoder(os.path.join(args.output, "encoder.pth"), objective.exported(model_without_ddp), args)
-        elapsed = time.time() - start_time
-        summary = {"steps": step, "images_seen": step * images_per_step, "steps_this_run": step - start_step,
-                   "seconds_this_run": elapsed, "final_loss": loss_value, "corrupt_images_this_run": corrupt}
-        atomic_write_json(os.path.join(args.output, "summary.json"), summary)
-        print(f"done: {step} steps, {step * images_per_step} images seen, {elapsed:.0f}s this run, final loss "
-              f"{loss_value:.4f}; encoder in {os.path.join(args.output, 'encoder.pth')}")
-    distributed.leave()
+
+def summary_of(steps, images_per_step, steps_this_run, seconds, final_loss, corrupt):
+    return {"steps": steps, "images_seen": steps * images_per_step, "steps_this_run": steps_this_run,
+            "seconds_this_run": seconds, "final_loss": final_loss, "corrupt_images_this_run": corrupt}
+
+
+def finish(visual, args, summary):
+    """The run's last step: encoder.pth, then summary.json, which says the run is finished (`finished`)."""
+    export_encoder(os.path.join(args.output, "encoder.pth"), visual, args)
+    atomic_write_json(os.path.join(args.output, "summary.json"), summary)
+
+
+def finished(output, steps):
+    """Has the run in `output` written its finish for `steps` (summary.json saying so, and encoder.pth)?"""
+    try:
+        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == steps and os.path.isfile(
+        os.path.join(output, "encoder.pth"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -795,7 +863,7 @@ def build_data(args, tokenizer, world_size, rank, device):
             torch.distributed.barrier()
         try:
             dataset = data.CaptionImagesDataset(args.data, folder_list=args.folder_list, build_index=builder,
-                                                fallback_cache=os.path.join(args.output, "index-cache"), **views)
+                                                fallback_cache=os.path.join(args.output, INDEX_CACHE), **views)
         except ValueError as err:
             raise UserError(str(err)) from None
         if world_size > 1 and builder:
@@ -827,46 +895,6 @@ def family_crops(args):
     if objective.noise:
         crops["noise_per_crop"] = objective.noise(args)
     return crops
-
-
-def load_tokenizer(name):
-    """The CLIPTokenizer of --tokenizer: a local folder, or a hub id (from the local cache first, then the hub when
-    it answers), checked to be a real one: offline, transformers returns an empty tokenizer (two tokens, every word
-    the same id) instead of raising, which would train on nothing and crash in the embedding."""
-    tokenizer = _clip_tokenizer(name, local_files_only=True)
-    if not _usable(tokenizer) and not os.path.isdir(name) and not os.environ.get("HF_HUB_OFFLINE"):
-        if not hub_reachable():
-            raise UserError(f"the tokenizer {name!r} is not in the local cache and the Hugging Face hub does not "
-                            "answer: pass --tokenizer a local folder (e.g. a Stable Diffusion snapshot)")
-        tokenizer = _clip_tokenizer(name, local_files_only=False)
-    if not _usable(tokenizer):
-        found = f"{len(tokenizer)} tokens" if tokenizer is not None else "nothing"
-        raise UserError(f"cannot load a usable CLIP tokenizer from {name!r} (found {found}); pass --tokenizer a "
-                        "folder holding one (with or without a tokenizer/ subfolder, e.g. a Stable Diffusion "
-                        "snapshot)")
-    return tokenizer
-
-
-def _clip_tokenizer(name, local_files_only):
-    from transformers import CLIPTokenizer
-    from transformers.utils import logging as transformers_logging
-    transformers_logging.set_verbosity_error()
-    for subfolder in ("tokenizer", ""):
-        try:
-            tokenizer = CLIPTokenizer.from_pretrained(name, subfolder=subfolder, local_files_only=local_files_only)
-        except (OSError, ValueError):
-            continue
-        if _usable(tokenizer):
-            return tokenizer
-    return None
-
-
-def _usable(tokenizer):
-    """A byte-level BPE vocabulary (>= 256 tokens) that tells two captions apart and decodes back to the words."""
-    if tokenizer is None or len(tokenizer) < 256:
-        return False
-    cat, bus = (tokenizer(text).input_ids for text in ("a photo of a cat", "a painting of a red bus"))
-    return cat != bus and "cat" in tokenizer.decode(cat)
 
 
 def build_model(args, tokenizer=None):
@@ -934,11 +962,12 @@ def save_checkpoint(path, state):
         torch.save(state, f)
 
 
-def save_training_state(model, optimizer, scaler, step, world_size, args):
+def save_training_state(model, optimizer, scaler, step, world_size, args, run_id, loss):
     """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step);
-    only the newest --keep are kept."""
+    only the newest --keep are kept. `run_id` names the run (check_output), `loss` is the step's."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()}}
+             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()},
+             "run_id": run_id, "loss": loss}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint(checkpoint_path(args.output, step), state)
@@ -974,6 +1003,7 @@ def read_resume_checkpoint(args):
         raise UserError(f"{path} is not a pretrain.py checkpoint (an official StableRep checkpoint or an encoder "
                         "has no optimiser step or random state to continue): start from its weights with "
                         "--init-from instead")
+    check_training_state(state, path)
     recorded, given = state["args"], set(getattr(args, "flags_given", None) or changed_from_defaults(args))
     resumable = RESUMABLE_FLAGS
     if any(dataindex.is_streamed(spec) for spec in recorded.get("data") or []):
@@ -986,7 +1016,99 @@ def read_resume_checkpoint(args):
             raise UserError(f"{path} was trained with {flag} {_show(value)}, not {_show(getattr(args, key))}: a "
                             f"resumed run keeps its recipe (drop {flag}, or start a new run with --init-from)")
         setattr(args, key, value)
+    streamed = [spec for spec in args.data or [] if dataindex.is_streamed(spec)]
+    if streamed and "data" not in given:  # a URL or pipe: runs a command: only one typed by the user may run
+        raise UserError(f"{path} records the streamed --data {streamed[0]!r}; a command or URL is run only from "
+                        "this command line: pass --data again (the same sources) to resume")
     return {"path": path, "state": state}
+
+
+def check_training_state(state, path):
+    """One line naming `path` and what is wrong when a checkpoint of ours cannot continue a run (a damaged or
+    hand-edited file): each part of the right kind, every recorded flag a value its flag takes."""
+    parts = {"model": dict, "optimizer": dict, "scaler": dict, "args": dict, "rng": dict, "step": int}
+    for key, kind in parts.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            found = f"a {type(state[key]).__name__}" if key in state else "missing"
+            raise UserError(f"{path} cannot be resumed: its {key!r} is {found}, not a {kind.__name__} (a damaged "
+                            "checkpoint: resume from an earlier one)")
+    rng = state["rng"].get("torch")
+    if state["step"] < 0 or not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8:
+        raise UserError(f"{path} cannot be resumed: its step or its random state is damaged (resume from an earlier "
+                        "checkpoint)")
+    world_size = state.get("world_size", 1)
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise UserError(f"{path} cannot be resumed: its world_size {world_size!r} is not a number of processes")
+    for action in get_args_parser()._actions:
+        value = state["args"].get(action.dest)
+        if action.option_strings and value is not None and action.dest not in NEVER_RESTORED \
+                and not _takes(action, value):
+            raise UserError(f"{path} cannot be resumed: it records {action.option_strings[0]} {value!r}, which the "
+                            "flag does not take (a damaged checkpoint)")
+
+
+def _takes(action, value):
+    """Would the command line give `value` for this flag (its type, range and choices)?"""
+    many = action.nargs not in (None, "?", 0)
+    if many != isinstance(value, (list, tuple)):
+        return False
+    for item in value if many else [value]:
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
+            if not isinstance(item, bool):
+                return False
+        elif isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            return False
+        elif action.choices is not None and item not in action.choices:
+            return False
+        elif action.type is None and not isinstance(item, str):
+            return False
+        elif action.type is not None:
+            try:
+                action.type(str(item))
+            except (argparse.ArgumentTypeError, ValueError):
+                return False
+    return True
+
+
+def check_output(args, resumed):
+    """The id of the run this launch starts or continues, once --output is known to hold no other run's files: a
+    run never overwrites what another wrote, nor deletes its checkpoints (--keep). Writes nothing; UserError for
+    an --output that holds another run, a dangling link, or a log.jsonl that is a link or not a file."""
+    output = args.output
+    if os.path.islink(output) and not os.path.exists(output):
+        raise UserError(f"--output {output} is a symbolic link to {os.readlink(output)}, which does not exist")
+    run_id = (resumed["state"].get("run_id") if resumed else None) or os.urandom(8).hex()
+    if not os.path.isdir(output):
+        return run_id
+    log = os.path.join(output, "log.jsonl")
+    if os.path.islink(log) or (os.path.lexists(log) and not os.path.isfile(log)):
+        raise UserError(f"{log} is {'a symbolic link' if os.path.islink(log) else 'not a file'}; refusing to write "
+                        "there (move it away, or choose another --output)")
+    present = [name for name in RUN_FILES if os.path.lexists(os.path.join(output, name))]
+    present += [os.path.basename(path) for path in list_checkpoints(output)]
+    if not present:
+        return run_id
+    if resumed:
+        own_folder = os.path.samefile(os.path.dirname(os.path.abspath(resumed["path"])), output)
+        recorded = _recorded_run_id(output)
+        if own_folder or (recorded is not None and recorded == resumed["state"].get("run_id")):
+            return run_id
+        raise UserError(f"--output {output} holds another run ({', '.join(present[:3])}), not the one "
+                        f"{resumed['path']} continues: choose an empty --output (or the checkpoint's own folder)")
+    if args.resume == "latest":  # a run that stopped before its first checkpoint: nothing of it can be continued
+        return _recorded_run_id(output) or run_id
+    raise UserError(f"--output {output} already holds a run ({', '.join(present[:3])}): pass --resume to continue "
+                    "it, or choose another --output")
+
+
+def _recorded_run_id(output):
+    """The run id run.json of `output` records, or None (no file, a damaged one, a run from before run ids)."""
+    try:
+        with open(os.path.join(output, "run.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded.get("run_id") if isinstance(recorded, dict) else None
 
 
 def changed_from_defaults(args):
@@ -1019,18 +1141,39 @@ def check_same_global_batch(resumed, images_per_step, world_size):
 
 def load_training_state(resumed, model, optimizer, scaler):
     """Load a checkpoint of ours into model, optimizer and scaler, and restore the random state; returns the step
-    to continue from."""
+    to continue from. UserError naming the file for weights or optimiser state that do not fit."""
     state, path = resumed["state"], resumed["path"]
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise UserError(f"{path} does not fit this model ({str(err).splitlines()[0]})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scaler.load_state_dict(state["scaler"])
+    check_finite(state["model"], path)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} cannot be resumed: its optimiser or gradient-scaler state does not fit this run "
+                        f"({first_line(err)})") from None
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            moments = {key: value for key, value in optimizer.state.get(parameter, {}).items() if key != "step"}
+            wrong = [key for key, value in moments.items()
+                     if not isinstance(value, torch.Tensor) or value.shape != parameter.shape]
+            if wrong:
+                raise UserError(f"{path} cannot be resumed: its optimiser state {wrong[0]!r} does not have the shape "
+                                f"of its parameter {tuple(parameter.shape)} (a damaged checkpoint)")
     torch.set_rng_state(state["rng"]["torch"])
     if "cuda" in state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state["step"]
+
+
+def check_finite(weights, path):
+    """UserError naming the first tensor of `weights` (a state dict) that holds NaN or infinity."""
+    for key, value in weights.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{path} holds non-finite weights ({key} has NaN or infinite values); training from "
+                            "them would only produce NaN")
 
 
 def init_from(path, model):
@@ -1052,6 +1195,7 @@ def init_from(path, model):
     missing_encoder = [k for k in own if k.startswith("visual.") and k not in state]
     if missing_encoder:
         raise UserError(f"{path} lacks encoder weights this model needs, e.g. {missing_encoder[0]}")
+    check_finite({k: v for k, v in state.items() if k in own}, path)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted({k.split(".")[0] for k in state if k in own})
 

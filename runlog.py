@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 import time
 
 from cli import UserError, first_line
@@ -36,7 +37,10 @@ class RunLog:
         self.start_step = start_step
         self.started = time.time()
         self.window = (start_step, 0, self.started)  # (step, images, time) at the last record, for images/s
-        drop_records_after(self.path, start_step)
+        damaged = drop_records_after(self.path, start_step)
+        if damaged:
+            print(f"note: {self.path}: {damaged} damaged line(s) dropped (torn by a kill, or not a record)",
+                  file=sys.stderr)
         self.jsonl = open_append(self.path)
         if tensorboard is None:
             tensorboard = importlib.util.find_spec("tensorboard") is not None
@@ -84,21 +88,42 @@ class RunLog:
 
 
 def drop_records_after(path, step):
-    """Rewrite a log.jsonl without its records after `step` (a resumed run trains those steps again)."""
+    """Rewrite a log.jsonl without its records after `step` (a resumed run trains those steps again) and without
+    damaged lines (torn by a killed run, bytes that are not a JSON record with an integer step); returns how many
+    damaged lines were dropped."""
     if not os.path.isfile(path) or os.path.islink(path):
-        return  # a link is refused by open_append, with one line
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = [line for line in lines if _step(line) <= step]
+        return 0  # a link or a folder there is refused by open_append, with one line
+    with open(path, "rb") as f:
+        lines = f.read().splitlines(keepends=True)
+    records = [parse_record(line) for line in lines]
+    kept = [line for line, record in zip(lines, records) if record is not None and record["step"] <= step]
     if len(kept) < len(lines):
-        atomic_write_bytes(path, "".join(kept).encode("utf-8"))
+        atomic_write_bytes(path, b"".join(line if line.endswith(b"\n") else line + b"\n" for line in kept))
+    return sum(record is None for record in records)
 
 
-def _step(line):
+def parse_record(line):
+    """A log.jsonl line (bytes or text) as a dict with an integer "step" >= 0, or None for a damaged line."""
     try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf  # a line torn by a killed run: dropped
+        record = json.loads(line)
+    except ValueError:  # torn JSON, bytes that are not UTF-8 (UnicodeDecodeError is a ValueError)
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step")
+    return record if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
+
+def read_records(path):
+    """(records, damaged) of a log.jsonl: its well-formed records in file order, and how many lines were not.
+    UserError when the file cannot be read as a file."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as err:
+        raise UserError(f"{path} cannot be read ({err.strerror})") from None
+    records = [parse_record(line) for line in lines if line.strip()]
+    return [record for record in records if record is not None], sum(record is None for record in records)
 
 
 def _wandb_run_id(folder):

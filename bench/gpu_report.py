@@ -22,7 +22,12 @@ Sections, in this order (--sections picks some):
                 CPU path, and the crop-only path of --gpu-augment) on JPEGs of 256 px, one thread; augment_crops on the
                 device for one step's batch and the host-to-device copy of that batch; and from section 2's step how
                 many CPU cores one GPU needs to keep up, for both paths.
-  5 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
+  5 evaluations segment.py's training step (model.Segmenter: ViT-B/16 under UperNet, 2 crops of 512 px per GPU, the
+                recipe's 8 x 2, bf16 autocast, cross-entropy + 0.4 x auxiliary, AdamW over its layer-decay groups)
+                and its sliding-window forward (windows/s), and compositionality.py's text tower (CLIP's, width 512,
+                12 layers, 77 tokens: captions/s) as ARO and zero-shot run it (their image tower is section 2's
+                encoder).
+  6 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
                 networks and hooks, bench/bench_train_step.py --objectives) on ViT-B/16 at 224 px, bf16 autocast, at
                 the per-GPU batch of its CC3M recipe (recipes/pretrain_cc3m_<family>_synthetic.args): seconds a
                 step, peak memory, and the GPU hours of that recipe on CC3M's 3.3M captions at 32 GPUs (steps x the
@@ -50,7 +55,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub:
 from cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
 from files import atomic_write_json
 
-SECTIONS = ("generation", "train", "loss", "loader", "families")
+SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "families")
 CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
 RECIPE_GPUS = 32  # the CC3M recipes' torchrun command: 4 nodes x 8 GPUs
 
@@ -63,6 +68,7 @@ SIZES = {
         train_repeats=10,
         world_size=32, loss_repeats=20,
         loader_captions=43, stored_size=256, loader_repeats=5, augment_repeats=10,
+        seg_model="vit_base", seg_depth=None, seg_crop=512, seg_batch=2, eval_repeats=5, aro_captions=1024,
         # family_batch None: each CC3M recipe's own per-GPU batch; family_flags (not a flag): the tiny run's small
         # heads and decoder, on top of each family's recipe
         family_repeats=5, family_batch=None, family_flags=None),
@@ -73,6 +79,7 @@ SIZES = {
         train_repeats=2,
         world_size=4, loss_repeats=2,
         loader_captions=4, stored_size=40, loader_repeats=1, augment_repeats=2,
+        seg_model="vit_tiny", seg_depth=2, seg_crop=32, seg_batch=2, eval_repeats=1, aro_captions=8,
         family_repeats=1, family_batch=4,
         family_flags=("--head-hidden-dim", "64", "--embed-dim", "32", "--out-dim", "64", "--local-crop-size", "16",
                       "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2")),
@@ -600,9 +607,85 @@ def device_share(report, args, device, crops, floats):
     return augment_seconds
 
 
+# ---- 5. evaluations ----
+
+def section_evaluations(report, args, device, results):
+    import torch
+    import torch.nn.functional as F
+
+    import model as model_lib
+    import pretrain
+    import segment
+
+    amp = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    if not amp:
+        report.skip("bf16 autocast in the evaluations", "segment.py and compositionality.py use it on CUDA only")
+    torch.manual_seed(0)
+    crop = args.seg_crop
+    encoder = model_lib.build_vit(args.seg_model, image_size=crop, depth=args.seg_depth)
+    depth = len(encoder.blocks)
+    model = model_lib.Segmenter(encoder, segment.default_taps(depth), segment.NUM_CLASSES, None, 0.1).to(device)
+    recipe = segment.get_args_parser().parse_args(["--random-init"])
+    groups = segment.param_groups(model, recipe.weight_decay, recipe.layer_decay)
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=recipe.lr,
+                                  betas=tuple(recipe.betas))
+    images = torch.randn(args.seg_batch, 3, crop, crop, device=device)
+    labels = torch.randint(0, segment.NUM_CLASSES, (args.seg_batch, crop, crop), device=device)
+
+    def train_step():
+        model.train()
+        with autocast:
+            logits, aux = model(images)
+        loss = F.cross_entropy(logits.float(), labels) + recipe.aux_weight * F.cross_entropy(aux.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def windows():
+        model.eval()
+        with torch.inference_mode(), autocast:
+            model(images)
+
+    depth_text = f", {args.seg_depth} blocks" if args.seg_depth else ""
+    report.table("evaluations", f"### 5. Evaluations: segment.py ({args.seg_model}/16{depth_text} under UperNet, "
+                 f"{args.seg_batch} crops of {crop} px) and compositionality.py's towers, "
+                 f"{'bf16 autocast' if amp else 'float32'}; warm-up 1 call, then {args.eval_repeats} timed calls",
+                 ["what", "items/s", "s per call (timed)", "peak GiB", "TFLOP/s"])
+    for name, call, unit in (("segment.py training step (forward, both losses, backward, AdamW)", train_step, "crops"),
+                             ("segment.py sliding-window forward", windows, "windows")):
+        flops = count_flops(call)  # also the warm-up
+        timing = alternate({"call": call}, args.eval_repeats, device)["call"]
+        seconds = median_seconds(timing)
+        peak = highest(timing)
+        report.row([name, fmt(args.seg_batch / seconds), seconds_list(timing), fmt(gib(peak)),
+                    fmt(flops / seconds / 1e12)], what=name, unit=unit, items_per_s=args.seg_batch / seconds,
+                   seconds=[t for t, _, _ in timing], peak_bytes=peak, flops=flops, tflops_per_s=flops / seconds / 1e12)
+
+    # compositionality.py: CLIP's text tower (pretrain.py's defaults) over a batch of full-length captions
+    text_args = pretrain.get_args_parser().parse_args(["--data", "x"])
+    width, layers = (text_args.text_width, text_args.text_layers) if not args.tiny else (32, 1)
+    text = model_lib.TextTransformer(49408, 49407, text_args.context_length, width, layers,
+                                     text_args.text_heads if not args.tiny else 2).to(device).eval()
+    tokens = torch.randint(0, 49406, (args.aro_captions, text_args.context_length), device=device)
+    tokens[:, -1] = 49407
+
+    def captions():
+        with torch.inference_mode(), autocast:
+            text(tokens)
+
+    flops = count_flops(captions)
+    timing = alternate({"call": captions}, args.eval_repeats, device)["call"]
+    seconds = median_seconds(timing)
+    name = f"compositionality.py text tower ({args.aro_captions} captions of {text_args.context_length} tokens)"
+    report.row([name, fmt(args.aro_captions / seconds), seconds_list(timing), fmt(gib(highest(timing))),
+                fmt(flops / seconds / 1e12)], what=name, unit="captions", items_per_s=args.aro_captions / seconds,
+               seconds=[t for t, _, _ in timing], flops=flops, tflops_per_s=flops / seconds / 1e12)
+
+
 # ---- main ----
 
-# ---- 5. the self-supervised families ----
+# ---- 6. the self-supervised families ----
 
 def section_families(report, args, device, results):
     from pretrain import FAMILIES
@@ -611,7 +694,7 @@ def section_families(report, args, device, results):
     if not amp:
         report.skip("bf16 autocast in the families' steps", "pretrain.py uses it on CUDA only; timed in float32")
     blocks = f", {args.train_depth} blocks" if args.train_depth else ""
-    report.table("families", f"### 5. The families' training steps: {args.train_model}/16{blocks} at "
+    report.table("families", f"### 6. The families' training steps: {args.train_model}/16{blocks} at "
                  f"{args.image_size} px, {'bf16 autocast' if amp else 'float32'}, each at its CC3M recipe's "
                  f"per-GPU batch; warm-up 1 step, then {args.family_repeats} timed steps each; GPU hours of the "
                  f"recipe at {RECIPE_GPUS} GPUs on CC3M's {CC3M_CAPTIONS} captions",
@@ -669,7 +752,7 @@ def get_args_parser():
                              "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
                              "runs it so the script cannot rot. Its numbers are not for comparison")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run, always in the order 1-5 (default: all; section 4's cores per "
+                        help="which sections to run, always in the order 1-6 (default: all; section 4's cores per "
                              "GPU needs section 2)")
     parser.add_argument("--output", default=None, metavar="JSON",
                         help="write every number here, rewritten after each row (default: print only)")
@@ -697,7 +780,16 @@ def get_args_parser():
     size_flag(group, "--stored-size", "JPEG size on disk (generate.py's --stored-size: 256)")
     size_flag(group, "--loader-repeats", "timed passes per augmentation path")
     size_flag(group, "--augment-repeats", "timed augment_crops calls and copies")
-    group = parser.add_argument_group("5. the families (section 2's model, depth and image size)")
+    group = parser.add_argument_group("5. evaluations")
+    size_flag(group, "--seg-model", "segment.py's encoder", type=str,
+              choices=["vit_tiny", "vit_small", "vit_base", "vit_large"])
+    group.add_argument("--seg-depth", type=integer(1), default=None,
+                       help="its blocks (default: the model's own, 12; --tiny: 2)")
+    size_flag(group, "--seg-crop", "segment.py's crop and window in pixels (recipe: 512)")
+    size_flag(group, "--seg-batch", "crops per GPU (recipe: 2, x 8 GPUs)")
+    size_flag(group, "--eval-repeats", "timed calls of each evaluation row")
+    size_flag(group, "--aro-captions", "captions per text-tower call")
+    group = parser.add_argument_group("6. the families (section 2's model, depth and image size)")
     size_flag(group, "--family-repeats", "timed steps per family")
     group.add_argument("--family-batch", type=integer(2), default=None,
                        help="images a GPU for every family (default: each CC3M recipe's own; --tiny: 4); GPU hours "
@@ -715,8 +807,8 @@ def resolve_sizes(args):
         raise UserError("a contrastive batch needs at least two images: raise --captions or --images-per-caption")
     if args.images_per_caption > 10:
         raise UserError(f"--images-per-caption {args.images_per_caption}: the loader section stores 10 per caption")
-    if args.image_size % 16 or args.gen_size % 8:
-        raise UserError("--image-size must be a multiple of 16 and --gen-size of 8")
+    if args.image_size % 16 or args.gen_size % 8 or args.seg_crop % 16:
+        raise UserError("--image-size and --seg-crop must be multiples of 16, --gen-size of 8")
 
 
 def main(args):
@@ -743,7 +835,8 @@ def main(args):
           f"{info['diffusers']}, transformers {info['transformers']}, timm {info['timm']}; CPU {info['cpu']}, "
           f"{info['cpu_cores']} cores.\nCommand: `{header['command']}`", flush=True)
     sections = {"generation": section_generation, "train": section_train, "loss": section_loss,
-                "loader": section_loader, "families": section_families}
+                "loader": section_loader, "evaluations": section_evaluations,
+                "families": section_families}
     results, total = {}, time.perf_counter()
     for section in SECTIONS:
         if section not in args.sections:

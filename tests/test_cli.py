@@ -69,3 +69,44 @@ def test_raised_message_finds_the_message_in_a_loader_workers_traceback():
                              "call last):\n  File \"x.py\", line 1, in f\n"
                              f"{__name__}.Unreadable: a/b.png: truncated\n")
     assert cli.raised_message(from_worker) == "a/b.png: truncated"
+
+
+# ---- recipe files (@file) ----
+
+def recipe_parser():
+    parser = cli.ArgumentParser("tool.py")
+    parser.add_argument("--epochs", type=cli.integer(1), default=1)
+    parser.add_argument("--data", default=None)
+    return parser
+
+
+def test_recipe_files_nest_and_later_flags_override(tmp_path):
+    (tmp_path / "base.args").write_text("--epochs 3  # the schedule\n--data 'a folder'\n")
+    (tmp_path / "run.args").write_text(f"@{tmp_path / 'base.args'}\n--epochs 5\n")
+    args = recipe_parser().parse_args([f"@{tmp_path / 'run.args'}"])
+    assert (args.epochs, args.data) == (5, "a folder")
+    assert recipe_parser().parse_args([f"@{tmp_path / 'run.args'}", "--epochs", "7"]).epochs == 7
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "the recipe file includes itself"),  # names itself
+    (b"--epochs \xff\xfe 3\n", "is not a text file of flags"),
+    (b"--data 'unclosed\n", "cannot be read as flags (No closing quotation)"),
+    (b"--data a\x00b\n", "holds a NUL byte"),
+])
+def test_bad_recipe_files_are_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "bad.args"
+    path.write_bytes(f"--epochs 2\n@{path}\n".encode() if content is None else content)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda args: None, recipe_parser(), [f"@{path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    with pytest.raises(SystemExit):
+        cli.run(lambda args: None, recipe_parser(), [f"@{tmp_path / 'missing.args'}"])
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_a_nul_byte_in_an_argument_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda args: None, recipe_parser(), ["--data", "runs/a\0b"])
+    assert exit_info.value.code == 2 and "holds a NUL byte ('runs/a\\\\0b')" in capsys.readouterr().err

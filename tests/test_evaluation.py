@@ -100,7 +100,8 @@ def test_absent_torchvision_dataset_is_a_user_error_without_download(tmp_path):
         ev.open_torchvision_split("cifar10", str(tmp_path), "train", None, download=False)
     assert ev.open_torchvision_split("cifar10", str(tmp_path), "val", None, download=False) is None
     assert set(ev.TORCHVISION_DATASETS) == {"cifar10", "cifar100", "aircraft", "cars", "dtd", "flowers", "pets",
-                                           "sun397", "caltech101", "food101", "voc2007"}
+                                           "sun397", "caltech101", "food101", "voc2007", "fairface",
+                                           "fairface_gender", "fairface_age", "fairface_race_gender"}
 
 
 # ---- features ----

@@ -557,6 +557,21 @@ def test_rerun_with_other_settings_is_refused(reference, tiny_model, captions_fi
     assert listing(reference) == before
 
 
+@pytest.mark.parametrize("foreign", ["00000.tar", "00000", "truncated.json"])
+def test_an_output_holding_foreign_images_and_no_settings_is_refused(foreign, tiny_model, captions_file, tmp_path,
+                                                                    capsys):
+    """settings.json is written before the first image: shards or caption folders without it are someone else's."""
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / foreign).mkdir() if foreign.isdigit() else (out / foreign).write_bytes(b"theirs")
+    (out / "notes.txt").write_text("a file of theirs that no output of ours would hold")
+    before = listing(tmp_path)
+    for extra in ([], ["--output-format", "webdataset"]):
+        code, err = run_cli(argv(tiny_model, captions_file, out, *extra), capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and f"holds {foreign} but no settings.json" in err
+    assert listing(tmp_path) == before
+
+
 def test_another_snapshot_of_the_hub_model_is_noted_on_resume(reference, tmp_path, capsys):
     settings = {**imagetree.read_settings(str(reference)), "model": "org/model", "model_revision": "aaaa"}
     imagetree.write_settings(str(tmp_path), settings)

@@ -20,7 +20,8 @@ try:
     LOSS_ROWS = 4
 except ImportError:
     LOSS_ROWS = 2
-ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2], "families": [4]}
+ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2], "evaluations": [3],
+        "families": [4]}
 
 
 def numbers(value):
@@ -67,7 +68,9 @@ def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path):
     assert all(row["gpu_hours"] > 0 and row["recipe_steps"] > 0 for row in rows["families"])
     # what a CPU run cannot measure is said, on stdout and in the JSON
     skipped = {entry["what"] for entry in report["skipped"]}
-    assert {"generation in float16", "bf16 autocast in the training step", "host-to-device copies"} <= skipped
+    assert {"generation in float16", "bf16 autocast in the training step", "host-to-device copies",
+            "bf16 autocast in the evaluations"} <= skipped
+    assert all(row["items_per_s"] > 0 and row["flops"] > 0 for row in rows["evaluations"])
     for what in skipped:
         assert f"skipped: {what}: " in result.stdout
     assert report["machine"]["device"] == "cpu" and report["sizes"]["world_size"] == 4

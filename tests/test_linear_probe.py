@@ -5,8 +5,10 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
 import linear_probe
@@ -27,7 +29,9 @@ def test_defaults_are_the_papers_recipe():
     assert (args.wd_range, args.wd_steps, args.val_fraction, args.metric) == ([1e-6, 1e5], 45, 0.2, "auto")
     assert linear_probe.PAPER_METRICS == {"aircraft": "mean_per_class", "caltech101": "mean_per_class",
                                           "flowers": "mean_per_class", "pets": "mean_per_class",
-                                          "voc2007": "map11"}
+                                          "voc2007": "map11", "fairface": "mean_per_class",
+                                          "fairface_gender": "mean_per_class", "fairface_age": "mean_per_class",
+                                          "fairface_race_gender": "mean_per_class"}
 
 
 # ---- metrics ----
@@ -227,3 +231,80 @@ def test_sweep_picks_a_strength_and_scores_multilabel_map(tmp_path):
     assert any(results["best_weight_decay"] == pytest.approx(w) for w in (1e-4, 1e-1, 1e2))
     assert results["best_val"] == max(row["val"] for row in results["sweep"])
     assert results["test"] > 80  # chance (random scores) is about 40
+
+
+# ---- FairFace: its CSV layout, per-class accuracy, the worst class ----
+
+def test_per_class_accuracy_by_hand():
+    scores = torch.tensor([[1.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]])
+    targets = torch.tensor([0, 0, 1, 1, 1])
+    per_class = linear_probe.per_class_accuracy(scores, targets, 4)
+    # class 0: both right; class 1: one of three (the third image is scored as class 2); classes 2, 3: no image
+    assert per_class[0] == 100.0 and per_class[1] == pytest.approx(100 / 3) and per_class[2:] == [None, None]
+
+
+def write_fairface(root, per_race_train=6, per_race_val=2, size=32):
+    """A tiny FairFace (its CSVs and train/, val/ folders): each race's faces share a tint, so a probe can learn it."""
+    from evaluation import FAIRFACE_CLASSES
+    rng = np.random.default_rng(0)
+    folder = root / "fairface"
+    for split, count in (("train", per_race_train), ("val", per_race_val)):
+        (folder / split).mkdir(parents=True)
+        rows = ["file,age,gender,race,service_test"]
+        for r, race in enumerate(FAIRFACE_CLASSES["race"]):
+            tint = np.array([(37 * r) % 256, (91 * r) % 256, (151 * r) % 256])
+            for k in range(count):
+                name = f"{split}/{len(rows)}.jpg"
+                pixels = np.clip(tint + rng.integers(-20, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / name)
+                gender = FAIRFACE_CLASSES["gender"][k % 2]
+                rows.append(f"{name},20-29,{gender},{race},{k % 2 == 0}")
+        (folder / f"fairface_label_{split}.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_fairface_probe_reports_every_class_and_the_worst(tmp_path, tiny_checkpoint, capsys):
+    root = write_fairface(tmp_path / "data")
+    results = probe("--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--dataset", "fairface",
+                    "--data-root", root, "--wd-steps", "2", "--wd-range", "1e-3", "1", "--max-iter", "100",
+                    "--num-workers", "0", "--output", tmp_path / "fairface.json")
+    saved = json.loads((tmp_path / "fairface.json").read_text())
+    assert saved["num_classes"] == 7 and saved["metric"] == "mean_per_class" and saved["test_images"] == 14
+    per_class = saved["test_per_class"]
+    assert len(per_class) == 7 and all(value in (0.0, 50.0, 100.0) for value in per_class)  # 2 images a race
+    assert saved["test"] == pytest.approx(sum(per_class) / 7) and saved["test_worst_class"] == min(per_class)
+    assert results["test"] > 50  # the tints tell the races apart; chance is 14
+    printed = capsys.readouterr().out
+    assert "test accuracy: Latino_Hispanic" in printed and "test worst-class accuracy" in printed
+
+
+def test_fairface_reads_each_attribute_from_its_csv(tmp_path):
+    from evaluation import FairFace, open_torchvision_split
+    root = write_fairface(tmp_path / "data", per_race_train=2, per_race_val=1)
+    races = FairFace(str(root / "fairface"), "train", "race", None)
+    assert len(races) == 14 and races.classes[3] == "East Asian" and races.targets[:4] == [0, 0, 1, 1]
+    both = open_torchvision_split("fairface_race_gender", str(root), "test", None, False)
+    assert len(both.classes) == 14 and both.classes[:2] == ["White Male", "White Female"]
+    assert [both.classes[t] for t in both.targets][:2] == ["White Male", "Black Male"]
+    image, label = both[1]
+    assert image.size == (32, 32) and label == both.classes.index("Black Male")
+    assert open_torchvision_split("fairface_age", str(root), "val", None, False) is None  # train holds val out
+
+
+@pytest.mark.parametrize("case", ["absent", "download", "unknown race"])
+def test_fairface_bad_input_is_one_line(tmp_path, capsys, tiny_checkpoint, case):
+    root = tmp_path / "data"
+    if case == "unknown race":
+        write_fairface(root, per_race_train=1, per_race_val=1)
+        csv = root / "fairface" / "fairface_label_train.csv"
+        csv.write_text(csv.read_text().replace("Indian", "Martian"))
+    out = tmp_path / "out.json"
+    argv = ["--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--dataset", "fairface", "--data-root", root,
+            "--num-workers", "0", "--output", out] + (["--download"] if case == "download" else [])
+    with pytest.raises(SystemExit) as info:
+        run(linear_probe.main, linear_probe.get_args_parser(), [str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert {"absent": "fairface_label_train.csv", "download": "github.com/joojs/fairface",
+            "unknown race": "'Martian' is not one of FairFace's"}[case] in err
+    assert not out.exists()

@@ -44,3 +44,19 @@ def test_missing_or_empty_logs_are_one_line(tmp_path, capsys):
     with pytest.raises(UserError, match="no training records"):
         plots.read_log(str(tmp_path / "log.jsonl"))
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_a_damaged_log_is_plotted_from_its_good_records_or_is_one_line(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    log.write_bytes(b'{"step": 1, "loss": 2.0, "lr": 0.1}\n\xff\xfe{"step": 2}\n{"step": "3", "loss": 1.0}\n'
+                    b'{"step": 4, "loss": "low", "lr": 0.1}\n[1, 2]\n{"step": 5, "loss": 1.5, "lr": "high"}\n')
+    records = plots.read_log(str(log))
+    assert [r["step"] for r in records] == [1, 5]
+    assert "3 damaged line(s) skipped" in capsys.readouterr().err
+    plots.plot_curves(records, str(tmp_path / "curves.png"))  # the learning rate "high" is left out, no traceback
+    assert is_png(tmp_path / "curves.png", 5_000)
+    folder = tmp_path / "run"
+    (folder / "log.jsonl").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        run(plots.main, plots.get_args_parser(), [str(folder)])
+    assert info.value.code == 2 and "is not a file" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
+import argparse
 import glob
 import json
 import math
@@ -579,18 +580,19 @@ def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     output.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    (output / "checkpoint-00000003.pth").symlink_to(victim)  # where the run's checkpoint will go
-    # the folder "holds checkpoints": refused before anything is written
-    assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False),
-                          "already holds checkpoints")
-    assert victim.read_text() == "precious"
-    (output / "checkpoint-00000003.pth").unlink()
-    (output / "log.jsonl").symlink_to(victim)
-    assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False),
-                          "symbolic link")
-    (output / "log.jsonl").unlink()
+    for name, refusal in (("checkpoint-00000003.pth", "already holds checkpoints"),  # the run's next checkpoint
+                          ("log.jsonl", "log.jsonl is a symbolic link"),
+                          ("encoder.pth", "already holds a run (encoder.pth)")):  # another run's file
+        (output / name).symlink_to(victim)
+        assert_one_line_error(run_pretrain(*small_run(random_tree, output, "--epochs", "1"), check=False), refusal)
+        assert [p.name for p in output.iterdir()] == [name]  # refused before anything was written
+        (output / name).unlink()
+    # a link planted in the run's own folder between two launches is replaced, never written through
+    run_pretrain(*small_run(random_tree, output, "--epochs", "2", "--save-every", "3"))
+    for name in ("checkpoint-00000006.pth", "summary.json", "encoder.pth"):
+        (output / name).unlink()
     (output / "encoder.pth").symlink_to(victim)
-    run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
+    run_pretrain("--output", str(output), "--resume")
     assert victim.read_text() == "precious" and not (output / "encoder.pth").is_symlink()
     assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~files.UMASK
 
@@ -684,3 +686,134 @@ def test_an_ignored_interrupt_stays_ignored_while_a_checkpoint_is_written(tmp_pa
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+# ---- a run's data is never lost or mixed up, and no file makes the run execute a command (issue 18) ----
+
+@pytest.fixture(scope="module")
+def finished_run(random_tree, tmp_path_factory):
+    """A finished small run (3 steps, a checkpoint at each), to copy and damage."""
+    output = tmp_path_factory.mktemp("finished") / "run"
+    run_pretrain(*small_run(random_tree, output, "--epochs", "1", "--save-every", "1", "--keep", "3"))
+    return output
+
+
+def first_moments(state):
+    return next(iter(state["optimizer"]["state"].values()))
+
+
+DAMAGE = {  # what hand-editing or a broken writer can leave in a checkpoint, and the words of its refusal
+    "no rng": (lambda state: state.pop("rng"), "its 'rng' is missing"),
+    "string step": (lambda state: state.update(step="3"), "its 'step' is a str"),
+    "string flag": (lambda state: state["args"].update(captions_per_gpu="four"), "records --captions-per-gpu 'four'"),
+    "moment shape": (lambda state: first_moments(state).update(exp_avg=torch.zeros(3)),
+                     "optimiser state 'exp_avg' does not have the shape"),
+    "nan weights": (lambda state: state["model"]["visual.pos_embed"].fill_(float("nan")), "non-finite weights"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_checkpoint_is_one_line_naming_it(damage, finished_run, tmp_path):
+    state = torch.load(finished_run / "checkpoint-00000002.pth", weights_only=True)
+    change, fragment = DAMAGE[damage]
+    change(state)
+    path = tmp_path / "damaged.pth"
+    torch.save(state, path)
+    result = run_pretrain("--resume", str(path), "--output", str(tmp_path / "out"), check=False)
+    assert_one_line_error(result, str(path), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_command_recorded_in_a_checkpoint_is_never_run(finished_run, tmp_path):
+    marker = tmp_path / "ran"
+    state = torch.load(finished_run / "checkpoint-00000002.pth", weights_only=True)
+    state["args"]["data"] = [f"pipe:touch {marker}; cat {state['args']['data'][0]}/x.tar"]
+    state["args"]["stream_captions"] = 12
+    torch.save(state, tmp_path / "shared.pth")
+    result = run_pretrain("--resume", str(tmp_path / "shared.pth"), "--output", str(tmp_path / "out"), check=False)
+    assert_one_line_error(result, "records the streamed --data", "pass --data again")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_run_never_takes_over_another_runs_folder(finished_run, random_tree, tmp_path):
+    theirs = finished_run / "checkpoint-00000002.pth"
+    mine = tmp_path / "mine"
+    run_pretrain(*small_run(random_tree, mine, "--epochs", "1", "--seed", "5"))
+    before = {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()}
+    result = run_pretrain("--resume", str(theirs), "--output", str(mine), check=False)
+    assert_one_line_error(result, f"--output {mine} holds another run", str(theirs))
+    assert {p.name: p.read_bytes() for p in mine.iterdir() if p.is_file()} == before
+    assert_one_line_error(run_pretrain(*small_run(random_tree, mine, "--epochs", "1"), check=False),
+                          "already holds checkpoints")
+    # continuing their run in a folder of one's own: trained to the end from their checkpoint, then finished
+    copy = tmp_path / "copy"
+    run_pretrain("--resume", str(theirs), "--output", str(copy))
+    assert json.loads((copy / "summary.json").read_text())["steps"] == 3
+    assert json.loads((copy / "run.json").read_text())["run_id"] == json.loads(
+        (finished_run / "run.json").read_text())["run_id"]
+
+
+def test_a_run_killed_before_its_finish_finishes_on_resume(finished_run, tmp_path):
+    output = tmp_path / "run"
+    shutil.copytree(finished_run, output)
+    for name in ("encoder.pth", "summary.json"):  # SIGKILL after the last checkpoint, before the finish
+        (output / name).unlink()
+    result = run_pretrain("--output", str(output), "--resume")
+    assert "writing encoder.pth and summary.json" in result.stdout
+    assert json.loads((output / "summary.json").read_text())["steps"] == 3
+    finished = load_encoder(str(finished_run / "encoder.pth")).state_dict()
+    for key, value in load_encoder(str(output / "encoder.pth")).state_dict().items():
+        torch.testing.assert_close(value, finished[key], rtol=0, atol=0, msg=key)
+    assert "nothing to do" in run_pretrain("--output", str(output), "--resume").stdout
+
+
+def test_ctrl_c_while_the_encoder_is_written_is_one_line_and_the_finish_is_left_to_resume(
+        finished_run, tmp_path, monkeypatch, capsys):
+    args = argparse.Namespace(**torch.load(finished_run / "checkpoint-00000003.pth", weights_only=True)["args"])
+    args.output = str(tmp_path)
+    save = pretrain.torch.save
+
+    def interrupted_save(obj, f):
+        os.kill(os.getpid(), signal.SIGINT)  # lands while encoder.pth is being written
+        save(obj, f)
+
+    monkeypatch.setattr(pretrain.torch, "save", interrupted_save)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            with pretrain.interrupts_as_one_line(3, 3):
+                pretrain.finish(load_encoder(str(finished_run / "encoder.pth")), args, {"steps": 3})
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip() == ("pretrain.py: stopped at step 3; the last checkpoint is step 3: rerun "
+                                               "the same command with --resume to continue")
+    assert load_encoder(str(tmp_path / "encoder.pth")) is not None  # whole: the interrupt waited for the write
+    assert not pretrain.finished(str(tmp_path), 3)  # no summary.json: a resume finishes the run
+
+
+def test_inputs_are_checked_before_anything_is_written(random_tree, tmp_path):
+    """Each refusal leaves --output as it found it: absent, or without a single new file."""
+    unreadable = write_random_tree(tmp_path / "unreadable", captions=4, images_per_caption=2)
+    for image in glob.glob(os.path.join(unreadable, "*", "*.jpg")):
+        with open(image, "r+b") as f:
+            f.truncate(10)
+    (tmp_path / "unreadable" / ".stablerep-index").write_text("")  # the data folder takes no index: --output does
+    output = tmp_path / "out"
+    assert_one_line_error(run_pretrain(*small_run(unreadable, output, "--captions-per-gpu", "2", "--epochs", "1"),
+                                       check=False), "no caption has enough readable images")
+    assert not output.exists()  # nor the index it built in output/index-cache
+
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    assert_one_line_error(run_pretrain(*small_run(random_tree, dangling), check=False), "which does not exist")
+    assert_one_line_error(run_pretrain(*small_run(str(tmp_path / "${UNSET}" / "{0..1}.tar"), output),
+                                       check=False), "does not exist")
+    run_dir = tmp_path / "run"
+    run_pretrain(*small_run(random_tree, run_dir, "--epochs", "2", "--save-every", "3"))
+    (run_dir / "checkpoint-00000006.pth").unlink()
+    (run_dir / "log.jsonl").unlink()
+    (run_dir / "log.jsonl").mkdir()
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert_one_line_error(run_pretrain("--output", str(run_dir), "--resume", check=False), "log.jsonl is not a file")
+    assert sorted(p.name for p in run_dir.iterdir()) == before

@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "plots.py", "demo/__main__.py",
-           "demo/tiny_sd.py")
+SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "segment.py", "compositionality.py",
+           "plots.py", "demo/__main__.py", "demo/tiny_sd.py")
 
 
 def readme_commands():

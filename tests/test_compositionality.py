@@ -1,0 +1,240 @@
+"""compositionality.py: ARO's scoring against hand-computed values (a model blind to word order scores exactly 50% on
+the two-option VG subsets and 20% on the five-option Order subsets), the benchmark's perturbations and file layouts on
+a tiny fixture, zero-shot classification, every checkpoint kind with a text tower, and one-line errors."""
+import importlib.util
+import itertools
+import json
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import compositionality as comp
+import model as model_lib
+from cli import run
+from demo.tiny_sd import _write_tokenizer_files
+
+# the fixture's words and their Penn tags (the tests' stand-in for spaCy, which is not a test dependency)
+LEXICON = {"a": "DT", "the": "DT", "dog": "NN", "cat": "NN", "grass": "NN", "horse": "NN", "road": "NN",
+           "house": "NN", "brown": "JJ", "white": "JJ", "red": "JJ", "small": "JJ", "on": "IN", "eating": "VBG",
+           "is": "VBZ", "sits": "VBZ", "near": "IN", ".": "."}
+
+
+def lexicon_tagger(text):
+    return [(token, LEXICON.get(token.lower(), "NN")) for token in comp.word_tokens(text)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folder(tmp_path_factory):
+    from transformers import CLIPTokenizer
+    folder = str(tmp_path_factory.mktemp("tokenizer"))
+    vocab, merges, _ = _write_tokenizer_files(folder)
+    CLIPTokenizer(vocab, merges, model_max_length=77).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plus_checkpoint(tmp_path_factory, tokenizer_folder):
+    """A tiny StableRep+ model in pretrain.py's format (the args record the text tower's heads and tokenizer)."""
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_folder)
+    torch.manual_seed(0)
+    text = model_lib.TextTransformer(len(tokenizer), tokenizer.eos_token_id, 77, 32, 1, 2, 16)
+    model = model_lib.StableRepModel(model_lib.build_vit("vit_tiny", image_size=32, depth=2),
+                                     model_lib.ProjectionHead(192, 64, 16), text)
+    path = tmp_path_factory.mktemp("plus") / "checkpoint-00000010.pth"
+    torch.save({"model": model.state_dict(), "step": 10, "args": {"model": "vit_tiny", "image_size": 32,
+                                                                  "text_heads": 2, "tokenizer": tokenizer_folder}},
+               path)
+    return str(path)
+
+
+def write_aro(root):
+    """VG-Relation (2 relations, 3 cases each), VG-Attribution (26 cases of one pair, 3 of another) and COCO-Order
+    (2 images x 2 captions) in the benchmark's layout."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "val2014").mkdir()
+    for name in ("vg1.jpg", "val2014/coco1.jpg", "val2014/coco2.jpg"):
+        folder = root / ("images" if name.startswith("vg") else "")
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(folder / name)
+    box = {"bbox_x": 4, "bbox_y": 2, "bbox_w": 40, "bbox_h": 30}
+    relations = [{"image_path": "vg1.jpg", **box, "relation_name": relation, "true_caption": true,
+                  "false_caption": false}
+                 for relation, true, false in [("eating", "the horse is eating the grass",
+                                                "the grass is eating the horse")] * 3
+                 + [("on", "the cat is on the road", "the road is on the cat")] * 3]
+    attributes = [{"image_path": "vg1.jpg", **box, "attributes": pair, "true_caption": f"the {pair[0]} road and "
+                   f"the {pair[1]} house", "false_caption": f"the {pair[1]} road and the {pair[0]} house"}
+                  for pair in [["white", "red"]] * 26 + [["small", "brown"]] * 3]
+    coco = [{"image": "val2014/coco1.jpg", "caption": ["A brown dog sits on the grass.", "a dog on the grass"]},
+            {"image": "val2014/coco2.jpg", "caption": ["the white horse is eating the red grass.",
+                                                       "a small cat near a house"]}]
+    for name, content in (("visual_genome_relation.json", relations), ("visual_genome_attribution.json", attributes),
+                          ("coco_karpathy_test.json", coco)):
+        (root / name).write_text(json.dumps(content))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def aro(tmp_path_factory):
+    return write_aro(tmp_path_factory.mktemp("aro"))
+
+
+def args_for(*argv):
+    return comp.get_args_parser().parse_args([str(a) for a in argv])
+
+
+def test_defaults_are_the_benchmarks():
+    args = args_for("--checkpoint", "x")
+    assert (args.max_words, args.keep_symmetric, comp.MIN_ATTRIBUTE_CASES) == (30, False, 25)
+    assert comp.SUBSETS == ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
+    assert {"next to", "near", "with"} <= comp.SYMMETRIC_RELATIONS and "eating" not in comp.SYMMETRIC_RELATIONS
+
+
+# ---- scoring by hand ----
+
+def test_credit_splits_ties_and_accuracy_is_macro_where_the_benchmark_says():
+    scores = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.7, 0.2], [0.3, 0.3]])
+    assert comp.credit(scores, 1).tolist() == [1.0, 0.5, 0.0, 0.5]
+    five = torch.tensor([[1.0, 1, 0, 1, 0], [2.0, 1, 1, 1, 1]])
+    assert comp.credit(five, 0).tolist() == [pytest.approx(1 / 3), 1.0]
+    cases = [{"group": g} for g in ["eating"] * 3 + ["on"] + ["near"] * 2]  # "near" is symmetric: left out
+    correct = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
+    relation = comp.subset_accuracy("vg_relation", cases, correct)
+    assert relation["accuracy"] == pytest.approx(100 * (2 / 3 + 0) / 2) and relation["cases_counted"] == 4
+    assert relation["micro"] == pytest.approx(100 * 4 / 6)
+    assert comp.subset_accuracy("vg_relation", cases, correct, keep_symmetric=True)["accuracy"] == \
+        pytest.approx(100 * (2 / 3 + 0 + 1) / 3)
+    attribute_cases = [{"group": "white_red"}] * 25 + [{"group": "small_brown"}] * 24  # the second: < 25 cases
+    attributes = comp.subset_accuracy("vg_attribution", attribute_cases, torch.cat([torch.ones(5), torch.zeros(44)]))
+    assert attributes["accuracy"] == pytest.approx(20.0) and list(attributes["groups"]) == ["white_red"]
+    order = comp.subset_accuracy("coco_order", [{}] * 4, torch.tensor([1.0, 0.2, 0.0, 1.0]))
+    assert order["accuracy"] == pytest.approx(55.0)
+
+
+def test_shufflings_move_the_benchmarks_words_and_keep_them_all():
+    caption = "A brown dog sits on the grass."
+    rng = np.random.default_rng(0)
+    shuffled = comp.shufflings(caption, lexicon_tagger, rng)
+    tokens = comp.word_tokens(caption)
+    assert len(shuffled) == 4 and all(Counter(s.split(" ")) == Counter(tokens) for s in shuffled)
+    nouns_adjectives, others = shuffled[0].split(" "), shuffled[1].split(" ")
+
+    def kind(token):
+        tag = LEXICON[token.lower()]
+        return "noun" if tag in comp.NOUN_TAGS else "adjective" if tag in comp.ADJECTIVE_TAGS else "other"
+
+    for i, token in enumerate(tokens):  # nouns stay on noun positions, adjectives on theirs, the rest on theirs
+        if kind(token) == "other":
+            assert nouns_adjectives[i] == token and kind(others[i]) == "other"
+        else:
+            assert kind(nouns_adjectives[i]) == kind(token) and others[i] == token
+    trigrams = [tokens[i:i + 3] for i in range(0, len(tokens), 3)]
+    within = shuffled[2].split(" ")
+    assert [sorted(within[i:i + 3]) for i in range(0, len(within), 3)] == [sorted(t) for t in trigrams]
+    assert shuffled[3].split(" ") in [sum(order, []) for order in itertools.permutations(trigrams)]
+    assert comp.shufflings(caption, lexicon_tagger, np.random.default_rng(0)) == shuffled  # seeded
+    assert comp.word_tokens("the dog's bone isn't red.") == ["the", "dog", "'s", "bone", "is", "n't", "red", "."]
+    assert comp.pre_caption('A "Dog": on (the) grass!  ok.', 4) == "a dog on the"
+
+
+def order_blind(model):
+    """The model with a text tower that sees each caption's tokens sorted: blind to word order by construction."""
+    tower = model.text.forward
+    model.text.forward = lambda tokens: tower(tokens.sort(dim=1).values)
+    return model
+
+
+def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro, plus_checkpoint,
+                                                                            tokenizer_folder):
+    from tokenizer import load_tokenizer
+    tokenizer = load_tokenizer(tokenizer_folder)
+    model, heads, _ = model_lib.load_image_text_model(plus_checkpoint, eos_token_id=tokenizer.eos_token_id)
+    assert heads == 2
+    model = order_blind(model)
+    args = args_for("--checkpoint", plus_checkpoint, "--num-workers", 0)
+    transform = comp.image_transform(32)
+    device = torch.device("cpu")
+    for subset, expected in (("vg_relation", 50.0), ("vg_attribution", 50.0)):
+        cases = comp.visual_genome_cases(aro, subset)
+        scores = comp.score_cases(model, tokenizer, cases, transform, args, device, subset)
+        assert comp.subset_accuracy(subset, cases, comp.credit(scores, 1))["accuracy"] == pytest.approx(expected)
+    cases = comp.order_cases(aro, "coco_order", lexicon_tagger, 30, seed=0)
+    assert len(cases) == 4 and all(len(case["options"]) == 5 for case in cases)
+    assert cases[0]["options"][0] == "a brown dog sits on the grass"  # pre_caption'd
+    scores = comp.score_cases(model, tokenizer, cases, transform, args, device, "coco_order")
+    assert comp.subset_accuracy("coco_order", cases, comp.credit(scores, 0))["accuracy"] == pytest.approx(20.0)
+
+
+# ---- end to end ----
+
+def test_runs_aro_and_zero_shot_end_to_end(tmp_path, aro, plus_checkpoint, digit_folders, monkeypatch, capsys):
+    monkeypatch.setattr(comp, "load_tagger", lambda: lexicon_tagger)
+    out = tmp_path / "results.json"
+    results = comp.main(args_for("--checkpoint", plus_checkpoint, "--aro-root", aro, "--coco-root", aro,
+                                 "--zero-shot-dir", digit_folders[1], "--num-workers", 0, "--output", out))
+    saved = json.loads(out.read_text())
+    assert sorted(saved["aro"]) == ["coco_order", "vg_attribution", "vg_relation"] and saved["text_heads"] == 2
+    assert saved["aro"]["vg_relation"]["cases_counted"] == 6 and saved["aro"]["vg_attribution"]["cases_counted"] == 26
+    for row in saved["aro"].values():
+        assert 0 <= row["accuracy"] <= 100
+    assert saved["zero_shot"]["classes"] == 10 and saved["zero_shot"]["images"] == 450
+    assert saved["zero_shot"]["templates"] == list(comp.TEMPLATES) and 0 <= saved["zero_shot"]["top1"] <= 100
+    assert saved["aro"] == results["aro"] and "ARO coco_order" in capsys.readouterr().out
+
+
+def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_checkpoint, tokenizer_folder):
+    """The official code's names (CLIP's text tower, [in, out] projections, DDP prefix, Namespace args)."""
+    import argparse
+    ours = torch.load(plus_checkpoint, weights_only=True)["model"]
+    official = {}
+    for key, value in ours.items():
+        name = key
+        for theirs, mine in model_lib.OFFICIAL_TEXT_NAMES if key.startswith("text.") else ():
+            name = name.replace(mine, theirs)
+        if key in model_lib.OFFICIAL_PROJECTIONS.values():
+            name = next(k for k, v in model_lib.OFFICIAL_PROJECTIONS.items() if v == key)
+            value = value.T
+        official[f"module.{name}"] = value
+    path = tmp_path / "official_plus.pth"
+    torch.save({"model": official, "epoch": 3, "args": argparse.Namespace(model="base")}, path)
+    eos = len(ours["text.token_embedding.weight"]) - 1  # the tiny tokenizer's <|endoftext|>
+    a, _, _ = model_lib.load_image_text_model(plus_checkpoint, eos_token_id=eos)
+    b, heads, _ = model_lib.load_image_text_model(str(path), text_heads=2, eos_token_id=eos)
+    assert heads == 2
+    tokens = torch.cat([torch.randint(0, 500, (3, 11)), torch.full((3, 1), eos)], dim=1)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(b.text(tokens), a.text(tokens))
+        torch.testing.assert_close(b.image_projection(b.visual(images)), a.image_projection(a.visual(images)))
+
+
+# ---- bad input: one line, exit code 2, nothing written ----
+
+@pytest.mark.parametrize("case", ["no text tower", "nothing to do", "no json", "subset without root",
+                                  "bad templates", "no spacy"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, aro, plus_checkpoint, tiny_checkpoint, case):
+    if case == "no spacy" and importlib.util.find_spec("spacy"):
+        pytest.skip("spaCy is installed here")
+    (tmp_path / "templates.txt").write_text("a photo of a dog\n")
+    out = tmp_path / "out" / "results.json"
+    argv, message = {
+        "no text tower": (["--checkpoint", tiny_checkpoint, "--aro-root", aro], "has no text tower"),
+        "nothing to do": (["--checkpoint", plus_checkpoint], "nothing to evaluate"),
+        "no json": (["--checkpoint", plus_checkpoint, "--aro-root", tmp_path], "no file"),
+        "subset without root": (["--checkpoint", plus_checkpoint, "--aro-root", aro, "--subsets", "coco_order"],
+                                "needs --coco-root"),
+        "bad templates": (["--checkpoint", plus_checkpoint, "--zero-shot-dir", aro, "--templates",
+                           tmp_path / "templates.txt"], "one {} for the class name"),
+        "no spacy": (["--checkpoint", plus_checkpoint, "--coco-root", aro], "pip install spacy"),
+    }[case]
+    with pytest.raises(SystemExit) as info:
+        run(comp.main, comp.get_args_parser(), [str(a) for a in [*argv, "--output", out, "--num-workers", 0]])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+    assert not os.path.exists(os.path.join(os.path.dirname(plus_checkpoint), "compositionality.json"))
