@@ -63,10 +63,28 @@ def test_schedules_are_the_official_readmes():
                                   "redcaps-1x": (13, 0.45), "redcaps-2x": (27, 0.9), "redcaps-3x": (40, 1.35)}
 
 
-def test_warmup_then_cosine_to_zero():
-    lrs = [pretrain.cosine_lr(step, 10, 2, 1.0) for step in range(10)]
-    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+def official_lr(lr, epoch, warmup_epochs, epochs, min_lr=0.0):
+    """util/misc.py adjust_learning_rate, called with `data_iter_step / len(data_loader) + epoch`."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_the_learning_rate_is_the_official_schedule_at_every_step():
+    epochs, warmup = pretrain.SCHEDULES["cc12m-1x"]
+    steps_per_epoch = -(-12_423_374 // 32) // 43  # CC12M's captions, 43 per GPU x 32 GPUs (the official loader)
+    total = epochs * steps_per_epoch
+    warmup_steps = warmup * steps_per_epoch
+    points = [0, 1, 2, 100, 4000, 4512, 4513, 4514, 4515, 5000, 9027, 9028, 20000, 67709, 67710, 100000,
+              120000, 135000, total - 2, total - 1]
+    assert len(set(points)) == 20 and max(points) < total and (steps_per_epoch, warmup_steps) == (9028, 4514.0)
+    for step in points:
+        ours = pretrain.cosine_lr(step, total, warmup_steps, 3.225e-3)
+        official = official_lr(3.225e-3, step / steps_per_epoch, warmup, epochs)
+        assert math.isclose(ours, official, rel_tol=1e-12, abs_tol=1e-18), (step, ours, official)
+    assert pretrain.cosine_lr(0, total, warmup_steps, 1.0) == 0.0  # step 0 changes only AdamW's moments
+    # no warmup: the cosine starts at the peak on step 0 (the old code forced one warmup step)
+    assert pretrain.cosine_lr(0, 10, 0.0, 1.0) == 1.0 == official_lr(1.0, 0.0, 0.0, 10)
 
 
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
@@ -287,12 +305,66 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
     return model
 
 
-def test_resume_from_an_official_checkpoint_is_one_line(random_tree, tmp_path):
+OFFICIAL_SMALL = ["--model", "vit_small", "--depth", "1", "--image-size", "32", "--head-hidden-dim", "64",
+                  "--embed-dim", "32"]
+
+
+def official_run_checkpoint(path, epoch=1, epochs=3):
+    """A checkpoint as main_stablerep.py writes it after `epoch` (0-based) of `epochs`: weights after an AdamW step
+    over util/misc.py add_weight_decay's two groups of named_parameters, its args as an argparse Namespace."""
+    torch.manual_seed(3)
+    model = pretrain.build_model(pretrain.get_args_parser().parse_args(["--data", "x", *OFFICIAL_SMALL]))
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n]
+    decay = [p for n, p in named if not any(p is q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0}],
+                                  lr=1e-3, betas=(0.9, 0.98))
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    recipe = argparse.Namespace(model="small", batch_size=12, n_img=2, num_crop=1, epochs=epochs, warmup_epochs=1.0,
+                                blr=2e-4, lr=2e-4 * 24 / 512, weight_decay=0.1, beta1=0.9, beta2=0.98, ssl_temp=0.1,
+                                ssl_mlp_dim=64, ssl_emb_dim=32, seed=0, world_size=1, add_language=False,
+                                vl_projection="linear", downsample=False, csv_path="train.csv")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "scaler": {}, "args": recipe}, path)
+    return model, optimizer
+
+
+def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_tree, tmp_path):
     path = tmp_path / "official.pth"
-    official_checkpoint(path, "stablerep")
-    result = run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--resume", str(path),
-                          "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False)
-    assert_one_line_error(result, "not a pretrain.py checkpoint", "--init-from")
+    official, official_optimizer = official_run_checkpoint(path)
+    resumed = pretrain.read_resume_checkpoint(pretrain.get_args_parser().parse_args(
+        ["--data", random_tree, "--resume", str(path), "--depth", "1", "--image-size", "32"]))
+    assert resumed["official"] and resumed["recipe"]["captions_per_gpu"] == 12 and resumed["world_size"] == 1
+    args = argparse.Namespace(**{**vars(pretrain.get_args_parser().parse_args(["--data", "x", *OFFICIAL_SMALL])),
+                                 **resumed["recipe"]})
+    model = pretrain.build_model(args)
+    optimizer = torch.optim.AdamW(pretrain.param_groups(model, 0.1), lr=1e-3)
+    step = pretrain.continue_official(resumed, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 7)
+    assert step == 14  # after its epoch 2 (0-based 1) of 7 steps each
+    theirs = {name: official_optimizer.state[p] for name, p in official.named_parameters()}
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, dict(official.named_parameters())[name], rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optimizer.state[parameter][key], theirs[name][key], rtol=0, atol=0, msg=name)
+
+    # the script: one step left (12 captions, 12 per step, epoch 3 of 3), on this command line's --data
+    result = run_pretrain("--resume", str(path), "--data", random_tree, "--output", str(tmp_path / "run"), "--depth",
+                          "1", "--image-size", "32", "--workers", "0")
+    assert "continuing the official run" in result.stdout and "resumed at step 2" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"]) == (3, 1)
+    for argv, fragment in ((["--captions-per-gpu", "4"], "was trained with --captions-per-gpu 12, not 4"),
+                           ([], "does not say where its images are")):
+        data = ["--data", random_tree] if argv else []
+        result = run_pretrain("--resume", str(path), *data, "--output", str(tmp_path / "other"), *argv, check=False)
+        assert_one_line_error(result, fragment)
+    partial = tmp_path / "partial.pth"
+    official_checkpoint(partial, "stablerep")  # weights and a Namespace without the recipe
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "other"), "--resume",
+                                       str(partial), *TINY, check=False), "lack --batch_size", "--init-from")
+    assert not (tmp_path / "other").exists()
 
 
 def test_init_from_an_official_checkpoint_loads_its_weights(random_tree, tmp_path):
@@ -316,7 +388,7 @@ def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_
                  "stablerep+", "--tokenizer", tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4",
                  "--images-per-caption", "2", "--base-lr", "1e-9", *TINY)
     trained = torch.load(sorted((tmp_path / "run").glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
-    assert trained["logit_scale"].item() == pytest.approx(math.log(100))  # clamped after the optimiser step
+    assert trained["logit_scale"].item() == pytest.approx(4.6052)  # the official cap, after the optimiser step
     torch.testing.assert_close(trained["text.blocks.0.attn.qkv.weight"],
                                official.state_dict()["text.blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
 
