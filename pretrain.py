@@ -43,7 +43,7 @@ from cli import (
     run,
 )
 from files import atomic_open, atomic_write_json, check_creatable
-from runlog import RunLog, check_loggers
+from runlog import Progress, RunLog, check_loggers
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
 augment = lazy_import("augment")
@@ -62,7 +62,7 @@ SCHEDULES = {
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
                    "gpu_augment"}
-NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, not the run
+NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet"}  # about this launch, not the run
 
 
 def get_args_parser():
@@ -174,7 +174,12 @@ def get_args_parser():
                              "least N steps); resume is exact from any of them")
     parser.add_argument("--keep", type=integer(1), default=2, help="checkpoints kept in --output (older ones are "
                         "deleted)")
-    parser.add_argument("--log-every", type=integer(1), default=10, help="steps between lines of log.jsonl")
+    parser.add_argument("--log-every", type=integer(1), default=10,
+                        help="steps between records of log.jsonl and progress lines on stdout (step, epoch, loss, "
+                             "lr, images/s, time left; redrawn in place in a terminal, a line each in a batch log)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines: only the run's first line, notes and the final line (log.jsonl "
+                             "is written all the same)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                         help="TensorBoard event files in <output>/tensorboard (default: on when the tensorboard "
                              "package is installed)")
@@ -346,7 +351,8 @@ def main(args):
                           {"args": vars(args), "git_commit": git_commit(), "world_size": world_size,
                            "torch": torch.__version__, "images_per_step": images_per_step, "lr": lr,
                            "total_steps": total_steps, "resumed_from": resumed["path"] if resumed else None})
-        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args))
+        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args),
+                     progress=None if args.quiet else Progress(total_steps, sampler.steps_per_epoch, step))
 
     # ---- loop ----
     start_time, start_step, last_saved = time.time(), step, step
