@@ -10,6 +10,7 @@ as `cli.UserError`, which the scripts turn into one line on stderr and exit code
 import hashlib
 import json
 import os
+import re
 import sys
 
 from PIL import Image
@@ -274,7 +275,10 @@ def open_torchvision_split(name, root, split, transform, download):
     try:
         return TORCHVISION_DATASETS[name](root, split, transform, download)
     except (RuntimeError, FileNotFoundError, OSError) as err:  # torchvision: "Dataset not found or corrupted..."
-        raise UserError(f"{name} {split} split under {root}: {first_line(err)}") from None
+        # torchvision's hint names its own argument (download=True); ours is the --download flag
+        reason = re.sub(r"\.?\s*You can use download=True to download it\.?", "", first_line(err))
+        hint = "" if download else f"; add --download to fetch it into --data-root {root}"
+        raise UserError(f"{name} {split} split under {root}: {reason}{hint}") from None
 
 
 def dataset_identity(dataset, description):

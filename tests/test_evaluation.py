@@ -96,8 +96,10 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path):
 
 
 def test_absent_torchvision_dataset_is_a_user_error_without_download(tmp_path):
-    with pytest.raises(UserError, match="cifar10 train split"):
+    with pytest.raises(UserError) as raised:
         ev.open_torchvision_split("cifar10", str(tmp_path), "train", None, download=False)
+    assert str(raised.value) == (f"cifar10 train split under {tmp_path}: Dataset not found or corrupted; add "
+                                 f"--download to fetch it into --data-root {tmp_path}")  # our flag, not torchvision's
     assert ev.open_torchvision_split("cifar10", str(tmp_path), "val", None, download=False) is None
     assert set(ev.TORCHVISION_DATASETS) == {"cifar10", "cifar100", "aircraft", "cars", "dtd", "flowers", "pets",
                                            "sun397", "caltech101", "food101", "voc2007"}
