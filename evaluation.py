@@ -48,18 +48,22 @@ def add_run_arguments(parser, results_name, seed_help):
     """--seed and --output, which both evaluation scripts take."""
     parser.add_argument("--seed", type=SEED, default=0, help=seed_help)
     parser.add_argument("--output", default=None,
-                        help=f"results file (JSON); default {results_name}_<data>.json beside --checkpoint "
-                             "(required with --random-init, which has no checkpoint to sit beside)")
+                        help=f"results file (JSON); default beside --checkpoint, named after what made the number: "
+                             f"{results_name}_<data>_<protocol>, then each setting that changes the number and is "
+                             "not its default (e.g. _seed-1), so results of other settings are kept (required with "
+                             "--random-init, which has no checkpoint to sit beside)")
 
 
-def results_path(args, results_name, data_name):
-    """Where the results go: --output, or beside the checkpoint. Checked, not created: a run that fails on its
-    input leaves nothing behind. UserError for a folder given as the file, or a place that cannot be written."""
+def results_path(args, results_name, data_name, tags=()):
+    """Where the results go: --output, or beside the checkpoint as <results_name>_<data>_<tag>_....json, the tags
+    saying what made the number (the protocol, changed_settings), so a result of other settings is never replaced.
+    Checked, not created: a run that fails on its input leaves nothing behind. UserError for a folder given as the
+    file, or a place that cannot be written."""
     if args.output is None:
         if args.random_init:
             raise UserError("--random-init has no checkpoint folder to write results beside: pass --output")
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"{results_name}_{data_name}.json")
+                                   "_".join([results_name, data_name, *tags]) + ".json")
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; name the results file (e.g. {results_name}.json)")
     check_creatable(os.path.dirname(os.path.abspath(args.output)), "--output")
@@ -67,6 +71,24 @@ def results_path(args, results_name, data_name):
         raise UserError(f"--cache-dir {args.cache_dir} is a file, not a folder")
     check_creatable(args.cache_dir or os.path.dirname(os.path.abspath(args.output)), "--cache-dir")
     return args.output
+
+
+def changed_settings(args, parser, dests):
+    """Words for a results file's name: each setting among `dests` (argparse dests, in that order) whose value is not
+    the parser's default, as flag-value ("epochs-10", "base-lrs-0.05,0.5", "seed-1"), a switch as its name or
+    "no-" its name ("no-batchnorm")."""
+    words = []
+    for dest in dests:
+        value = getattr(args, dest)
+        if value == parser.get_default(dest):
+            continue
+        name = dest.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(name if value else f"no-{name}")
+        else:
+            shown = value if isinstance(value, (list, tuple)) else [value]
+            words.append(f"{name}-" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in shown))
+    return words
 
 
 def folder_name(path):
