@@ -23,10 +23,12 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -127,7 +129,8 @@ def get_args_parser():
                         help="JPEG/WebP quality, 1-100 (ignored by png)")
     parser.add_argument("--preview", type=integer(1, 100), nargs="?", const=8, default=0, metavar="ROWS",
                         help="instead of the tree, write one PNG grid <output>/preview_w<w>.png of the first ROWS "
-                             "captions (rows, labelled with their id and first words) x their n images (columns, "
+                             "captions (rows, labelled with their id and caption in two lines, in DejaVu Sans or an "
+                             "installed font with the captions' characters, e.g. CJK) x their n images (columns, "
                              "labelled k), to see what w does; ROWS (1-100) defaults to 8")
     # ---- speed ----
     parser.add_argument("--batch-size", type=integer(1), default=32,
@@ -731,14 +734,16 @@ class TarOutput:
 
 class PreviewGrid:
     """The --preview picture: one row per caption, one column per image index k (each image its own seed). A
-    header line labels the columns with k, a line above each row gives the caption id and the caption's first
-    words, and white gutters separate the tiles. Text in Pillow's default font (built in: no font file to ship)."""
+    header line labels the columns with k, two lines above each row give the caption id and the caption (wrapped,
+    "..." where it is cut), and white gutters separate the tiles. The font is preview_font's."""
 
     def __init__(self, captions, n, size):
         self.rows = {i: row for row, i in enumerate(captions)}  # caption id -> row
         self.size, self.gutter = size, max(4, size // 32)
-        font = ImageFont.load_default(size=max(10, size // 16))
-        self.line = font.getbbox("Ag")[3] + self.gutter  # a text line and the gap under it
+        font = preview_font(captions.values(), max(10, size // 16))
+        ascent, descent = font.getmetrics()
+        self.line = ascent + descent  # one line of text, accents and descenders included
+        self.caption = 2 * self.line + self.gutter  # the caption's two lines and the gap under them
         width = self.gutter + n * (size + self.gutter)
         self.image = Image.new("RGB", (width, self.top(len(captions))), "white")
         draw = ImageDraw.Draw(self.image)
@@ -747,28 +752,77 @@ class PreviewGrid:
             draw.text((self.left(k) + (size - draw.textlength(label, font=font)) / 2, self.gutter), label,
                       fill="black", font=font)
         for i, text in captions.items():
-            shown = first_words(f"#{i}: {text}", width - 2 * self.gutter, draw, font)
-            draw.text((self.gutter, self.top(self.rows[i])), shown, fill="black", font=font)
+            for row_line, line in enumerate(wrap_label(f"#{i}: {text}", width - 2 * self.gutter, draw, font)):
+                draw.text((self.gutter, self.top(self.rows[i]) + row_line * self.line), line, fill="black", font=font)
 
     def left(self, k):
         return self.gutter + k * (self.size + self.gutter)
 
     def top(self, row):
-        """The y of row `row`'s caption line (of the bottom edge for row = the number of rows)."""
-        return self.gutter + self.line + row * (self.line + self.size + self.gutter)
+        """The y of row `row`'s caption (of the bottom edge for row = the number of rows)."""
+        return self.gutter + self.line + self.gutter + row * (self.caption + self.size + self.gutter)
 
     def paste(self, caption_id, k, image):
-        self.image.paste(image, (self.left(k), self.top(self.rows[caption_id]) + self.line))
+        self.image.paste(image, (self.left(k), self.top(self.rows[caption_id]) + self.caption))
 
 
-def first_words(text, width, draw, font):
-    """As many of the first words of `text` as fit in `width` pixels, "..." marking a cut; the first word always."""
-    words = text.split()
-    for count in range(len(words), 1, -1):
-        shown = " ".join(words[:count]) + ("" if count == len(words) else " ...")
-        if draw.textlength(shown, font=font) <= width:
-            return shown
-    return words[0]
+def wrap_label(text, width, draw, font, max_lines=2):
+    """`text` in at most `max_lines` lines of `width` pixels: whole words where they fit, a word wider than a line
+    broken between characters (a CJK caption has no spaces), " ..." ending the last line when text is left over."""
+    def fits(line):
+        return draw.textlength(line, font=font) <= width
+
+    lines, line, words = [], "", text.split()
+    while words:
+        joined = f"{line} {words[0]}" if line else words[0]
+        if fits(joined):
+            line, words = joined, words[1:]
+        elif line:  # the word starts the next line
+            lines.append(line)
+            line = ""
+        else:  # alone and still too wide: its longest head that fits (at least one character)
+            head = next(n for n in range(len(joined), 0, -1) if n == 1 or fits(joined[:n]))
+            lines.append(joined[:head])
+            words[0] = joined[head:]
+    lines.append(line)
+    if len(lines) <= max_lines:
+        return lines
+    last = lines[max_lines - 1]
+    while last and not fits(last + " ..."):  # drop whole words, then characters of a single long one
+        last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
+    return lines[:max_lines - 1] + [last.rstrip() + " ..."]
+
+
+def preview_font(texts, size):
+    """The preview's font: DejaVu Sans, the font matplotlib ships (requirements.txt; found without importing
+    matplotlib), which has accented Latin, Greek and Cyrillic. When the captions hold characters it lacks (CJK,
+    say), the first installed font that has every character of the grid, as fontconfig's fc-list finds it (on
+    Debian, e.g. fonts-noto-cjk; a CJK-only font such as fonts-droid-fallback has no Latin and does not qualify);
+    with none, DejaVu Sans draws the characters it lacks as boxes. Pillow's built-in font (ASCII only) when
+    matplotlib is absent."""
+    spec = importlib.util.find_spec("matplotlib")
+    dejavu = spec and os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    if not dejavu or not os.path.isfile(dejavu):
+        return ImageFont.load_default(size=size)
+    try:
+        from fontTools.ttLib import TTFont  # matplotlib's own dependency
+        covered = TTFont(dejavu, lazy=True).getBestCmap()
+    except ImportError:
+        return ImageFont.truetype(dejavu, size)
+    needed = {ord(ch) for text in [*texts, "#0123456789:k=."] for ch in text if not ch.isspace()}
+    if needed - set(covered):
+        try:
+            charset = ":charset=" + " ".join(f"{c:x}" for c in sorted(needed))
+            found = subprocess.run(["fc-list", "--format", "%{file}\\n", charset], capture_output=True, text=True,
+                                   timeout=30).stdout.split()
+        except (OSError, subprocess.SubprocessError):  # no fontconfig (macOS, Windows)
+            found = []
+        for path in sorted(found):
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    return ImageFont.truetype(dejavu, size)
 
 
 def write_preview(args, device):

@@ -475,8 +475,8 @@ def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, cap
         assert dark[:layout.top(0), layout.left(k):layout.left(k) + 32].any()
     tree = pixels(reference)
     for row, caption_id in enumerate((0, 2)):
-        assert dark[layout.top(row):layout.top(row) + layout.line, :].any()  # the caption line
-        top = layout.top(row) + layout.line
+        assert dark[layout.top(row):layout.top(row) + layout.caption, :].any()  # the caption's lines
+        top = layout.top(row) + layout.caption
         for k in range(N):
             tile = grid[top:top + 32, layout.left(k):layout.left(k) + 32]
             assert np.abs(tile - tree[imagetree.image_name(caption_id, k, "png")]).max() <= 1  # row i, column k
@@ -484,15 +484,28 @@ def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, cap
             assert (gutter == 255).all()  # white between the tiles
 
 
-def test_row_labels_keep_the_first_words_that_fit():
-    from PIL import ImageDraw, ImageFont
+def test_row_labels_wrap_to_two_lines_and_long_words_break_between_characters():
+    from PIL import ImageDraw
 
-    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default(size=10)
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), generate.preview_font(["a"], 10)
     text = "#12: a photo of a cat on a mat"
-    assert generate.first_words(text, 1000, draw, font) == text
-    cut = generate.first_words(text, draw.textlength("#12: a photo of ...", font=font), draw, font)
-    assert cut == "#12: a photo of ..."
-    assert generate.first_words(text, 1, draw, font) == "#12:"  # the id, whatever the width
+    assert generate.wrap_label(text, 1000, draw, font) == [text]
+    width = draw.textlength("#12: a photo of a", font=font)
+    assert generate.wrap_label(text, width, draw, font) == ["#12: a photo of a", "cat on a mat"]
+    assert generate.wrap_label(text, draw.textlength("#12: a photo", font=font), draw, font) == \
+        ["#12: a photo", "of a cat ..."]  # cut: whole words, then " ..."
+    for caption in ("#3: " + "supercalifragilistic" * 5, "#1: " + "東京の夜景と桜の花" * 5):  # no word fits a line
+        lines = generate.wrap_label(caption, 60, draw, font)
+        assert len(lines) == 2 and lines[1].endswith(" ...")
+        assert all(draw.textlength(line, font=font) <= 60 for line in lines)
+        assert caption.replace(" ", "").startswith("".join(lines)[:-3].replace(" ", ""))  # its head, in order
+
+
+def test_preview_font_has_accented_latin_and_says_what_it_lacks(monkeypatch):
+    font = generate.preview_font(["une crêpe flambée", "Ωμέγα, Привет"], 12)
+    assert font.path.endswith(os.path.join("fonts", "ttf", "DejaVuSans.ttf"))  # matplotlib's DejaVu Sans
+    monkeypatch.setenv("PATH", "")  # no fontconfig to find a CJK font: DejaVu Sans, boxes for what it lacks
+    assert generate.preview_font(["東京の夜景"], 12).path == font.path
 
 
 # ---- bad input: one line, exit code 2, nothing written ----
