@@ -17,7 +17,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from catalog import EVAL_DATASETS, VIT_SIZES, vit_name
-from cli import SEED, UserError, first_line, integer, lazy_import, raised_message
+from cli import SEED, UserError, available_cpus, first_line, integer, lazy_import, raised_message
 from files import atomic_open, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
@@ -276,7 +276,9 @@ def add_dataset_arguments(parser, folder_flags):
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
-    group.add_argument("--num-workers", type=integer(0), default=4, help="data-loading processes")
+    group.add_argument("--num-workers", type=integer(0), default=min(4, available_cpus()),
+                       help=f"data-loading processes: 4, or the CPU cores this machine gives the process if fewer "
+                            f"(here {min(4, available_cpus())})")
     group.add_argument("--cache-dir", default=None, help="feature cache; default feature_cache/ next to --output")
     return group
 

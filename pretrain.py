@@ -34,6 +34,7 @@ from cli import (
     SEED,
     ArgumentParser,
     UserError,
+    available_cpus,
     git_commit,
     hub_reachable,
     integer,
@@ -109,7 +110,9 @@ def get_args_parser():
                              "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
                              "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
                              "distribution and the same draws as without it, so resume stays exact")
-    parser.add_argument("--workers", type=integer(0), default=8, help="data-loading processes per GPU")
+    parser.add_argument("--workers", type=integer(0), default=min(8, available_cpus()),
+                        help="data-loading processes per GPU: 8, or the CPU cores this machine gives the process "
+                             f"if fewer (here {min(8, available_cpus())})")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
     parser.add_argument("--depth", type=integer(1), default=None,

@@ -1,5 +1,6 @@
 """cli.py: one-line errors with exit code 2, range-checked flags."""
 import argparse
+import os
 
 import pytest
 
@@ -69,3 +70,17 @@ def test_raised_message_finds_the_message_in_a_loader_workers_traceback():
                              "call last):\n  File \"x.py\", line 1, in f\n"
                              f"{__name__}.Unreadable: a/b.png: truncated\n")
     assert cli.raised_message(from_worker) == "a/b.png: truncated"
+
+
+def test_worker_defaults_never_exceed_the_cores_the_process_may_use(monkeypatch):
+    import fewshot
+    import linear_probe
+    import pretrain
+    assert cli.available_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine, or a job given 2 cores
+    assert pretrain.get_args_parser().get_default("workers") == 2  # not 8: torch would warn, and nothing is gained
+    assert linear_probe.get_args_parser().get_default("num_workers") == 2
+    assert fewshot.get_args_parser().get_default("num_workers") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert pretrain.get_args_parser().get_default("workers") == 8  # the paper's machines: 8 per GPU
+    assert linear_probe.get_args_parser().get_default("num_workers") == 4
