@@ -78,7 +78,9 @@ def get_args_parser():
     parser.add_argument("--captions", required=True,
                         help="captions file: CC3M's TSV (caption, url), CC12M's TSV (url, caption), a TSV/CSV whose "
                              "header has a `caption` column, or plain text with one caption per line; a caption's id "
-                             "is its row number (header excluded)")
+                             "is its row number (header excluded). TSVs have no quoting: a caption holding a tab "
+                             "reads whole beside a url (the url is one field), and is skipped and counted in a TSV "
+                             "of more columns")
     parser.add_argument("--output", default="runs/synthetic",
                         help="output folder: the image tree (imagetree.py) or the tar shards (shards.py); a rerun "
                              "into it resumes")
@@ -113,8 +115,8 @@ def get_args_parser():
     # ---- output files ----
     parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
                         help="files (the default, to look at and for small runs): a folder tree, one file per "
-                             "image (imagetree.py; n + 1 files per caption: 136M at CC12M scale); webdataset: one "
-                             "uncompressed tar per "
+                             "image (imagetree.py; n + 1 files per caption: 137M for CC12M's 12.4M captions); "
+                             "webdataset: one uncompressed tar per "
                              "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
                              "at random offsets or streamed from object storage)")
     parser.add_argument("--captions-per-shard", type=integer(1), default=imagetree.CAPTIONS_PER_FOLDER,
@@ -172,7 +174,8 @@ class Captions(NamedTuple):
     captions: dict  # caption id (row number) -> caption text
     valid_ids: List[int]  # the usable caption ids read, in order
     rows: int  # data rows read, skipped ones included
-    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long"}]
+    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long" |
+    #                        "a tab inside a field"}]
     layout: str  # how the file was read, for the run's record
 
 
@@ -211,7 +214,10 @@ def _records(path, delimiter):
 
 
 def _layout(path, first):
-    """(delimiter, caption column, has a header, description) from the first non-blank row's text."""
+    """(delimiter, caption column, fields of a TSV row, has a header, description) from the first non-blank row's
+    text. CC3M's and CC12M's TSVs have no quoting, so a tab inside a caption splits it: a row of one caption and one
+    url (tab-free: URLs percent-encode whitespace) reads whole as everything but the url; a TSV with more columns
+    cannot tell, and skips such a row (_rows)."""
     delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
     try:
         fields = next(csv.reader([first])) if delimiter == "," else first.split("\t")
@@ -220,18 +226,19 @@ def _layout(path, first):
     header = [name.strip().lower() for name in fields]
     if "caption" in header:
         kind = {",": "CSV", "\t": "TSV", None: "text"}[delimiter]
-        return delimiter, header.index("caption"), True, f"{kind} with a header, column {header.index('caption')}"
+        return (delimiter, header.index("caption"), len(header), True,
+                f"{kind} with a header, column {header.index('caption')}")
     if delimiter is None:
-        return None, 0, False, "text, one caption per line"
+        return None, 0, 1, False, "text, one caption per line"
     if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[0]):
-        return delimiter, 1, False, "CC12M TSV (url, caption)"
-    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[1]):
-        return delimiter, 0, False, "CC3M TSV (caption, url)"
+        return delimiter, 1, 2, False, "CC12M TSV (url, caption)"
+    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[-1]):
+        return delimiter, 0, 2, False, "CC3M TSV (caption, url)"
     raise UserError(f"captions file {path} has no `caption` column (a header naming it, or CC3M/CC12M's "
                     "two-column caption/url TSV)")
 
 
-def _rows(path, delimiter, column, has_header):
+def _rows(path, delimiter, column, width, has_header):
     """(row, caption, None) for a usable row, (row, None, reason) for a skipped one; streamed."""
     records = _records(path, delimiter)
     if has_header:
@@ -240,6 +247,11 @@ def _rows(path, delimiter, column, has_header):
         if record is None:
             yield row, None, "too long"
             continue
+        if delimiter == "\t" and len(record) > width:  # a tab inside a field (see _layout)
+            if width != 2:
+                yield row, None, "a tab inside a field"
+                continue
+            record = ["\t".join(record[:-1]), record[-1]] if column == 0 else [record[0], "\t".join(record[1:])]
         caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
         if not caption:
             yield row, None, "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
@@ -259,8 +271,8 @@ def open_captions(path):
     if first is None:
         raise UserError(f"captions file {path} is empty")
     first = first.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").rstrip("\r\n")
-    delimiter, column, has_header, layout = _layout(path, first)
-    return layout, _rows(path, delimiter, column, has_header)
+    delimiter, column, width, has_header, layout = _layout(path, first)
+    return layout, _rows(path, delimiter, column, width, has_header)
 
 
 def read_captions(path, max_captions=None):

@@ -106,6 +106,21 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
+def test_a_tab_inside_a_caption_reads_whole_beside_a_url_and_is_skipped_where_ambiguous(tmp_path):
+    """CC3M's and CC12M's TSVs have no quoting: a tab inside a caption splits the row. Beside a url (one field,
+    tab-free) the caption is everything else; with more columns the split is ambiguous and the row is skipped."""
+    files = {"cc3m.tsv": "a cat\ton a mat\thttp://x.org/1.jpg\nplain\thttp://x.org/2.jpg\n",
+             "cc12m.tsv": "http://x.org/1.jpg\ta cat\ton a mat\nhttp://x.org/2.jpg\tplain\n",
+             "img2dataset.tsv": "caption\turl\na cat\ton a mat\thttp://x.org/1.jpg\nplain\thttp://x.org/2.jpg\n"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+        captions = generate.read_captions(str(tmp_path / name))
+        assert captions.captions == {0: "a cat on a mat", 1: "plain"} and captions.skipped == [], name
+    (tmp_path / "more.tsv").write_text("key\tcaption\tscore\n1\ta cat\ton a mat\t3\n2\tplain\t4\n")
+    captions = generate.read_captions(str(tmp_path / "more.tsv"))
+    assert captions.captions == {1: "plain"} and captions.skipped == [{"row": 0, "reason": "a tab inside a field"}]
+
+
 def test_flags_accept_their_edges():
     args = generate.get_args_parser().parse_args([
         "--captions", "x", "--seed", str(2 ** 63 - 1), "--w", "0", "--eta", "1", "--n", "100", "--steps", "1000",
