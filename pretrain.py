@@ -36,6 +36,7 @@ from cli import (
     SEED,
     ArgumentParser,
     UserError,
+    available_cpus,
     first_line,
     git_commit,
     integer,
@@ -45,7 +46,7 @@ from cli import (
     run,
 )
 from files import atomic_open, atomic_write_json, check_creatable, output_folder
-from runlog import RunLog, check_loggers
+from runlog import Progress, RunLog, check_loggers
 from tokenizer import load_tokenizer
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
@@ -68,7 +69,7 @@ SCHEDULES = {
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
                    "gpu_augment"}
-NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, not the run
+NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet"}  # about this launch, not the run
 
 
 def get_args_parser():
@@ -115,7 +116,9 @@ def get_args_parser():
                              "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
                              "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
                              "distribution and the same draws as without it, so resume stays exact")
-    parser.add_argument("--workers", type=integer(0), default=8, help="data-loading processes per GPU")
+    parser.add_argument("--workers", type=integer(0), default=min(8, available_cpus()),
+                        help="data-loading processes per GPU: 8, or the CPU cores this machine gives the process "
+                             f"if fewer (here {min(8, available_cpus())})")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
     parser.add_argument("--depth", type=integer(1), default=None,
@@ -180,7 +183,12 @@ def get_args_parser():
                              "least N steps); resume is exact from any of them")
     parser.add_argument("--keep", type=integer(1), default=2, help="checkpoints kept in --output (older ones are "
                         "deleted)")
-    parser.add_argument("--log-every", type=integer(1), default=10, help="steps between lines of log.jsonl")
+    parser.add_argument("--log-every", type=integer(1), default=10,
+                        help="steps between records of log.jsonl and progress lines on stdout (step, epoch, loss, "
+                             "lr, images/s, time left; redrawn in place in a terminal, a line each in a batch log)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines: only the run's first line, notes and the final line (log.jsonl "
+                             "is written all the same)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                         help="TensorBoard event files in <output>/tensorboard (default: on when the tensorboard "
                              "package is installed)")
@@ -380,7 +388,8 @@ def train(args, resumed, run_id):
                           {"args": vars(args), "run_id": run_id, "git_commit": git_commit(), "world_size": world_size,
                            "torch": torch.__version__, "images_per_step": images_per_step, "lr": lr,
                            "total_steps": total_steps, "resumed_from": resumed["path"] if resumed else None})
-        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args))
+        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args),
+                     progress=None if args.quiet else Progress(total_steps, sampler.steps_per_epoch, step))
 
     # ---- loop ----
     start_time, start_step, last_saved = time.time(), step, step

@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import files
 import pretrain
 from conftest import (
     assert_one_line_error,
+    read_terminal,
     run_python,
     run_python_with_file_size_limit,
     signal_when,
@@ -451,10 +453,36 @@ def test_resume_of_a_finished_run_leaves_it_alone(random_tree, tmp_path):
 
 def test_one_step_epochs_write_a_checkpoint_every_save_every_steps_not_every_step(random_tree, tmp_path):
     output = tmp_path / "run"
-    run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12", "--save-every", "3",
-                            "--keep", "20"))
+    result = run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12",
+                                     "--save-every", "3", "--keep", "20", "--log-every", "2"))
     assert [p.name for p in sorted(output.glob("checkpoint-*.pth"))] == [
         "checkpoint-00000003.pth", "checkpoint-00000006.pth", "checkpoint-00000007.pth"]
+    # through a pipe (a batch job's log): a plain progress line every --log-every steps and at the end, no redraws
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert "\r" not in result.stdout
+    assert [line.split("  ")[:2] for line in progress] == [
+        [f"step {s}/7 ({100 * s // 7}%)", f"epoch {s:.2f}/7"] for s in (2, 4, 6, 7)]
+    assert all(" loss " in line and " lr " in line and " images/s " in line and line.endswith(" left")
+               for line in progress)
+
+
+def test_progress_is_redrawn_in_a_terminal_and_quiet_says_nothing(random_tree, tmp_path):
+    master, terminal = pty.openpty()
+    process = start_python("pretrain.py", *small_run(random_tree, tmp_path / "run", "--epochs", "2"),
+                           stdout=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    shown = read_terminal(master).replace("\r\n", "\n")  # the terminal writes a newline as CR LF
+    os.close(master)
+    assert process.wait() == 0, process.stderr.read()
+    process.stderr.close()
+    first, progress, done = shown.split("\n")[:3]
+    assert first.startswith("12 captions") and done.startswith("done: 6 steps")
+    assert [line.split("  ")[0] for line in progress.split("\r")[1:]] == [f"step {s}/6 ({100 * s // 6}%)"
+                                                                         for s in range(1, 7)]
+    quiet = run_pretrain(*small_run(random_tree, tmp_path / "quiet", "--epochs", "1", "--quiet"))
+    lines = quiet.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("12 captions") and lines[1].startswith("done: 3 steps")
+    assert len((tmp_path / "quiet" / "log.jsonl").read_text().splitlines()) == 3  # the record is kept
 
 
 def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tree, tmp_path):
