@@ -173,7 +173,9 @@ def get_args_parser():
     parser.add_argument("--output", default="runs/stablerep", help="folder for checkpoints, logs and the encoder")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue a run with its recorded recipe: alone, from the newest checkpoint in "
-                             "--output; or from this file")
+                             "--output; or from this file, ours or an official StableRep checkpoint (its recipe from "
+                             "its args, its weights, AdamW moments and epoch; give --data: it does not say where its "
+                             "images are)")
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start a new run (step 0, fresh optimiser) from these weights: an official StableRep or "
                              "StableRep+ checkpoint, one of ours, or a timm ViT state dict (encoder only); the parts "
