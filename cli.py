@@ -91,6 +91,14 @@ def run(main, parser, argv=None):
         fail(err)
 
 
+def available_cpus():
+    """The CPU cores this process may run on (its affinity: what a cluster job was given), for default worker
+    counts that never exceed the machine (more loader workers than cores makes torch warn, and only adds switching)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 # ---- range-checked argparse types: a bad number stops at parse time, before anything is read or written ----
 
 def _bounds(minimum, maximum, above=None, below=None):

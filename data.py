@@ -325,15 +325,21 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
 
 
 class CaptionSampler(torch.utils.data.Sampler):
-    """Yields this rank's batches of (epoch, caption index) keys: a fresh permutation each epoch (seed + epoch),
-    split evenly across ranks, the remainder dropped so every rank takes the same number of steps.
-    `start_step` skips the batches a resumed run has already trained on in its first epoch."""
+    """Yields this rank's batches of (epoch, caption index) keys, as the official loader deals them: each epoch a
+    permutation seeded by seed + epoch (torch.randperm, as DistributedSampler draws it), padded by repeating its
+    first captions up to a multiple of the number of ranks, rank r taking every world_size-th caption from r on,
+    and the last partial batch dropped. So an epoch has ceil(captions / ranks) // captions_per_batch steps, the
+    official count, and a global step s holds the captions permutation[s x B x W : (s + 1) x B x W]; only a
+    padded last step repeats captions: the first (steps x B x W - captions) of the epoch's permutation (at most
+    W - 1 of them), with the same images and crops as where they first appeared (an item is a function of (seed,
+    epoch, caption)). `start_step` skips the batches a resumed run has already trained on in its first epoch."""
 
     def __init__(self, num_captions, captions_per_batch, rank=0, world_size=1, seed=0):
         self.num_captions, self.captions_per_batch = num_captions, captions_per_batch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.start_step = 0, 0
-        self.steps_per_epoch = num_captions // (captions_per_batch * world_size)
+        self.steps_per_epoch = -(-num_captions // world_size) // captions_per_batch
+        self.padding = max(0, self.steps_per_epoch * captions_per_batch * world_size - num_captions)
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
@@ -345,10 +351,11 @@ class CaptionSampler(torch.utils.data.Sampler):
         dtype = torch.int32 if self.num_captions < 2 ** 31 else torch.int64  # the same order, half the memory
         order = torch.randperm(self.num_captions, generator=torch.Generator().manual_seed(self.seed + self.epoch),
                                dtype=dtype)
+        order = torch.cat([order, order[:self.padding]])  # DistributedSampler's padding: the first ones again
         per_step = self.captions_per_batch * self.world_size
         for step in range(self.start_step, self.steps_per_epoch):
             step_captions = order[step * per_step:(step + 1) * per_step]
-            mine = step_captions[self.rank * self.captions_per_batch:(self.rank + 1) * self.captions_per_batch]
+            mine = step_captions[self.rank::self.world_size]  # [captions_per_batch], DistributedSampler's stride
             yield [(self.epoch, index) for index in mine.tolist()]  # the epoch travels with the key, so
             # persistent workers (which hold their own copy of the dataset) draw this epoch's crops
 

@@ -11,13 +11,14 @@ import csv
 import hashlib
 import json
 import os
+import re
 import sys
 
 from PIL import Image
 from tqdm import tqdm
 
 from catalog import EVAL_DATASETS, FAIRFACE_DATASETS, VIT_SIZES, vit_name
-from cli import SEED, UserError, first_line, integer, lazy_import, raised_message
+from cli import SEED, UserError, available_cpus, first_line, integer, lazy_import, raised_message
 from files import atomic_open, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
@@ -48,18 +49,22 @@ def add_run_arguments(parser, results_name, seed_help):
     """--seed and --output, which both evaluation scripts take."""
     parser.add_argument("--seed", type=SEED, default=0, help=seed_help)
     parser.add_argument("--output", default=None,
-                        help=f"results file (JSON); default {results_name}_<data>.json beside --checkpoint "
-                             "(required with --random-init, which has no checkpoint to sit beside)")
+                        help=f"results file (JSON); default beside --checkpoint, named after what made the number: "
+                             f"{results_name}_<data>_<protocol>, then each setting that changes the number and is "
+                             "not its default (e.g. _seed-1), so results of other settings are kept (required with "
+                             "--random-init, which has no checkpoint to sit beside)")
 
 
-def results_path(args, results_name, data_name):
-    """Where the results go: --output, or beside the checkpoint. Checked, not created: a run that fails on its
-    input leaves nothing behind. UserError for a folder given as the file, or a place that cannot be written."""
+def results_path(args, results_name, data_name, tags=()):
+    """Where the results go: --output, or beside the checkpoint as <results_name>_<data>_<tag>_....json, the tags
+    saying what made the number (the protocol, changed_settings), so a result of other settings is never replaced.
+    Checked, not created: a run that fails on its input leaves nothing behind. UserError for a folder given as the
+    file, or a place that cannot be written."""
     if args.output is None:
         if args.random_init:
             raise UserError("--random-init has no checkpoint folder to write results beside: pass --output")
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   f"{results_name}_{data_name}.json")
+                                   "_".join([results_name, data_name, *tags]) + ".json")
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; name the results file (e.g. {results_name}.json)")
     check_creatable(os.path.dirname(os.path.abspath(args.output)), "--output")
@@ -67,6 +72,24 @@ def results_path(args, results_name, data_name):
         raise UserError(f"--cache-dir {args.cache_dir} is a file, not a folder")
     check_creatable(args.cache_dir or os.path.dirname(os.path.abspath(args.output)), "--cache-dir")
     return args.output
+
+
+def changed_settings(args, parser, dests):
+    """Words for a results file's name: each setting among `dests` (argparse dests, in that order) whose value is not
+    the parser's default, as flag-value ("epochs-10", "base-lrs-0.05,0.5", "seed-1"), a switch as its name or
+    "no-" its name ("no-batchnorm")."""
+    words = []
+    for dest in dests:
+        value = getattr(args, dest)
+        if value == parser.get_default(dest):
+            continue
+        name = dest.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(name if value else f"no-{name}")
+        else:
+            shown = value if isinstance(value, (list, tuple)) else [value]
+            words.append(f"{name}-" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in shown))
+    return words
 
 
 def folder_name(path):
@@ -320,7 +343,9 @@ def add_dataset_arguments(parser, folder_flags):
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
-    group.add_argument("--num-workers", type=integer(0), default=4, help="data-loading processes")
+    group.add_argument("--num-workers", type=integer(0), default=min(4, available_cpus()),
+                       help=f"data-loading processes: 4, or the CPU cores this machine gives the process if fewer "
+                            f"(here {min(4, available_cpus())})")
     group.add_argument("--cache-dir", default=None, help="feature cache; default feature_cache/ next to --output")
     return group
 
@@ -341,7 +366,10 @@ def open_torchvision_split(name, root, split, transform, download):
     try:
         return TORCHVISION_DATASETS[name](root, split, transform, download)
     except (RuntimeError, FileNotFoundError, OSError, ValueError) as err:  # torchvision: "Dataset not found..."
-        raise UserError(f"{name} {split} split under {root}: {first_line(err)}") from None
+        # torchvision's hint names its own argument (download=True); ours is the --download flag
+        reason = re.sub(r"\.?\s*You can use download=True to download it\.?", "", first_line(err))
+        hint = "" if download else f"; add --download to fetch it into --data-root {root}"
+        raise UserError(f"{name} {split} split under {root}: {reason}{hint}") from None
 
 
 def dataset_identity(dataset, description):

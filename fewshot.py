@@ -110,9 +110,17 @@ def mean_and_interval(accuracies):
 # ------------------------------------------------------------------------------------------------------------
 
 
+def result_tags(args):
+    """What made the number, for the default results file's name: the episodes' shape and the classifier, then each
+    other setting that is not its default (fewshot_flowers_5way5shot_logistic.json, ..._prototype_seed-1.json)."""
+    return [f"{args.ways}way{args.shots}shot", args.classifier,
+            *ev.changed_settings(args, get_args_parser(), ("queries", "episodes", "C", "split", "seed", "image_size"))]
+
+
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
-    output = ev.results_path(args, "fewshot", args.dataset or ev.folder_name(args.data_dir or "folder"))
+    output = ev.results_path(args, "fewshot", args.dataset or ev.folder_name(args.data_dir or "folder"),
+                             result_tags(args))
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -23,10 +23,12 @@ import dataclasses
 import datetime
 import fcntl
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
 import socket
+import subprocess
 import sys
 import time
 import warnings
@@ -76,7 +78,9 @@ def get_args_parser():
     parser.add_argument("--captions", required=True,
                         help="captions file: CC3M's TSV (caption, url), CC12M's TSV (url, caption), a TSV/CSV whose "
                              "header has a `caption` column, or plain text with one caption per line; a caption's id "
-                             "is its row number (header excluded)")
+                             "is its row number (header excluded). TSVs have no quoting: a caption holding a tab "
+                             "reads whole beside a url (the url is one field), and is skipped and counted in a TSV "
+                             "of more columns")
     parser.add_argument("--output", default="runs/synthetic",
                         help="output folder: the image tree (imagetree.py) or the tar shards (shards.py); a rerun "
                              "into it resumes")
@@ -111,8 +115,8 @@ def get_args_parser():
     # ---- output files ----
     parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
                         help="files (the default, to look at and for small runs): a folder tree, one file per "
-                             "image (imagetree.py; n + 1 files per caption: 136M at CC12M scale); webdataset: one "
-                             "uncompressed tar per "
+                             "image (imagetree.py; n + 1 files per caption: 137M for CC12M's 12.4M captions); "
+                             "webdataset: one uncompressed tar per "
                              "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
                              "at random offsets or streamed from object storage)")
     parser.add_argument("--captions-per-shard", type=integer(1), default=imagetree.CAPTIONS_PER_FOLDER,
@@ -127,7 +131,8 @@ def get_args_parser():
                         help="JPEG/WebP quality, 1-100 (ignored by png)")
     parser.add_argument("--preview", type=integer(1, 100), nargs="?", const=8, default=0, metavar="ROWS",
                         help="instead of the tree, write one PNG grid <output>/preview_w<w>.png of the first ROWS "
-                             "captions (rows, labelled with their id and first words) x their n images (columns, "
+                             "captions (rows, labelled with their id and caption in two lines, in DejaVu Sans or an "
+                             "installed font with the captions' characters, e.g. CJK) x their n images (columns, "
                              "labelled k), to see what w does; ROWS (1-100) defaults to 8")
     # ---- speed ----
     parser.add_argument("--batch-size", type=integer(1), default=32,
@@ -169,7 +174,8 @@ class Captions(NamedTuple):
     captions: dict  # caption id (row number) -> caption text
     valid_ids: List[int]  # the usable caption ids read, in order
     rows: int  # data rows read, skipped ones included
-    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long"}]
+    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long" |
+    #                        "a tab inside a field"}]
     layout: str  # how the file was read, for the run's record
 
 
@@ -208,7 +214,10 @@ def _records(path, delimiter):
 
 
 def _layout(path, first):
-    """(delimiter, caption column, has a header, description) from the first non-blank row's text."""
+    """(delimiter, caption column, fields of a TSV row, has a header, description) from the first non-blank row's
+    text. CC3M's and CC12M's TSVs have no quoting, so a tab inside a caption splits it: a row of one caption and one
+    url (tab-free: URLs percent-encode whitespace) reads whole as everything but the url; a TSV with more columns
+    cannot tell, and skips such a row (_rows)."""
     delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
     try:
         fields = next(csv.reader([first])) if delimiter == "," else first.split("\t")
@@ -217,18 +226,19 @@ def _layout(path, first):
     header = [name.strip().lower() for name in fields]
     if "caption" in header:
         kind = {",": "CSV", "\t": "TSV", None: "text"}[delimiter]
-        return delimiter, header.index("caption"), True, f"{kind} with a header, column {header.index('caption')}"
+        return (delimiter, header.index("caption"), len(header), True,
+                f"{kind} with a header, column {header.index('caption')}")
     if delimiter is None:
-        return None, 0, False, "text, one caption per line"
+        return None, 0, 1, False, "text, one caption per line"
     if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[0]):
-        return delimiter, 1, False, "CC12M TSV (url, caption)"
-    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[1]):
-        return delimiter, 0, False, "CC3M TSV (caption, url)"
+        return delimiter, 1, 2, False, "CC12M TSV (url, caption)"
+    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[-1]):
+        return delimiter, 0, 2, False, "CC3M TSV (caption, url)"
     raise UserError(f"captions file {path} has no `caption` column (a header naming it, or CC3M/CC12M's "
                     "two-column caption/url TSV)")
 
 
-def _rows(path, delimiter, column, has_header):
+def _rows(path, delimiter, column, width, has_header):
     """(row, caption, None) for a usable row, (row, None, reason) for a skipped one; streamed."""
     records = _records(path, delimiter)
     if has_header:
@@ -237,6 +247,11 @@ def _rows(path, delimiter, column, has_header):
         if record is None:
             yield row, None, "too long"
             continue
+        if delimiter == "\t" and len(record) > width:  # a tab inside a field (see _layout)
+            if width != 2:
+                yield row, None, "a tab inside a field"
+                continue
+            record = ["\t".join(record[:-1]), record[-1]] if column == 0 else [record[0], "\t".join(record[1:])]
         caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
         if not caption:
             yield row, None, "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
@@ -256,8 +271,8 @@ def open_captions(path):
     if first is None:
         raise UserError(f"captions file {path} is empty")
     first = first.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").rstrip("\r\n")
-    delimiter, column, has_header, layout = _layout(path, first)
-    return layout, _rows(path, delimiter, column, has_header)
+    delimiter, column, width, has_header, layout = _layout(path, first)
+    return layout, _rows(path, delimiter, column, width, has_header)
 
 
 def read_captions(path, max_captions=None):
@@ -728,14 +743,16 @@ class TarOutput:
 
 class PreviewGrid:
     """The --preview picture: one row per caption, one column per image index k (each image its own seed). A
-    header line labels the columns with k, a line above each row gives the caption id and the caption's first
-    words, and white gutters separate the tiles. Text in Pillow's default font (built in: no font file to ship)."""
+    header line labels the columns with k, two lines above each row give the caption id and the caption (wrapped,
+    "..." where it is cut), and white gutters separate the tiles. The font is preview_font's."""
 
     def __init__(self, captions, n, size):
         self.rows = {i: row for row, i in enumerate(captions)}  # caption id -> row
         self.size, self.gutter = size, max(4, size // 32)
-        font = ImageFont.load_default(size=max(10, size // 16))
-        self.line = font.getbbox("Ag")[3] + self.gutter  # a text line and the gap under it
+        font = preview_font(captions.values(), max(10, size // 16))
+        ascent, descent = font.getmetrics()
+        self.line = ascent + descent  # one line of text, accents and descenders included
+        self.caption = 2 * self.line + self.gutter  # the caption's two lines and the gap under them
         width = self.gutter + n * (size + self.gutter)
         self.image = Image.new("RGB", (width, self.top(len(captions))), "white")
         draw = ImageDraw.Draw(self.image)
@@ -744,28 +761,77 @@ class PreviewGrid:
             draw.text((self.left(k) + (size - draw.textlength(label, font=font)) / 2, self.gutter), label,
                       fill="black", font=font)
         for i, text in captions.items():
-            shown = first_words(f"#{i}: {text}", width - 2 * self.gutter, draw, font)
-            draw.text((self.gutter, self.top(self.rows[i])), shown, fill="black", font=font)
+            for row_line, line in enumerate(wrap_label(f"#{i}: {text}", width - 2 * self.gutter, draw, font)):
+                draw.text((self.gutter, self.top(self.rows[i]) + row_line * self.line), line, fill="black", font=font)
 
     def left(self, k):
         return self.gutter + k * (self.size + self.gutter)
 
     def top(self, row):
-        """The y of row `row`'s caption line (of the bottom edge for row = the number of rows)."""
-        return self.gutter + self.line + row * (self.line + self.size + self.gutter)
+        """The y of row `row`'s caption (of the bottom edge for row = the number of rows)."""
+        return self.gutter + self.line + self.gutter + row * (self.caption + self.size + self.gutter)
 
     def paste(self, caption_id, k, image):
-        self.image.paste(image, (self.left(k), self.top(self.rows[caption_id]) + self.line))
+        self.image.paste(image, (self.left(k), self.top(self.rows[caption_id]) + self.caption))
 
 
-def first_words(text, width, draw, font):
-    """As many of the first words of `text` as fit in `width` pixels, "..." marking a cut; the first word always."""
-    words = text.split()
-    for count in range(len(words), 1, -1):
-        shown = " ".join(words[:count]) + ("" if count == len(words) else " ...")
-        if draw.textlength(shown, font=font) <= width:
-            return shown
-    return words[0]
+def wrap_label(text, width, draw, font, max_lines=2):
+    """`text` in at most `max_lines` lines of `width` pixels: whole words where they fit, a word wider than a line
+    broken between characters (a CJK caption has no spaces), " ..." ending the last line when text is left over."""
+    def fits(line):
+        return draw.textlength(line, font=font) <= width
+
+    lines, line, words = [], "", text.split()
+    while words:
+        joined = f"{line} {words[0]}" if line else words[0]
+        if fits(joined):
+            line, words = joined, words[1:]
+        elif line:  # the word starts the next line
+            lines.append(line)
+            line = ""
+        else:  # alone and still too wide: its longest head that fits (at least one character)
+            head = next(n for n in range(len(joined), 0, -1) if n == 1 or fits(joined[:n]))
+            lines.append(joined[:head])
+            words[0] = joined[head:]
+    lines.append(line)
+    if len(lines) <= max_lines:
+        return lines
+    last = lines[max_lines - 1]
+    while last and not fits(last + " ..."):  # drop whole words, then characters of a single long one
+        last = last.rsplit(" ", 1)[0] if " " in last else last[:-1]
+    return lines[:max_lines - 1] + [last.rstrip() + " ..."]
+
+
+def preview_font(texts, size):
+    """The preview's font: DejaVu Sans, the font matplotlib ships (requirements.txt; found without importing
+    matplotlib), which has accented Latin, Greek and Cyrillic. When the captions hold characters it lacks (CJK,
+    say), the first installed font that has every character of the grid, as fontconfig's fc-list finds it (on
+    Debian, e.g. fonts-noto-cjk; a CJK-only font such as fonts-droid-fallback has no Latin and does not qualify);
+    with none, DejaVu Sans draws the characters it lacks as boxes. Pillow's built-in font (ASCII only) when
+    matplotlib is absent."""
+    spec = importlib.util.find_spec("matplotlib")
+    dejavu = spec and os.path.join(os.path.dirname(spec.origin), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
+    if not dejavu or not os.path.isfile(dejavu):
+        return ImageFont.load_default(size=size)
+    try:
+        from fontTools.ttLib import TTFont  # matplotlib's own dependency
+        covered = TTFont(dejavu, lazy=True).getBestCmap()
+    except ImportError:
+        return ImageFont.truetype(dejavu, size)
+    needed = {ord(ch) for text in [*texts, "#0123456789:k=."] for ch in text if not ch.isspace()}
+    if needed - set(covered):
+        try:
+            charset = ":charset=" + " ".join(f"{c:x}" for c in sorted(needed))
+            found = subprocess.run(["fc-list", "--format", "%{file}\\n", charset], capture_output=True, text=True,
+                                   timeout=30).stdout.split()
+        except (OSError, subprocess.SubprocessError):  # no fontconfig (macOS, Windows)
+            found = []
+        for path in sorted(found):
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+    return ImageFont.truetype(dejavu, size)
 
 
 def write_preview(args, device):

@@ -37,6 +37,9 @@ PAPER_METRICS = {"aircraft": "mean_per_class", "caltech101": "mean_per_class", "
                  "pets": "mean_per_class", "voc2007": "map11"}
 # FairFace: the paper's fairness numbers are the mean and the worst of the per-class accuracies (FIDELITY.md)
 PAPER_METRICS.update({name: "mean_per_class" for name in FAIRFACE_DATASETS})
+# the settings that change each protocol's number: a non-default value is named in the default results file
+RESULT_SETTINGS = {"sgd": ("epochs", "base_lrs", "batchnorm", "batch_size", "eval_every", "seed", "image_size"),
+                   "lbfgs": ("wd_range", "wd_steps", "val_fraction", "max_iter", "metric", "seed", "image_size")}
 
 
 def get_args_parser():
@@ -306,13 +309,19 @@ def open_splits(args, transform_for):
              "val_dir": os.path.abspath(args.val_dir)})
 
 
+def result_tags(args):
+    """What made the number, for the default results file's name: the protocol, then its changed RESULT_SETTINGS
+    (linear_probe_flowers_lbfgs.json, linear_probe_imagenet_sgd_epochs-100.json)."""
+    return [args.protocol, *ev.changed_settings(args, get_args_parser(), RESULT_SETTINGS[args.protocol])]
+
+
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
     check_loggers(args.tensorboard, args.wandb)
     if args.wd_range[0] > args.wd_range[1]:
         raise UserError(f"--wd-range {args.wd_range[0]:g} {args.wd_range[1]:g} needs MIN <= MAX")
     data_name = args.dataset or ev.folder_name(args.train_dir or "folders")
-    output = ev.results_path(args, "linear_probe", data_name)
+    output = ev.results_path(args, "linear_probe", data_name, result_tags(args))
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
 
     # ---- distributed ----

@@ -124,10 +124,12 @@ class VisionTransformer(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """timm's ViT initialisation: truncated normal (std 0.02) for the position embedding and every Linear
-        (zero bias), N(0, 1e-6) for the class token, PyTorch's defaults for the patch convolution and norms."""
+        """The official encoder's initialisation, timm 0.5.4's VisionTransformer (`init_weights`, `_init_vit_weights`):
+        truncated normal (std 0.02, cut at +-2) for the position embedding, the class token and every Linear (zero
+        bias), PyTorch's defaults for the patch convolution, ones and zeros for the LayerNorms. (Current timm draws
+        the class token at std 1e-6 instead.)"""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
@@ -610,7 +612,7 @@ class TextTransformer(nn.Module):
         return self.projection(x[torch.arange(len(tokens), device=tokens.device), end])
 
 
-MAX_LOGIT_SCALE = math.log(100)  # CLIP's cap on the learnable logit scale: exp <= 100, i.e. tau >= 0.01
+MAX_LOGIT_SCALE = 4.6052  # the official cap (main_stablerep.py): ln 100 = 4.60517 rounded up, exp <= 100.0001
 
 
 class StableRepModel(nn.Module):
@@ -618,7 +620,7 @@ class StableRepModel(nn.Module):
 
     - `image_mlp` (ProjectionHead): the 256-d embedding of the multi-positive loss (StableRep, SimCLR, StableRep+)
     - `image_projection`, `text` (TextTransformer), `logit_scale`: the image-text loss (CLIP, StableRep+), with
-      CLIP's learnable logit scale initialised at ln(1/0.07) and kept in [0, ln 100] by `clamp_logit_scale`.
+      CLIP's learnable logit scale initialised at ln(1/0.07) and kept in [0, 4.6052] by `clamp_logit_scale`.
 
     forward(images, tokens=None, views=1) returns the L2-normalised embeddings the losses take; `views` is the
     number of images x crops of each caption in the batch (caption-major), and with head_batchnorm="per-view"
@@ -653,7 +655,7 @@ class StableRepModel(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale(self):
-        """Keep the logit scale parameter in [0, ln 100] (after every optimiser step, as CLIP and the official code
+        """Keep the logit scale parameter in [0, 4.6052] (after every optimiser step, as CLIP and the official code
         do): clamping only in the forward pass would leave a parameter above the cap with zero gradient."""
         if self.text is not None:
             self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
@@ -924,14 +926,21 @@ def model_state_dict(checkpoint):
         return {f"visual.{k}": v for k, v in encoder_state_dict(state).items()}
     renamed = {}
     for key, value in state.items():
-        if key in OFFICIAL_PROJECTIONS:
-            renamed[OFFICIAL_PROJECTIONS[key]] = value.T.contiguous()  # [in, out] parameter -> Linear [out, in]
-            continue
-        if not key.startswith(("visual.", "image_mlp.", "text.")):
-            for official, ours in OFFICIAL_TEXT_NAMES:
-                key = key.replace(official, ours)
-        renamed[key] = value
+        name, transposed = our_name(key)
+        renamed[name] = value.T.contiguous() if transposed else value  # [in, out] parameter -> Linear [out, in]
     return renamed
+
+
+def our_name(key):
+    """(our name, whether the tensor is stored transposed) of one key of an official StableRep or StableRep+
+    checkpoint (DDP's `module.` dropped); our own names come back as they are."""
+    key = key.removeprefix("module.")
+    if key in OFFICIAL_PROJECTIONS:
+        return OFFICIAL_PROJECTIONS[key], True
+    if not key.startswith(("visual.", "image_mlp.", "text.")):
+        for official, ours in OFFICIAL_TEXT_NAMES:
+            key = key.replace(official, ours)
+    return key, False
 
 
 def checkpoint_config(checkpoint):

@@ -1,10 +1,13 @@
 """Pictures of a run for a person to read: the loss and learning rate of a pretrain.py run against the step (from
-its log.jsonl), and the demo's summary figure. Needs matplotlib, which the stages do not: `pip install matplotlib`.
+its log.jsonl), and the demo's summary figure. Needs matplotlib (requirements.txt installs it; the stages
+themselves never import it).
 
     python plots.py runs/stablerep                      # -> runs/stablerep/curves.png
+    python plots.py demo_output                         # the run inside: -> demo_output/pretrain/curves.png
     python plots.py runs/stablerep/log.jsonl --output curves.png
 """
 import argparse
+import glob
 import os
 import sys
 
@@ -16,18 +19,35 @@ from runlog import read_records
 def get_args_parser():
     parser = ArgumentParser("plots.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a pretrain.py output folder, or its log.jsonl")
+    parser.add_argument("run", help="a pretrain.py output folder, a folder holding one (the demo's output), or a "
+                                    "log.jsonl")
     parser.add_argument("--output", default=None, help="the PNG to write (default: curves.png beside the log)")
     return parser
 
 
 def main(args):
-    log = os.path.join(args.run, "log.jsonl") if os.path.isdir(args.run) else args.run
+    log = find_log(args.run) if os.path.isdir(args.run) else args.run
     records = read_log(log)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(log)), "curves.png")
     plot_curves(records, output, title=os.path.basename(os.path.dirname(os.path.abspath(log))))
     print(f"{len(records)} records of {log} -> {output}")
     return output
+
+
+def find_log(folder):
+    """The log.jsonl of a run folder, or of the one run folder inside it (the demo's output holds its run in
+    pretrain/); UserError when there is none, or several to choose from."""
+    own = os.path.join(folder, "log.jsonl")
+    if os.path.lexists(own):  # read_log says what is wrong with it, if anything
+        return own
+    inside = sorted(glob.glob(os.path.join(glob.escape(folder), "*", "log.jsonl")))
+    if not inside:
+        raise UserError(f"{folder} holds no log.jsonl, nor does any folder in it (expected a pretrain.py output "
+                        "folder, a folder holding one, or a log.jsonl)")
+    if len(inside) > 1:
+        raise UserError(f"{folder} holds {len(inside)} runs ({', '.join(os.path.dirname(p) for p in inside)}): "
+                        "name one")
+    return inside[0]
 
 
 def read_log(path):
@@ -54,7 +74,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise UserError("plots need matplotlib: pip install matplotlib") from None
+        raise UserError("plots need matplotlib (in requirements.txt): pip install matplotlib") from None
     matplotlib.use("Agg")  # files only, no screen
     import matplotlib.pyplot as plt
     return plt

@@ -43,6 +43,7 @@ from cli import (
     SEED,
     ArgumentParser,
     UserError,
+    available_cpus,
     first_line,
     git_commit,
     integer,
@@ -52,7 +53,7 @@ from cli import (
     run,
 )
 from files import atomic_open, atomic_write_json, check_creatable, output_folder
-from runlog import RunLog, check_loggers
+from runlog import Progress, RunLog, check_loggers
 from tokenizer import load_tokenizer
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
@@ -75,7 +76,7 @@ SCHEDULES = {
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
                    "gpu_augment"}
-NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, not the run
+NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet"}  # about this launch, not the run
 
 
 def get_args_parser():
@@ -123,7 +124,9 @@ def get_args_parser():
                              "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
                              "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
                              "distribution and the same draws as without it, so resume stays exact")
-    parser.add_argument("--workers", type=integer(0), default=8, help="data-loading processes per GPU")
+    parser.add_argument("--workers", type=integer(0), default=min(8, available_cpus()),
+                        help="data-loading processes per GPU: 8, or the CPU cores this machine gives the process "
+                             f"if fewer (here {min(8, available_cpus())})")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
     parser.add_argument("--depth", type=integer(1), default=None,
@@ -238,7 +241,9 @@ def get_args_parser():
     parser.add_argument("--output", default="runs/stablerep", help="folder for checkpoints, logs and the encoder")
     parser.add_argument("--resume", nargs="?", const="latest", default=None,
                         help="continue a run with its recorded recipe: alone, from the newest checkpoint in "
-                             "--output; or from this file")
+                             "--output; or from this file, ours or an official StableRep checkpoint (its recipe from "
+                             "its args, its weights, AdamW moments and epoch; give --data: it does not say where its "
+                             "images are)")
     parser.add_argument("--init-from", default=None, metavar="CHECKPOINT",
                         help="start a new run (step 0, fresh optimiser) from these weights: an official StableRep or "
                              "StableRep+ checkpoint, one of ours, or a timm ViT state dict (encoder only); the parts "
@@ -248,7 +253,12 @@ def get_args_parser():
                              "least N steps); resume is exact from any of them")
     parser.add_argument("--keep", type=integer(1), default=2, help="checkpoints kept in --output (older ones are "
                         "deleted)")
-    parser.add_argument("--log-every", type=integer(1), default=10, help="steps between lines of log.jsonl")
+    parser.add_argument("--log-every", type=integer(1), default=10,
+                        help="steps between records of log.jsonl and progress lines on stdout (step, epoch, loss, "
+                             "lr, images/s, time left; redrawn in place in a terminal, a line each in a batch log)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines: only the run's first line, notes and the final line (log.jsonl "
+                             "is written all the same)")
     parser.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
                         help="TensorBoard event files in <output>/tensorboard (default: on when the tensorboard "
                              "package is installed)")
@@ -363,9 +373,10 @@ def dino_noise(args):
     return 2 * (args.depth or model_lib.default_depth(args.model)) if args.drop_path > 0 else 0
 
 
-# ---- per-step hooks: hook(model, optimizer, progress, args), model without DDP ----
+# ---- per-step hooks: hook(model, optimizer, position, args), model without DDP ----
 
-class Progress(NamedTuple):
+class StepPosition(NamedTuple):
+    """Where a step sits in the run, for the hooks' schedules."""
     step: int  # optimiser steps done before this one
     steps_per_epoch: int
     total_steps: int
@@ -381,37 +392,37 @@ def cosine_schedule(start, end, step, total_steps):
     return end + (start - end) * (1 + math.cos(math.pi * step / total_steps)) / 2
 
 
-def update_momentum_encoder(model, optimizer, progress, args):
+def update_momentum_encoder(model, optimizer, position, args):
     """MoCo v3, before the forward pass (moco/builder.py does it inside forward): the momentum encoder moves towards
     the base encoder with this step's momentum."""
-    model.update_momentum(cosine_schedule(args.momentum, 1.0, progress.step, progress.total_steps))
+    model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
 
 
-def update_target_network(model, optimizer, progress, args):
+def update_target_network(model, optimizer, position, args):
     """BYOL, after the optimiser step: the target network moves towards the online one with this step's tau."""
-    model.update_momentum(cosine_schedule(args.momentum, 1.0, progress.step, progress.total_steps))
+    model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
 
 
-def update_teacher(model, optimizer, progress, args):
+def update_teacher(model, optimizer, position, args):
     """DINO, after the optimiser step: the teacher moves towards the student with this step's momentum."""
-    model.update_teacher(cosine_schedule(args.momentum, 1.0, progress.step, progress.total_steps))
+    model.update_teacher(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
 
 
-def dino_schedules(model, optimizer, progress, args):
+def dino_schedules(model, optimizer, position, args):
     """DINO, before each step: the teacher temperature (linear per epoch from its warmup value over the warmup
     epochs, then constant: DINOLoss.teacher_temp_schedule) and the weight decay of the decayed parameters (cosine
     from --weight-decay to --weight-decay-end; only main_dino.py's first group is regularised, as ours)."""
     start, end, warmup = (args.warmup_teacher_temperature, args.teacher_temperature,
                           args.warmup_teacher_temperature_epochs)
-    if progress.epoch < warmup:
-        model.teacher_temperature = start + (end - start) * (progress.epoch / (warmup - 1) if warmup > 1 else 0)
+    if position.epoch < warmup:
+        model.teacher_temperature = start + (end - start) * (position.epoch / (warmup - 1) if warmup > 1 else 0)
     else:
         model.teacher_temperature = end
     optimizer.param_groups[0]["weight_decay"] = cosine_schedule(args.weight_decay, args.weight_decay_end,
-                                                                progress.step, progress.total_steps)
+                                                                position.step, position.total_steps)
 
 
-def dino_gradients(model, optimizer, progress, args):
+def dino_gradients(model, optimizer, position, args):
     """DINO, between backward and the optimiser step (on unscaled gradients): each parameter's gradient clipped to
     norm --clip-grad on its own (utils.clip_gradients), and none for the head's last layer during the first
     --freeze-last-layer epochs (utils.cancel_gradients_last_layer: AdamW then skips it entirely)."""
@@ -420,12 +431,12 @@ def dino_gradients(model, optimizer, progress, args):
             if parameter.grad is not None:
                 scale = args.clip_grad / (parameter.grad.norm() + 1e-6)
                 parameter.grad.mul_(scale.clamp(max=1.0))
-    if progress.epoch < args.freeze_last_layer:
+    if position.epoch < args.freeze_last_layer:
         for parameter in model.head.last_layer.parameters():
             parameter.grad = None
 
 
-def clamp_logit_scale(model, optimizer, progress, args):
+def clamp_logit_scale(model, optimizer, position, args):
     """CLIP and StableRep+: the logit scale stays in [0, ln 100] after every step."""
     model.clamp_logit_scale()
 
@@ -630,11 +641,14 @@ def objective_lr(objective, base_lr, images_per_step, crops_per_image):
 
 
 def cosine_lr(step, total_steps, warmup_steps, peak_lr):
-    """Linear warmup from 0 to peak_lr over warmup_steps, then cosine decay to 0 at total_steps."""
+    """The official schedule (util/misc.py `adjust_learning_rate`, called at the fractional epoch of every step):
+    linear from 0 at step 0 to peak_lr at warmup_steps, then half a cosine down to 0 at total_steps. With
+    warmup_steps = warmup epochs x steps per epoch, unrounded, this is `lr x epoch / warmup_epochs`, then
+    `lr x (1 + cos(pi (epoch - warmup_epochs) / (epochs - warmup_epochs))) / 2`, at epoch = step / steps per epoch."""
     if step < warmup_steps:
-        return peak_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * peak_lr * (1 + math.cos(math.pi * min(1.0, progress)))
+        return peak_lr * step / warmup_steps
+    progress = (step - warmup_steps) / (total_steps - warmup_steps) if total_steps > warmup_steps else 1.0
+    return 0.5 * peak_lr * (1 + math.cos(math.pi * progress))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -669,7 +683,7 @@ def train(args, resumed, run_id):
     tokenizer = load_tokenizer(args.tokenizer) if objective.text else None
     dataset, sampler, loader = build_data(args, tokenizer, world_size, rank, device)
     total_steps = sampler.steps_per_epoch * args.epochs
-    warmup_steps = max(1, round(args.warmup_epochs * sampler.steps_per_epoch))
+    warmup_steps = args.warmup_epochs * sampler.steps_per_epoch  # fractional, as the official epoch counter
     lr, lr_arithmetic = objective_lr(objective, args.base_lr, images_per_step, args.crops_per_image)
 
     # ---- model ----
@@ -684,7 +698,15 @@ def train(args, resumed, run_id):
 
     # ---- resume, or initialise from other weights ----
     step = 0
-    if resumed:
+    if resumed and resumed["official"]:
+        step = continue_official(resumed, model_without_ddp, optimizer, scaler, sampler.steps_per_epoch)
+        if is_main:
+            print(f"continuing the official run of {resumed['path']} after its epoch {resumed['state']['epoch'] + 1} "
+                  f"of {args.epochs}: its weights, AdamW moments{' and gradient scale' if scaler.is_enabled() else ''}"
+                  " are restored; its data order is not (its loader drew images and crops from numpy's global "
+                  "generator), so the next epochs draw theirs anew, on the captions its DistributedSampler deals "
+                  f"(seed {args.seed})")
+    elif resumed:
         step = load_training_state(resumed, model_without_ddp, optimizer, scaler)
     elif args.init_from:
         loaded = init_from(args.init_from, model_without_ddp)
@@ -704,10 +726,10 @@ def train(args, resumed, run_id):
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "
               f"{args.images_per_caption} images x {args.crops_per_image} crops x {world_size} process(es); "
               f"lr = {lr_arithmetic}; {args.epochs} epochs = {total_steps} "
-              f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps} warmup); {precision} on {device}"
+              f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps:g} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
         if warmup_steps >= total_steps:
-            print(f"note: the warmup ({warmup_steps} steps) is as long as the whole run ({total_steps} steps): the "
+            print(f"note: the warmup ({warmup_steps:g} steps) is as long as the whole run ({total_steps} steps): the "
                   "learning rate never decays; lower --warmup-epochs", file=sys.stderr)
 
     # ---- the first batch: data that cannot be read is refused before anything is written ----
@@ -722,7 +744,8 @@ def train(args, resumed, run_id):
                           {"args": vars(args), "run_id": run_id, "git_commit": git_commit(), "world_size": world_size,
                            "torch": torch.__version__, "images_per_step": images_per_step, "lr": lr,
                            "total_steps": total_steps, "resumed_from": resumed["path"] if resumed else None})
-        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args))
+        log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args),
+                     progress=None if args.quiet else Progress(total_steps, sampler.steps_per_epoch, step))
 
     # ---- loop ----
     start_time, start_step, last_saved = time.time(), step, step
@@ -732,9 +755,9 @@ def train(args, resumed, run_id):
         for epoch, batch in itertools.chain([first_batch], batches):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
-            progress = Progress(step, sampler.steps_per_epoch, total_steps)
+            position = StepPosition(step, sampler.steps_per_epoch, total_steps)
             for hook in objective.before_step:
-                hook(model_without_ddp, optimizer, progress, args)
+                hook(model_without_ddp, optimizer, position, args)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = compute_loss(forward, batch, objective, args, device)
             if not torch.isfinite(loss):
@@ -744,11 +767,11 @@ def train(args, resumed, run_id):
             if objective.after_backward:
                 scaler.unscale_(optimizer)
                 for hook in objective.after_backward:
-                    hook(model_without_ddp, optimizer, progress, args)
+                    hook(model_without_ddp, optimizer, position, args)
             scaler.step(optimizer)
             scaler.update()
             for hook in objective.after_step:
-                hook(model_without_ddp, optimizer, progress, args)
+                hook(model_without_ddp, optimizer, position, args)
             step += 1
             loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
             if log and (step % args.log_every == 0 or step == total_steps):
@@ -999,12 +1022,16 @@ def read_resume_checkpoint(args):
         state = model_lib.load_checkpoint_file(path)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
-    if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "step" not in state:
-        raise UserError(f"{path} is not a pretrain.py checkpoint (an official StableRep checkpoint or an encoder "
-                        "has no optimiser step or random state to continue): start from its weights with "
-                        "--init-from instead")
-    check_training_state(state, path)
-    recorded, given = state["args"], set(getattr(args, "flags_given", None) or changed_from_defaults(args))
+    official = is_official_checkpoint(state)
+    if official:
+        recorded, world_size = official_recipe(state["args"], path)
+    elif not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "step" not in state:
+        raise UserError(f"{path} is neither a pretrain.py checkpoint nor an official StableRep one (an encoder alone "
+                        "has no optimiser state to continue): start from its weights with --init-from instead")
+    else:
+        check_training_state(state, path)
+        recorded, world_size = state["args"], state.get("world_size", 1)
+    given = set(getattr(args, "flags_given", None) or changed_from_defaults(args))
     resumable = RESUMABLE_FLAGS
     if any(dataindex.is_streamed(spec) for spec in recorded.get("data") or []):
         resumable = RESUMABLE_FLAGS - {"workers"}  # a stream's steps are dealt to the workers in turn
@@ -1020,7 +1047,102 @@ def read_resume_checkpoint(args):
     if streamed and "data" not in given:  # a URL or pipe: runs a command: only one typed by the user may run
         raise UserError(f"{path} records the streamed --data {streamed[0]!r}; a command or URL is run only from "
                         "this command line: pass --data again (the same sources) to resume")
-    return {"path": path, "state": state}
+    if official and not args.data:
+        raise UserError(f"{path} is an official checkpoint, which does not say where its images are: pass --data "
+                        "(its --csv_path as --data and its --folder_list as --folder-list, or the same images in "
+                        "another layout)")
+    return {"path": path, "state": state, "recipe": recorded, "world_size": world_size, "official": official}
+
+
+# main_stablerep.py's --model -> ours
+OFFICIAL_MODELS = {"small": "vit_small", "base": "vit_base", "large": "vit_large"}
+BATCHNORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_official_checkpoint(state):
+    """A checkpoint of the official code: {'model', 'optimizer', 'epoch', 'scaler', 'args': argparse.Namespace}."""
+    return isinstance(state, dict) and isinstance(state.get("args"), argparse.Namespace) and isinstance(
+        state.get("epoch"), int) and isinstance(state.get("model"), dict) and isinstance(state.get("optimizer"), dict)
+
+
+def official_recipe(namespace, path):
+    """(our flags, world size) for the recipe an official checkpoint's args record (main_stablerep.py's names);
+    UserError for a recipe we cannot continue."""
+    recorded = vars(namespace)
+    missing = [key for key in ("model", "batch_size", "n_img", "epochs", "warmup_epochs", "blr") if key not in recorded]
+    if missing:
+        raise UserError(f"{path} is an official checkpoint whose args lack --{missing[0]}, so its run cannot be "
+                        "continued: start from its weights with --init-from instead")
+    unsupported = {"vl_projection": "linear", "ssl_temp_cos": False, "ssl_scale": 1.0, "ssl_w1": 1.0, "ssl_w2": 1.0,
+                   "weak_aug": False, "down_prob": None}
+    changed = [key for key, value in unsupported.items() if recorded.get(key, value) != value]
+    if changed or recorded["model"] not in OFFICIAL_MODELS:
+        what = f"--{changed[0]} {recorded[changed[0]]}" if changed else f"--model {recorded['model']}"
+        raise UserError(f"{path} was trained with {what}, which pretrain.py does not have: start from its weights "
+                        "with --init-from instead")
+    world_size, crops = recorded.get("world_size", 1), recorded.get("num_crop", 1)
+    images_per_step = recorded["batch_size"] * recorded["n_img"] * crops * world_size
+    lr = recorded.get("lr") or recorded["blr"] * images_per_step / 512  # main_stablerep.py sets args.lr so
+    loss = ("stablerep+" if recorded.get("add_language") else
+            "simclr" if (recorded["n_img"], crops) == (1, 2) else "stablerep")
+    recipe = {"model": OFFICIAL_MODELS[recorded["model"]], "loss": loss, "captions_per_gpu": recorded["batch_size"],
+              "images_per_caption": recorded["n_img"], "crops_per_image": crops, "epochs": recorded["epochs"],
+              "warmup_epochs": float(recorded["warmup_epochs"]), "base_lr": lr * 512 / images_per_step,
+              "weight_decay": recorded.get("weight_decay", 0.1),
+              "betas": [recorded.get("beta1", 0.9), recorded.get("beta2", 0.95)],
+              "temperature": recorded.get("ssl_temp", 0.1), "head_hidden_dim": recorded.get("ssl_mlp_dim", 4096),
+              "embed_dim": recorded.get("ssl_emb_dim", 256), "seed": recorded.get("seed", 0),
+              "downsample_prob": recorded.get("downsample_prob", 0.05) if recorded.get("downsample") else 0.0}
+    if recorded.get("downsample") and recorded.get("down_res"):
+        recipe["downsample_res"] = [int(size) for size in recorded["down_res"]]
+    return recipe, world_size
+
+
+def continue_official(resumed, model, optimizer, scaler, steps_per_epoch):
+    """Load an official checkpoint's weights, AdamW moments and gradient scale into ours; returns the step after its
+    last epoch. Its random state and data order are not restorable (numpy's global generator drew them)."""
+    state, path = resumed["state"], resumed["path"]
+    weights = model_lib.model_state_dict(state)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise UserError(f"{path} does not fit this model ({str(err).splitlines()[0]})") from None
+    check_finite(weights, path)
+    try:
+        optimizer.load_state_dict(official_optimizer_state(state, model, optimizer))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} cannot be continued: its optimiser state does not fit this model "
+                        f"({first_line(err)})") from None
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return (state["epoch"] + 1) * steps_per_epoch
+
+
+def official_optimizer_state(state, model, optimizer):
+    """The official AdamW state re-keyed to our optimiser. The official groups are util/misc.py add_weight_decay's,
+    in this order: [decay, no decay] over named_parameters, no decay for names with `bias`, `ln` or `bn` and 1-d
+    tensors; a checkpoint's parameter order is its state dict's less the BatchNorm buffers. Moments of the [in, out]
+    projection matrices are transposed as their weights."""
+    names = [key for key in state["model"] if not key.endswith(BATCHNORM_BUFFERS)]
+    no_decay = [key for key in names
+                if state["model"][key].ndim < 2 or any(part in key for part in ("bias", "ln", "bn"))]
+    decay = [key for key in names if key not in no_decay]
+    groups = state["optimizer"]["param_groups"]
+    if [len(group["params"]) for group in groups] != [len(decay), len(no_decay)]:
+        raise ValueError(f"{len(groups)} parameter groups of {[len(group['params']) for group in groups]} "
+                         f"parameters, not [{len(decay)}, {len(no_decay)}]")
+    official_names = {index: key for group, keys in zip(groups, (decay, no_decay))
+                      for index, key in zip(group["params"], keys)}
+    ours = optimizer.state_dict()
+    our_params = [parameter for group in optimizer.param_groups for parameter in group["params"]]
+    names_of = {id(parameter): name for name, parameter in model.named_parameters()}
+    our_index = {names_of[id(parameter)]: index for index, parameter in enumerate(our_params)}
+    moments = {}
+    for index, values in state["optimizer"]["state"].items():
+        name, transposed = model_lib.our_name(official_names[index])
+        moments[our_index[name]] = {key: value.T.contiguous() if transposed and value.ndim == 2 else value
+                                    for key, value in values.items()}
+    return {"state": moments, "param_groups": ours["param_groups"]}
 
 
 def check_training_state(state, path):
@@ -1128,9 +1250,7 @@ def _show(value):
 def check_same_global_batch(resumed, images_per_step, world_size):
     """A resumed run must take the same images a step: another number of processes would change the schedule,
     the learning rate and every batch."""
-    state = resumed["state"]
-    recorded_world = state.get("world_size", world_size)
-    args = state["args"]
+    recorded_world, args = resumed["world_size"], resumed["recipe"]
     recorded = args["captions_per_gpu"] * args["images_per_caption"] * args["crops_per_image"] * recorded_world
     if recorded != images_per_step:
         raise UserError(f"{resumed['path']} was trained with {recorded} images a step ({args['captions_per_gpu']} "

@@ -5,6 +5,10 @@ scalars in TensorBoard and Weights & Biases, both optional.
     log.write(step, loss=..., lr=..., images=...)   # images: seen since this run started, for images/s
     log.close()
 
+With `progress=Progress(total_steps, steps_per_epoch, start_step)`, each record is also a progress line on stdout
+(step, epoch, loss, lr, images/s, time left): redrawn in place in a terminal, one line per record in a batch job's
+log.
+
 TensorBoard: event files in `<folder>/tensorboard` (or `tensorboard_dir`), on by default when the `tensorboard`
 package is installed (`tensorboard=True` insists, `False` turns it off). wandb: with a project name, when `wandb`
 is installed (`WANDB_MODE=offline` logs without network). A resumed run continues the same curves with no step twice:
@@ -32,8 +36,9 @@ def check_loggers(tensorboard, wandb_project):
 
 class RunLog:
     def __init__(self, folder, start_step=0, tensorboard=None, wandb_project=None, config=None, name="log.jsonl",
-                 tensorboard_dir="tensorboard"):
+                 tensorboard_dir="tensorboard", progress=None):
         self.path = os.path.join(folder, name)
+        self.progress = progress
         self.start_step = start_step
         self.started = time.time()
         self.window = (start_step, 0, self.started)  # (step, images, time) at the last record, for images/s
@@ -77,14 +82,84 @@ class RunLog:
                 self.tensorboard.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log(numbers, step=step)
+        if self.progress is not None:
+            self.progress.show(record)
         return record
 
     def close(self):
+        if self.progress is not None:
+            self.progress.close()
         self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class Progress:
+    """Progress of a training run on stdout, one line per record RunLog writes (every --log-every steps):
+
+        step 120/3000 (4%)  epoch 0.40/10  loss 5.1234  lr 3.20e-04  412 images/s  1h02m left
+
+    with `corrupt images N` added once a corrupt image has been skipped. In a terminal the line is redrawn in place
+    (a carriage return, a newline at close); into a file or a pipe (a batch job's log) every record is a line of its
+    own, so the log holds no redraws. Time left: the mean time per step since this run started, times the steps to
+    go."""
+
+    def __init__(self, total_steps, steps_per_epoch, start_step=0, stream=None):
+        self.total_steps, self.steps_per_epoch, self.start_step = total_steps, steps_per_epoch, start_step
+        self.stream = stream or sys.stdout
+        self.redraw = self.stream.isatty()
+        self.started = time.time()
+        self.shown = 0  # characters of the line on screen (redraw mode), 0 when none
+
+    def show(self, record):
+        step = record["step"]
+        seconds_per_step = (time.time() - self.started) / max(step - self.start_step, 1)
+        line = progress_line(step, self.total_steps, self.steps_per_epoch, record.get("loss"), record.get("lr"),
+                             record.get("images_per_s"), seconds_per_step * (self.total_steps - step),
+                             record.get("corrupt_images", 0))
+        if self.redraw:  # over the previous line, blanking what a longer one left
+            self.stream.write("\r" + line.ljust(self.shown))
+            self.shown = len(line)
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = 0
+
+
+def progress_line(step, total_steps, steps_per_epoch, loss, lr, images_per_s, seconds_left, corrupt=0):
+    """One progress line (Progress's); the fields that are None are left out."""
+    parts = [f"step {step}/{total_steps} ({100 * step // total_steps}%)",
+             f"epoch {step / steps_per_epoch:.2f}/{total_steps / steps_per_epoch:g}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.4f}")
+    if lr is not None:
+        parts.append(f"lr {lr:.2e}")
+    if images_per_s is not None:
+        parts.append(f"{images_per_s:.0f} images/s")
+    parts.append(f"{duration(seconds_left)} left")
+    if corrupt:
+        parts.append(f"corrupt images {corrupt}")
+    return "  ".join(parts)
+
+
+def duration(seconds):
+    """A short human duration: 45s, 12m05s, 3h04m, 2d05h."""
+    seconds = max(0, round(seconds))
+    minutes, s = divmod(seconds, 60)
+    hours, m = divmod(minutes, 60)
+    days, h = divmod(hours, 24)
+    if days:
+        return f"{days}d{h:02d}h"
+    if hours:
+        return f"{hours}h{m:02d}m"
+    return f"{minutes}m{s:02d}s" if minutes else f"{s}s"
 
 
 def drop_records_after(path, step):

@@ -37,7 +37,7 @@ from data import CaptionImages, collate  # noqa: E402
 from model import VIT_SIZES  # noqa: E402
 from pretrain import (  # noqa: E402
     OBJECTIVES,
-    Progress,
+    StepPosition,
     build_model,
     compute_loss,
     family_crops,
@@ -147,18 +147,18 @@ def objective_side(name, model_name, image_size, crops, device, flags=()):
 
 def objective_step(model, optimizer, batch, run_args, device, amp, step):
     """pretrain.py's loop body with the objective's hooks (total 1000 steps, 100 an epoch). Returns the loss."""
-    objective, progress = OBJECTIVES[run_args.loss], Progress(step, 100, 1000)
+    objective, position = OBJECTIVES[run_args.loss], StepPosition(step, 100, 1000)
     for hook in objective.before_step:
-        hook(model, optimizer, progress, run_args)
+        hook(model, optimizer, position, run_args)
     with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
         loss = compute_loss(model, batch, objective, run_args, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for hook in objective.after_backward:
-        hook(model, optimizer, progress, run_args)
+        hook(model, optimizer, position, run_args)
     optimizer.step()
     for hook in objective.after_step:
-        hook(model, optimizer, progress, run_args)
+        hook(model, optimizer, position, run_args)
     return loss.detach()
 
 

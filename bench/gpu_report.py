@@ -27,7 +27,15 @@ Sections, in this order (--sections picks some):
                 and its sliding-window forward (windows/s), and compositionality.py's text tower (CLIP's, width 512,
                 12 layers, 77 tokens: captions/s) as ARO and zero-shot run it (their image tower is section 2's
                 encoder).
-  6 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
+  6 parity      pretrain.py's training step from the same weights on the same batch under float32, bf16 autocast and
+                fp16 autocast + GradScaler (the official setting): the loss, and how far each update is from the
+                float32 one (max |update - float32 update| / lr over every parameter). With --official DIR (a
+                checkout of google-research/syn-rep-learn), also the official step as its train_one_epoch runs it
+                (models/StableRep.py's model, models/losses.py's MultiPosConLoss, fp16 autocast around the model,
+                the loss outside it, GradScaler scale / backward / unscale_ / step / update, util/misc.py's AdamW
+                groups) against ours in fp16. With 2 or more GPUs, the projection head's SyncBatchNorm over 2
+                NCCL processes against one process on the whole batch (running statistics and outputs).
+  7 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
                 networks and hooks, bench/bench_train_step.py --objectives) on ViT-B/16 at 224 px, bf16 autocast, at
                 the per-GPU batch of its CC3M recipe (recipes/pretrain_cc3m_<family>_synthetic.args): seconds a
                 step, peak memory, and the GPU hours of that recipe on CC3M's 3.3M captions at 32 GPUs (steps x the
@@ -55,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub:
 from cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
 from files import atomic_write_json
 
-SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "families")
+SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "parity", "families")
 CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
 RECIPE_GPUS = 32  # the CC3M recipes' torchrun command: 4 nodes x 8 GPUs
 
@@ -685,7 +693,173 @@ def section_evaluations(report, args, device, results):
 
 # ---- main ----
 
-# ---- 6. the self-supervised families ----
+# ---- 6. parity ----
+
+def section_parity(report, args, device, results):
+    import copy
+
+    import torch
+
+    from bench_train_step import make_batch
+    from pretrain import OBJECTIVES, build_model, compute_loss, param_groups
+    from pretrain import get_args_parser as pretrain_parser
+
+    run_args = pretrain_parser().parse_args(["--data", "unused", "--model", args.train_model, "--image-size",
+                                             str(args.image_size), "--images-per-caption",
+                                             str(args.images_per_caption)]
+                                            + (["--depth", str(args.train_depth)] if args.train_depth else []))
+    torch.manual_seed(0)
+    start = build_model(run_args).to(device).train()
+    batch = make_batch(argparse.Namespace(captions=args.captions, images_per_caption=args.images_per_caption,
+                                          image_size=args.image_size))
+    lr = 1e-4
+
+    def our_step(precision):
+        model = copy.deepcopy(start)
+        optimizer = torch.optim.AdamW(param_groups(model, run_args.weight_decay), lr=lr, betas=tuple(run_args.betas))
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = compute_loss(model, batch, OBJECTIVES["stablerep"], run_args, device)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.item(), dict(model.named_parameters()), scaler.get_scale() if scaler.is_enabled() else None
+
+    report.table("parity", f"### 6. Parity of one training step: {args.train_model}/16 at {args.image_size} px, "
+                 f"{args.captions} captions x {args.images_per_caption} images, lr {lr:g}, from the same weights "
+                 "on the same batch", ["step", "loss", "loss - float32's", "mean, max |update - float32's| / lr",
+                                       "gradient scale after"])
+    sides = {precision: our_step(precision) for precision in ("fp32", "bf16", "fp16")}
+    if args.official:
+        try:
+            sides["official fp16"] = official_step(args, run_args, start, batch, device, lr)
+        except Exception as error:  # noqa: BLE001 - a checkout we cannot import is reported, the rest goes on
+            report.fail("parity", error, " (the official step)")
+    else:
+        report.skip("the official training step", "no --official DIR (a checkout of google-research/syn-rep-learn)")
+    reference_loss, reference, _ = sides["fp32"]
+    before = dict(start.named_parameters())
+    for name, (loss, weights, scale) in sides.items():
+        gaps = torch.cat([((weights[key] - before[key]) - (reference[key] - before[key])).detach().abs().flatten()
+                          for key in reference if key in weights]) / lr  # AdamW's first update is about +-lr
+        skipped = scale is not None and scale < 2.0 ** 16  # GradScaler starts at 2^16 and halves on an overflow
+        report.row([name if name.startswith("official") else f"ours, {name}", f"{loss:.6f}",
+                    f"{loss - reference_loss:.2e}", f"{fmt(gaps.mean().item())}, {fmt(gaps.max().item())}",
+                    fmt(scale) + (" (overflow: step skipped)" if skipped else "")],
+                   side=name, loss=loss, loss_difference=loss - reference_loss, update_gap_mean=gaps.mean().item(),
+                   update_gap_max=gaps.max().item(), scale=scale, skipped=skipped)
+    if "official fp16" in sides:
+        (ours_loss, ours, _), (their_loss, theirs, _) = sides["fp16"], sides["official fp16"]
+        gap = max((ours[key] - theirs[key]).detach().abs().max().item() for key in ours) / lr
+        report.row(["ours fp16 - official fp16", f"{ours_loss - their_loss:.2e}", "-", f"-, {fmt(gap)}", "-"],
+                   side="ours - official", loss_difference=ours_loss - their_loss, update_gap_max=gap)
+    if device.type == "cuda" and torch.cuda.device_count() >= 2:
+        sync_batchnorm_parity(report, args)
+    else:
+        report.skip("SyncBatchNorm across GPUs", "needs 2 or more CUDA devices")
+
+
+def official_step(args, run_args, start, batch, device, lr):
+    """The official train_one_epoch's body on `start`'s weights: (loss, {name: parameter}, gradient scale)."""
+    import importlib
+    import math
+    import types
+
+    import torch
+    folder = os.path.join(os.path.abspath(args.official), "StableRep")
+    if not os.path.isdir(os.path.join(folder, "models")):
+        raise FileNotFoundError(f"{folder}/models not found: --official takes a syn-rep-learn checkout")
+    sizes = {"vit_small": "small", "vit_base": "base", "vit_large": "large"}
+    full_depth = {None, 24 if args.train_model == "vit_large" else 12}
+    if args.train_model not in sizes or args.train_depth not in full_depth or args.image_size != 224:
+        raise ValueError("the official models are ViT-S/B/L/16 at their full depth and 224 px: --train-model "
+                         "vit_small, vit_base or vit_large, --image-size 224")
+    sys.modules.setdefault("torch._six", types.SimpleNamespace(inf=math.inf))  # util/misc.py's torch 1.x import
+    sys.path.insert(0, folder)
+    try:
+        official_models = importlib.import_module("models.StableRep")
+        official_losses = importlib.import_module("models.losses")
+    finally:
+        sys.path.remove(folder)
+    model = official_models.model_dict[sizes[args.train_model]](ssl_mlp_dim=run_args.head_hidden_dim,
+                                                               ssl_emb_dim=run_args.embed_dim)
+    model.load_state_dict(start.state_dict())  # the same names: visual.* (timm's) and image_mlp.*
+    if device.type != "cuda":  # SyncBatchNorm runs on GPUs only; on one process it is BatchNorm
+        for name, module in list(model.image_mlp.named_children()):
+            if isinstance(module, torch.nn.SyncBatchNorm):
+                plain = torch.nn.BatchNorm1d(module.num_features, module.eps, module.momentum)
+                plain.load_state_dict(module.state_dict())
+                setattr(model.image_mlp, name, plain)
+    model = model.to(device).train()
+    named = list(model.named_parameters())  # util/misc.py add_weight_decay's groups
+    no_decay = [p for n, p in named if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n]
+    decay = [p for n, p in named if not any(p is q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run_args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0}], lr=lr, betas=tuple(run_args.betas))
+    scaler = torch.amp.GradScaler(device.type)
+    views = args.images_per_caption
+    images = batch["images"].to(device)  # [captions x m, 3, S, S], caption-major -> their [captions, 3 m, S, S]
+    images = images.unflatten(0, (-1, views)).flatten(1, 2)
+    labels = torch.arange(args.captions, device=device)
+    criterion = official_losses.MultiPosConLoss(temperature=run_args.temperature)
+    import tempfile
+
+    import torch.distributed as dist
+    with tempfile.TemporaryDirectory() as folder:  # its loss gathers across ranks: a group of one process
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
+                                init_method=f"file://{folder}/rendezvous")
+        try:
+            with torch.autocast(device.type, dtype=torch.float16):
+                outputs = model(images, labels)
+            loss = criterion(outputs)["loss"]  # outside autocast, on the fp16 outputs, as train_one_epoch
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        finally:
+            dist.destroy_process_group()
+    return loss.item(), dict(model.named_parameters()), scaler.get_scale()
+
+
+def sync_batchnorm_parity(report, args):
+    """The head's SyncBatchNorm on 2 NCCL processes (half the batch each) against one process on all of it."""
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+    torch.manual_seed(0)
+    features = torch.randn(2 * args.captions, 768)
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_sync_batchnorm_rank, args=(features, folder), nprocs=2)
+        ranks = [torch.load(os.path.join(folder, f"{rank}.pt")) for rank in range(2)]
+    from model import ProjectionHead
+    torch.manual_seed(1)
+    head = ProjectionHead(768, 256, 32).train()
+    whole = head(features)
+    gap = max((torch.cat([ranks[0]["out"], ranks[1]["out"]]) - whole).abs().max().item(),
+              (ranks[0]["running_mean"] - head.bn1.running_mean).abs().max().item())
+    report.row(["SyncBatchNorm, 2 GPUs vs 1 process", "-", "-", f"{gap:.2e} (outputs, running mean)", "-"],
+               side="syncbn", sync_batchnorm_gap=gap)
+
+
+def _sync_batchnorm_rank(rank, features, folder):
+    import torch
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29531")
+    dist.init_process_group("nccl", rank=rank, world_size=2)
+    torch.cuda.set_device(rank)
+    from model import ProjectionHead
+    torch.manual_seed(1)
+    head = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ProjectionHead(768, 256, 32)).cuda().train()
+    out = head(features.chunk(2)[rank].cuda())
+    torch.save({"out": out.detach().cpu(), "running_mean": head.bn1.running_mean.cpu()},
+               os.path.join(folder, f"{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ---- 7. the self-supervised families ----
 
 def section_families(report, args, device, results):
     from pretrain import FAMILIES
@@ -694,7 +868,7 @@ def section_families(report, args, device, results):
     if not amp:
         report.skip("bf16 autocast in the families' steps", "pretrain.py uses it on CUDA only; timed in float32")
     blocks = f", {args.train_depth} blocks" if args.train_depth else ""
-    report.table("families", f"### 6. The families' training steps: {args.train_model}/16{blocks} at "
+    report.table("families", f"### 7. The families' training steps: {args.train_model}/16{blocks} at "
                  f"{args.image_size} px, {'bf16 autocast' if amp else 'float32'}, each at its CC3M recipe's "
                  f"per-GPU batch; warm-up 1 step, then {args.family_repeats} timed steps each; GPU hours of the "
                  f"recipe at {RECIPE_GPUS} GPUs on CC3M's {CC3M_CAPTIONS} captions",
@@ -752,7 +926,7 @@ def get_args_parser():
                              "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
                              "runs it so the script cannot rot. Its numbers are not for comparison")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run, always in the order 1-6 (default: all; section 4's cores per "
+                        help="which sections to run, always in the order 1-7 (default: all; section 4's cores per "
                              "GPU needs section 2)")
     parser.add_argument("--output", default=None, metavar="JSON",
                         help="write every number here, rewritten after each row (default: print only)")
@@ -789,7 +963,12 @@ def get_args_parser():
     size_flag(group, "--seg-batch", "crops per GPU (recipe: 2, x 8 GPUs)")
     size_flag(group, "--eval-repeats", "timed calls of each evaluation row")
     size_flag(group, "--aro-captions", "captions per text-tower call")
-    group = parser.add_argument_group("6. the families (section 2's model, depth and image size)")
+    group = parser.add_argument_group("6. parity (section 2's model, size and batch)")
+    group.add_argument("--official", default=None, metavar="DIR",
+                       help="a checkout of google-research/syn-rep-learn: adds the official training step (its "
+                            "StableRep/ folder is imported; needs timm). Its --model must be vit_small, vit_base or "
+                            "vit_large")
+    group = parser.add_argument_group("7. the families (section 2's model, depth and image size)")
     size_flag(group, "--family-repeats", "timed steps per family")
     group.add_argument("--family-batch", type=integer(2), default=None,
                        help="images a GPU for every family (default: each CC3M recipe's own; --tiny: 4); GPU hours "
@@ -835,7 +1014,7 @@ def main(args):
           f"{info['diffusers']}, transformers {info['transformers']}, timm {info['timm']}; CPU {info['cpu']}, "
           f"{info['cpu_cores']} cores.\nCommand: `{header['command']}`", flush=True)
     sections = {"generation": section_generation, "train": section_train, "loss": section_loss,
-                "loader": section_loader, "evaluations": section_evaluations,
+                "loader": section_loader, "evaluations": section_evaluations, "parity": section_parity,
                 "families": section_families}
     results, total = {}, time.perf_counter()
     for section in SECTIONS:

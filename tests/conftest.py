@@ -179,6 +179,19 @@ def signal_when(process, ready, signum=signal.SIGKILL, timeout=120):
     process.send_signal(signum)
 
 
+def read_terminal(master):
+    """All a pty's program wrote, once its last writer has closed it."""
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: no writer left (Linux)
+            return output.decode()
+        if not chunk:
+            return output.decode()
+        output += chunk
+
+
 def assert_one_line_error(result, *fragments):
     """A run that stopped on bad input: exit code 2, one line on stderr naming every fragment, no traceback."""
     assert result.returncode == 2, result.stderr

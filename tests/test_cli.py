@@ -1,5 +1,6 @@
 """cli.py: one-line errors with exit code 2, range-checked flags."""
 import argparse
+import os
 
 import pytest
 
@@ -110,3 +111,17 @@ def test_a_nul_byte_in_an_argument_is_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.run(lambda args: None, recipe_parser(), ["--data", "runs/a\0b"])
     assert exit_info.value.code == 2 and "holds a NUL byte ('runs/a\\\\0b')" in capsys.readouterr().err
+
+
+def test_worker_defaults_never_exceed_the_cores_the_process_may_use(monkeypatch):
+    import fewshot
+    import linear_probe
+    import pretrain
+    assert cli.available_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})  # a 2-core machine, or a job given 2 cores
+    assert pretrain.get_args_parser().get_default("workers") == 2  # not 8: torch would warn, and nothing is gained
+    assert linear_probe.get_args_parser().get_default("num_workers") == 2
+    assert fewshot.get_args_parser().get_default("num_workers") == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert pretrain.get_args_parser().get_default("workers") == 8  # the paper's machines: 8 per GPU
+    assert linear_probe.get_args_parser().get_default("num_workers") == 4

@@ -42,7 +42,7 @@ def test_an_item_is_a_function_of_epoch_and_index(random_tree):
 
 def test_sampler_splits_each_epoch_across_ranks_and_resumes_mid_epoch():
     samplers = [CaptionSampler(23, 5, rank, 2, seed=1) for rank in range(2)]
-    assert samplers[0].steps_per_epoch == 2  # 23 captions // (5 x 2 ranks); the remainder is dropped
+    assert samplers[0].steps_per_epoch == 2  # ceil(23 / 2 ranks) // 5; the rest of the epoch is dropped
     for sampler in samplers:
         sampler.set_epoch(3)
     batches = [list(sampler) for sampler in samplers]
@@ -52,6 +52,25 @@ def test_sampler_splits_each_epoch_across_ranks_and_resumes_mid_epoch():
     assert list(samplers[0]) == batches[0][1:] and len(samplers[0]) == 1
     samplers[0].set_epoch(4)
     assert list(samplers[0]) != batches[0]  # a fresh order every epoch
+
+
+@pytest.mark.parametrize("captions", [19, 20, 21, 37, 38, 39, 40, 41, 59, 61])
+def test_sampler_deals_each_rank_the_official_distributed_samplers_batches(captions):
+    """The official loader: DistributedSampler(shuffle, seed) padded to a multiple of the ranks, then batches of
+    `captions_per_gpu` with the last partial one dropped. Around multiples of 5 captions x 4 ranks the step count
+    differs from captions // 20 (39 captions: 2 steps, the second repeating the permutation's first caption)."""
+    from torch.utils.data import BatchSampler, DistributedSampler
+    ranks, per_gpu, seed, epoch = 4, 5, 7, 3
+    for rank in range(ranks):
+        official = DistributedSampler(range(captions), num_replicas=ranks, rank=rank, shuffle=True, seed=seed)
+        official.set_epoch(epoch)
+        ours = CaptionSampler(captions, per_gpu, rank, ranks, seed)
+        ours.set_epoch(epoch)
+        expected = list(BatchSampler(official, per_gpu, drop_last=True))
+        assert ours.steps_per_epoch == len(expected) == -(-captions // ranks) // per_gpu
+        assert [[index for _, index in batch] for batch in ours] == expected
+    if captions == 39:
+        assert CaptionSampler(captions, per_gpu, 0, ranks, seed).padding == 1
 
 
 def test_collate_labels_for_both_kinds_of_positives(random_tree):

@@ -11,6 +11,7 @@ import json
 import pytest
 
 import imagetree
+import plots
 from cli import UserError
 from conftest import assert_one_line_error, run_python
 from demo.stages import run_stage
@@ -37,9 +38,15 @@ def test_demo_runs_every_stage_and_learns(tmp_path):
     assert "linear probe top-1" in result.stdout and "random init" in result.stdout
     assert trained["linear_probe_top1"] >= random_init["linear_probe_top1"] + MIN_LINEAR_PROBE_GAIN, summary
     assert trained["fewshot_5way_5shot"] >= random_init["fewshot_5way_5shot"] + MIN_FEWSHOT_GAIN, summary
-    # the figure beside the table (matplotlib comes with requirements-test.txt): a PNG of a plausible size
+    # the figure the README promises (matplotlib comes with requirements.txt): a PNG of a plausible size
     figure = (output / "results.png").read_bytes()
     assert figure[:8] == b"\x89PNG\r\n\x1a\n" and 20_000 < len(figure) < 2_000_000
+    assert "the figure in" in result.stdout and "no figure" not in result.stdout
+    # `python plots.py demo_output` finds the run inside it
+    assert plots.main(plots.get_args_parser().parse_args([str(output)])) == str(output / "pretrain" / "curves.png")
+    assert (output / "pretrain" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # pretraining showed its progress through the pipe: a line every --log-every 5 steps
+    assert sum(line.startswith("step ") and "/200 (" in line for line in result.stdout.splitlines()) == 40
     # checkpoints: one at the end, not one per one-step epoch
     assert [p.name for p in (output / "pretrain").glob("checkpoint-*.pth")] == ["checkpoint-00000200.pth"]
 

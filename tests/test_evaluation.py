@@ -95,9 +95,24 @@ def test_missing_or_empty_folders_are_user_errors(tmp_path):
         ev.open_image_folder(str(tmp_path / "empty"), None)
 
 
+def test_changed_settings_name_each_non_default_value_in_order():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=90)
+    parser.add_argument("--base-lrs", type=float, nargs="+", default=[0.1, 0.5])
+    parser.add_argument("--no-batchnorm", dest="batchnorm", action="store_false")
+    parser.add_argument("--image-size", type=int, default=None)
+    dests = ("epochs", "base_lrs", "batchnorm", "image_size")
+    assert ev.changed_settings(parser.parse_args([]), parser, dests) == []
+    args = parser.parse_args(["--image-size", "32", "--base-lrs", "0.05", "1e-5", "--no-batchnorm", "--epochs", "90"])
+    assert ev.changed_settings(args, parser, dests) == ["base-lrs-0.05,1e-05", "no-batchnorm", "image-size-32"]
+    assert ev.changed_settings(args, parser, ("image_size",)) == ["image-size-32"]  # only the dests asked for
+
+
 def test_absent_torchvision_dataset_is_a_user_error_without_download(tmp_path):
-    with pytest.raises(UserError, match="cifar10 train split"):
+    with pytest.raises(UserError) as raised:
         ev.open_torchvision_split("cifar10", str(tmp_path), "train", None, download=False)
+    assert str(raised.value) == (f"cifar10 train split under {tmp_path}: Dataset not found or corrupted; add "
+                                 f"--download to fetch it into --data-root {tmp_path}")  # our flag, not torchvision's
     assert ev.open_torchvision_split("cifar10", str(tmp_path), "val", None, download=False) is None
     assert set(ev.TORCHVISION_DATASETS) == {"cifar10", "cifar100", "aircraft", "cars", "dtd", "flowers", "pets",
                                            "sun397", "caltech101", "food101", "voc2007", "fairface",

@@ -2,12 +2,14 @@
 chance, an interval that shrinks with more episodes, and one-line errors on bad input."""
 import json
 import math
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
+import evaluation as ev
 import fewshot
 from cli import run
 from conftest import assert_one_line_error, run_python
@@ -22,6 +24,18 @@ def digit_features():
     """L2-normalised raw pixels of the 1797 digits (64-d) and their labels."""
     data = load_digits()
     return F.normalize(torch.tensor(data.data, dtype=torch.float32), dim=-1), torch.tensor(data.target)
+
+
+def test_results_are_named_after_the_episodes_classifier_and_changed_settings(tmp_path):
+    def default_output(*argv):
+        args = fewshot.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "encoder.pth"), "--dataset",
+                                                     "flowers", *argv])
+        return os.path.basename(ev.results_path(args, "fewshot", "flowers", fewshot.result_tags(args)))
+
+    assert default_output() == "fewshot_flowers_5way5shot_logistic.json"
+    assert default_output("--classifier", "prototype", "--shots", "1") == "fewshot_flowers_5way1shot_prototype.json"
+    assert default_output("--C", "0.5", "--episodes", "100", "--seed", "3", "--batch-size", "8") == \
+        "fewshot_flowers_5way5shot_logistic_episodes-100_C-0.5_seed-3.json"
 
 
 def test_defaults_are_the_papers_setting():

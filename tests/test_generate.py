@@ -106,6 +106,21 @@ def test_caption_formats_ids_are_row_numbers(tmp_path, content, name, layout):
     assert captions.layout.startswith(layout)
 
 
+def test_a_tab_inside_a_caption_reads_whole_beside_a_url_and_is_skipped_where_ambiguous(tmp_path):
+    """CC3M's and CC12M's TSVs have no quoting: a tab inside a caption splits the row. Beside a url (one field,
+    tab-free) the caption is everything else; with more columns the split is ambiguous and the row is skipped."""
+    files = {"cc3m.tsv": "a cat\ton a mat\thttp://x.org/1.jpg\nplain\thttp://x.org/2.jpg\n",
+             "cc12m.tsv": "http://x.org/1.jpg\ta cat\ton a mat\nhttp://x.org/2.jpg\tplain\n",
+             "img2dataset.tsv": "caption\turl\na cat\ton a mat\thttp://x.org/1.jpg\nplain\thttp://x.org/2.jpg\n"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+        captions = generate.read_captions(str(tmp_path / name))
+        assert captions.captions == {0: "a cat on a mat", 1: "plain"} and captions.skipped == [], name
+    (tmp_path / "more.tsv").write_text("key\tcaption\tscore\n1\ta cat\ton a mat\t3\n2\tplain\t4\n")
+    captions = generate.read_captions(str(tmp_path / "more.tsv"))
+    assert captions.captions == {1: "plain"} and captions.skipped == [{"row": 0, "reason": "a tab inside a field"}]
+
+
 def test_flags_accept_their_edges():
     args = generate.get_args_parser().parse_args([
         "--captions", "x", "--seed", str(2 ** 63 - 1), "--w", "0", "--eta", "1", "--n", "100", "--steps", "1000",
@@ -475,8 +490,8 @@ def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, cap
         assert dark[:layout.top(0), layout.left(k):layout.left(k) + 32].any()
     tree = pixels(reference)
     for row, caption_id in enumerate((0, 2)):
-        assert dark[layout.top(row):layout.top(row) + layout.line, :].any()  # the caption line
-        top = layout.top(row) + layout.line
+        assert dark[layout.top(row):layout.top(row) + layout.caption, :].any()  # the caption's lines
+        top = layout.top(row) + layout.caption
         for k in range(N):
             tile = grid[top:top + 32, layout.left(k):layout.left(k) + 32]
             assert np.abs(tile - tree[imagetree.image_name(caption_id, k, "png")]).max() <= 1  # row i, column k
@@ -484,15 +499,28 @@ def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, cap
             assert (gutter == 255).all()  # white between the tiles
 
 
-def test_row_labels_keep_the_first_words_that_fit():
-    from PIL import ImageDraw, ImageFont
+def test_row_labels_wrap_to_two_lines_and_long_words_break_between_characters():
+    from PIL import ImageDraw
 
-    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), ImageFont.load_default(size=10)
+    draw, font = ImageDraw.Draw(Image.new("RGB", (10, 10))), generate.preview_font(["a"], 10)
     text = "#12: a photo of a cat on a mat"
-    assert generate.first_words(text, 1000, draw, font) == text
-    cut = generate.first_words(text, draw.textlength("#12: a photo of ...", font=font), draw, font)
-    assert cut == "#12: a photo of ..."
-    assert generate.first_words(text, 1, draw, font) == "#12:"  # the id, whatever the width
+    assert generate.wrap_label(text, 1000, draw, font) == [text]
+    width = draw.textlength("#12: a photo of a", font=font)
+    assert generate.wrap_label(text, width, draw, font) == ["#12: a photo of a", "cat on a mat"]
+    assert generate.wrap_label(text, draw.textlength("#12: a photo", font=font), draw, font) == \
+        ["#12: a photo", "of a cat ..."]  # cut: whole words, then " ..."
+    for caption in ("#3: " + "supercalifragilistic" * 5, "#1: " + "東京の夜景と桜の花" * 5):  # no word fits a line
+        lines = generate.wrap_label(caption, 60, draw, font)
+        assert len(lines) == 2 and lines[1].endswith(" ...")
+        assert all(draw.textlength(line, font=font) <= 60 for line in lines)
+        assert caption.replace(" ", "").startswith("".join(lines)[:-3].replace(" ", ""))  # its head, in order
+
+
+def test_preview_font_has_accented_latin_and_says_what_it_lacks(monkeypatch):
+    font = generate.preview_font(["une crêpe flambée", "Ωμέγα, Привет"], 12)
+    assert font.path.endswith(os.path.join("fonts", "ttf", "DejaVuSans.ttf"))  # matplotlib's DejaVu Sans
+    monkeypatch.setenv("PATH", "")  # no fontconfig to find a CJK font: DejaVu Sans, boxes for what it lacks
+    assert generate.preview_font(["東京の夜景"], 12).path == font.path
 
 
 # ---- bad input: one line, exit code 2, nothing written ----

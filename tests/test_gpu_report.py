@@ -20,7 +20,7 @@ try:
     LOSS_ROWS = 4
 except ImportError:
     LOSS_ROWS = 2
-ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2], "evaluations": [3],
+ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2], "evaluations": [3], "parity": [3],
         "families": [4]}
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
+import evaluation as ev
 import linear_probe
 from cli import run
 from conftest import assert_one_line_error, run_python
@@ -181,8 +182,29 @@ def test_results_go_beside_the_checkpoint_by_default(tmp_path, digit_folders, ti
     train, test = digit_folders
     probe("--protocol", "lbfgs", "--checkpoint", checkpoint, "--train-dir", train, "--val-dir", test,
           "--wd-steps", "1", "--wd-range", "1", "1", "--max-iter", "50", "--num-workers", "0")
-    assert [p.name for p in (tmp_path / "run").glob("linear_probe_*_train.json")]  # named after the train folder
+    # named after the train folder, the protocol and the settings that change the number (here not the defaults)
+    data = os.path.basename(os.path.dirname(train)) + "_train"
+    assert [p.name for p in (tmp_path / "run").glob("linear_probe_*.json")] == [
+        f"linear_probe_{data}_lbfgs_wd-range-1,1_wd-steps-1_max-iter-50.json"]
     assert (tmp_path / "run" / "feature_cache").is_dir()
+
+
+def test_results_of_other_protocols_and_settings_get_names_of_their_own(tmp_path):
+    def default_output(*argv):
+        args = linear_probe.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "encoder.pth"),
+                                                          "--dataset", "flowers", *argv])
+        return os.path.basename(ev.results_path(args, "linear_probe", "flowers", linear_probe.result_tags(args)))
+
+    assert default_output("--protocol", "sgd") == "linear_probe_flowers_sgd.json"
+    assert default_output("--protocol", "lbfgs") == "linear_probe_flowers_lbfgs.json"
+    assert default_output("--protocol", "sgd", "--no-batchnorm", "--epochs", "100", "--seed", "1") == \
+        "linear_probe_flowers_sgd_epochs-100_no-batchnorm_seed-1.json"
+    assert default_output("--protocol", "lbfgs", "--metric", "top1", "--image-size", "112") == \
+        "linear_probe_flowers_lbfgs_metric-top1_image-size-112.json"
+    # settings that do not change the number (workers, the feature cache) leave the name alone
+    assert default_output("--protocol", "lbfgs", "--num-workers", "0", "--epochs", "5") == \
+        "linear_probe_flowers_lbfgs.json"
+    assert default_output("--protocol", "lbfgs", "--output", str(tmp_path / "mine.json")) == "mine.json"
 
 
 def test_a_best_strength_at_the_edge_of_the_sweep_is_flagged(capsys):

@@ -6,7 +6,7 @@ import pytest
 import plots
 from cli import UserError, run
 
-pytest.importorskip("matplotlib")  # requirements-test.txt installs it; the stages themselves never need it
+pytest.importorskip("matplotlib")  # requirements.txt installs it; the stages themselves never import it
 
 
 def write_log(path, steps=30):
@@ -25,6 +25,19 @@ def test_curves_of_a_run_folder(tmp_path):
     output = plots.main(plots.get_args_parser().parse_args([str(tmp_path)]))
     assert output == str(tmp_path / "curves.png") and is_png(tmp_path / "curves.png", 10_000)
     assert [r["step"] for r in plots.read_log(str(tmp_path / "log.jsonl"))] == list(range(1, 30))
+
+
+def test_the_run_inside_a_folder_is_found_and_several_are_refused(tmp_path):
+    (tmp_path / "pretrain").mkdir()  # the demo's layout: its run in <output>/pretrain
+    write_log(tmp_path / "pretrain" / "log.jsonl")
+    (tmp_path / "synthetic").mkdir()
+    assert plots.find_log(str(tmp_path)) == str(tmp_path / "pretrain" / "log.jsonl")
+    (tmp_path / "other").mkdir()
+    write_log(tmp_path / "other" / "log.jsonl")
+    with pytest.raises(UserError, match="holds 2 runs"):
+        plots.find_log(str(tmp_path))
+    with pytest.raises(UserError, match="holds no log.jsonl, nor does any folder in it"):
+        plots.find_log(str(tmp_path / "synthetic"))
 
 
 def test_demo_figure(tmp_path):

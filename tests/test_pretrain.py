@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import pty
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import files
 import pretrain
 from conftest import (
     assert_one_line_error,
+    read_terminal,
     run_python,
     run_python_with_file_size_limit,
     signal_when,
@@ -72,10 +74,28 @@ def test_schedules_are_the_official_readmes():
                                   "redcaps-1x": (13, 0.45), "redcaps-2x": (27, 0.9), "redcaps-3x": (40, 1.35)}
 
 
-def test_warmup_then_cosine_to_zero():
-    lrs = [pretrain.cosine_lr(step, 10, 2, 1.0) for step in range(10)]
-    assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0
-    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] < 0.05
+def official_lr(lr, epoch, warmup_epochs, epochs, min_lr=0.0):
+    """util/misc.py adjust_learning_rate, called with `data_iter_step / len(data_loader) + epoch`."""
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_the_learning_rate_is_the_official_schedule_at_every_step():
+    epochs, warmup = pretrain.SCHEDULES["cc12m-1x"]
+    steps_per_epoch = -(-12_423_374 // 32) // 43  # CC12M's captions, 43 per GPU x 32 GPUs (the official loader)
+    total = epochs * steps_per_epoch
+    warmup_steps = warmup * steps_per_epoch
+    points = [0, 1, 2, 100, 4000, 4512, 4513, 4514, 4515, 5000, 9027, 9028, 20000, 67709, 67710, 100000,
+              120000, 135000, total - 2, total - 1]
+    assert len(set(points)) == 20 and max(points) < total and (steps_per_epoch, warmup_steps) == (9028, 4514.0)
+    for step in points:
+        ours = pretrain.cosine_lr(step, total, warmup_steps, 3.225e-3)
+        official = official_lr(3.225e-3, step / steps_per_epoch, warmup, epochs)
+        assert math.isclose(ours, official, rel_tol=1e-12, abs_tol=1e-18), (step, ours, official)
+    assert pretrain.cosine_lr(0, total, warmup_steps, 1.0) == 0.0  # step 0 changes only AdamW's moments
+    # no warmup: the cosine starts at the peak on step 0 (the old code forced one warmup step)
+    assert pretrain.cosine_lr(0, 10, 0.0, 1.0) == 1.0 == official_lr(1.0, 0.0, 0.0, 10)
 
 
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
@@ -166,7 +186,7 @@ def test_schedules_are_the_official_formulas():
     official = np.concatenate([np.linspace(0.04, 0.07, 4), np.ones(6) * 0.07])
     model, optimizer = SimpleNamespace(), torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]}])
     for epoch in range(10):
-        pretrain.dino_schedules(model, optimizer, pretrain.Progress(epoch * 4 + 1, 4, 40), args)
+        pretrain.dino_schedules(model, optimizer, pretrain.StepPosition(epoch * 4 + 1, 4, 40), args)
         assert math.isclose(model.teacher_temperature, official[epoch])
     assert math.isclose(optimizer.param_groups[0]["weight_decay"], pretrain.cosine_schedule(0.04, 0.4, 37, 40))
 
@@ -179,14 +199,14 @@ def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
         if parameter.requires_grad:
             parameter.grad = torch.full_like(parameter, 0.5)
     norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
-    pretrain.dino_gradients(model, None, pretrain.Progress(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
+    pretrain.dino_gradients(model, None, pretrain.StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
     assert model.head.last_layer.weight_v.grad is None
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:  # clipped to norm 3 one by one (DINO's clip_gradients), or left alone
             expected = min(norms[name], 3.0 * norms[name] / (norms[name] + 1e-6))
             assert math.isclose(parameter.grad.norm().item(), expected, rel_tol=1e-4), name
     model.head.last_layer.weight_v.grad = torch.ones_like(model.head.last_layer.weight_v)
-    pretrain.dino_gradients(model, None, pretrain.Progress(3, 3, 30), args)  # epoch 1: trained
+    pretrain.dino_gradients(model, None, pretrain.StepPosition(3, 3, 30), args)  # epoch 1: trained
     assert model.head.last_layer.weight_v.grad is not None
 
 
@@ -450,12 +470,66 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
     return model
 
 
-def test_resume_from_an_official_checkpoint_is_one_line(random_tree, tmp_path):
+OFFICIAL_SMALL = ["--model", "vit_small", "--depth", "1", "--image-size", "32", "--head-hidden-dim", "64",
+                  "--embed-dim", "32"]
+
+
+def official_run_checkpoint(path, epoch=1, epochs=3):
+    """A checkpoint as main_stablerep.py writes it after `epoch` (0-based) of `epochs`: weights after an AdamW step
+    over util/misc.py add_weight_decay's two groups of named_parameters, its args as an argparse Namespace."""
+    torch.manual_seed(3)
+    model = pretrain.build_model(pretrain.get_args_parser().parse_args(["--data", "x", *OFFICIAL_SMALL]))
+    named = list(model.named_parameters())
+    no_decay = [p for n, p in named if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n]
+    decay = [p for n, p in named if not any(p is q for q in no_decay)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0}],
+                                  lr=1e-3, betas=(0.9, 0.98))
+    for parameter in model.parameters():
+        parameter.grad = torch.randn_like(parameter)
+    optimizer.step()
+    recipe = argparse.Namespace(model="small", batch_size=12, n_img=2, num_crop=1, epochs=epochs, warmup_epochs=1.0,
+                                blr=2e-4, lr=2e-4 * 24 / 512, weight_decay=0.1, beta1=0.9, beta2=0.98, ssl_temp=0.1,
+                                ssl_mlp_dim=64, ssl_emb_dim=32, seed=0, world_size=1, add_language=False,
+                                vl_projection="linear", downsample=False, csv_path="train.csv")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                "scaler": {}, "args": recipe}, path)
+    return model, optimizer
+
+
+def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_tree, tmp_path):
     path = tmp_path / "official.pth"
-    official_checkpoint(path, "stablerep")
-    result = run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--resume", str(path),
-                          "--captions-per-gpu", "4", "--images-per-caption", "2", *TINY, check=False)
-    assert_one_line_error(result, "not a pretrain.py checkpoint", "--init-from")
+    official, official_optimizer = official_run_checkpoint(path)
+    resumed = pretrain.read_resume_checkpoint(pretrain.get_args_parser().parse_args(
+        ["--data", random_tree, "--resume", str(path), "--depth", "1", "--image-size", "32"]))
+    assert resumed["official"] and resumed["recipe"]["captions_per_gpu"] == 12 and resumed["world_size"] == 1
+    args = argparse.Namespace(**{**vars(pretrain.get_args_parser().parse_args(["--data", "x", *OFFICIAL_SMALL])),
+                                 **resumed["recipe"]})
+    model = pretrain.build_model(args)
+    optimizer = torch.optim.AdamW(pretrain.param_groups(model, 0.1), lr=1e-3)
+    step = pretrain.continue_official(resumed, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 7)
+    assert step == 14  # after its epoch 2 (0-based 1) of 7 steps each
+    theirs = {name: official_optimizer.state[p] for name, p in official.named_parameters()}
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter, dict(official.named_parameters())[name], rtol=0, atol=0)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(optimizer.state[parameter][key], theirs[name][key], rtol=0, atol=0, msg=name)
+
+    # the script: one step left (12 captions, 12 per step, epoch 3 of 3), on this command line's --data
+    result = run_pretrain("--resume", str(path), "--data", random_tree, "--output", str(tmp_path / "run"), "--depth",
+                          "1", "--image-size", "32", "--workers", "0")
+    assert "continuing the official run" in result.stdout and "resumed at step 2" in result.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["steps"], summary["steps_this_run"]) == (3, 1)
+    for argv, fragment in ((["--captions-per-gpu", "4"], "was trained with --captions-per-gpu 12, not 4"),
+                           ([], "does not say where its images are")):
+        data = ["--data", random_tree] if argv else []
+        result = run_pretrain("--resume", str(path), *data, "--output", str(tmp_path / "other"), *argv, check=False)
+        assert_one_line_error(result, fragment)
+    partial = tmp_path / "partial.pth"
+    official_checkpoint(partial, "stablerep")  # weights and a Namespace without the recipe
+    assert_one_line_error(run_pretrain("--data", random_tree, "--output", str(tmp_path / "other"), "--resume",
+                                       str(partial), *TINY, check=False), "lack --batch_size", "--init-from")
+    assert not (tmp_path / "other").exists()
 
 
 def test_init_from_an_official_checkpoint_loads_its_weights(random_tree, tmp_path):
@@ -479,7 +553,7 @@ def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_
                  "stablerep+", "--tokenizer", tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4",
                  "--images-per-caption", "2", "--base-lr", "1e-9", *TINY)
     trained = torch.load(sorted((tmp_path / "run").glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
-    assert trained["logit_scale"].item() == pytest.approx(math.log(100))  # clamped after the optimiser step
+    assert trained["logit_scale"].item() == pytest.approx(4.6052)  # the official cap, after the optimiser step
     torch.testing.assert_close(trained["text.blocks.0.attn.qkv.weight"],
                                official.state_dict()["text.blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
 
@@ -542,10 +616,36 @@ def test_resume_of_a_finished_run_leaves_it_alone(random_tree, tmp_path):
 
 def test_one_step_epochs_write_a_checkpoint_every_save_every_steps_not_every_step(random_tree, tmp_path):
     output = tmp_path / "run"
-    run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12", "--save-every", "3",
-                            "--keep", "20"))
+    result = run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12",
+                                     "--save-every", "3", "--keep", "20", "--log-every", "2"))
     assert [p.name for p in sorted(output.glob("checkpoint-*.pth"))] == [
         "checkpoint-00000003.pth", "checkpoint-00000006.pth", "checkpoint-00000007.pth"]
+    # through a pipe (a batch job's log): a plain progress line every --log-every steps and at the end, no redraws
+    progress = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert "\r" not in result.stdout
+    assert [line.split("  ")[:2] for line in progress] == [
+        [f"step {s}/7 ({100 * s // 7}%)", f"epoch {s:.2f}/7"] for s in (2, 4, 6, 7)]
+    assert all(" loss " in line and " lr " in line and " images/s " in line and line.endswith(" left")
+               for line in progress)
+
+
+def test_progress_is_redrawn_in_a_terminal_and_quiet_says_nothing(random_tree, tmp_path):
+    master, terminal = pty.openpty()
+    process = start_python("pretrain.py", *small_run(random_tree, tmp_path / "run", "--epochs", "2"),
+                           stdout=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    shown = read_terminal(master).replace("\r\n", "\n")  # the terminal writes a newline as CR LF
+    os.close(master)
+    assert process.wait() == 0, process.stderr.read()
+    process.stderr.close()
+    first, progress, done = shown.split("\n")[:3]
+    assert first.startswith("12 captions") and done.startswith("done: 6 steps")
+    assert [line.split("  ")[0] for line in progress.split("\r")[1:]] == [f"step {s}/6 ({100 * s // 6}%)"
+                                                                         for s in range(1, 7)]
+    quiet = run_pretrain(*small_run(random_tree, tmp_path / "quiet", "--epochs", "1", "--quiet"))
+    lines = quiet.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("12 captions") and lines[1].startswith("done: 3 steps")
+    assert len((tmp_path / "quiet" / "log.jsonl").read_text().splitlines()) == 3  # the record is kept
 
 
 def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tree, tmp_path):

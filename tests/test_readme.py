@@ -1,10 +1,12 @@
-"""Every command a reader copies parses as written: those of README.md, of the stage scripts' docstrings, and the
-recipe files (recipes/*.args, through the `# run:` line each holds), each with the script's own parser, and
-torchrun's flags with torchrun's (`--nproc` alone is ambiguous there). The demo's command runs in test_demo.py."""
+"""Every command a reader copies parses as written: those of README.md, of the stage scripts' docstrings, of the
+recipe files (recipes/*.args, through the `# run:` line each holds) and of the SLURM job files (slurm/*.sbatch),
+each with the script's own parser, and torchrun's flags with torchrun's (`--nproc` alone is ambiguous there). Every
+shell variable they use is set where they use it. The demo's command runs in test_demo.py."""
 import importlib
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -77,12 +79,53 @@ def recipe_commands():
         yield commands[0]
 
 
-COMMANDS = list(readme_commands()) + list(docstring_commands()) + list(recipe_commands())
+SLURM = os.path.join(REPO, "slurm")
+
+
+def slurm_commands():
+    """The python and torchrun command of every slurm/*.sbatch file, without the `srun` that starts it on each
+    node."""
+    for name in sorted(os.listdir(SLURM)):
+        with open(os.path.join(SLURM, name), encoding="utf-8") as f:
+            yield from _commands(re.sub(r"^(\s*)srun\s+", r"\1", f.read(), flags=re.M), f"slurm/{name}")
+
+
+COMMANDS = list(readme_commands()) + list(docstring_commands()) + list(recipe_commands()) + list(slurm_commands())
 
 
 def test_there_are_commands_to_check():
     assert len(COMMANDS) > 20 and any(words[0] == "torchrun" for _, words in COMMANDS)
     assert sum(where.startswith("recipes/") for where, _ in COMMANDS) == len(os.listdir(os.path.join(REPO, "recipes")))
+    assert sorted(where for where, _ in COMMANDS if where.startswith("slurm/")) == [
+        "slurm/generate_array.sbatch", "slurm/pretrain_multinode.sbatch"]  # one command each
+
+
+def unset_variables(script):
+    """The shell variables a script reads but neither sets itself nor gets from SLURM."""
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    assigned = set(re.findall(r"^\s*(\w+)=", code, re.M))
+    return {name for name in re.findall(r"\$\{?(\w+)", code) if name not in assigned and not name.startswith("SLURM_")}
+
+
+def test_slurm_files_are_valid_bash_and_set_what_they_use():
+    for name in os.listdir(SLURM):
+        path = os.path.join(SLURM, name)
+        assert subprocess.run(["bash", "-n", path]).returncode == 0, name
+        with open(path, encoding="utf-8") as f:
+            script = f.read()
+        assert not unset_variables(script), (name, unset_variables(script))
+        array = re.search(r"^#SBATCH --array=0-(\d+)$", script, re.M)  # an array job: one part per task
+        if array:
+            assert f"--shard \"$SLURM_ARRAY_TASK_ID\" --num-shards {int(array.group(1)) + 1}" in script, name
+    pretrain = open(os.path.join(SLURM, "pretrain_multinode.sbatch"), encoding="utf-8").read()
+    assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in pretrain
+    assert "--nnodes \"$SLURM_NNODES\"" in pretrain and "#SBATCH --ntasks-per-node=1" in pretrain
+
+
+def test_readme_blocks_set_the_variables_they_use():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
+    assert [unset_variables(block) for block in blocks if unset_variables(block)] == []
 
 
 @pytest.mark.parametrize("where, words", COMMANDS, ids=[f"{w}: {' '.join(c)[:60]}" for w, c in COMMANDS])
