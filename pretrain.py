@@ -921,8 +921,9 @@ def family_crops(args):
 
 
 def build_model(args, tokenizer=None):
-    """The encoder with the parts the objective needs (OBJECTIVES: the head, the text tower; a family's own)."""
-    objective = OBJECTIVES[args.loss]
+    """The encoder with the parts the objective needs (OBJECTIVES: the head, the text tower; a family's own). The
+    objective's recipe fills the flags left at None first (fill_recipe), for callers that parse the flags alone."""
+    objective = OBJECTIVES[fill_recipe(args).loss]
     if objective.build:
         return objective.build(args)
     visual = model_lib.build_vit(args.model, image_size=args.image_size, depth=args.depth)
