@@ -143,7 +143,9 @@ def get_args_parser():
     parser.add_argument("--head-batchnorm", default="per-view", choices=["per-view", "joint"],
                         help="per-view (official): the head runs once per view, so each BatchNorm batch holds one "
                              "image of every caption and its statistics never mix a caption's positives; joint: "
-                             "one pass over all m x c images of the batch (one BN batch, cheaper on small batches)")
+                             "one pass over all m x c images of the batch (one BN batch, cheaper on small batches). "
+                             "MoCo v3's and BYOL's MLPs too: per-view is their official codes' (one view of every "
+                             "image per BN batch)")
     parser.add_argument("--text-width", type=integer(1), default=512, help="text transformer width (CLIP: 512)")
     parser.add_argument("--text-layers", type=integer(1), default=12, help="text transformer depth (CLIP: 12)")
     parser.add_argument("--text-heads", type=integer(1), default=8, help="text transformer heads (CLIP: 8)")
@@ -610,6 +612,9 @@ def check_family_args(args, objective):
                         "from random weights, as its paper does")
     if args.loss == "dino" and args.local_crops and args.local_crop_size % 16:
         raise UserError(f"--local-crop-size {args.local_crop_size} is not a multiple of the patch size 16")
+    if args.loss == "dino" and args.local_crops and args.local_crop_size >= args.image_size:
+        raise UserError(f"--local-crop-size {args.local_crop_size} is not smaller than --image-size "
+                        f"{args.image_size}: local crops are the small ones (DINO: 96 at 224)")
     if args.loss == "mae" and (args.decoder_width % args.decoder_heads or args.decoder_width % 4):
         raise UserError(f"--decoder-width {args.decoder_width} must be divisible by --decoder-heads "
                         f"{args.decoder_heads} and by 4 (its sin-cos position embedding)")
