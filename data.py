@@ -112,7 +112,8 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
-        self.sources = [dataindex.open_source(spec, folder_list, fallback_cache, build_index) for spec in roots]
+        # what the user should know about the data (damaged or empty shards, CSV rows skipped, mixed settings)
+        self.sources, self.notes = dataindex.open_sources(roots, folder_list, fallback_cache, build_index)
         self.starts = np.cumsum([0] + [len(source) for source in self.sources])  # first label of each source
 
     def __len__(self):

@@ -439,6 +439,8 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(str(err)) from None
         if world_size > 1 and builder:
             torch.distributed.barrier()
+        for note in dataset.notes if rank == 0 else []:
+            print(f"note: {note}", file=sys.stderr)
         fewest, fewest_count = dataset.fewest_images()
         if fewest_count < args.images_per_caption:
             raise UserError(f"--images-per-caption {args.images_per_caption} is more than "

@@ -63,8 +63,8 @@ def test_collate_labels_for_both_kinds_of_positives(random_tree):
     assert batch["caption_labels"].tolist() == [3, 7] and batch["tokens"] is None
 
 
-def test_labels_run_across_several_trees(random_tree):
-    dataset = CaptionImagesDataset([random_tree, random_tree], 1, 1, 32)
+def test_labels_run_across_several_sources(random_tree, random_shards):
+    dataset = CaptionImagesDataset([random_tree, random_shards], 1, 1, 32)
     assert len(dataset) == 24 and dataset[(0, 20)].label == 20
 
 
