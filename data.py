@@ -16,6 +16,7 @@ exactly the batches an uninterrupted one would have seen.
 import io
 import itertools
 import random
+import sys
 import zlib
 from typing import NamedTuple, Optional
 
@@ -311,6 +312,58 @@ class CaptionSampler(torch.utils.data.Sampler):
             mine = step_captions[self.rank * self.captions_per_batch:(self.rank + 1) * self.captions_per_batch]
             yield [(self.epoch, index) for index in mine.tolist()]  # the epoch travels with the key, so
             # persistent workers (which hold their own copy of the dataset) draw this epoch's crops
+
+
+# ---- the DataLoader's workers ----
+
+PREFETCH_FACTOR = 2  # batches each worker builds ahead: one being consumed while the next is made (torch's default)
+
+
+def worker_start_method():
+    """How pretrain.py starts its DataLoader workers, chosen rather than inherited from Python's default (which
+    is forkserver from Python 3.14 on Linux): fork on Linux, because a forked worker shares the parent's imported
+    modules and pages copy-on-write (about 20-30 MiB private each) where a forkserver or spawn worker imports torch
+    again (about 370 MiB each; BENCHMARKS.md); the platform's default elsewhere (spawn on macOS, where fork is
+    unsafe with the system's frameworks). The workers never touch CUDA, so forking a process that has is safe."""
+    return "fork" if sys.platform.startswith("linux") else None
+
+
+def loader_options(workers, pin_memory):
+    """The DataLoader arguments both of pretrain.py's loaders share: the workers, their start method
+    (worker_start_method) and what each builds ahead (PREFETCH_FACTOR), so that at most workers x PREFETCH_FACTOR
+    batches are in flight (in_flight_bytes)."""
+    if not workers:
+        return {"num_workers": 0, "pin_memory": pin_memory}
+    return {"num_workers": workers, "pin_memory": pin_memory, "multiprocessing_context": worker_start_method(),
+            "prefetch_factor": PREFETCH_FACTOR}
+
+
+def batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """Bytes of one batch's images as the loader ships them: float32 [N, 3, S, S], or with augment_on_device the
+    uint8 crops [N, S, S, 3] (4x smaller; their colour parameters add 55 bytes a crop)."""
+    crops = captions * images_per_caption * crops_per_image
+    return crops * 3 * image_size * image_size * (1 if augment_on_device else 4)
+
+
+def in_flight_bytes(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """The most image bytes the loader holds at once: workers x PREFETCH_FACTOR batches (one batch in the main
+    process without workers)."""
+    batches = workers * PREFETCH_FACTOR if workers else 1
+    return batches * batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device)
+
+
+def describe_loader(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """One line for the start of a run: the workers, how they start, and the image bytes in flight."""
+    views = (captions, images_per_caption, crops_per_image, image_size)
+    flight = in_flight_bytes(workers, *views, augment_on_device) / 2 ** 30
+    if not workers:
+        return f"loader: in the main process, {flight:.2f} GiB of images a batch"
+    text = (f"loader: {workers} workers ({worker_start_method() or 'the platform default'}) x {PREFETCH_FACTOR} "
+            f"batches ahead of {batch_bytes(*views, augment_on_device) / 2 ** 20:.0f} MiB: {flight:.2f} GiB of images "
+            "in flight per process")
+    if not augment_on_device:
+        text += f" ({in_flight_bytes(workers, *views, True) / 2 ** 30:.2f} GiB as --gpu-augment's uint8 crops)"
+    return text
 
 
 def collate(items):

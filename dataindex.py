@@ -211,7 +211,7 @@ def _read_tar(path):
     """(keys, text offsets, image offsets, problem or None) of one local tar: from its `__index__` (generate.py's
     shards), else from its headers; a damaged index falls back to the headers, and offsets past the end of a
     truncated tar are dropped (those images cannot be read). `problem` says what was wrong, for a note."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = shards.open_tar(path)  # the index member or the headers only: no readahead past them
     try:
         size = os.fstat(fd).st_size
         if size == 0:
@@ -309,6 +309,7 @@ def build_csv(path, roots):
         raise ValueError(f"CSV file {path} does not exist")
     rows, offsets, skipped, first = [], [], 0, None
     with open(path, "rb") as f:
+        shards.advise(f.fileno(), "sequential")
         for number, line, offset, fields in _csv_rows(f):
             reason = _csv_skip_reason(fields)
             if reason is None:
@@ -463,7 +464,7 @@ class TarCaption:
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = shards.open_tar(self.path)
         return self
 
     def __exit__(self, *_):
@@ -492,6 +493,7 @@ class CsvCaption:
 
     def __enter__(self):
         with open(self.source.metadata["containers"][0], "rb") as f:
+            shards.advise(f.fileno(), "random")  # one record of a file of millions
             self.fields = read_csv_record(f, self.offset)
         return self
 

@@ -108,7 +108,9 @@ def get_args_parser():
                              "device: the loader workers then only decode, crop and resize, and ship uint8 crops (4x "
                              "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
                              "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
-                             "distribution and the same draws as without it, so resume stays exact")
+                             "distribution and the same draws as without it, so resume stays exact. Not the "
+                             "default: its results equal the CPU path's exactly on a CPU only (a GPU's kernels round "
+                             "differently), and it has not yet been timed on a GPU (bench/gpu_report.py)")
     parser.add_argument("--workers", type=integer(0), default=8, help="data-loading processes per GPU")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
@@ -426,8 +428,8 @@ def build_data(args, tokenizer, world_size, rank, device):
                                           world_size=world_size, workers=args.workers,
                                           shuffle_buffer=args.shuffle_buffer, **views)
         sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.captions_per_gpu, num_workers=args.workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
+        loader = torch.utils.data.DataLoader(dataset, batch_size=args.captions_per_gpu, collate_fn=data.collate,
+                                             **data.loader_options(args.workers, device.type == "cuda"))
     else:  # random access through the cached index, built once by each node's first process
         builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
         if world_size > 1 and not builder:
@@ -446,12 +448,15 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(f"--images-per-caption {args.images_per_caption} is more than "
                             f"{dataset.describe(fewest)} has: {fewest_count} image(s)")
         sampler = data.CaptionSampler(len(dataset), args.captions_per_gpu, rank, world_size, args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.workers > 0)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
+                                             persistent_workers=args.workers > 0,
+                                             **data.loader_options(args.workers, device.type == "cuda"))
     if sampler.steps_per_epoch < 1:
         raise UserError(f"{len(dataset)} captions are fewer than one step needs "
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
+    if rank == 0:
+        print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
+                                   args.image_size, args.gpu_augment))
     return dataset, sampler, loader
 
 

@@ -145,6 +145,22 @@ def _pax_records(data):
 MAX_EXTENDED_HEADER = 1 << 20  # a pax or GNU long-name header: a few names and numbers (ours are under 1 KiB)
 
 
+def advise(fd, pattern):
+    """Tell the kernel how the file open as `fd` will be read: "random" (members at their offsets: readahead off for
+    this descriptor, so a 29 KB image costs about its own pages from the disk, not a readahead window of 128 KiB to
+    several MiB; measured cold: 4.5x the image bytes without, 1.1x with, BENCHMARKS.md) or "sequential" (a whole
+    pass: readahead doubled). Nothing where the platform has no posix_fadvise (macOS)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if pattern == "random" else os.POSIX_FADV_SEQUENTIAL)
+
+
+def open_tar(path):
+    """A read-only descriptor of a tar whose members will be read at their offsets (advise "random")."""
+    fd = os.open(path, os.O_RDONLY)
+    advise(fd, "random")
+    return fd
+
+
 def scan_members(fd, start=0, end=None):
     """The regular-file members of the tar open as `fd`, from offset `start`, in order: a generator of Member.
 

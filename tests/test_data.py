@@ -2,6 +2,7 @@
 parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling."""
 import io
 import os
+import sys
 import warnings
 
 import numpy as np
@@ -12,6 +13,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter
 
 import augment
+import data
 from augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -281,3 +283,18 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch
     assert any(item.corrupt == 1 for item in caption_1)  # counted when it was drawn
     item = CaptionImagesDataset([tree], 3, 1, 32)[(0, 1)]  # only 2 readable images: another caption stands in
     assert item.label != 1 and item.corrupt == 1
+
+
+# ---- the loader's workers ----
+
+def test_workers_start_by_fork_on_linux_and_in_flight_is_bounded(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert data.loader_options(4, True) == {"num_workers": 4, "pin_memory": True, "multiprocessing_context": "fork",
+                                            "prefetch_factor": 2}
+    assert data.loader_options(0, False) == {"num_workers": 0, "pin_memory": False}  # no workers, no start method
+    monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe there: the platform's own default (spawn)
+    assert data.loader_options(4, False)["multiprocessing_context"] is None
+    # the paper's batch per GPU, 43 captions x 6 images at 224 px: float32 [258, 3, 224, 224], or uint8 crops
+    floats = data.batch_bytes(43, 6, 1, 224, False)
+    assert floats == 258 * 3 * 224 * 224 * 4 == 4 * data.batch_bytes(43, 6, 1, 224, True)
+    assert data.in_flight_bytes(14, 43, 6, 1, 224, False) == 14 * 2 * 258 * 3 * 224 * 224 * 4  # 4.05 GiB

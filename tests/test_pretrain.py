@@ -521,3 +521,13 @@ def test_an_ignored_interrupt_stays_ignored_while_a_checkpoint_is_written(tmp_pa
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_loader_forks_its_workers(random_tree, tmp_path):
+    """The start method is chosen, not Python's default (forkserver from 3.14: ~370 MiB more per worker)."""
+    args = pretrain.get_args_parser().parse_args(["--data", random_tree, *TINY, "--workers", "2",
+                                                  "--images-per-caption", "2", "--captions-per-gpu", "2",
+                                                  "--output", str(tmp_path / "run")])
+    pretrain.check_args(args)
+    _, _, loader = pretrain.build_data(args, None, 1, 0, torch.device("cpu"))
+    assert loader.multiprocessing_context.get_start_method() == "fork" and loader.prefetch_factor == 2
