@@ -5,16 +5,17 @@
 
 CaptionImagesDataset reads sources with random access through dataindex.py's memory-mapped index (generate.py's
 trees and tar shards, img2dataset's `files` and `webdataset` output, the official CSV + per-seed roots);
-CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset),
-shuffled per epoch at the shard level and in a seeded buffer, resumed exactly by skipping whole steps. Each crop
-is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3] and
+CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset's
+gopen): dealt each epoch to the loader workers' streams, each caption once, several shards read at once through a
+seeded buffer, resumed exactly from where each stream stood (its position rides with the batches into checkpoints).
+Each crop is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3] and
 their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
 training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
 seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
 exactly the batches an uninterrupted one would have seen.
 """
+import hashlib
 import io
-import itertools
 import random
 import sys
 import zlib
@@ -26,6 +27,7 @@ import torch
 import dataindex
 import shards
 from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, decode_rgb
+from cli import first_line
 
 
 def item_seed(seed, epoch, index):
@@ -47,6 +49,7 @@ class CaptionImages(NamedTuple):
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
     color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
+    stream: Optional[tuple] = None  # a stream's batch-ending item: (stream number, its position after the batch)
 
 
 class _CaptionItems:
@@ -163,55 +166,151 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
         raise UnreadableData("no caption has enough readable images")
 
 
-class _ShuffleBuffer:
-    """Samples from `samples` in a shuffled order: keeps `size` of them and yields one drawn by `rng` each time
-    (webdataset's shuffle, with our own seeded generator so that the order is a function of the seed)."""
+# ---- streamed shards ----
 
-    def __init__(self, samples, size, rng):
-        self.samples, self.size, self.rng, self.held = samples, size, rng, []
+MAX_STREAM_MEMBER = 64 << 20  # bytes: a streamed member larger than this (a decompression bomb in a .tar.gz) is
+#                                skipped unread, as tarfile's stream mode reads past it in blocks
+MAX_STREAM_SAMPLE = 256 << 20  # bytes of one sample's kept members; the rest of a larger sample is skipped
 
-    def __iter__(self):
-        return self
 
-    def __next__(self):
-        while len(self.held) < self.size:
-            self.held.append(next(self.samples))
-        j = self.rng.randrange(len(self.held))
-        self.held[j], self.held[-1] = self.held[-1], self.held[j]
-        return self.held.pop()
+class StreamedSample(NamedTuple):
+    """One caption of a streamed tar: where it is (shard number, its order in the shard) and what is kept of it."""
+    shard: int
+    ordinal: int
+    key: str  # webdataset's key: the member names up to the first dot of the base name
+    images: dict  # {image slot: encoded bytes}
+    text: bytes  # the .txt member, b"" when absent
 
-    def peek(self, rng):
-        """A sample still in the buffer, left there (a stand-in that moves no later sample), or None."""
-        return self.held[rng.randrange(len(self.held))] if self.held else None
+
+def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_SAMPLE):
+    """The samples of the tar at `url` (any URL webdataset's gopen opens: `pipe:`, http(s), gs, a local path; a
+    .tar.gz too), in order: a generator of StreamedSample, members grouped by key as webdataset groups them.
+    Only image and .txt members are read, each at most `max_member` bytes and `max_sample` in all per sample (a
+    bigger member is skipped unread, its size being in its header); a truncated or unreadable stream ends early
+    with a note on stderr. Closing the generator stops the command behind a `pipe:` URL."""
+    import tarfile
+
+    from webdataset.gopen import gopen
+
+    stream = gopen(url, "rb")
+    current, images, text, size, ordinal, complete = None, {}, b"", 0, 0, False
+    try:
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|") as tar:
+            for info in tar:
+                key, suffix = shards.split_name(info.name)
+                if not info.isreg() or key is None or key.startswith("__"):
+                    continue
+                if key != current:
+                    if images:
+                        yield StreamedSample(shard, ordinal, current, images, text)
+                        ordinal += 1
+                    current, images, text, size = key, {}, b"", 0
+                slot = shards.image_slot(suffix)
+                if (slot is None and suffix.lower() != "txt") or info.size > max_member or \
+                        size + info.size > max_sample:
+                    continue  # not read: tarfile skips its bytes in blocks
+                value = tar.extractfile(info).read()
+                size += len(value)
+                if slot is None:
+                    text = value
+                else:
+                    images.setdefault(slot, value)
+            if images:
+                yield StreamedSample(shard, ordinal, current, images, text)
+        complete = True
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        print(f"note: {url}: {first_line(err)}; the samples before it are used", file=sys.stderr)
+    finally:
+        _close_quietly(stream, complete)
+
+
+class _Prefixed:
+    """A stream's first bytes, already read, put back in front of the rest."""
+
+    def __init__(self, head, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size=-1):
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data if len(data) == size else data + self.stream.read(size - len(data))
+
+
+def _decompressed(stream):
+    """The stream, decompressed if it is gzip, bzip2 or xz (told by its first bytes) by a reader that inflates no
+    more than each read asks for: tarfile's own stream mode ("r|*") inflates each compressed chunk whole, about
+    10 MB for 10 KB of a 1000x member."""
+    import bz2
+    import gzip
+    import lzma
+
+    head = stream.read(6)
+    prefixed = _Prefixed(head, stream)
+    for magic, reader in ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile)):
+        if head.startswith(magic):
+            return reader(fileobj=prefixed, mode="rb")
+    return prefixed
+
+
+BROKEN_PIPE = (-13, 141)  # a command stopped by SIGPIPE (directly, or through the shell) once we stopped reading
+
+
+def _close_quietly(stream, complete):
+    """Close a stream; a `pipe:` command stopped because we closed its pipe (we stopped reading: an epoch's end,
+    the padding after a tar's end) is not an error, one that failed is a note."""
+    try:
+        stream.close()
+    except OSError as err:
+        if complete and getattr(stream, "status", None) not in BROKEN_PIPE:
+            print(f"note: {first_line(err)}", file=sys.stderr)
 
 
 class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     """Captions streamed from tar shards that open only as streams (webdataset's URLs: `pipe:` commands, http(s),
     gs, ...), each sample a caption with its images (shards.py's layout or img2dataset's `<key>.jpg`).
 
-    Random access is impossible, so the order is shuffled at two levels: each epoch permutes the shard list
-    (seed + epoch), and each of the rank's `streams` (one per DataLoader worker) reads shards order[q], order[q + Q],
-    ... (q = rank * streams + stream, Q = world_size * streams, cycling) through a shuffle buffer of
-    `shuffle_buffer` samples seeded by (seed, epoch, q). Global step s of an epoch is built by stream s % streams
-    from its next captions_per_batch samples, and every draw of an item is seeded by (seed, epoch, label) as in
-    CaptionImagesDataset, so a resumed run reproduces the uninterrupted one by skipping, undecoded, the samples of
-    the steps already done (exact when --workers is unchanged). A caption with fewer than m readable images is
-    replaced by a sample peeked from the buffer (which still yields it later), so no later step moves.
+    Random access is impossible, so each epoch deals the shards out and mixes them (what webdataset and OpenCLIP
+    pipelines do, made exact and resumable):
+    - the shard list is permuted (seed + epoch) and dealt to the Q = world_size x workers streams, one per
+      DataLoader worker of each rank: stream q reads shards order[q], order[q + Q], ... once each;
+    - a stream reads `mix` of its shards at once, taking each next sample from one of them drawn at random, through
+      a shuffle buffer of `shuffle_buffer` samples: a batch mixes about `mix` shards (bench/bench_io.py measures
+      it against a global shuffle);
+    - global step s of an epoch is built by the stream of its DataLoader worker (s % workers) from its next
+      captions_per_batch samples. An epoch sees each caption once when each stream's shards hold its share of the
+      epoch (captions_per_epoch / Q); a stream whose shards run out first reads them again (a second pass, with a
+      note on stderr saying so), and the captions left when an epoch ends wait for the next one.
+    Every draw is a function of (seed, epoch, stream, draw number), and an item's crops of (seed, epoch, label) as
+    in CaptionImagesDataset. After each batch the stream's position (its pass, its next shard, the open shards and
+    how far each was read, the buffer as (shard, sample) pairs, the draw count) travels with the batch; through
+    StreamLoader, `state_dict()` returns the latest of every stream, and a run resumed with `load_state_dict`
+    reopens only the shards that were open or buffered and skips to where each stopped, instead of reading the
+    epoch again (exact when --workers is unchanged). A caption with fewer than m readable images is replaced by
+    a sample peeked from the buffer (which still yields it later), so no later step moves.
     An epoch is `captions_per_epoch` captions, a number streams cannot tell in advance."""
 
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
                  seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
                  downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
-                 shuffle_buffer=500):
+                 shuffle_buffer=500, mix=4):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
                          downsample_prob, downsample_res, augment_on_device)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
-        self.source_of = {url: source for source, url in self.shards}
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
         self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.mix = shuffle_buffer, mix
         self.steps_per_epoch = captions_per_epoch // (captions_per_batch * world_size)
         self.epoch, self.start_step = 0, 0
+        self.positions = {}  # stream q -> its position after its last batch seen by this process (StreamLoader)
+        self.samples_read = 0  # samples read from tars by this copy (in-process: the resume test counts them)
+        queue = world_size * self.streams
+        self.notes = [] if len(self.shards) >= queue else [  # what the user should know before the run
+            f"{len(self.shards)} streamed shards for {queue} streams ({world_size} process(es) x {self.streams} "
+            "workers): streams share shards, so every epoch repeats captions; use fewer --workers"]
 
     def set_epoch(self, epoch, start_step=0):
         """Set before the DataLoader starts its (non-persistent) workers for the epoch: they copy this state."""
@@ -220,33 +319,114 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     def __len__(self):
         return self.captions_per_epoch
 
-    def label(self, sample):
-        """A caption's label: the source number in the top bits and the sample's numeric key (its caption id for
-        generate.py's shards, img2dataset's key) or a hash of a non-numeric one."""
-        base = sample["__key__"].rpartition("/")[2]
-        key = int(base) if base.isdigit() and int(base) < 2 ** 32 else zlib.crc32(sample["__key__"].encode())
-        return (self.source_of.get(sample["__url__"], 0) << 32) | key
+    # ---- the position, carried by batches and checkpoints ----
 
-    def _samples(self, q):
-        """The endless sample sequence of stream q: its shards in this epoch's order, through webdataset's tar
-        reader (a truncated or unreadable shard ends early, with a warning)."""
-        from webdataset.handlers import warn_and_continue
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    def state_dict(self):
+        """The latest position of every stream of every process (a collective under torchrun: call it on every
+        rank), for the checkpoint."""
+        positions = {f"{q}": position for q, position in self.positions.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {q: position for part in gathered for q, position in part.items()}
+        return {"streams": positions}
 
+    def load_state_dict(self, state):
+        """Positions to resume from (this process's streams are picked by number)."""
+        self.positions = {int(q): position for q, position in (state or {}).get("streams", {}).items()}
+
+    # ---- reading ----
+
+    def _draw(self, q, counter, n):
+        """A uniform draw in range(n), a function of (seed, epoch, stream, counter) alone."""
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{q}/{counter}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % n
+
+    def _my_shards(self, q):
+        """Stream q's shards this epoch, in reading order."""
         order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        queue = self.world_size * self.streams
-        seen = [0]  # samples read: a full cycle of shards without one means none can be read
+        mine = order[q::self.world_size * self.streams].tolist()
+        return mine or [int(order[q % len(self.shards)])]  # fewer shards than streams (notes() says so)
 
-        def urls():
-            for t in itertools.count():
-                if t >= len(self.shards) and not seen[0]:
-                    raise UnreadableData(f"no sample could be read from {self.shards[0][1]} ...")
-                yield {"url": self.shards[int(order[(q + t * queue) % len(self.shards)])][1]}
+    def _open(self, shard):
+        reader = read_stream(self.shards[shard][1], shard)
+        return [shard, reader, 0]  # shard, its samples, how many were taken
 
-        files = tar_file_expander(url_opener(urls(), handler=warn_and_continue), handler=warn_and_continue)
-        for sample in group_by_keys(files, handler=warn_and_continue):
-            seen[0] += 1
-            yield sample
+    def _samples(self, q, position):
+        """Stream q's samples from `position` (None: the epoch's start) on, endlessly: its shards `mix` at a time,
+        each next sample from one drawn at random, through the shuffle buffer; a new pass over its shards when they
+        run out. Yields (sample, the position after it)."""
+        mine = self._my_shards(q)
+        if position is None:
+            position = {"epoch": self.epoch, "pass": 0, "next": 0, "read": 0, "open": [], "buffer": [], "draws": 0}
+        passes, next_shard, draws = position["pass"], position["next"], position["draws"]
+        read_this_pass = position["read"]
+        open_shards, buffer = self._restore(position)
+        try:
+            while True:
+                while len(buffer) < self.shuffle_buffer:  # fill: one sample from a randomly drawn open shard
+                    while len(open_shards) < self.mix and next_shard < len(mine):
+                        open_shards.append(self._open(mine[next_shard]))
+                        next_shard += 1
+                    if not open_shards:
+                        break
+                    j = self._draw(q, draws, len(open_shards))
+                    draws += 1
+                    sample = next(open_shards[j][1], None)
+                    if sample is None:  # that shard is done
+                        open_shards.pop(j)[1].close()
+                        continue
+                    open_shards[j][2] += 1
+                    buffer.append(sample)
+                    read_this_pass += 1
+                    self.samples_read += 1
+                if not buffer:  # every shard of this stream read: another pass over them
+                    if not read_this_pass:
+                        raise UnreadableData(f"no sample could be read from {self.shards[mine[0]][1]} ...")
+                    passes, next_shard, read_this_pass = passes + 1, 0, 0
+                    print(f"note: stream {q} read its {len(mine)} shard(s) and needs more captions for epoch "
+                          f"{self.epoch}: pass {passes + 1} over them (--stream-captions may be more than the data "
+                          "holds)", file=sys.stderr)
+                    continue
+                j = self._draw(q, draws, len(buffer))
+                draws += 1
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                sample = buffer.pop()
+                yield sample, buffer, lambda: {
+                    "epoch": self.epoch, "pass": passes, "next": next_shard, "read": read_this_pass, "draws": draws,
+                    "open": [(shard, taken) for shard, _, taken in open_shards],
+                    "buffer": [(held.shard, held.ordinal) for held in buffer]}
+        finally:
+            for _, reader, _ in open_shards:
+                reader.close()
+
+    def _restore(self, position):
+        """(open shards, buffer) of a position: the open shards reopened and read up to where they stood, the
+        buffered samples read again from their shards (those of closed shards read up to the last one needed)."""
+        wanted = {}
+        for shard, ordinal in position["buffer"]:
+            wanted.setdefault(shard, set()).add(ordinal)
+        found, open_shards = {}, []
+        for shard, taken in position["open"]:
+            entry = self._open(shard)
+            for _ in range(taken):
+                sample = next(entry[1])
+                self.samples_read += 1
+                if sample.ordinal in wanted.get(shard, ()):
+                    found[(shard, sample.ordinal)] = sample
+            entry[2] = taken
+            open_shards.append(entry)
+        for shard, ordinals in wanted.items():
+            if any((shard, ordinal) not in found for ordinal in ordinals):
+                reader = read_stream(self.shards[shard][1], shard)
+                for sample in reader:
+                    self.samples_read += 1
+                    if sample.ordinal in ordinals:
+                        found[(shard, sample.ordinal)] = sample
+                    if sample.ordinal >= max(ordinals):
+                        break
+                reader.close()
+        return open_shards, [found[(shard, ordinal)] for shard, ordinal in position["buffer"]]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -255,34 +435,61 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
             raise RuntimeError(f"CaptionShardStream was made for {self.streams} DataLoader workers, runs in {workers}")
         stream = (self.start_step + worker) % self.streams  # the DataLoader takes batch j from worker j % workers
         q = self.rank * self.streams + stream
-        buffer = _ShuffleBuffer(self._samples(q), self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{q}"))
-        batch = self.captions_per_batch
-        for _ in range((self.start_step + worker - stream) // self.streams * batch):  # steps done before a resume
-            next(buffer)
-        for _ in range(len(range(self.start_step + worker, self.steps_per_epoch, workers)) * batch):
-            yield self._item(next(buffer), buffer)
+        position = self.positions.get(q)
+        if position is None or position["epoch"] != self.epoch or not self.start_step:
+            position = None  # this epoch from its start
+        samples = self._samples(q, position)
+        steps = len(range(self.start_step + worker, self.steps_per_epoch, workers))
+        try:
+            for step in range(steps):
+                for i in range(self.captions_per_batch):
+                    sample, buffer, where = next(samples)
+                    item = self._item(sample, buffer)
+                    if i == self.captions_per_batch - 1:  # the batch's last item carries the stream's position
+                        item = item._replace(stream=(q, where()))
+                    yield item
+        finally:
+            samples.close()
+
+    def label(self, sample):
+        """A caption's label: the source number in the top bits and the sample's numeric key (its caption id for
+        generate.py's shards, img2dataset's key) or a hash of a non-numeric one."""
+        key = dataindex.numeric_key(sample.key.rpartition("/")[2])
+        key = key if key is not None and key < 2 ** 32 else zlib.crc32(sample.key.encode())
+        return (self.shards[sample.shard][0] << 32) | key
 
     def _item(self, sample, buffer):
         corrupt = 0
         for attempt in range(16):
             label = self.label(sample)
-            members = {}
-            for name, value in sample.items():
-                slot = shards.image_slot(name) if not name.startswith("__") else None
-                if slot is not None:
-                    members.setdefault(slot, value)
-            text = sample.get("txt", b"")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(item_seed(self.seed, self.epoch, label))
-                item, skipped = self.make_item(label, sorted(members), members.__getitem__,
-                                               lambda: text.decode("utf-8", errors="replace").strip())
+                item, skipped = self.make_item(label, sorted(sample.images), sample.images.__getitem__,
+                                               lambda: sample.text.decode("utf-8", errors="replace").strip())
             corrupt += skipped
             if item is not None:
                 return item._replace(corrupt=corrupt)
-            sample = buffer.peek(random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}"))
-            if sample is None:
+            if not buffer:
                 break
+            held = random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}")
+            sample = buffer[held.randrange(len(buffer))]  # a stand-in left in the buffer: no later sample moves
         raise UnreadableData("the stream holds no caption with enough readable images")
+
+
+class StreamLoader:
+    """A DataLoader over a CaptionShardStream that keeps, as each batch reaches the training loop, the position
+    of the stream that made it (for the checkpoint: CaptionShardStream.state_dict)."""
+
+    def __init__(self, stream, **options):
+        self.stream = stream
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=stream.captions_per_batch, collate_fn=collate,
+                                                  **options)
+
+    def __iter__(self):
+        for batch in self.loader:
+            q, position = batch.pop("stream")
+            self.stream.positions[q] = position
+            yield batch
 
 
 class CaptionSampler(torch.utils.data.Sampler):
@@ -298,6 +505,13 @@ class CaptionSampler(torch.utils.data.Sampler):
 
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
+
+    def state_dict(self):
+        """Nothing beyond (seed, epoch, step) places a batch: the checkpoint needs no data state (streams do)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
 
     def __len__(self):
         return self.steps_per_epoch - self.start_step
@@ -381,5 +595,8 @@ def collate(items):
     crop_labels = (labels[:, None] * 2 ** 20 + image_indices).flatten().repeat_interleave(crops)
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
     color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
-    return {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
-            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+    batch = {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
+             "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+    if items[-1].stream is not None:
+        batch["stream"] = items[-1].stream
+    return batch

@@ -86,6 +86,10 @@ def get_args_parser():
     parser.add_argument("--shuffle-buffer", type=integer(1), default=500,
                         help="samples each loader worker holds to shuffle streamed shards (500: about 125 MB of "
                              "10 JPEGs of 256 px per caption; more mixes better and costs memory)")
+    parser.add_argument("--stream-mix", type=integer(1), default=4,
+                        help="streamed shards each loader worker reads at once, taking each next sample from one of "
+                             "them at random: a batch mixes about this many shards (1: one shard after another, as a "
+                             "plain webdataset pipeline; each one more is one more open stream per worker)")
     parser.add_argument("--images-per-caption", type=integer(1), default=None,
                         help="m, images of a caption in the batch, drawn without replacement (paper: 6 of the 10 "
                              "generated; more positives per caption help). Default: the objective's (see --loss)")
@@ -321,6 +325,7 @@ def main(args):
     step = 0
     if resumed:
         step = load_training_state(resumed, model_without_ddp, optimizer, scaler)
+        sampler.load_state_dict(resumed["state"].get("data"))  # a stream resumes where each of its streams stood
     elif args.init_from:
         loaded = init_from(args.init_from, model_without_ddp)
         if is_main:
@@ -379,8 +384,10 @@ def main(args):
                                   logit_scale=(model_without_ddp.logit_scale.exp().item()
                                                if objective.text else None))
                     if checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
+                        data_state = sampler.state_dict()  # streams: every rank's positions (a collective)
                         if is_main:
-                            save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args)
+                            save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args,
+                                                data_state)
                         last_saved = step
                     if step == total_steps:
                         break
@@ -426,10 +433,9 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError("streamed --data needs --stream-captions N (the captions of an epoch)")
         dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
                                           world_size=world_size, workers=args.workers,
-                                          shuffle_buffer=args.shuffle_buffer, **views)
+                                          shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
         sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.captions_per_gpu, collate_fn=data.collate,
-                                             **data.loader_options(args.workers, device.type == "cuda"))
+        loader = data.StreamLoader(dataset, **data.loader_options(args.workers, device.type == "cuda"))
     else:  # random access through the cached index, built once by each node's first process
         builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
         if world_size > 1 and not builder:
@@ -441,8 +447,6 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(str(err)) from None
         if world_size > 1 and builder:
             torch.distributed.barrier()
-        for note in dataset.notes if rank == 0 else []:
-            print(f"note: {note}", file=sys.stderr)
         fewest, fewest_count = dataset.fewest_images()
         if fewest_count < args.images_per_caption:
             raise UserError(f"--images-per-caption {args.images_per_caption} is more than "
@@ -455,6 +459,8 @@ def build_data(args, tokenizer, world_size, rank, device):
         raise UserError(f"{len(dataset)} captions are fewer than one step needs "
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
     if rank == 0:
+        for note in dataset.notes:  # damaged or empty shards, CSV rows skipped, mixed settings, too few shards
+            print(f"note: {note}", file=sys.stderr)
         print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
                                    args.image_size, args.gpu_augment))
     return dataset, sampler, loader
@@ -555,11 +561,12 @@ def save_checkpoint(path, state):
         torch.save(state, f)
 
 
-def save_training_state(model, optimizer, scaler, step, world_size, args):
-    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step);
-    only the newest --keep are kept."""
+def save_training_state(model, optimizer, scaler, step, world_size, args, data_state):
+    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step, and
+    a stream's order of where its streams stood: `data_state`); only the newest --keep are kept."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()}}
+             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()},
+             "data": data_state}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint(checkpoint_path(args.output, step), state)

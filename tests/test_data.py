@@ -1,8 +1,12 @@
 """data.py and augment.py: deterministic items, the per-rank caption sampler, batch labels; the augmentation's
-parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling."""
+parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling; the
+loader's workers; streamed shards (each caption once an epoch, exact resume from a position, bounded members)."""
+import copy
 import io
 import os
 import sys
+import tarfile
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -25,7 +29,7 @@ from augment import (
     official_augmentation,
     sample_color_params,
 )
-from conftest import write_random_tree
+from conftest import write_random_shards, write_random_tree
 from data import CaptionImagesDataset, CaptionSampler, collate
 
 
@@ -298,3 +302,99 @@ def test_workers_start_by_fork_on_linux_and_in_flight_is_bounded(monkeypatch):
     floats = data.batch_bytes(43, 6, 1, 224, False)
     assert floats == 258 * 3 * 224 * 224 * 4 == 4 * data.batch_bytes(43, 6, 1, 224, True)
     assert data.in_flight_bytes(14, 43, 6, 1, 224, False) == 14 * 2 * 258 * 3 * 224 * 224 * 4  # 4.05 GiB
+
+
+# ---- streamed shards ----
+
+def stream_epoch(stream, epoch, start_step=0, positions=None):
+    """One epoch (from start_step) through StreamLoader: (batches, the stream's state_dict after each batch)."""
+    stream.set_epoch(epoch, start_step)
+    stream.load_state_dict(positions)
+    loader = data.StreamLoader(stream, **data.loader_options(stream.streams if stream.streams > 1 else 0, False))
+    batches, states = [], []
+    for batch in loader:
+        batches.append(batch)
+        states.append(copy.deepcopy(stream.state_dict()))
+    return batches, states
+
+
+def labels(batches):
+    return [label for batch in batches for label in batch["caption_labels"].tolist()]
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory):
+    """16 captions of 2 images in 4 tars of 4, streamed through `pipe:cat`."""
+    root = write_random_shards(tmp_path_factory.mktemp("even"), captions=16, images_per_caption=2, size=8,
+                               per_shard=4)
+    return "pipe:cat " + os.path.join(root, "{00000..00003}.tar")
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 0), (1, 2), (2, 2)])
+def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, workers):
+    """The shards are dealt to the streams (ranks x workers) and each stream reads its own once: over every rank,
+    an epoch is every caption exactly once, in an order that mixes shards within a batch."""
+    epochs = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world_size):
+            stream = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=3, rank=rank, world_size=world_size,
+                                             workers=workers, shuffle_buffer=3, mix=2)
+            batches, _ = stream_epoch(stream, epoch)
+            assert len(batches) == 8 // world_size and all(len(batch["caption_labels"]) == 2 for batch in batches)
+            seen += labels(batches)
+        assert sorted(seen) == list(range(16))  # once each
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    if world_size == 1 and workers == 0:  # one stream, 2 of its 4 shards open at once: batches cross shards
+        assert any(len({label // 4 for label in pair}) == 2 for pair in zip(epochs[0][::2], epochs[0][1::2]))
+
+
+def test_a_streamed_run_resumes_at_the_shard_and_sample_where_it_stopped(even_shards):
+    """The position after each batch (the open shards and how far each was read, the buffer, the draw count) goes
+    into the checkpoint; a resumed epoch continues it exactly, reading again only what it had open."""
+    for workers, mix, buffer in ((2, 2, 3), (0, 3, 5)):
+        def stream():
+            return data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, workers=workers,
+                                           shuffle_buffer=buffer, mix=mix)
+        whole, states = stream_epoch(stream(), 1)
+        for start in (3, 5):
+            resumed, _ = stream_epoch(stream(), 1, start, states[start - 1])
+            assert len(resumed) == 8 - start
+            for a, b in zip(whole[start:], resumed):
+                assert torch.equal(a["caption_labels"], b["caption_labels"]) and torch.equal(a["images"], b["images"])
+    # one shard at a time, no buffer: stopped after 5 steps = 10 captions, i.e. 2 of the third shard; the resumed
+    # epoch opens neither of the first two and reads the third again up to where it stood, then on: 2 + 2 + 4
+    single = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, shuffle_buffer=1, mix=1)
+    _, states = stream_epoch(single, 0)
+    assert states[4]["streams"]["0"]["open"][0][1] == 2 and states[4]["streams"]["0"]["next"] == 3
+    resumed = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, shuffle_buffer=1, mix=1)
+    stream_epoch(resumed, 0, 5, states[4])
+    assert resumed.samples_read == 8 and single.samples_read == 16
+
+
+def test_a_stream_shorter_than_its_epoch_says_how_many_passes(even_shards, capsys):
+    stream = data.CaptionShardStream([even_shards], 40, 4, 2, 1, 16, seed=0, shuffle_buffer=4)
+    batches, _ = stream_epoch(stream, 0)
+    seen = labels(batches)
+    assert len(seen) == 40 and sorted(set(seen)) == list(range(16)) and max(seen.count(x) for x in seen) == 3
+    err = capsys.readouterr().err
+    assert "pass 2 over them" in err and "pass 3 over them" in err and "--stream-captions" in err
+
+
+def test_a_streamed_member_is_bounded_by_its_header_not_held(tmp_path):
+    """A gzipped tar whose member inflates 1000x (a 16 MiB run of zeros) is skipped unread beyond the bound."""
+    path = tmp_path / "bomb.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in (("000000007.00.jpg", b"\xff\xd8 a small image"), ("000000007.01.jpg", bytes(16 << 20)),
+                              ("000000007.txt", b"a caption")):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert os.path.getsize(path) < 50_000
+    tracemalloc.start()
+    samples = list(data.read_stream(str(path), 0, max_member=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(s.key, sorted(s.images), s.text) for s in samples] == [("000000007", [0], b"a caption")]
+    assert peak < 4 << 20  # never the 16 MiB member

@@ -1,6 +1,6 @@
 """The readers of pretrain.py: generate.py's tar shards, img2dataset's webdataset and files output, the official CSV
-layout, streamed shards; the cached flat index, rebuilt when damaged; corrupt, truncated and mislabelled tar members;
-data counted twice through links; the notes on what was skipped."""
+layout (streamed shards: tests/test_data.py); the cached flat index, rebuilt when damaged; corrupt, truncated and
+mislabelled tar members; data counted twice through links; the notes on what was skipped."""
 import csv
 import io
 import json
@@ -18,7 +18,7 @@ import dataindex
 import shards
 from augment import PretrainAugmentation, decode_rgb
 from conftest import caption_text, write_random_shards
-from data import CaptionImagesDataset, CaptionShardStream, collate, item_seed
+from data import CaptionImagesDataset, item_seed
 
 
 def items(dataset, epoch=0):
@@ -246,33 +246,6 @@ def test_bad_sources_are_named(tmp_path, random_shards):
         dataindex.open_source(os.path.join(random_shards, "{00000..00009}.tar"))
     with pytest.raises(ValueError, match="does not exist"):
         dataindex.open_source(str(tmp_path / "nowhere"))
-
-
-# ---- streamed shards ----
-
-def stream_batches(stream, epoch, start_step, workers):
-    stream.set_epoch(epoch, start_step)
-    loader = torch.utils.data.DataLoader(stream, batch_size=stream.captions_per_batch, num_workers=workers,
-                                         collate_fn=collate)
-    return [batch for batch in loader]
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_streamed_shards_resume_by_skipping_whole_steps(random_shards, workers):
-    url = "pipe:cat " + os.path.join(random_shards, "{00000..00002}.tar")
-    stream = CaptionShardStream([url], 12, 2, 2, 1, 32, seed=1, workers=workers, shuffle_buffer=3)
-    assert stream.steps_per_epoch == 6 and len(stream.shards) == 3
-    whole = stream_batches(stream, 1, 0, workers)
-    assert len(whole) == 6 and all(batch["images"].shape == (4, 3, 32, 32) for batch in whole)
-    labels = [label for batch in whole for label in batch["caption_labels"].tolist()]
-    assert set(labels) <= set(range(12)) and len(set(labels)) >= 8  # shard-level shuffling, cycling shards
-    for start in (3, 5):
-        resumed = stream_batches(stream, 1, start, workers)
-        assert len(resumed) == 6 - start
-        for a, b in zip(whole[start:], resumed):
-            assert torch.equal(a["caption_labels"], b["caption_labels"]) and torch.equal(a["images"], b["images"])
-    other = stream_batches(stream, 2, 0, workers)
-    assert [b["caption_labels"].tolist() for b in other] != [b["caption_labels"].tolist() for b in whole]
 
 
 # ---- data dropped, mislabelled or counted twice (issue 18) ----
