@@ -276,14 +276,17 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     Random access is impossible, so each epoch deals the shards out and mixes them (what webdataset and OpenCLIP
     pipelines do, made exact and resumable):
     - the shard list is permuted (seed + epoch) and dealt to the Q = world_size x workers streams, one per
-      DataLoader worker of each rank: stream q reads shards order[q], order[q + Q], ... once each;
+      DataLoader worker of each rank: stream q reads shards order[q], order[q + Q], ... once each, as far as they
+      go round evenly, and a part of one of the shards left over (_my_shards), so the streams' shares are equal
+      when the shards are;
     - a stream reads `mix` of its shards at once, taking each next sample from one of them drawn at random, through
       a shuffle buffer of `shuffle_buffer` samples: a batch mixes about `mix` shards (bench/bench_io.py measures
       it against a global shuffle);
     - global step s of an epoch is built by the stream of its DataLoader worker (s % workers) from its next
-      captions_per_batch samples. An epoch sees each caption once when each stream's shards hold its share of the
-      epoch (captions_per_epoch / Q); a stream whose shards run out first reads them again (a second pass, with a
-      note on stderr saying so), and the captions left when an epoch ends wait for the next one.
+      captions_per_batch samples; an epoch is whole rounds of the workers. An epoch sees each caption once when
+      each stream's shards hold its share (captions_per_epoch / Q); a stream whose shards run out first reads them
+      again (a second pass, with a note on stderr saying so), and the captions left when an epoch ends wait for
+      the next one (a new deal).
     Every draw is a function of (seed, epoch, stream, draw number), and an item's crops of (seed, epoch, label) as
     in CaptionImagesDataset. After each batch the stream's position (its pass, its next shard, the open shards and
     how far each was read, the buffer as (shard, sample) pairs, the draw count) travels with the batch; through
@@ -303,14 +306,17 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
         self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
         self.shuffle_buffer, self.mix = shuffle_buffer, mix
-        self.steps_per_epoch = captions_per_epoch // (captions_per_batch * world_size)
+        steps = captions_per_epoch // (captions_per_batch * world_size)
+        # whole rounds of the workers, so that every stream takes the same share (fewer than one round: as is)
+        self.steps_per_epoch = steps if steps < self.streams else steps // self.streams * self.streams
         self.epoch, self.start_step = 0, 0
         self.positions = {}  # stream q -> its position after its last batch seen by this process (StreamLoader)
         self.samples_read = 0  # samples read from tars by this copy (in-process: the resume test counts them)
         queue = world_size * self.streams
         self.notes = [] if len(self.shards) >= queue else [  # what the user should know before the run
             f"{len(self.shards)} streamed shards for {queue} streams ({world_size} process(es) x {self.streams} "
-            "workers): streams share shards, so every epoch repeats captions; use fewer --workers"]
+            f"workers): each shard is read by up to {-(-queue // len(self.shards))} streams, each keeping its part "
+            "(fewer --workers read less)"]
 
     def set_epoch(self, epoch, start_step=0):
         """Set before the DataLoader starts its (non-persistent) workers for the epoch: they copy this state."""
@@ -343,25 +349,40 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         return int.from_bytes(digest, "little") % n
 
     def _my_shards(self, q):
-        """Stream q's shards this epoch, in reading order."""
+        """Stream q's shards this epoch, in reading order, as (shard, part, parts): the stream keeps the samples
+        whose number in the shard is `part` modulo `parts`. The permuted shards are dealt whole, one per stream in
+        turn, as far as they go round evenly; each of the r left over is shared by the streams q = its turn modulo
+        r, each keeping its part. So every stream gets the same number of captions when the shards are of one size
+        (generate.py's), at the cost of reading the r shared shards about Q / r times."""
         order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        mine = order[q::self.world_size * self.streams].tolist()
-        return mine or [int(order[q % len(self.shards)])]  # fewer shards than streams (notes() says so)
+        order, queue = order.tolist(), self.world_size * self.streams
+        whole = len(order) // queue * queue
+        mine = [(shard, 0, 1) for shard in order[q:whole:queue]]
+        rest = order[whole:]
+        if rest:
+            mine.append((rest[q % len(rest)], q // len(rest), len(range(q % len(rest), queue, len(rest)))))
+        return mine
 
-    def _open(self, shard):
-        reader = read_stream(self.shards[shard][1], shard)
-        return [shard, reader, 0]  # shard, its samples, how many were taken
+    def _open(self, entry, taken=0, skipped=lambda sample: None):
+        """[entry, its kept samples from the `taken`-th on, taken]: an open shard of the stream; `skipped` sees the
+        samples passed over."""
+        shard, part, parts = entry
+        samples = (sample for sample in read_stream(self.shards[shard][1], shard) if sample.ordinal % parts == part)
+        for _ in range(taken):
+            skipped(next(samples))
+            self.samples_read += 1
+        return [entry, samples, taken]
 
     def _samples(self, q, position):
         """Stream q's samples from `position` (None: the epoch's start) on, endlessly: its shards `mix` at a time,
         each next sample from one drawn at random, through the shuffle buffer; a new pass over its shards when they
-        run out. Yields (sample, the position after it)."""
+        run out. Yields (sample, the buffer, a function giving the position after it)."""
         mine = self._my_shards(q)
         if position is None:
             position = {"epoch": self.epoch, "pass": 0, "next": 0, "read": 0, "open": [], "buffer": [], "draws": 0}
         passes, next_shard, draws = position["pass"], position["next"], position["draws"]
         read_this_pass = position["read"]
-        open_shards, buffer = self._restore(position)
+        open_shards, buffer = self._restore(mine, position)
         try:
             while True:
                 while len(buffer) < self.shuffle_buffer:  # fill: one sample from a randomly drawn open shard
@@ -382,7 +403,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
                     self.samples_read += 1
                 if not buffer:  # every shard of this stream read: another pass over them
                     if not read_this_pass:
-                        raise UnreadableData(f"no sample could be read from {self.shards[mine[0]][1]} ...")
+                        raise UnreadableData(f"no sample could be read from {self.shards[mine[0][0]][1]} ...")
                     passes, next_shard, read_this_pass = passes + 1, 0, 0
                     print(f"note: stream {q} read its {len(mine)} shard(s) and needs more captions for epoch "
                           f"{self.epoch}: pass {passes + 1} over them (--stream-captions may be more than the data "
@@ -394,38 +415,34 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
                 sample = buffer.pop()
                 yield sample, buffer, lambda: {
                     "epoch": self.epoch, "pass": passes, "next": next_shard, "read": read_this_pass, "draws": draws,
-                    "open": [(shard, taken) for shard, _, taken in open_shards],
+                    "open": [(mine.index(entry), taken) for entry, _, taken in open_shards],
                     "buffer": [(held.shard, held.ordinal) for held in buffer]}
         finally:
-            for _, reader, _ in open_shards:
-                reader.close()
+            for _, samples, _ in open_shards:
+                samples.close()
 
-    def _restore(self, position):
-        """(open shards, buffer) of a position: the open shards reopened and read up to where they stood, the
-        buffered samples read again from their shards (those of closed shards read up to the last one needed)."""
-        wanted = {}
+    def _restore(self, mine, position):
+        """(open shards, buffer) of a position: the open shards reopened and read up to where they stood, and the
+        buffered samples read again from their shards (up to the last one needed of each)."""
+        wanted, found = {}, {}
         for shard, ordinal in position["buffer"]:
             wanted.setdefault(shard, set()).add(ordinal)
-        found, open_shards = {}, []
-        for shard, taken in position["open"]:
-            entry = self._open(shard)
-            for _ in range(taken):
-                sample = next(entry[1])
-                self.samples_read += 1
-                if sample.ordinal in wanted.get(shard, ()):
-                    found[(shard, sample.ordinal)] = sample
-            entry[2] = taken
-            open_shards.append(entry)
+
+        def keep(sample):
+            if sample.ordinal in wanted.get(sample.shard, ()):
+                found[(sample.shard, sample.ordinal)] = sample
+        open_shards = [self._open(mine[index], taken, keep) for index, taken in position["open"]]
         for shard, ordinals in wanted.items():
-            if any((shard, ordinal) not in found for ordinal in ordinals):
-                reader = read_stream(self.shards[shard][1], shard)
-                for sample in reader:
-                    self.samples_read += 1
-                    if sample.ordinal in ordinals:
-                        found[(shard, sample.ordinal)] = sample
-                    if sample.ordinal >= max(ordinals):
-                        break
-                reader.close()
+            if all((shard, ordinal) in found for ordinal in ordinals):
+                continue
+            reader = read_stream(self.shards[shard][1], shard)
+            for sample in reader:
+                self.samples_read += 1
+                if sample.ordinal in ordinals:
+                    found[(shard, sample.ordinal)] = sample
+                if sample.ordinal >= max(ordinals):
+                    break
+            reader.close()
         return open_shards, [found[(shard, ordinal)] for shard, ordinal in position["buffer"]]
 
     def __iter__(self):

@@ -105,9 +105,9 @@ def loader_epoch(dataset, args, epoch):
     return list(loader)
 
 
-def stream_epoch(urls, captions, args, epoch, image_size, batch):
+def stream_epoch(urls, captions, args, epoch, image_size, batch, mix=4):
     stream = data.CaptionShardStream(urls, captions, batch, M, 1, image_size, seed=0, workers=args.workers,
-                                     shuffle_buffer=args.shuffle_buffer)
+                                     shuffle_buffer=args.shuffle_buffer, mix=mix)
     stream.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, collate_fn=data.collate,
                                          **data.loader_options(args.workers, False))
@@ -269,16 +269,17 @@ def section_streams(args, work, report):
     print(f"\n## Streams: {args.stream_captions} captions in {len(paths)} shards of {args.stream_shard_size}, "
           f"batches of {args.stream_batch}, {args.workers} workers, shuffle buffer {args.shuffle_buffer}")
     rows = []
-    for epoch in range(args.repeats):
-        batches = [batch["caption_labels"].tolist() for batch in stream_epoch(urls, args.stream_captions, args,
-                                                                                epoch, 16, args.stream_batch)]
-        seen = collections.Counter(label for batch in batches for label in batch)
-        rows.append({"epoch": epoch, "captions": sum(seen.values()), "distinct": len(seen),
-                     "repeated": sum(seen.values()) - len(seen),
-                     "shard_mix": shard_mix(batches, args.stream_shard_size)})
-        print(f"  epoch {epoch}: {rows[-1]['captions']} captions, {rows[-1]['distinct']} distinct "
-              f"({rows[-1]['repeated']} repeats); the most frequent shard of a batch holds "
-              f"{rows[-1]['shard_mix']:.2f} of it (a global shuffle: {global_mix:.2f})")
+    for mix in args.stream_mix:
+        for epoch in range(args.repeats):
+            batches = [batch["caption_labels"].tolist() for batch in stream_epoch(
+                urls, args.stream_captions, args, epoch, 16, args.stream_batch, mix)]
+            seen = collections.Counter(label for batch in batches for label in batch)
+            rows.append({"mix": mix, "epoch": epoch, "captions": sum(seen.values()), "distinct": len(seen),
+                         "repeated": sum(seen.values()) - len(seen),
+                         "shard_mix": shard_mix(batches, args.stream_shard_size)})
+            print(f"  --stream-mix {mix}, epoch {epoch}: {rows[-1]['captions']} captions, {rows[-1]['distinct']} "
+                  f"distinct ({rows[-1]['repeated']} repeats); the most frequent shard of a batch holds "
+                  f"{rows[-1]['shard_mix']:.2f} of it (a global shuffle: {global_mix:.2f})")
     report["streams"] = {"captions": args.stream_captions, "shards": len(paths), "epochs": rows,
                          "global_shuffle_mix": global_mix}
 
@@ -316,6 +317,8 @@ if __name__ == "__main__":
     parser.add_argument("--stream-captions", type=int, default=4000, help="captions of the streamed side")
     parser.add_argument("--stream-shard-size", type=int, default=100, help="captions per streamed tar")
     parser.add_argument("--shuffle-buffer", type=int, default=500, help="pretrain.py's --shuffle-buffer")
+    parser.add_argument("--stream-mix", type=int, nargs="+", default=[1, 4, 8],
+                        help="pretrain.py's --stream-mix values to measure (shards each worker reads at once)")
     parser.add_argument("--stream-batch", type=int, default=43, help="captions per batch of the streamed side "
                         "(the paper's per GPU: what a batch mixes is measured)")
     parser.add_argument("--sections", nargs="+", choices=["disk", "workers", "in_flight", "streams"],

@@ -330,20 +330,21 @@ def even_shards(tmp_path_factory):
     return "pipe:cat " + os.path.join(root, "{00000..00003}.tar")
 
 
-@pytest.mark.parametrize("world_size, workers", [(1, 0), (1, 2), (2, 2)])
-def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, workers):
-    """The shards are dealt to the streams (ranks x workers) and each stream reads its own once: over every rank,
-    an epoch is every caption exactly once, in an order that mixes shards within a batch."""
+@pytest.mark.parametrize("world_size, workers, shards", [(1, 0, 4), (1, 2, 4), (2, 2, 4), (1, 2, 3), (2, 2, 2)])
+def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, workers, shards):
+    """The shards are dealt to the streams (ranks x workers), those left over shared, and each stream reads its own
+    once: over every rank, an epoch is every caption exactly once, in an order that mixes shards within a batch."""
+    url = even_shards.replace("{00000..00003}", f"{{00000..{shards - 1:05d}}}")
     epochs = []
     for epoch in (0, 1):
         seen = []
         for rank in range(world_size):
-            stream = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=3, rank=rank, world_size=world_size,
-                                             workers=workers, shuffle_buffer=3, mix=2)
+            stream = data.CaptionShardStream([url], 4 * shards, 2, 2, 1, 16, seed=3, rank=rank,
+                                             world_size=world_size, workers=workers, shuffle_buffer=3, mix=2)
             batches, _ = stream_epoch(stream, epoch)
-            assert len(batches) == 8 // world_size and all(len(batch["caption_labels"]) == 2 for batch in batches)
+            assert len(batches) == 2 * shards // world_size and all(len(b["caption_labels"]) == 2 for b in batches)
             seen += labels(batches)
-        assert sorted(seen) == list(range(16))  # once each
+        assert sorted(seen) == list(range(4 * shards))  # once each
         epochs.append(seen)
     assert epochs[0] != epochs[1]  # a new order every epoch
     if world_size == 1 and workers == 0:  # one stream, 2 of its 4 shards open at once: batches cross shards
