@@ -8,11 +8,12 @@ trees and tar shards, img2dataset's `files` and `webdataset` output, the officia
 CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset's
 gopen): dealt each epoch to the loader workers' streams, each caption once, several shards read at once through a
 seeded buffer, resumed exactly from where each stream stood (its position rides with the batches into checkpoints).
-Each crop is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3] and
-their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
-training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
-seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
-exactly the batches an uninterrupted one would have seen.
+Each crop is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3]
+and their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
+training device; with decode_on_device too, its JPEGs travel undecoded with their drawn crop boxes (`jpegs`), for
+augment.decode_crops to decode and crop there first. All randomness of an item (which m images, every crop and
+jitter) is drawn from a generator seeded by (seed, epoch, item index), so an item is the same whichever worker loads
+it, and a resumed run sees exactly the batches an uninterrupted one would have seen.
 """
 import hashlib
 import io
@@ -26,7 +27,15 @@ import torch
 
 import dataindex
 import shards
-from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, decode_rgb
+from augment import (
+    DECODE_ERRORS,
+    JPEG_MAGIC,
+    ColorParams,
+    DeviceJpegs,
+    PretrainAugmentation,
+    decode_rgb,
+    jpeg_size,
+)
 from cli import first_line
 
 
@@ -49,6 +58,8 @@ class CaptionImages(NamedTuple):
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
     color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
+    jpegs: Optional[DeviceJpegs] = None  # decode_on_device: the JPEGs to decode and crop on the device (images then
+    #                                      holds only the crops of other formats)
     stream: Optional[tuple] = None  # a stream's batch-ending item: (stream number, its position after the batch)
 
 
@@ -56,11 +67,13 @@ class _CaptionItems:
     """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
     def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                 downsample_prob, downsample_res, augment_on_device):
+                 downsample_prob, downsample_res, augment_on_device, decode_on_device=False):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
+        self.image_size = image_size
         self.augment = PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res)
-        self.augment_on_device = augment_on_device
+        self.augment_on_device = augment_on_device or decode_on_device
+        self.decode_on_device = decode_on_device
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
@@ -71,19 +84,31 @@ class _CaptionItems:
     def make_item(self, label, slots, image_of, caption_of):
         """(item or None, corrupt): decode m distinct images of a caption, taken in a random order of its `slots`
         (torch's generator, seeded by the caller), `image_of(slot)` giving a path or the file's bytes; a corrupt or
-        truncated one is skipped and counted, never trained on. None when fewer than m are readable."""
-        images, colors, chosen, corrupt = [], [], [], 0
+        truncated one is skipped and counted, never trained on. None when fewer than m are readable. With
+        decode_on_device a JPEG is not decoded: its header gives the size the crop is drawn for, and the file
+        travels with the draws (augment.DeviceJpegs) to be decoded and cropped where the training runs."""
+        images, colors, chosen, corrupt, jpegs, shipped = [], [], [], 0, [], []
         for position in torch.randperm(len(slots)).tolist():
             slot = slots[position]
             try:
                 source = image_of(slot)
-                pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
+                size = None
+                if self.decode_on_device:
+                    source = source if isinstance(source, bytes) else _read_file(source)
+                    size = jpeg_size(source) if source.startswith(JPEG_MAGIC) else None
+                if size is None:
+                    pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
             except DECODE_ERRORS:
                 corrupt += 1
                 continue
             for _ in range(self.crops_per_image):
-                if self.augment_on_device:
+                if size is not None:  # drawn now, decoded and cropped on the device
+                    resolution, box, color = self.augment.draw(*size)
+                    jpegs.append((len(images) + len(jpegs), source, box, resolution))
+                    colors.append(color)
+                elif self.augment_on_device:
                     crop, color = self.augment.crop(pixels)
+                    shipped.append(len(images) + len(jpegs))
                     images.append(crop)
                     colors.append(color)
                 else:
@@ -97,9 +122,29 @@ class _CaptionItems:
                     except OSError:  # an unreadable caption file or member
                         return None, corrupt + 1
                 color = ColorParams.cat(colors) if colors else None
-                item = CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt, color)
+                stacked = torch.stack(images) if images else torch.empty(
+                    (0, self.image_size, self.image_size, 3), dtype=torch.uint8)
+                item = CaptionImages(stacked, label, torch.tensor(chosen), tokens, corrupt, color,
+                                     _device_jpegs(jpegs, shipped) if self.decode_on_device else None)
                 return item, corrupt
         return None, corrupt
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _device_jpegs(jpegs, shipped):
+    """The DeviceJpegs of one item: [(row, file bytes, box, resolution)] and the rows of its shipped crops."""
+    files = [data for _, data, _, _ in jpegs]
+    return DeviceJpegs(rows=torch.tensor([row for row, _, _, _ in jpegs], dtype=torch.long),
+                       data=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if files else
+                       torch.empty(0, dtype=torch.uint8),
+                       lengths=torch.tensor([len(data) for data in files], dtype=torch.long),
+                       boxes=torch.tensor([box for _, _, box, _ in jpegs], dtype=torch.long).reshape(-1, 4),
+                       downsample=torch.tensor([resolution for _, _, _, resolution in jpegs], dtype=torch.long),
+                       shipped=torch.tensor(shipped, dtype=torch.long))
 
 
 class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
@@ -110,9 +155,10 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
                  context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
-                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True):
+                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True,
+                 decode_on_device=False):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device)
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
@@ -299,9 +345,9 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
                  seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
                  downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
-                 shuffle_buffer=500, mix=4):
+                 shuffle_buffer=500, mix=4, decode_on_device=False):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
         self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
@@ -599,21 +645,26 @@ def describe_loader(workers, captions, images_per_caption, crops_per_image, imag
 
 def collate(items):
     """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
-    ColorParams, "color") and per-image caption labels and image ids.
+    ColorParams, "color"; with decode_on_device only the crops of non-JPEG images, and "jpegs", the DeviceJpegs
+    that augment.decode_crops turns into the others) and per-image caption labels and image ids.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
     appears once in a global batch, so both are unique across ranks."""
     images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S] or [B * m * c, S, S, 3]
-    crops = items[0].images.shape[0] // len(items[0].image_indices)
+    rows = len(items[0].images) + (len(items[0].jpegs.rows) if items[0].jpegs is not None else 0)  # m * c
+    crops = rows // len(items[0].image_indices)
     labels = torch.tensor([item.label for item in items])
     image_indices = torch.stack([item.image_indices for item in items])  # [B, m]
-    image_labels = labels.repeat_interleave(items[0].images.shape[0])
+    image_labels = labels.repeat_interleave(rows)
     crop_labels = (labels[:, None] * 2 ** 20 + image_indices).flatten().repeat_interleave(crops)
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
     color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
-    batch = {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
-             "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items)}
+    jpegs = DeviceJpegs.cat([item.jpegs for item in items], [rows] * len(items)) if items[0].jpegs is not None \
+        else None
+    batch = {"images": images, "color": color, "jpegs": jpegs, "image_labels": image_labels,
+             "crop_labels": crop_labels, "caption_labels": labels, "tokens": tokens,
+             "corrupt": sum(item.corrupt for item in items)}
     if items[-1].stream is not None:
         batch["stream"] = items[-1].stream
     return batch

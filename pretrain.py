@@ -61,7 +61,7 @@ SCHEDULES = {
 }
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
-                   "gpu_augment"}
+                   "gpu_augment", "gpu_decode"}
 NEVER_RESTORED = {"resume", "init_from", "flags_given"}  # about this launch, not the run
 
 
@@ -115,6 +115,12 @@ def get_args_parser():
                              "distribution and the same draws as without it, so resume stays exact. Not the "
                              "default: its results equal the CPU path's exactly on a CPU only (a GPU's kernels round "
                              "differently), and it has not yet been timed on a GPU (bench/gpu_report.py)")
+    parser.add_argument("--gpu-decode", action="store_true",
+                        help="with --gpu-augment, decode the JPEGs on the training device too (torchvision's batched "
+                             "decode_jpeg: nvJPEG on a GPU): the loader workers then only read each file, check its "
+                             "header and end, and draw its crop, so a GPU needs far fewer CPU cores (bench/bench_data"
+                             ".py); other formats are still decoded by the workers. Same draws; the pixels differ from "
+                             "PIL's decode by rounding. Not yet run on a GPU (bench/gpu_report.py measures it)")
     parser.add_argument("--workers", type=integer(0), default=8, help="data-loading processes per GPU")
     # ---- model ----
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
@@ -424,7 +430,10 @@ def build_data(args, tokenizer, world_size, rank, device):
     views = dict(images_per_caption=args.images_per_caption, crops_per_image=args.crops_per_image,
                  image_size=args.image_size, seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
                  crop_scale=args.crop_scale, downsample_prob=args.downsample_prob,
-                 downsample_res=args.downsample_res, augment_on_device=args.gpu_augment)
+                 downsample_res=args.downsample_res, augment_on_device=args.gpu_augment,
+                 decode_on_device=args.gpu_decode)
+    if args.gpu_decode and not args.gpu_augment:
+        raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     streamed = [spec for spec in args.data if dataindex.is_streamed(spec)]
     if streamed:  # webdataset URLs: shard-level shuffling, an epoch of --stream-captions captions
         if len(streamed) < len(args.data):
@@ -519,10 +528,13 @@ def build_model(args, tokenizer=None):
 def compute_loss(model, batch, objective, args, device):
     """The sum of the objective's loss terms on one batch from data.collate."""
     images = batch["images"].to(device, non_blocking=True)
+    views = len(batch["image_labels"]) // len(batch["caption_labels"])  # m images x c crops of each caption
+    if batch["jpegs"] is not None:  # --gpu-decode: the JPEGs decoded and cropped on the device, next to the rest
+        images, failed = augment.decode_crops(images, batch["jpegs"], len(batch["image_labels"]), views)
+        batch["corrupt"] += failed
     if batch["color"] is not None:  # --gpu-augment: uint8 crops [N, S, S, 3] -> float [N, 3, S, S], on the device
         images = augment.augment_crops(images, batch["color"])
     tokens = batch["tokens"].to(device, non_blocking=True) if batch["tokens"] is not None else None
-    views = len(images) // len(batch["caption_labels"])  # m images x c crops of each caption, caption-major
     out = model(images, tokens, views=views)
     return sum(term(out, batch, args) for term in objective.terms)
 

@@ -21,9 +21,12 @@ What is measured (a temporary folder on the bench's disk, `--work`; nothing is r
 - in flight: one batch's image bytes as the loader ships it (float32, or --gpu-augment's uint8 crops), measured on
   a real batch and checked against data.batch_bytes, then x workers x data.PREFETCH_FACTOR; and the paper's batch.
 - streams: `--stream-captions` captions of 16 px images in shards of `--stream-shard-size`, streamed over
-  `pipe:cat` by data.CaptionShardStream with `--workers` workers, one epoch: the share of each batch that comes from
-  its most frequent shard (1.0: every batch from one tar), against the same for a global shuffle (CaptionSampler's
-  permutation over the same captions), and how many captions the epoch saw more than once.
+  `pipe:cat` by data.CaptionShardStream with `--workers` workers and each `--stream-mix`, one epoch: the share of
+  each batch that comes from its most frequent shard (1.0: every batch from one tar), against the same for a global
+  shuffle (CaptionSampler's permutation over the same captions), and how many captions the epoch saw more than once.
+- cc12m: the above extrapolated to CC12M (12.4M captions x 10 images) on 4 nodes x 8 GPUs: disk bytes per epoch,
+  workers' memory per node, images in flight per node, and the streamed epoch's repeats from the stream's own deal
+  of 12,400 shards (arithmetic, equal shards).
 """
 import argparse
 import collections
@@ -284,8 +287,52 @@ def section_streams(args, work, report):
                          "global_shuffle_mix": global_mix}
 
 
+def stream_deal(captions, per_shard, ranks, workers, batch):
+    """(repeats, unseen) of one streamed epoch by arithmetic, with CaptionShardStream's own deal (_my_shards) of
+    equal shards: each stream's captions against its share of the epoch's steps."""
+    shards_count = -(-captions // per_shard)
+    stream = data.CaptionShardStream([f"pipe:cat {{0..{shards_count - 1}}}.tar"], captions, batch, M, 1, 16,
+                                     world_size=ranks, workers=workers)
+    quota = stream.steps_per_epoch // workers * batch
+    repeats = unseen = 0
+    for q in range(ranks * workers):
+        have = sum(len(range(part, min(per_shard, captions - shard * per_shard), parts))
+                   for shard, part, parts in stream._my_shards(q))
+        repeats, unseen = repeats + max(0, quota - have), unseen + max(0, have - quota)
+    return repeats, unseen, stream.steps_per_epoch
+
+
+def section_cc12m(args, work, report):
+    """The measured rates, extrapolated to CC12M on 4 nodes x 8 GPUs (arithmetic on the numbers above)."""
+    captions, ranks, workers, image_bytes = 12_400_000, 32, args.cc12m_workers, args.cc12m_image_bytes
+    images = captions * M  # decoded per epoch
+    print(f"\n## Extrapolated to CC12M: {captions / 1e6:.1f}M captions x 10 images of {image_bytes / 1e3:.0f} KB, "
+          f"m = {M} a caption, 4 nodes x 8 GPUs, {workers} workers per GPU, 43 captions per GPU a step")
+    rows = {}
+    if "disk" in report:
+        for side, values in report["disk"]["sides"].items():
+            tb = images * image_bytes * values["cold_ratio"] / 1e12
+            rows[f"disk read per epoch, cold, {side} (TB)"] = tb
+            print(f"  disk read per epoch, cold, {side:30s} {tb:6.2f} TB ({values['cold_ratio']:.2f}x the "
+                  f"{images * image_bytes / 1e12:.2f} TB of images decoded)")
+    if "workers_uss_mib" in report:
+        for method, uss in report["workers_uss_mib"].items():
+            gib = statistics.mean(uss) * workers * 8 / 1024
+            rows[f"workers' private memory per node, {method} (GiB)"] = gib
+            print(f"  workers' private memory per 8-GPU node, {method:10s} {gib:6.1f} GiB ({workers} x 8 workers)")
+    for on_device, name in ((False, "float32"), (True, "uint8 crops (--gpu-augment)")):
+        gib = data.in_flight_bytes(workers, 43, M, 1, 224, on_device) * 8 / 2 ** 30
+        rows[f"images in flight per node, {name} (GiB)"] = gib
+        print(f"  images in flight per 8-GPU node, {name:28s} {gib:6.1f} GiB")
+    repeats, unseen, steps = stream_deal(captions, 1000, ranks, workers, 43)
+    rows["streamed epoch: repeats, unseen, steps"] = [repeats, unseen, steps]
+    print(f"  streamed epoch (12,400 shards of 1000 dealt to {ranks * workers} streams): {steps} steps, {repeats} "
+          f"captions read twice ({repeats / captions:.3%}), {unseen} left for the next epoch ({unseen / captions:.2%})")
+    report["cc12m"] = rows
+
+
 SECTIONS = {"disk": section_disk, "workers": section_workers, "in_flight": section_in_flight,
-            "streams": section_streams}
+            "streams": section_streams, "cc12m": section_cc12m}
 
 
 def main(args):
@@ -314,15 +361,21 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--repeats", type=int, default=3, help="epochs per side; medians are reported")
     parser.add_argument("--worker-batches", type=int, default=6, help="batches each start method's workers read")
-    parser.add_argument("--stream-captions", type=int, default=4000, help="captions of the streamed side")
-    parser.add_argument("--stream-shard-size", type=int, default=100, help="captions per streamed tar")
+    parser.add_argument("--stream-captions", type=int, default=16000, help="captions of the streamed side")
+    parser.add_argument("--stream-shard-size", type=int, default=1000,
+                        help="captions per streamed tar (generate.py's: larger than the shuffle buffer)")
     parser.add_argument("--shuffle-buffer", type=int, default=500, help="pretrain.py's --shuffle-buffer")
     parser.add_argument("--stream-mix", type=int, nargs="+", default=[1, 4, 8],
                         help="pretrain.py's --stream-mix values to measure (shards each worker reads at once)")
     parser.add_argument("--stream-batch", type=int, default=43, help="captions per batch of the streamed side "
                         "(the paper's per GPU: what a batch mixes is measured)")
-    parser.add_argument("--sections", nargs="+", choices=["disk", "workers", "in_flight", "streams"],
-                        default=["disk", "workers", "in_flight", "streams"],
-                        help="which to run (workers and in_flight read the disk section's tree)")
+    parser.add_argument("--sections", nargs="+", choices=["disk", "workers", "in_flight", "streams", "cc12m"],
+                        default=["disk", "workers", "in_flight", "streams", "cc12m"],
+                        help="which to run (workers and in_flight read the disk section's tree; cc12m extrapolates "
+                             "the others)")
+    parser.add_argument("--cc12m-workers", type=int, default=8, help="loader workers per GPU in the extrapolation "
+                        "(pretrain.py's default)")
+    parser.add_argument("--cc12m-image-bytes", type=int, default=29_000,
+                        help="bytes of one stored image in the extrapolation (a 256 px JPEG of Stable Diffusion)")
     parser.add_argument("--work", default=None, help="folder for the temporary data, on the disk to measure")
     main(parser.parse_args())

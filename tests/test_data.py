@@ -4,6 +4,7 @@ loader's workers; streamed shards (each caption once an epoch, exact resume from
 import copy
 import io
 import os
+import shutil
 import sys
 import tarfile
 import tracemalloc
@@ -229,6 +230,46 @@ def test_batched_augmentation_equals_the_per_crop_path(random_tree):
     torch.testing.assert_close(images, expected["images"], atol=1e-5, rtol=0)
 
 
+def test_decoding_on_the_device_makes_the_workers_crops(random_tree, tmp_path):
+    """--gpu-decode: a JPEG travels undecoded with its drawn crop box; augment.decode_crops (torchvision's decoder
+    where the crops are: nvJPEG on a GPU, here the CPU) makes the crops the workers would have made from the same
+    draws, within two grey levels (float resizing instead of uint8); a PNG is still cropped by the worker."""
+    tree = tmp_path / "tree"
+    shutil.copytree(random_tree, tree, ignore=shutil.ignore_patterns(".stablerep-index"))
+    png = tree / "00000" / "000000002_01.png"
+    Image.open(tree / "00000" / "000000002_01.jpg").save(png)
+    os.remove(tree / "00000" / "000000002_01.jpg")
+    os.remove(tree / "00000" / "_index.json")  # listed again: image 1 of caption 2 is now a PNG
+    workers = CaptionImagesDataset([str(tree)], 3, 2, 32, seed=3, augment_on_device=True, downsample_prob=0.5,
+                                   downsample_res=(16,))
+    deferred = CaptionImagesDataset([str(tree)], 3, 2, 32, seed=3, augment_on_device=True, decode_on_device=True,
+                                    downsample_prob=0.5, downsample_res=(16,))
+    expected = collate([workers[(2, i)] for i in range(6)])
+    batch = collate([deferred[(2, i)] for i in range(6)])
+    assert batch["jpegs"] is not None and len(batch["jpegs"].rows) + len(batch["images"]) == 36
+    assert 0 < len(batch["images"]) < 36  # the PNG's crops, made by the worker
+    assert torch.equal(batch["crop_labels"], expected["crop_labels"])
+    for field in ("order", "factors", "sigma"):  # the same colour draws, crop for crop
+        assert torch.equal(getattr(batch["color"], field), getattr(expected["color"], field))
+    crops, corrupt = augment.decode_crops(batch["images"], batch["jpegs"], 36, 6)
+    assert corrupt == 0 and crops.shape == expected["images"].shape
+    difference = (crops.int() - expected["images"].int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.3
+
+    # a JPEG the batched decode refuses is tried alone, then by PIL; one nothing decodes takes another crop of its
+    # own caption and is counted
+    jpegs = batch["jpegs"]
+    start, length = int(jpegs.lengths[:4].sum()), int(jpegs.lengths[4])
+    data = jpegs.data.clone()
+    data[start:start + length] = 0
+    crops, corrupt = augment.decode_crops(batch["images"], jpegs._replace(data=data), 36, 6)
+    row = int(jpegs.rows[4])
+    assert corrupt == 1 and any(torch.equal(crops[row], crops[other]) for other in range(row // 6 * 6, row // 6 * 6
+                                                                                          + 6) if other != row)
+    others = [r for r in range(36) if r != row]
+    assert (crops[others].int() - expected["images"][others].int()).abs().max() <= 2
+
+
 def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeypatch):
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
@@ -259,10 +300,12 @@ def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeyp
 
 # ---- unreadable images: skipped and counted, never trained on, never a crash ----
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["decoded by the workers", "--gpu-decode"])
 @pytest.mark.parametrize("damage", ["truncated jpeg", "74-byte png", "not an image", "decompression bomb"])
-def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch):
+def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, on_device, monkeypatch):
     """The 74-byte PNG (a header that claims 64x64, too little data) made torchvision's decoder segfault, which no
-    skip could catch and every --resume hit again; PIL raises instead."""
+    skip could catch and every --resume hit again; PIL raises instead. Under --gpu-decode the workers catch the same
+    files from the header and the end-of-image marker alone."""
     tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
     broken = os.path.join(tree, "00000", "000000001_00.jpg")
     if damage == "truncated jpeg":
@@ -280,12 +323,13 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
         Image.new("RGB", (64, 64)).save(broken, format="JPEG")
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    dataset = CaptionImagesDataset([tree], 2, 1, 32)
-    assert all(dataset[(0, i)].images.shape == (2, 3, 32, 32) for i in range(8))
+    options = {"augment_on_device": on_device, "decode_on_device": on_device}
+    dataset = CaptionImagesDataset([tree], 2, 1, 32, **options)
+    assert all(len(collate([dataset[(0, i)]])["image_labels"]) == 2 for i in range(8))
     caption_1 = [dataset[(epoch, 1)] for epoch in range(10)]  # each epoch draws 2 of its 3 images anew
     assert all(item.label == 1 and 0 not in item.image_indices.tolist() for item in caption_1)  # never image 0
     assert any(item.corrupt == 1 for item in caption_1)  # counted when it was drawn
-    item = CaptionImagesDataset([tree], 3, 1, 32)[(0, 1)]  # only 2 readable images: another caption stands in
+    item = CaptionImagesDataset([tree], 3, 1, 32, **options)[(0, 1)]  # only 2 readable: another caption stands in
     assert item.label != 1 and item.corrupt == 1
 
 

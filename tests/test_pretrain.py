@@ -113,16 +113,20 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
 
 def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(random_tree, tmp_path):
     """--gpu-augment finishes the augmentation on the device (here the CPU) from the loader's draws: the same
-    losses step for step. --downsample-prob 1 with a tiny resolution trains on other crops."""
+    losses step for step; --gpu-decode decodes the JPEGs there too (the same draws, pixels within a grey level or
+    two). --downsample-prob 1 with a tiny resolution trains on other crops."""
     common = ["--data", random_tree, "--epochs", "1", "--captions-per-gpu", "3", "--images-per-caption", "2", *TINY]
     losses = {}
-    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]),
+    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]), ("decoded", ["--gpu-augment", "--gpu-decode"]),
                         ("downsampled", ["--downsample-prob", "1", "--downsample-res", "8"])):
         run_pretrain(*common, "--output", str(tmp_path / name), *flags)
         log = (tmp_path / name / "log.jsonl").read_text().splitlines()
         losses[name] = torch.tensor([json.loads(line)["loss"] for line in log])
     assert len(losses["cpu"]) == 4
     torch.testing.assert_close(losses["device"], losses["cpu"], rtol=1e-5, atol=0)
+    # --gpu-decode's pixels differ by a grey level or two (tests/test_data.py pins its crops), which a random tiny
+    # ViT's contrastive loss at tau 0.1 amplifies to a few percent at the first step
+    assert len(losses["decoded"]) == 4 and abs(losses["decoded"][0] / losses["cpu"][0] - 1) < 0.1
     assert (losses["downsampled"] - losses["cpu"]).abs().max() > 1e-3
 
 
@@ -531,3 +535,11 @@ def test_the_loader_forks_its_workers(random_tree, tmp_path):
     pretrain.check_args(args)
     _, _, loader = pretrain.build_data(args, None, 1, 0, torch.device("cpu"))
     assert loader.multiprocessing_context.get_start_method() == "fork" and loader.prefetch_factor == 2
+
+
+def test_gpu_decode_goes_with_gpu_augment(random_tree, tmp_path):
+    args = pretrain.get_args_parser().parse_args(["--data", random_tree, *TINY, "--gpu-decode",
+                                                  "--output", str(tmp_path / "run")])
+    pretrain.check_args(args)
+    with pytest.raises(pretrain.UserError, match="--gpu-decode goes with --gpu-augment"):
+        pretrain.build_data(args, None, 1, 0, torch.device("cpu"))
