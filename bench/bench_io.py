@@ -108,8 +108,8 @@ def loader_epoch(dataset, args, epoch):
     return list(loader)
 
 
-def stream_epoch(urls, captions, args, epoch, image_size, batch, mix=4):
-    stream = data.CaptionShardStream(urls, captions, batch, M, 1, image_size, seed=0, workers=args.workers,
+def stream_epoch(urls, captions, args, epoch, image_size, batch, mix=4, m=M):
+    stream = data.CaptionShardStream(urls, captions, batch, m, 1, image_size, seed=0, workers=args.workers,
                                      shuffle_buffer=args.shuffle_buffer, mix=mix)
     stream.set_epoch(epoch)
     loader = torch.utils.data.DataLoader(stream, batch_size=batch, collate_fn=data.collate,
@@ -164,8 +164,9 @@ def section_disk(args, work, report):
         print(f"  advice {name:18s} {ratio:6.2f}x")
 
     # one epoch per side, cold then warm
-    datasets = {"tree": data.CaptionImagesDataset([tree], M, 1, args.image_size, seed=0),
-                "shards": data.CaptionImagesDataset([tars], M, 1, args.image_size, seed=0)}
+    m = args.images_per_caption
+    datasets = {"tree": data.CaptionImagesDataset([tree], m, 1, args.image_size, seed=0),
+                "shards": data.CaptionImagesDataset([tars], m, 1, args.image_size, seed=0)}
     sides = {
         "tree": (lambda epoch: loader_epoch(datasets["tree"], args, epoch), data_files(tree), "random"),
         "shards, advice random (ours)": (lambda epoch: loader_epoch(datasets["shards"], args, epoch), tar_paths,
@@ -173,7 +174,7 @@ def section_disk(args, work, report):
         "shards, no advice (before)": (lambda epoch: loader_epoch(datasets["shards"], args, epoch), tar_paths, None),
         "shards streamed (pipe:cat)": (lambda epoch: stream_epoch([f"pipe:cat {path}" for path in tar_paths],
                                                                   args.captions, args, epoch, args.image_size,
-                                                                  args.batch),
+                                                                  args.batch, m=m),
                                        tar_paths, "random"),
     }
     results = {side: {"cold": [], "warm": []} for side in sides}
@@ -188,7 +189,7 @@ def section_disk(args, work, report):
                 shards.advise = original
     mean_image = statistics.mean(sizes.values())
     print(f"\n## Disk bytes per image: {args.captions} captions x 10 JPEGs of 256 px (mean {mean_image / 1e3:.1f} KB), "
-          f"one epoch of m = {M} images per caption, {args.workers} forked workers; median of {args.repeats} epochs")
+          f"one epoch of m = {m} images per caption, {args.workers} forked workers; median of {args.repeats} epochs")
     print(f"  {'side':30s} {'cold: disk/image bytes':>24s} {'KB per image':>13s} {'warm: disk/image bytes':>24s}")
     summary = {}
     for side, states in results.items():
@@ -198,7 +199,8 @@ def section_disk(args, work, report):
         summary[side] = {"cold_ratio": cold, "warm_ratio": warm, "cold_kb_per_image": per_image / 1e3,
                          "passes": states}
         print(f"  {side:30s} {cold:23.2f}x {per_image / 1e3:13.1f} {warm:23.2f}x")
-    report["disk"] = {"captions": args.captions, "mean_image_bytes": mean_image, "sides": summary}
+    report["disk"] = {"captions": args.captions, "images_per_caption": m, "mean_image_bytes": mean_image,
+                      "sides": summary}
 
 
 def section_workers(args, work, report):
@@ -305,9 +307,10 @@ def stream_deal(captions, per_shard, ranks, workers, batch):
 def section_cc12m(args, work, report):
     """The measured rates, extrapolated to CC12M on 4 nodes x 8 GPUs (arithmetic on the numbers above)."""
     captions, ranks, workers, image_bytes = 12_400_000, 32, args.cc12m_workers, args.cc12m_image_bytes
-    images = captions * M  # decoded per epoch
+    m = report.get("disk", {}).get("images_per_caption", M)
+    images = captions * m  # decoded per epoch
     print(f"\n## Extrapolated to CC12M: {captions / 1e6:.1f}M captions x 10 images of {image_bytes / 1e3:.0f} KB, "
-          f"m = {M} a caption, 4 nodes x 8 GPUs, {workers} workers per GPU, 43 captions per GPU a step")
+          f"m = {m} a caption, 4 nodes x 8 GPUs, {workers} workers per GPU, 43 captions per GPU a step")
     rows = {}
     if "disk" in report:
         for side, values in report["disk"]["sides"].items():
@@ -358,6 +361,8 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, default=64,
                         help="crop size (64: the bytes read do not depend on it, the time does)")
     parser.add_argument("--batch", type=int, default=8, help="captions per batch")
+    parser.add_argument("--images-per-caption", type=int, default=6,
+                        help="m of the disk section (the paper's 6; 1 for SimCLR and CLIP, where readahead costs most)")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--repeats", type=int, default=3, help="epochs per side; medians are reported")
     parser.add_argument("--worker-batches", type=int, default=6, help="batches each start method's workers read")
