@@ -504,7 +504,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         samples = self._samples(q, position)
         steps = len(range(self.start_step + worker, self.steps_per_epoch, workers))
         try:
-            for step in range(steps):
+            for _ in range(steps):
                 for i in range(self.captions_per_batch):
                     sample, buffer, where = next(samples)
                     item = self._item(sample, buffer)
