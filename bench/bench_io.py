@@ -30,6 +30,7 @@ What is measured (a temporary folder on the bench's disk, `--work`; nothing is r
 """
 import argparse
 import collections
+import copy
 import json
 import os
 import statistics
@@ -285,8 +286,28 @@ def section_streams(args, work, report):
             print(f"  --stream-mix {mix}, epoch {epoch}: {rows[-1]['captions']} captions, {rows[-1]['distinct']} "
                   f"distinct ({rows[-1]['repeated']} repeats); the most frequent shard of a batch holds "
                   f"{rows[-1]['shard_mix']:.2f} of it (a global shuffle: {global_mix:.2f})")
+    # a resume at half an epoch (one stream, in this process, so that its reads can be counted): what it reads
+    # again to stand where it stopped, against the half epoch a resume by skipping would read
+    def stream():
+        return data.CaptionShardStream(urls, args.stream_captions, args.stream_batch, M, 1, 16, seed=0,
+                                       shuffle_buffer=args.shuffle_buffer)
+    whole, states, read = stream(), [], []
+    for _ in data.StreamLoader(whole, num_workers=0):
+        states.append(copy.deepcopy(whole.state_dict()))
+        read.append(whole.samples_read)
+    half = len(states) // 2
+    resumed = stream()
+    resumed.load_state_dict(states[half - 1])
+    resumed.set_epoch(0, half)
+    for _ in data.StreamLoader(resumed, num_workers=0):
+        pass
+    again = resumed.samples_read - (whole.samples_read - read[half - 1])
+    print(f"  resume at step {half} of {len(states)} (one stream, --stream-mix 4): {again} samples read again to stand "
+          f"where it stopped, against {half * args.stream_batch} consumed before it (a resume by skipping reads "
+          f"those; issue 21)")
     report["streams"] = {"captions": args.stream_captions, "shards": len(paths), "epochs": rows,
-                         "global_shuffle_mix": global_mix}
+                         "global_shuffle_mix": global_mix, "resume_read_again": again,
+                         "resume_consumed_before": half * args.stream_batch}
 
 
 def stream_deal(captions, per_shard, ranks, workers, batch):
