@@ -214,8 +214,8 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
 
 # ---- streamed shards ----
 
-MAX_STREAM_MEMBER = 64 << 20  # bytes: a streamed member larger than this (a decompression bomb in a .tar.gz) is
-#                                skipped unread, as tarfile's stream mode reads past it in blocks
+MAX_STREAM_MEMBER = 64 << 20  # bytes: a streamed member claiming more (a damaged header, a decompression bomb in a
+#                                .tar.gz) ends its shard unread (generate.py's images are tens of KB)
 MAX_STREAM_SAMPLE = 256 << 20  # bytes of one sample's kept members; the rest of a larger sample is skipped
 
 
@@ -231,9 +231,11 @@ class StreamedSample(NamedTuple):
 def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_SAMPLE):
     """The samples of the tar at `url` (any URL webdataset's gopen opens: `pipe:`, http(s), gs, a local path; a
     .tar.gz too), in order: a generator of StreamedSample, members grouped by key as webdataset groups them.
-    Only image and .txt members are read, each at most `max_member` bytes and `max_sample` in all per sample (a
-    bigger member is skipped unread, its size being in its header); a truncated or unreadable stream ends early
-    with a note on stderr. Closing the generator stops the command behind a `pipe:` URL."""
+    Only image and .txt members are read, and no more than `max_sample` bytes of them per sample. A member whose
+    header claims more than `max_member` bytes ends the shard, its sample dropped, with a note (a stream can only
+    be skipped by reading it, and the claim may be a damaged header's 1 TiB or a gzip member inflating 1000x); a
+    truncated or unreadable stream ends early with a note too. Closing the generator stops the command behind a
+    `pipe:` URL."""
     import tarfile
 
     from webdataset.gopen import gopen
@@ -251,10 +253,14 @@ def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_
                         yield StreamedSample(shard, ordinal, current, images, text)
                         ordinal += 1
                     current, images, text, size = key, {}, b"", 0
+                if info.size > max_member:
+                    print(f"note: {url}: {info.name} claims {info.size} bytes, over the bound of {max_member}: the "
+                          "rest of this shard is skipped", file=sys.stderr)
+                    images = {}
+                    break
                 slot = shards.image_slot(suffix)
-                if (slot is None and suffix.lower() != "txt") or info.size > max_member or \
-                        size + info.size > max_sample:
-                    continue  # not read: tarfile skips its bytes in blocks
+                if (slot is None and suffix.lower() != "txt") or size + info.size > max_sample:
+                    continue  # not read: tarfile skips its bytes
                 value = tar.extractfile(info).read()
                 size += len(value)
                 if slot is None:

@@ -19,6 +19,7 @@ from PIL import Image, ImageFilter
 
 import augment
 import data
+import shards
 from augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -427,12 +428,15 @@ def test_a_stream_shorter_than_its_epoch_says_how_many_passes(even_shards, capsy
     assert "pass 2 over them" in err and "pass 3 over them" in err and "--stream-captions" in err
 
 
-def test_a_streamed_member_is_bounded_by_its_header_not_held(tmp_path):
-    """A gzipped tar whose member inflates 1000x (a 16 MiB run of zeros) is skipped unread beyond the bound."""
+def test_a_streamed_member_is_bounded_by_its_header_not_held(tmp_path, capsys):
+    """A gzipped tar whose member inflates 1000x (a 16 MiB run of zeros) ends its shard unread, and so does a header
+    claiming 1 TiB (skipping it would mean reading it): the samples before it are kept."""
     path = tmp_path / "bomb.tar.gz"
+    members = (("000000007.00.jpg", b"\xff\xd8 a small image"), ("000000007.txt", b"a caption"),
+               ("000000008.00.jpg", b"\xff\xd8 another"), ("000000008.01.jpg", bytes(16 << 20)),
+               ("000000009.00.jpg", b"\xff\xd8 after"))
     with tarfile.open(path, "w:gz") as tar:
-        for name, payload in (("000000007.00.jpg", b"\xff\xd8 a small image"), ("000000007.01.jpg", bytes(16 << 20)),
-                              ("000000007.txt", b"a caption")):
+        for name, payload in members:
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -443,3 +447,18 @@ def test_a_streamed_member_is_bounded_by_its_header_not_held(tmp_path):
     tracemalloc.stop()
     assert [(s.key, sorted(s.images), s.text) for s in samples] == [("000000007", [0], b"a caption")]
     assert peak < 4 << 20  # never the 16 MiB member
+    assert "000000008.01.jpg claims 16777216 bytes" in capsys.readouterr().err
+    claim = tmp_path / "claim.tar"
+    with open(claim, "wb") as f:  # a first member, then a header claiming 1 TiB in a file of a few KB
+        f.write(shards.member_header("000000001.00.jpg", 4) + b"\xff\xd8ok" + bytes(508))
+        f.write(shards.member_header("000000002.00.jpg", 0)[:124] + b"\x80" + (2 ** 40).to_bytes(11, "big") +
+                shards.member_header("000000002.00.jpg", 0)[136:])
+        f.write(bytes(2048))
+    with open(claim, "r+b") as f:  # fix the second header's checksum
+        f.seek(1024)
+        block = bytearray(f.read(512))
+        block[148:156] = b" " * 8
+        block[148:156] = f"{sum(block):06o}\0 ".encode()
+        f.seek(1024)
+        f.write(block)
+    assert [s.key for s in data.read_stream(str(claim), 0)] == ["000000001"]  # at once, not a 1 TiB skip
