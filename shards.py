@@ -14,7 +14,11 @@ and img2dataset's webdataset output, through this module.
 A sample's members share the key before the first dot of the file name (webdataset's rule): the 9-digit caption
 id, as in imagetree's files and in img2dataset's output, whose tars hold `<key>.jpg`, `<key>.txt` and
 `<key>.json` per caption. The tars are plain uncompressed ustar, so any member can be read at its data offset
-(random access: the 512-byte header right before the data gives its size and a checksum).
+(random access: the 512-byte header right before the data gives its size, a checksum and the member's name, which
+the reader checks against the caption and image the index names). Tars are opened with POSIX_FADV_RANDOM (no
+readahead past the member read), and every size read from a tar is bounded by the file's own, so a damaged one
+(a looping pax record, a header or `__index__` claiming a terabyte) raises DamagedTar or OSError, never hangs or
+allocates what it claims.
 """
 import contextlib
 import io
