@@ -435,7 +435,7 @@ def build_data(args, tokenizer, world_size, rank, device):
     if args.gpu_decode and not args.gpu_augment:
         raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     streamed = [spec for spec in args.data if dataindex.is_streamed(spec)]
-    if streamed:  # webdataset URLs: shard-level shuffling, an epoch of --stream-captions captions
+    if streamed:  # webdataset URLs dealt to the workers' streams, an epoch of --stream-captions captions
         if len(streamed) < len(args.data):
             raise UserError(f"--data mixes streamed URLs ({streamed[0]}) with local data: stream all or none")
         if not args.stream_captions:
