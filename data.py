@@ -5,13 +5,15 @@
 
 CaptionImagesDataset reads sources with random access through dataindex.py's memory-mapped index (generate.py's
 trees and tar shards, img2dataset's `files` and `webdataset` output, the official CSV + per-seed roots);
-CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset),
-shuffled per epoch at the shard level and in a seeded buffer, resumed exactly by skipping whole steps. Each crop
-is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3] and
-their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
-training device. All randomness of an item (which m images, every crop and jitter) is drawn from a generator
-seeded by (seed, epoch, item index), so an item is the same whichever worker loads it, and a resumed run sees
-exactly the batches an uninterrupted one would have seen.
+CaptionShardStream reads tar shards that only open as streams (pipe:, http(s):, gs: ... URLs, through webdataset's
+gopen): dealt each epoch to the loader workers' streams, each caption once, several shards read at once through a
+seeded buffer, resumed exactly from where each stream stood (its position rides with the batches into checkpoints).
+Each crop is augment.PretrainAugmentation's. With augment_on_device, an item holds the uint8 crops [m * c, S, S, 3]
+and their drawn colour, blur and flip parameters (`color`) instead, for augment.augment_crops to finish on the
+training device; with decode_on_device too, its JPEGs travel undecoded with their drawn crop boxes (`jpegs`), for
+augment.decode_crops to decode and crop there first. All randomness of an item (which m images, every crop and
+jitter) is drawn from a generator seeded by (seed, epoch, item index), so an item is the same whichever worker loads
+it, and a resumed run sees exactly the batches an uninterrupted one would have seen.
 
 The self-supervised families take other crops: a View per crop (MoCo v3's and BYOL's two asymmetric views, MAE's
 crop and flip), DINO's `local` crops of a smaller size beside its two global ones (`local_images`), and
@@ -19,9 +21,10 @@ crop and flip), DINO's `local` crops of a smaller size beside its two global one
 drawn with the item's seed too: a sample's randomness travels with it, so one process and several give the same
 numbers.
 """
+import hashlib
 import io
-import itertools
 import random
+import sys
 import zlib
 from typing import NamedTuple, Optional
 
@@ -30,7 +33,17 @@ import torch
 
 import dataindex
 import shards
-from augment import DECODE_ERRORS, ColorParams, PretrainAugmentation, View, decode_rgb
+from augment import (
+    DECODE_ERRORS,
+    JPEG_MAGIC,
+    ColorParams,
+    DeviceJpegs,
+    PretrainAugmentation,
+    View,
+    decode_rgb,
+    jpeg_size,
+)
+from cli import first_line
 
 
 def item_seed(seed, epoch, index):
@@ -52,6 +65,9 @@ class CaptionImages(NamedTuple):
     tokens: Optional[torch.Tensor]  # [context] token ids of the caption, when a tokenizer was given
     corrupt: int  # unreadable images skipped (and replaced by other images of the caption) for this item
     color: Optional[ColorParams] = None  # augment_on_device: the crops' colour, blur and flip parameters ([m * c] rows)
+    jpegs: Optional[DeviceJpegs] = None  # decode_on_device: the JPEGs to decode and crop on the device (images then
+    #                                      holds only the crops of other formats)
+    stream: Optional[tuple] = None  # a stream's batch-ending item: (stream number, its position after the batch)
     local_images: Optional[torch.Tensor] = None  # [m * l, 3, s, s] DINO's local crops, image-major (or uint8 crops)
     local_color: Optional[ColorParams] = None  # augment_on_device: the local crops' parameters
     noise: Optional[torch.Tensor] = None  # [m * c, noise_per_crop] uniform draws for the model, one row per crop
@@ -70,9 +86,11 @@ class _CaptionItems:
     """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
     def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                 downsample_prob, downsample_res, augment_on_device, views=None, local=None, noise_per_crop=0):
+                 downsample_prob, downsample_res, augment_on_device, decode_on_device=False, views=None,
+                 local=None, noise_per_crop=0):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
+        self.image_size = image_size
         views = views or (View(),) * crops_per_image  # one View per crop (StableRep, SimCLR: c alike)
         if len(views) != crops_per_image:
             raise ValueError(f"{len(views)} views for {crops_per_image} crops per image")
@@ -81,7 +99,8 @@ class _CaptionItems:
         self.local_augments = [PretrainAugmentation(local.size, local.scale, downsample_prob, downsample_res,
                                                     local.view) for _ in range(local.count)] if local else []
         self.noise_per_crop = noise_per_crop
-        self.augment_on_device = augment_on_device
+        self.augment_on_device = augment_on_device or decode_on_device
+        self.decode_on_device = decode_on_device
         self.seed = seed
         self.tokenizer, self.context_length = tokenizer, context_length
 
@@ -92,21 +111,38 @@ class _CaptionItems:
     def make_item(self, label, slots, image_of, caption_of):
         """(item or None, corrupt): decode m distinct images of a caption, taken in a random order of its `slots`
         (torch's generator, seeded by the caller), `image_of(slot)` giving a path or the file's bytes; a corrupt or
-        truncated one is skipped and counted, never trained on. None when fewer than m are readable."""
-        images, colors, local_images, local_colors, noise, local_noise = [], [], [], [], [], []
-        chosen, corrupt = [], 0
+        truncated one is skipped and counted, never trained on. None when fewer than m are readable. With
+        decode_on_device a JPEG is not decoded: its header gives the size the crop is drawn for, and the file
+        travels with the draws (augment.DeviceJpegs) to be decoded and cropped where the training runs."""
+        images, colors, chosen, corrupt, jpegs, shipped = [], [], [], 0, [], []
+        local_images, local_colors, noise, local_noise = [], [], [], []
         for position in torch.randperm(len(slots)).tolist():
             slot = slots[position]
             try:
                 source = image_of(slot)
-                pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
+                size = None
+                if self.decode_on_device:
+                    source = source if isinstance(source, bytes) else _read_file(source)
+                    size = jpeg_size(source) if source.startswith(JPEG_MAGIC) else None
+                if size is None:
+                    pixels = decode_rgb(io.BytesIO(source) if isinstance(source, bytes) else source)
             except DECODE_ERRORS:
                 corrupt += 1
                 continue
             for augment in self.augments:
-                self._crop(augment, pixels, images, colors)
-            for augment in self.local_augments:
-                self._crop(augment, pixels, local_images, local_colors)
+                if size is not None:  # drawn now, decoded and cropped on the device
+                    resolution, box, color = augment.draw(*size)
+                    jpegs.append((len(images) + len(jpegs), source, box, resolution))
+                    colors.append(color)
+                elif self.augment_on_device:
+                    crop, color = augment.crop(pixels)
+                    shipped.append(len(images) + len(jpegs))
+                    images.append(crop)
+                    colors.append(color)
+                else:
+                    images.append(augment(pixels))
+            for augment in self.local_augments:  # DINO's local crops (never decoded on the device: pretrain.py
+                self._crop(augment, pixels, local_images, local_colors)  # refuses --gpu-decode for the families)
             if self.noise_per_crop:  # after the crops: the crops' draws are those of a run without noise
                 noise.append(torch.rand(len(self.augments), self.noise_per_crop))
                 local_noise.append(torch.rand(len(self.local_augments), self.noise_per_crop))
@@ -118,12 +154,15 @@ class _CaptionItems:
                         tokens = self.tokenize(caption_of())
                     except OSError:  # an unreadable caption file or member
                         return None, corrupt + 1
-                item = CaptionImages(torch.stack(images), label, torch.tensor(chosen), tokens, corrupt,
-                                     ColorParams.cat(colors) if colors else None,
-                                     torch.stack(local_images) if local_images else None,
-                                     ColorParams.cat(local_colors) if local_colors else None,
-                                     torch.cat(noise) if noise else None,
-                                     torch.cat(local_noise) if local_images and noise else None)
+                color = ColorParams.cat(colors) if colors else None
+                stacked = torch.stack(images) if images else torch.empty(
+                    (0, self.image_size, self.image_size, 3), dtype=torch.uint8)
+                item = CaptionImages(stacked, label, torch.tensor(chosen), tokens, corrupt, color,
+                                     _device_jpegs(jpegs, shipped) if self.decode_on_device else None,
+                                     local_images=torch.stack(local_images) if local_images else None,
+                                     local_color=ColorParams.cat(local_colors) if local_colors else None,
+                                     noise=torch.cat(noise) if noise else None,
+                                     local_noise=torch.cat(local_noise) if local_images and noise else None)
                 return item, corrupt
         return None, corrupt
 
@@ -138,6 +177,23 @@ class _CaptionItems:
             crops.append(augment(pixels))
 
 
+def _read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _device_jpegs(jpegs, shipped):
+    """The DeviceJpegs of one item: [(row, file bytes, box, resolution)] and the rows of its shipped crops."""
+    files = [data for _, data, _, _ in jpegs]
+    return DeviceJpegs(rows=torch.tensor([row for row, _, _, _ in jpegs], dtype=torch.long),
+                       data=torch.frombuffer(bytearray(b"".join(files)), dtype=torch.uint8) if files else
+                       torch.empty(0, dtype=torch.uint8),
+                       lengths=torch.tensor([len(data) for data in files], dtype=torch.long),
+                       boxes=torch.tensor([box for _, _, box, _ in jpegs], dtype=torch.long).reshape(-1, 4),
+                       downsample=torch.tensor([resolution for _, _, _, resolution in jpegs], dtype=torch.long),
+                       shipped=torch.tensor(shipped, dtype=torch.long))
+
+
 class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
     """All captions of one or more sources read at random (dataindex.py: image trees, local tar shards, the official
     CSV layout with `folder_list`); labels run over the sources' captions in order. The index is memory-mapped and
@@ -146,14 +202,16 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
 
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
                  context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
-                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True, views=None,
-                 local=None, noise_per_crop=0):
+                 augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True,
+                 decode_on_device=False, views=None, local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device, views, local, noise_per_crop)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device, views, local,
+                         noise_per_crop)
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
-        self.sources = [dataindex.open_source(spec, folder_list, fallback_cache, build_index) for spec in roots]
+        # what the user should know about the data (damaged or empty shards, CSV rows skipped, mixed settings)
+        self.sources, self.notes = dataindex.open_sources(roots, folder_list, fallback_cache, build_index)
         self.starts = np.cumsum([0] + [len(source) for source in self.sources])  # first label of each source
 
     def __len__(self):
@@ -202,55 +260,164 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
         raise UnreadableData("no caption has enough readable images")
 
 
-class _ShuffleBuffer:
-    """Samples from `samples` in a shuffled order: keeps `size` of them and yields one drawn by `rng` each time
-    (webdataset's shuffle, with our own seeded generator so that the order is a function of the seed)."""
+# ---- streamed shards ----
 
-    def __init__(self, samples, size, rng):
-        self.samples, self.size, self.rng, self.held = samples, size, rng, []
+MAX_STREAM_MEMBER = 64 << 20  # bytes: a streamed member claiming more (a damaged header, a decompression bomb in a
+#                                .tar.gz) ends its shard unread (generate.py's images are tens of KB)
+MAX_STREAM_SAMPLE = 256 << 20  # bytes of one sample's kept members; the rest of a larger sample is skipped
 
-    def __iter__(self):
-        return self
 
-    def __next__(self):
-        while len(self.held) < self.size:
-            self.held.append(next(self.samples))
-        j = self.rng.randrange(len(self.held))
-        self.held[j], self.held[-1] = self.held[-1], self.held[j]
-        return self.held.pop()
+class StreamedSample(NamedTuple):
+    """One caption of a streamed tar: where it is (shard number, its order in the shard) and what is kept of it."""
+    shard: int
+    ordinal: int
+    key: str  # webdataset's key: the member names up to the first dot of the base name
+    images: dict  # {image slot: encoded bytes}
+    text: bytes  # the .txt member, b"" when absent
 
-    def peek(self, rng):
-        """A sample still in the buffer, left there (a stand-in that moves no later sample), or None."""
-        return self.held[rng.randrange(len(self.held))] if self.held else None
+
+def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_SAMPLE):
+    """The samples of the tar at `url` (any URL webdataset's gopen opens: `pipe:`, http(s), gs, a local path; a
+    .tar.gz too), in order: a generator of StreamedSample, members grouped by key as webdataset groups them.
+    Only image and .txt members are read, and no more than `max_sample` bytes of them per sample. A member whose
+    header claims more than `max_member` bytes ends the shard, its sample dropped, with a note (a stream can only
+    be skipped by reading it, and the claim may be a damaged header's 1 TiB or a gzip member inflating 1000x); a
+    truncated or unreadable stream ends early with a note too. Closing the generator stops the command behind a
+    `pipe:` URL."""
+    import tarfile
+
+    from webdataset.gopen import gopen
+
+    stream = gopen(url, "rb")
+    current, images, text, size, ordinal, complete = None, {}, b"", 0, 0, False
+    try:
+        with tarfile.open(fileobj=_decompressed(stream), mode="r|") as tar:
+            for info in tar:
+                key, suffix = shards.split_name(info.name)
+                if not info.isreg() or key is None or key.startswith("__"):
+                    continue
+                if key != current:
+                    if images:
+                        yield StreamedSample(shard, ordinal, current, images, text)
+                        ordinal += 1
+                    current, images, text, size = key, {}, b"", 0
+                if info.size > max_member:
+                    print(f"note: {url}: {info.name} claims {info.size} bytes, over the bound of {max_member}: the "
+                          "rest of this shard is skipped", file=sys.stderr)
+                    images = {}
+                    break
+                slot = shards.image_slot(suffix)
+                if (slot is None and suffix.lower() != "txt") or size + info.size > max_sample:
+                    continue  # not read: tarfile skips its bytes
+                value = tar.extractfile(info).read()
+                size += len(value)
+                if slot is None:
+                    text = value
+                else:
+                    images.setdefault(slot, value)
+            if images:
+                yield StreamedSample(shard, ordinal, current, images, text)
+        complete = True
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        print(f"note: {url}: {first_line(err)}; the samples before it are used", file=sys.stderr)
+    finally:
+        _close_quietly(stream, complete)
+
+
+class _Prefixed:
+    """A stream's first bytes, already read, put back in front of the rest."""
+
+    def __init__(self, head, stream):
+        self.head, self.stream = head, stream
+
+    def read(self, size=-1):
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data if len(data) == size else data + self.stream.read(size - len(data))
+
+
+def _decompressed(stream):
+    """The stream, decompressed if it is gzip, bzip2 or xz (told by its first bytes) by a reader that inflates no
+    more than each read asks for: tarfile's own stream mode ("r|*") inflates each compressed chunk whole, about
+    10 MB for 10 KB of a 1000x member."""
+    import bz2
+    import gzip
+    import lzma
+
+    head = stream.read(6)
+    prefixed = _Prefixed(head, stream)
+    for magic, reader in ((b"\x1f\x8b", gzip.GzipFile), (b"BZh", bz2.BZ2File), (b"\xfd7zXZ\x00", lzma.LZMAFile)):
+        if head.startswith(magic):
+            return reader(fileobj=prefixed, mode="rb")
+    return prefixed
+
+
+BROKEN_PIPE = (-13, 141)  # a command stopped by SIGPIPE (directly, or through the shell) once we stopped reading
+
+
+def _close_quietly(stream, complete):
+    """Close a stream; a `pipe:` command stopped because we closed its pipe (we stopped reading: an epoch's end,
+    the padding after a tar's end) is not an error, one that failed is a note."""
+    try:
+        stream.close()
+    except OSError as err:
+        if complete and getattr(stream, "status", None) not in BROKEN_PIPE:
+            print(f"note: {first_line(err)}", file=sys.stderr)
 
 
 class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     """Captions streamed from tar shards that open only as streams (webdataset's URLs: `pipe:` commands, http(s),
     gs, ...), each sample a caption with its images (shards.py's layout or img2dataset's `<key>.jpg`).
 
-    Random access is impossible, so the order is shuffled at two levels: each epoch permutes the shard list
-    (seed + epoch), and each of the rank's `streams` (one per DataLoader worker) reads shards order[q], order[q + Q],
-    ... (q = rank * streams + stream, Q = world_size * streams, cycling) through a shuffle buffer of
-    `shuffle_buffer` samples seeded by (seed, epoch, q). Global step s of an epoch is built by stream s % streams
-    from its next captions_per_batch samples, and every draw of an item is seeded by (seed, epoch, label) as in
-    CaptionImagesDataset, so a resumed run reproduces the uninterrupted one by skipping, undecoded, the samples of
-    the steps already done (exact when --workers is unchanged). A caption with fewer than m readable images is
-    replaced by a sample peeked from the buffer (which still yields it later), so no later step moves.
+    Random access is impossible, so each epoch deals the shards out and mixes them (what webdataset and OpenCLIP
+    pipelines do, made exact and resumable):
+    - the shard list is permuted (seed + epoch) and dealt to the Q = world_size x workers streams, one per
+      DataLoader worker of each rank: stream q reads shards order[q], order[q + Q], ... once each, as far as they
+      go round evenly, and a part of one of the shards left over (_my_shards), so the streams' shares are equal
+      when the shards are;
+    - a stream reads `mix` of its shards at once, taking each next sample from one of them drawn at random, through
+      a shuffle buffer of `shuffle_buffer` samples: a batch mixes about `mix` shards (bench/bench_io.py measures
+      it against a global shuffle);
+    - global step s of an epoch is built by the stream of its DataLoader worker (s % workers) from its next
+      captions_per_batch samples; an epoch is whole rounds of the workers. An epoch sees each caption once when
+      each stream's shards hold its share (captions_per_epoch / Q); a stream whose shards run out first reads them
+      again (a second pass, with a note on stderr saying so), and the captions left when an epoch ends wait for
+      the next one (a new deal).
+    Every draw is a function of (seed, epoch, stream, draw number), and an item's crops of (seed, epoch, label) as
+    in CaptionImagesDataset. After each batch the stream's position (its pass, its next shard, the open shards and
+    how far each was read, the buffer as (shard, sample) pairs, the draw count) travels with the batch; through
+    StreamLoader, `state_dict()` returns the latest of every stream, and a run resumed with `load_state_dict`
+    reopens only the shards that were open or buffered and skips to where each stopped, instead of reading the
+    epoch again (exact when --workers is unchanged). A caption with fewer than m readable images is replaced by
+    a sample peeked from the buffer (which still yields it later), so no later step moves.
     An epoch is `captions_per_epoch` captions, a number streams cannot tell in advance."""
 
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
                  seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
                  downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
-                 shuffle_buffer=500, views=None, local=None, noise_per_crop=0):
+                 shuffle_buffer=500, mix=4, decode_on_device=False, views=None, local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device, views, local, noise_per_crop)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device, views, local,
+                         noise_per_crop)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
-        self.source_of = {url: source for source, url in self.shards}
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
         self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
-        self.shuffle_buffer = shuffle_buffer
-        self.steps_per_epoch = captions_per_epoch // (captions_per_batch * world_size)
+        self.shuffle_buffer, self.mix = shuffle_buffer, mix
+        steps = captions_per_epoch // (captions_per_batch * world_size)
+        # whole rounds of the workers, so that every stream takes the same share (fewer than one round: as is)
+        self.steps_per_epoch = steps if steps < self.streams else steps // self.streams * self.streams
         self.epoch, self.start_step = 0, 0
+        self.positions = {}  # stream q -> its position after its last batch seen by this process (StreamLoader)
+        self.samples_read = 0  # samples read from tars by this copy (in-process: the resume test counts them)
+        queue = world_size * self.streams
+        self.notes = [] if len(self.shards) >= queue else [  # what the user should know before the run
+            f"{len(self.shards)} streamed shards for {queue} streams ({world_size} process(es) x {self.streams} "
+            f"workers): each shard is read by up to {-(-queue // len(self.shards))} streams, each keeping its part "
+            "(fewer --workers read less)"]
 
     def set_epoch(self, epoch, start_step=0):
         """Set before the DataLoader starts its (non-persistent) workers for the epoch: they copy this state."""
@@ -259,33 +426,125 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     def __len__(self):
         return self.captions_per_epoch
 
-    def label(self, sample):
-        """A caption's label: the source number in the top bits and the sample's numeric key (its caption id for
-        generate.py's shards, img2dataset's key) or a hash of a non-numeric one."""
-        base = sample["__key__"].rpartition("/")[2]
-        key = int(base) if base.isdigit() and int(base) < 2 ** 32 else zlib.crc32(sample["__key__"].encode())
-        return (self.source_of.get(sample["__url__"], 0) << 32) | key
+    # ---- the position, carried by batches and checkpoints ----
 
-    def _samples(self, q):
-        """The endless sample sequence of stream q: its shards in this epoch's order, through webdataset's tar
-        reader (a truncated or unreadable shard ends early, with a warning)."""
-        from webdataset.handlers import warn_and_continue
-        from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
+    def state_dict(self):
+        """The latest position of every stream of every process (a collective under torchrun: call it on every
+        rank), for the checkpoint."""
+        positions = {f"{q}": position for q, position in self.positions.items()}
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, positions)
+            positions = {q: position for part in gathered for q, position in part.items()}
+        return {"streams": positions}
 
+    def load_state_dict(self, state):
+        """Positions to resume from (this process's streams are picked by number)."""
+        self.positions = {int(q): position for q, position in (state or {}).get("streams", {}).items()}
+
+    # ---- reading ----
+
+    def _draw(self, q, counter, n):
+        """A uniform draw in range(n), a function of (seed, epoch, stream, counter) alone."""
+        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{q}/{counter}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") % n
+
+    def _my_shards(self, q):
+        """Stream q's shards this epoch, in reading order, as (shard, part, parts): the stream keeps the samples
+        whose number in the shard is `part` modulo `parts`. The permuted shards are dealt whole, one per stream in
+        turn, as far as they go round evenly; each of the r left over is shared by the streams q = its turn modulo
+        r, each keeping its part. So every stream gets the same number of captions when the shards are of one size
+        (generate.py's), at the cost of reading the r shared shards about Q / r times."""
         order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        queue = self.world_size * self.streams
-        seen = [0]  # samples read: a full cycle of shards without one means none can be read
+        order, queue = order.tolist(), self.world_size * self.streams
+        whole = len(order) // queue * queue
+        mine = [(shard, 0, 1) for shard in order[q:whole:queue]]
+        rest = order[whole:]
+        if rest:
+            mine.append((rest[q % len(rest)], q // len(rest), len(range(q % len(rest), queue, len(rest)))))
+        return mine
 
-        def urls():
-            for t in itertools.count():
-                if t >= len(self.shards) and not seen[0]:
-                    raise UnreadableData(f"no sample could be read from {self.shards[0][1]} ...")
-                yield {"url": self.shards[int(order[(q + t * queue) % len(self.shards)])][1]}
+    def _open(self, entry, taken=0, skipped=lambda sample: None):
+        """[entry, its kept samples from the `taken`-th on, taken]: an open shard of the stream; `skipped` sees the
+        samples passed over."""
+        shard, part, parts = entry
+        samples = (sample for sample in read_stream(self.shards[shard][1], shard) if sample.ordinal % parts == part)
+        for _ in range(taken):
+            skipped(next(samples))
+            self.samples_read += 1
+        return [entry, samples, taken]
 
-        files = tar_file_expander(url_opener(urls(), handler=warn_and_continue), handler=warn_and_continue)
-        for sample in group_by_keys(files, handler=warn_and_continue):
-            seen[0] += 1
-            yield sample
+    def _samples(self, q, position):
+        """Stream q's samples from `position` (None: the epoch's start) on, endlessly: its shards `mix` at a time,
+        each next sample from one drawn at random, through the shuffle buffer; a new pass over its shards when they
+        run out. Yields (sample, the buffer, a function giving the position after it)."""
+        mine = self._my_shards(q)
+        if position is None:
+            position = {"epoch": self.epoch, "pass": 0, "next": 0, "read": 0, "open": [], "buffer": [], "draws": 0}
+        passes, next_shard, draws = position["pass"], position["next"], position["draws"]
+        read_this_pass = position["read"]
+        open_shards, buffer = self._restore(mine, position)
+        try:
+            while True:
+                while len(buffer) < self.shuffle_buffer:  # fill: one sample from a randomly drawn open shard
+                    while len(open_shards) < self.mix and next_shard < len(mine):
+                        open_shards.append(self._open(mine[next_shard]))
+                        next_shard += 1
+                    if not open_shards:
+                        break
+                    j = self._draw(q, draws, len(open_shards))
+                    draws += 1
+                    sample = next(open_shards[j][1], None)
+                    if sample is None:  # that shard is done
+                        open_shards.pop(j)[1].close()
+                        continue
+                    open_shards[j][2] += 1
+                    buffer.append(sample)
+                    read_this_pass += 1
+                    self.samples_read += 1
+                if not buffer:  # every shard of this stream read: another pass over them
+                    if not read_this_pass:
+                        raise UnreadableData(f"no sample could be read from {self.shards[mine[0][0]][1]} ...")
+                    passes, next_shard, read_this_pass = passes + 1, 0, 0
+                    print(f"note: stream {q} read its {len(mine)} shard(s) and needs more captions for epoch "
+                          f"{self.epoch}: pass {passes + 1} over them (--stream-captions may be more than the data "
+                          "holds)", file=sys.stderr)
+                    continue
+                j = self._draw(q, draws, len(buffer))
+                draws += 1
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                sample = buffer.pop()
+                yield sample, buffer, lambda: {
+                    "epoch": self.epoch, "pass": passes, "next": next_shard, "read": read_this_pass, "draws": draws,
+                    "open": [(mine.index(entry), taken) for entry, _, taken in open_shards],
+                    "buffer": [(held.shard, held.ordinal) for held in buffer]}
+        finally:
+            for _, samples, _ in open_shards:
+                samples.close()
+
+    def _restore(self, mine, position):
+        """(open shards, buffer) of a position: the open shards reopened and read up to where they stood, and the
+        buffered samples read again from their shards (up to the last one needed of each)."""
+        wanted, found = {}, {}
+        for shard, ordinal in position["buffer"]:
+            wanted.setdefault(shard, set()).add(ordinal)
+
+        def keep(sample):
+            if sample.ordinal in wanted.get(sample.shard, ()):
+                found[(sample.shard, sample.ordinal)] = sample
+        open_shards = [self._open(mine[index], taken, keep) for index, taken in position["open"]]
+        for shard, ordinals in wanted.items():
+            if all((shard, ordinal) in found for ordinal in ordinals):
+                continue
+            reader = read_stream(self.shards[shard][1], shard)
+            for sample in reader:
+                self.samples_read += 1
+                if sample.ordinal in ordinals:
+                    found[(shard, sample.ordinal)] = sample
+                if sample.ordinal >= max(ordinals):
+                    break
+            reader.close()
+        return open_shards, [found[(shard, ordinal)] for shard, ordinal in position["buffer"]]
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -294,34 +553,61 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
             raise RuntimeError(f"CaptionShardStream was made for {self.streams} DataLoader workers, runs in {workers}")
         stream = (self.start_step + worker) % self.streams  # the DataLoader takes batch j from worker j % workers
         q = self.rank * self.streams + stream
-        buffer = _ShuffleBuffer(self._samples(q), self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{q}"))
-        batch = self.captions_per_batch
-        for _ in range((self.start_step + worker - stream) // self.streams * batch):  # steps done before a resume
-            next(buffer)
-        for _ in range(len(range(self.start_step + worker, self.steps_per_epoch, workers)) * batch):
-            yield self._item(next(buffer), buffer)
+        position = self.positions.get(q)
+        if position is None or position["epoch"] != self.epoch or not self.start_step:
+            position = None  # this epoch from its start
+        samples = self._samples(q, position)
+        steps = len(range(self.start_step + worker, self.steps_per_epoch, workers))
+        try:
+            for _ in range(steps):
+                for i in range(self.captions_per_batch):
+                    sample, buffer, where = next(samples)
+                    item = self._item(sample, buffer)
+                    if i == self.captions_per_batch - 1:  # the batch's last item carries the stream's position
+                        item = item._replace(stream=(q, where()))
+                    yield item
+        finally:
+            samples.close()
+
+    def label(self, sample):
+        """A caption's label: the source number in the top bits and the sample's numeric key (its caption id for
+        generate.py's shards, img2dataset's key) or a hash of a non-numeric one."""
+        key = dataindex.numeric_key(sample.key.rpartition("/")[2])
+        key = key if key is not None and key < 2 ** 32 else zlib.crc32(sample.key.encode())
+        return (self.shards[sample.shard][0] << 32) | key
 
     def _item(self, sample, buffer):
         corrupt = 0
         for attempt in range(16):
             label = self.label(sample)
-            members = {}
-            for name, value in sample.items():
-                slot = shards.image_slot(name) if not name.startswith("__") else None
-                if slot is not None:
-                    members.setdefault(slot, value)
-            text = sample.get("txt", b"")
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(item_seed(self.seed, self.epoch, label))
-                item, skipped = self.make_item(label, sorted(members), members.__getitem__,
-                                               lambda: text.decode("utf-8", errors="replace").strip())
+                item, skipped = self.make_item(label, sorted(sample.images), sample.images.__getitem__,
+                                               lambda: sample.text.decode("utf-8", errors="replace").strip())
             corrupt += skipped
             if item is not None:
                 return item._replace(corrupt=corrupt)
-            sample = buffer.peek(random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}"))
-            if sample is None:
+            if not buffer:
                 break
+            held = random.Random(f"{self.seed}/{self.epoch}/{label}/{attempt}")
+            sample = buffer[held.randrange(len(buffer))]  # a stand-in left in the buffer: no later sample moves
         raise UnreadableData("the stream holds no caption with enough readable images")
+
+
+class StreamLoader:
+    """A DataLoader over a CaptionShardStream that keeps, as each batch reaches the training loop, the position
+    of the stream that made it (for the checkpoint: CaptionShardStream.state_dict)."""
+
+    def __init__(self, stream, **options):
+        self.stream = stream
+        self.loader = torch.utils.data.DataLoader(stream, batch_size=stream.captions_per_batch, collate_fn=collate,
+                                                  **options)
+
+    def __iter__(self):
+        for batch in self.loader:
+            q, position = batch.pop("stream")
+            self.stream.positions[q] = position
+            yield batch
 
 
 class CaptionSampler(torch.utils.data.Sampler):
@@ -344,6 +630,13 @@ class CaptionSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch, start_step=0):
         self.epoch, self.start_step = epoch, start_step
 
+    def state_dict(self):
+        """Nothing beyond (seed, epoch, step) places a batch: the checkpoint needs no data state (streams do)."""
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
     def __len__(self):
         return self.steps_per_epoch - self.start_step
 
@@ -360,28 +653,88 @@ class CaptionSampler(torch.utils.data.Sampler):
             # persistent workers (which hold their own copy of the dataset) draw this epoch's crops
 
 
+# ---- the DataLoader's workers ----
+
+PREFETCH_FACTOR = 2  # batches each worker builds ahead: one being consumed while the next is made (torch's default)
+
+
+def worker_start_method():
+    """How pretrain.py starts its DataLoader workers, chosen rather than inherited from Python's default (which
+    is forkserver from Python 3.14 on Linux): fork on Linux, because a forked worker shares the parent's imported
+    modules and pages copy-on-write (about 20-30 MiB private each) where a forkserver or spawn worker imports torch
+    again (about 370 MiB each; BENCHMARKS.md); the platform's default elsewhere (spawn on macOS, where fork is
+    unsafe with the system's frameworks). The workers never touch CUDA, so forking a process that has is safe."""
+    return "fork" if sys.platform.startswith("linux") else None
+
+
+def loader_options(workers, pin_memory):
+    """The DataLoader arguments both of pretrain.py's loaders share: the workers, their start method
+    (worker_start_method) and what each builds ahead (PREFETCH_FACTOR), so that at most workers x PREFETCH_FACTOR
+    batches are in flight (in_flight_bytes)."""
+    if not workers:
+        return {"num_workers": 0, "pin_memory": pin_memory}
+    return {"num_workers": workers, "pin_memory": pin_memory, "multiprocessing_context": worker_start_method(),
+            "prefetch_factor": PREFETCH_FACTOR}
+
+
+def batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """Bytes of one batch's images as the loader ships them: float32 [N, 3, S, S], or with augment_on_device the
+    uint8 crops [N, S, S, 3] (4x smaller; their colour parameters add 55 bytes a crop)."""
+    crops = captions * images_per_caption * crops_per_image
+    return crops * 3 * image_size * image_size * (1 if augment_on_device else 4)
+
+
+def in_flight_bytes(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """The most image bytes the loader holds at once: workers x PREFETCH_FACTOR batches (one batch in the main
+    process without workers)."""
+    batches = workers * PREFETCH_FACTOR if workers else 1
+    return batches * batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device)
+
+
+def describe_loader(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device):
+    """One line for the start of a run: the workers, how they start, and the image bytes in flight."""
+    views = (captions, images_per_caption, crops_per_image, image_size)
+    flight = in_flight_bytes(workers, *views, augment_on_device) / 2 ** 30
+    if not workers:
+        return f"loader: in the main process, {flight:.2f} GiB of images a batch"
+    text = (f"loader: {workers} workers ({worker_start_method() or 'the platform default'}) x {PREFETCH_FACTOR} "
+            f"batches ahead of {batch_bytes(*views, augment_on_device) / 2 ** 20:.0f} MiB: {flight:.2f} GiB of images "
+            "in flight per process")
+    if not augment_on_device:
+        text += f" ({in_flight_bytes(workers, *views, True) / 2 ** 30:.2f} GiB as --gpu-augment's uint8 crops)"
+    return text
+
+
 def collate(items):
     """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
-    ColorParams, "color") and per-image caption labels and image ids; the families' local crops, their colour
-    parameters and the crops' noise likewise, each None where the items have none.
+    ColorParams, "color"; with decode_on_device only the crops of non-JPEG images, and "jpegs", the DeviceJpegs
+    that augment.decode_crops turns into the others) and per-image caption labels and image ids. The families'
+    local crops, their colour parameters and the crops' noise likewise, each None where the items have none.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
     appears once in a global batch, so both are unique across ranks."""
     images = torch.cat([item.images for item in items])  # [B * m * c, 3, S, S] or [B * m * c, S, S, 3]
-    crops = items[0].images.shape[0] // len(items[0].image_indices)
+    rows = len(items[0].images) + (len(items[0].jpegs.rows) if items[0].jpegs is not None else 0)  # m * c
+    crops = rows // len(items[0].image_indices)
     labels = torch.tensor([item.label for item in items])
     image_indices = torch.stack([item.image_indices for item in items])  # [B, m]
-    image_labels = labels.repeat_interleave(items[0].images.shape[0])
+    image_labels = labels.repeat_interleave(rows)
     crop_labels = (labels[:, None] * 2 ** 20 + image_indices).flatten().repeat_interleave(crops)
     tokens = torch.stack([item.tokens for item in items]) if items[0].tokens is not None else None
     color = ColorParams.cat([item.color for item in items]) if items[0].color is not None else None
-    return {"images": images, "color": color, "image_labels": image_labels, "crop_labels": crop_labels,
-            "caption_labels": labels, "tokens": tokens, "corrupt": sum(item.corrupt for item in items),
-            "local_images": _cat([item.local_images for item in items]),
-            "local_color": (ColorParams.cat([item.local_color for item in items])
-                            if items[0].local_color is not None else None),
-            "noise": _cat([item.noise for item in items]), "local_noise": _cat([item.local_noise for item in items])}
+    jpegs = DeviceJpegs.cat([item.jpegs for item in items], [rows] * len(items)) if items[0].jpegs is not None \
+        else None
+    batch = {"images": images, "color": color, "jpegs": jpegs, "image_labels": image_labels,
+             "crop_labels": crop_labels, "caption_labels": labels, "tokens": tokens,
+             "corrupt": sum(item.corrupt for item in items),
+             "local_images": _cat([item.local_images for item in items]),
+             "local_color": (ColorParams.cat([item.local_color for item in items])
+                             if items[0].local_color is not None else None),
+             "noise": _cat([item.noise for item in items]), "local_noise": _cat([item.local_noise for item in items])}
+    if items[-1].stream is not None:
+        batch["stream"] = items[-1].stream
+    return batch
 
 
 def _cat(tensors):

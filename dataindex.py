@@ -7,8 +7,8 @@ A source is one `--data` entry of pretrain.py:
     tars   local tar shards: generate.py's (read through each tar's `__index__` member, shards.py) or
            img2dataset's `webdataset` output (headers scanned once); a folder of tars, or a brace pattern
     csv    the official StableRep layout: a CSV of (relative image path, caption) rows, the same relative path
-           opened under each of --folder-list's roots (one root per seed); rows whose path does not end in
-           .png/.jpg/.jpeg are skipped, as the official reader skips them
+           opened under each of --folder-list's roots (one root per seed); parsed by csv.reader and rows whose
+           path does not end in .png/.jpg/.jpeg skipped, as the official reader does (a note counts them)
 
 Tables, one row per caption in key order (the bytes per caption at n = 10 images in parentheses):
     tree   key u4, folder u4 (into the source's folder names), images u1 [K]: 0 = absent, else 1 + the code of
@@ -23,9 +23,17 @@ file) and `<source id>-<fingerprint>.npy`, beside the data when that folder is w
 folder pretrain.py gives (its --output). The fingerprint hashes the index version and every container's name,
 size and modification time (a tree's numbered folders, which change whenever a file is added or removed; the
 tars; the CSV), so changed data is indexed again; a file rewritten in place inside a tree folder is not noticed.
+A damaged or foreign cache is rebuilt (with a note), a cache folder that is a symbolic link is not used.
+
+Damage is skipped, counted and said (each SourceIndex's `notes`), never trained on and never a hang or a huge
+allocation: every size read from a file is bounded by the file's own (shards.py), a tar's damaged part or
+truncated tail is left out, a member whose header is not the one the index names is a corrupt image, and the same
+file given twice (through a link too) is refused.
 """
+import collections
 import csv
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -34,13 +42,14 @@ import numpy as np
 
 import imagetree
 import shards
+from cli import first_line
 from files import atomic_open, atomic_write_json
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".stablerep-index"
 CSV_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the official reader's test, case-sensitive as there
 STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
-_TREE_IMAGE = re.compile(r"^(\d+)(?:_(\d+))?(\.[A-Za-z]+)$")  # 000012345_07.jpg (generate.py), 000012345.jpg
+_TREE_IMAGE = re.compile(r"^(\d+)(?:_(\d+))?(\.[A-Za-z]+)$", re.ASCII)  # 000012345_07.jpg (generate.py), 000012345.jpg
 
 
 def is_streamed(spec):
@@ -127,18 +136,18 @@ def build_tree(root):
         rows = []
         for row, (key, image_names) in enumerate(entries):
             key_width = key_width or len(key)
-            if len(key) != key_width or not key.isdigit():
+            if len(key) != key_width or numeric_key(key) is None:
                 raise ValueError(f"{root}/{name}: caption key {key!r} is not a {key_width}-digit number like the "
                                  "others")
-            folder_keys[row] = int(key)
+            folder_keys[row] = numeric_key(key)
             codes = {}
             for image_name in image_names:
                 match = _TREE_IMAGE.match(image_name)
                 if not match or match.group(1) != key:
                     continue
                 slot = int(match.group(2)) if match.group(2) is not None else 0
-                if match.group(2) is not None and f"{slot:02d}" != match.group(2):
-                    continue  # a name we could not rebuild from the number
+                if match.group(2) is not None and f"{slot:02d}" != match.group(2) or slot >= shards.MAX_IMAGES:
+                    continue  # a name we could not rebuild from the number, or more images than any writer makes
                 if match.group(3) not in extensions:
                     extensions.append(match.group(3))
                 codes[slot] = 1 + extensions.index(match.group(3)) + (128 if match.group(2) is None else 0)
@@ -158,26 +167,36 @@ def build_tree(root):
     return table, {"containers": folders, "extensions": extensions, "key_width": key_width}
 
 
+def numeric_key(base):
+    """The caption number of a sample key's base name ("000012345" -> 12345), or None when it is not a plain
+    ASCII number below 2^63 (unicode digits, a 30-digit key)."""
+    return int(base) if base.isascii() and base.isdigit() and len(base) <= 18 else None
+
+
 def _scan_samples(fd):
-    """(keys, text offsets, [rows, K] image offsets) of a tar without an __index__, grouping members by key."""
+    """(keys, text offsets, [rows, K] image offsets, what stopped the scan or None) of a tar without an __index__,
+    grouping members by key; a damaged header ends the scan, keeping the samples before it."""
     keys, texts, rows, ordinal = [], [], [], 0
-    current, row = None, None
-    for member in shards.scan_members(fd):
-        key, suffix = shards.split_name(member.name)
-        if key is None or key.startswith("__"):
-            continue
-        if key != current:
-            if row is not None and row[1]:
-                keys.append(row[0])
-                texts.append(row[2])
-                rows.append(row[1])
-            base = key.rpartition("/")[2]
-            current, row, ordinal = key, [int(base) if base.isdigit() else ordinal, {}, 0], ordinal + 1
-        slot = shards.image_slot(suffix)
-        if slot is not None:
-            row[1].setdefault(slot, member.offset)
-        elif suffix.lower() == "txt":
-            row[2] = member.offset
+    current, row, damage = None, None, None
+    try:
+        for member in shards.scan_members(fd):
+            key, suffix = shards.split_name(member.name)
+            if key is None or key.startswith("__"):
+                continue
+            if key != current:
+                if row is not None and row[1]:
+                    keys.append(row[0])
+                    texts.append(row[2])
+                    rows.append(row[1])
+                number = numeric_key(key.rpartition("/")[2])
+                current, row, ordinal = key, [ordinal if number is None else number, {}, 0], ordinal + 1
+            slot = shards.image_slot(suffix)
+            if slot is not None:
+                row[1].setdefault(slot, member.offset)
+            elif suffix.lower() == "txt":
+                row[2] = member.offset
+    except shards.DamagedTar as err:
+        damage = str(err)
     if row is not None and row[1]:
         keys.append(row[0])
         texts.append(row[2])
@@ -187,80 +206,126 @@ def _scan_samples(fd):
     for i, slots in enumerate(rows):
         for slot, offset in slots.items():
             images[i, slot] = offset
-    return np.array(keys, dtype=np.int64), np.array(texts, dtype=np.int64), images
+    return np.array(keys, dtype=np.int64), np.array(texts, dtype=np.int64), images, damage
+
+
+def _read_tar(path):
+    """(keys, text offsets, image offsets, problem or None) of one local tar: from its `__index__` (generate.py's
+    shards), else from its headers; a damaged index falls back to the headers, and offsets past the end of a
+    truncated tar are dropped (those images cannot be read). `problem` says what was wrong, for a note."""
+    fd = shards.open_tar(path)  # the index member or the headers only: no readahead past them
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int64), "zero bytes"
+        problem = None
+        try:
+            index = shards.read_index(fd)
+        except shards.DamagedTar as err:
+            index, problem = None, f"{err}; its captions were read from its member headers instead"
+        if index is not None:  # generate.py's shard: its first member says everything
+            keys, texts, images = index[:, 0], index[:, 1].copy(), index[:, 2:].copy()
+        else:
+            keys, texts, images, damage = _scan_samples(fd)
+            if damage:
+                problem = f"{damage}: the {len(keys)} caption(s) before it are kept"
+    finally:
+        os.close(fd)
+    past = images >= size
+    if past.any() or (texts >= size).any():
+        problem = f"truncated: {int(past.sum())} image(s) past its end ({size} bytes) are left out"
+        images[past], texts[texts >= size] = 0, 0
+    return keys, texts, images, problem
 
 
 def build_tars(paths):
-    """(table, metadata) of local tar shards; captions without an image are left out."""
+    """(table, metadata) of local tar shards; captions without an image are left out, and so are tars that hold
+    none (a zero-byte shard) or the part of a tar after damage, each said in the metadata's notes."""
     offsets = _uint(max(os.path.getsize(path) for path in paths))  # u4 unless a tar is over 4 GiB
-    parts = []
+    parts, problems = [], []
     for tar_id, path in enumerate(paths):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            index = shards.read_index(fd)
-            if index is not None:  # generate.py's shard: its first member says everything
-                keys, texts, images = index[:, 0], index[:, 1], index[:, 2:]
-            else:
-                keys, texts, images = _scan_samples(fd)
-        finally:
-            os.close(fd)
+        keys, texts, images, problem = _read_tar(path)
         present = images.any(axis=1)
+        if problem or not present.any():
+            problems.append((path, problem or "no captioned image"))
         parts.append((keys[present], tar_id, texts[present].astype(offsets), images[present].astype(offsets)))
     table = _assemble(parts, offsets)
     if not len(table):
         raise ValueError(f"the tar shards {paths[0]} ... hold no captioned images")
-    return table, {"containers": [os.path.abspath(path) for path in paths]}
+    notes = [f"{len(problems)} of {len(paths)} tar shard(s) damaged or empty, e.g. {path}: {problem}"
+             for path, problem in problems[:1]]
+    return table, {"containers": [os.path.abspath(path) for path in paths], "notes": notes}
 
 
-def _csv_records(f):
-    """(byte offset, record text) of each CSV record of a binary file; a record ends at a newline outside quotes
-    (quotes inside a field are doubled, so an odd count of quotes so far means the newline is inside a field)."""
-    offset, parts, quotes = 0, [], 0
-    start = 0
-    for line in f:
-        if not parts:
-            start = offset
-        offset += len(line)
-        parts.append(line)
-        quotes += line.count(b'"')
-        if quotes % 2 == 0:
-            yield start, b"".join(parts)
-            parts, quotes = [], 0
-    if parts:
-        yield start, b"".join(parts)
+def _csv_rows(f):
+    """(record number, its first line's number, its byte offset, fields or None) of each record of the binary CSV
+    file `f` from where it stands, parsed by Python's csv.reader as the official reader parses the file: a quote
+    opens a quoted field only at the start of a field (`a 5" tall vase` is one plain field) and a quoted field may
+    hold newlines. Fields are None for a record csv refuses (a field over its 128 KiB limit: a quote that never
+    closes), after which it reads on from the next line."""
+    starts = collections.deque()  # byte offsets of the lines csv has taken and not yet placed in a record
 
+    def lines():
+        offset = f.tell()
+        for line in f:
+            starts.append(offset)
+            offset += len(line)
+            yield line.decode("utf-8", errors="replace")
 
-def _fields(record):
-    """The fields of one CSV record (bytes); [] for one csv cannot parse (a field over its 128 KiB limit: a runaway
-    quote), which is then skipped like any row without an image path."""
-    try:
-        return next(csv.reader([record.decode("utf-8", errors="replace")]), [])
-    except csv.Error:
-        return []
+    reader, consumed = csv.reader(lines()), 0
+    for number in itertools.count():
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error:
+            fields = None
+        offset = starts[0]
+        for _ in range(reader.line_num - consumed):
+            starts.popleft()
+        yield number, consumed + 1, offset, fields
+        consumed = reader.line_num
 
 
 def read_csv_record(f, offset):
     """The fields of the CSV record at byte `offset` of the binary file `f`."""
     f.seek(offset)
-    _, record = next(_csv_records(f))
-    return _fields(record)
+    return next(_csv_rows(f))[3] or []
+
+
+def _csv_skip_reason(fields):
+    """Why the official reader would not train on a record (None: it would)."""
+    if fields is None:
+        return "a field over csv's 128 KiB limit (a quote that never closes)"
+    if len(fields) < 2:
+        return "fewer than two fields"
+    if not fields[0].endswith(CSV_IMAGE_SUFFIXES):
+        return f"{fields[0][:40]!r} is not an image path ending in .png/.jpg/.jpeg"
+    return None
 
 
 def build_csv(path, roots):
-    """(table, metadata) of the official layout: one row per CSV record with an image path and a caption."""
+    """(table, metadata) of the official layout: one row per CSV record with an image path and a caption; the
+    metadata's note counts the records read and skipped and names the first skipped line."""
     if not os.path.isfile(path):
         raise ValueError(f"CSV file {path} does not exist")
-    rows, offsets = [], []
+    rows, offsets, skipped, first = [], [], 0, None
     with open(path, "rb") as f:
-        for number, (offset, record) in enumerate(_csv_records(f)):
-            fields = _fields(record)
-            if len(fields) >= 2 and fields[0].endswith(CSV_IMAGE_SUFFIXES):
+        shards.advise(f.fileno(), "sequential")
+        for number, line, offset, fields in _csv_rows(f):
+            reason = _csv_skip_reason(fields)
+            if reason is None:
                 rows.append(number)
                 offsets.append(offset)
+            else:
+                skipped += 1
+                first = first or f"line {line}: {reason}"
     if not rows:
         raise ValueError(f"{path} has no row of (image path ending in .png/.jpg/.jpeg, caption)")
     table = _table({"key": np.array(rows, dtype=_uint(rows[-1])), "offset": np.array(offsets, dtype=np.uint64)})
-    return table, {"containers": [os.path.abspath(path)], "roots": [os.path.abspath(root) for root in roots]}
+    notes = [f"{path}: {len(rows)} rows read, {skipped} skipped" + (f" (the first at {first})" if skipped else "")]
+    return table, {"containers": [os.path.abspath(path)], "roots": [os.path.abspath(root) for root in roots],
+                   "notes": notes}
 
 
 # ---- the cached, memory-mapped index ----
@@ -316,6 +381,7 @@ class SourceIndex:
         self.roots = metadata.get("roots", [])
         self.extensions = metadata.get("extensions", [])
         self.key_width = metadata.get("key_width", 9)
+        self.notes = list(metadata.get("notes", []))  # what the build found, for the user (open_source adds more)
 
     def __getstate__(self):
         return {"kind": self.kind, "table_path": self.table_path, "metadata": self.metadata}
@@ -386,18 +452,21 @@ class TreeCaption:
 
 
 class TarCaption:
-    """A caption of a local tar: members read at their data offsets through one file descriptor per item."""
+    """A caption of a local tar: members read at their data offsets through one file descriptor per item, each
+    checked to be the member the index names (the name in its header: an index that disagrees with its tar gives
+    corrupt images, never another caption's)."""
 
     def __init__(self, source, j):
         row = source.table[j]
         self.path = source.container(j)
+        self.key = int(row["key"])
         self.offsets = row["images"]
         self.text = int(row["text"])
         self.slots = [int(slot) for slot in np.flatnonzero(self.offsets)]
         self.fd = None
 
     def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = shards.open_tar(self.path)
         return self
 
     def __exit__(self, *_):
@@ -408,12 +477,12 @@ class TarCaption:
         return f"{self.path} at byte {int(self.offsets[slot])}"
 
     def image(self, slot):
-        return shards.read_member(self.fd, int(self.offsets[slot]))
+        return shards.read_member(self.fd, int(self.offsets[slot]), self.key, slot)
 
     def caption(self):
         if not self.text:
             raise OSError(f"{self.path}: caption without a .txt member")
-        return shards.read_member(self.fd, self.text).decode("utf-8", errors="replace").strip()
+        return shards.read_member(self.fd, self.text, self.key, None).decode("utf-8", errors="replace").strip()
 
 
 class CsvCaption:
@@ -426,6 +495,7 @@ class CsvCaption:
 
     def __enter__(self):
         with open(self.source.metadata["containers"][0], "rb") as f:
+            shards.advise(f.fileno(), "random")  # one record of a file of millions
             self.fields = read_csv_record(f, self.offset)
         return self
 
@@ -442,11 +512,119 @@ class CsvCaption:
         return self.fields[1]
 
 
+def _identity(path):
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def check_distinct(specs, folder_list=None):
+    """ValueError when two --data entries, or two tars of one, are the same file or folder (by device and inode:
+    through a symbolic link, a hard link or another spelling), whose captions would be counted twice."""
+    owners = {}
+    for spec in specs:
+        kind, containers, _ = resolve(os.path.abspath(spec), folder_list)
+        for path in [spec] if kind == "tree" else containers:
+            identity = _identity(path)
+            if identity in owners:
+                other_spec, other = owners[identity]
+                where = f"{spec} holds" if other_spec == spec else f"--data {other_spec} and {spec} hold"
+                raise ValueError(f"{where} the same {'folder' if kind == 'tree' else 'file'} twice ({other} and "
+                                 f"{path}): its captions would be counted twice; give it once")
+            owners[identity] = (spec, path)
+
+
+# what changes how generate.py's images look (its settings.json); a --data mixing several gets a note
+GENERATION_KEYS = ("model", "scheduler", "steps", "eta", "w", "size", "stored_size", "format", "quality")
+
+
+def settings_note(sources):
+    """A note when the sources' folders hold settings.json files of different generation settings (e.g. w 2 and
+    w 8 shards in one --data), else None. Folders without a readable settings.json are not compared."""
+    recipes = {}
+    for source in sources:
+        if source.kind == "csv":
+            continue
+        folders = [source.root] if source.kind == "tree" else sorted({os.path.dirname(path.decode(
+            "utf-8", "surrogateescape")) for path in source.containers})
+        for folder in folders:
+            try:
+                settings = imagetree.read_settings(folder)
+            except ValueError:
+                continue
+            if settings is not None:
+                recipes.setdefault(tuple(str(settings.get(key)) for key in GENERATION_KEYS), folder)
+    if len(recipes) < 2:
+        return None
+    (first, a), (second, b) = list(recipes.items())[:2]
+    differ = "; ".join(f"{key} {x} vs {y}" for key, x, y in zip(GENERATION_KEYS, first, second) if x != y)
+    return (f"--data mixes images of {len(recipes)} generation settings ({a} vs {b}: {differ}); training goes on "
+            "with all of them")
+
+
+def open_sources(specs, folder_list=None, fallback_cache=None, build=True):
+    """(SourceIndex of each --data entry, notes for the user): open_source for each, after check_distinct, and
+    the sources' notes with settings_note's."""
+    check_distinct(specs, folder_list)
+    sources = [open_source(spec, folder_list, fallback_cache, build) for spec in specs]
+    notes = [note for source in sources for note in source.notes]
+    mixed = settings_note(sources)
+    return sources, notes + ([mixed] if mixed else [])
+
+
+TABLE_FIELDS = {"tree": ("key", "container", "images"), "tars": ("key", "container", "text", "images"),
+                "csv": ("key", "offset")}
+
+
+def _cached(folder, source_id, kind, fingerprint):
+    """(SourceIndex or None, note or None) of the cache files of a source in `folder`: None without a note when
+    there are none or they index older data; None with a note when they are damaged or not ours (unreadable JSON,
+    another table, a link planted in place of a file), so that the caller rebuilds them."""
+    meta_path = os.path.join(folder, source_id + ".json")
+    if not os.path.lexists(meta_path):
+        return None, None
+    try:
+        fd = os.open(meta_path, os.O_RDONLY | os.O_NOFOLLOW)  # a link planted here is not our file
+        with os.fdopen(fd, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, ValueError) as err:
+        return None, _damaged_cache(meta_path, f"unreadable: {getattr(err, 'strerror', None) or first_line(err)}")
+    table_path = os.path.join(folder, f"{source_id}-{fingerprint}.npy")
+    if not isinstance(metadata, dict):
+        problem = f"a JSON {type(metadata).__name__}"
+    elif metadata.get("fingerprint") != fingerprint:
+        return None, None  # the index of older data: rebuilt without a word, as any change to the data is
+    elif metadata.get("table") != os.path.basename(table_path) or metadata.get("kind") != kind or \
+            not isinstance(metadata.get("containers"), list) or not isinstance(metadata.get("notes", []), list):
+        problem = "not the index this version writes"
+    elif os.path.islink(table_path) or not os.path.isfile(table_path):
+        problem = f"its table {table_path} is missing or a link"
+    else:
+        try:
+            index = SourceIndex(kind, table_path, metadata)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+            problem = f"its table does not load: {first_line(err)}"
+        else:
+            if index.table.dtype.names != TABLE_FIELDS[kind] or len(index) != metadata.get("captions"):
+                problem = "its table is not this source's"
+            else:
+                return index, None
+    return None, _damaged_cache(meta_path, problem)
+
+
+def _damaged_cache(path, problem):
+    return f"{path} is a damaged or foreign index cache ({problem})"
+
+
 def open_source(spec, folder_list=None, fallback_cache=None, build=True):
     """The SourceIndex of a --data entry, from the cache when its fingerprint still matches, else built and
     cached (beside the data when that folder is writable, else in `fallback_cache`). With build=False a missing
     or stale cache is an error instead (for ranks that wait for another to build it). ValueError with a
-    one-line message for bad input."""
+    one-line message for bad input.
+
+    A damaged or foreign cache is rebuilt, with a note; a cache folder that is a symbolic link is neither read nor
+    written (a link planted there would redirect the write), and the files are written through atomic_open, which
+    replaces a link at their names. The SourceIndex's `notes` say what the user should know: these, and what the
+    build found (damaged or empty shards, CSV rows skipped)."""
     spec = os.path.abspath(spec)
     kind, containers, home = resolve(spec, folder_list)
     roots = [os.path.abspath(root) for root in folder_list or []] if kind == "csv" else []
@@ -457,21 +635,21 @@ def open_source(spec, folder_list=None, fallback_cache=None, build=True):
     else:
         fingerprint = _fingerprint(kind, containers, roots)
     source_id = _source_id(spec, roots)
-    cache = os.path.join(home, CACHE_FOLDER)
-    candidates = [cache] + ([fallback_cache] if fallback_cache else [])
+    candidates, notes = [], []
+    for folder in [os.path.join(home, CACHE_FOLDER)] + ([fallback_cache] if fallback_cache else []):
+        if os.path.islink(folder):
+            notes.append(f"index cache folder {folder} is a symbolic link: not used")
+        else:
+            candidates.append(folder)
     for folder in candidates:
-        meta_path = os.path.join(folder, source_id + ".json")
-        if os.path.isfile(meta_path):
-            try:
-                with open(meta_path, encoding="utf-8") as f:
-                    metadata = json.load(f)
-            except (OSError, ValueError):
-                continue
-            table_path = os.path.join(folder, metadata.get("table", ""))
-            if metadata.get("fingerprint") == fingerprint and os.path.isfile(table_path):
-                return SourceIndex(kind, table_path, metadata)
+        index, note = _cached(folder, source_id, kind, fingerprint)
+        if index is not None:
+            index.notes = notes + index.notes
+            return index
+        if note:
+            notes.append(note + ": rebuilt")
     if not build:
-        raise ValueError(f"no index of {spec} in {' or '.join(candidates)}")
+        raise ValueError(f"no index of {spec} in {' or '.join(candidates) or 'a usable cache folder'}")
     if kind == "tree":
         table, metadata = build_tree(spec)
     elif kind == "tars":
@@ -480,15 +658,17 @@ def open_source(spec, folder_list=None, fallback_cache=None, build=True):
         table, metadata = build_csv(containers[0], folder_list)
     folder = next((folder for folder in candidates if _writable(folder)), None)
     if folder is None:
-        raise ValueError(f"cannot write the index of {spec} to {' or '.join(candidates)}")
+        raise ValueError(f"cannot write the index of {spec} to {' or '.join(candidates) or 'a cache folder'}")
     table_name = f"{source_id}-{fingerprint}.npy"
     with atomic_open(os.path.join(folder, table_name)) as f:  # nodes building at once write under their own names
         np.save(f, table, allow_pickle=False)
-    metadata = {**metadata, "kind": kind, "spec": spec, "fingerprint": fingerprint, "table": table_name,
+    metadata = {"notes": [], **metadata, "kind": kind, "spec": spec, "fingerprint": fingerprint, "table": table_name,
                 "captions": len(table), "version": INDEX_VERSION,
                 "root": os.path.abspath(spec) if kind == "tree" else None}
     atomic_write_json(os.path.join(folder, source_id + ".json"), metadata)
     for name in os.listdir(folder):  # earlier tables of this source: stale now (a reader's mapping stays valid)
         if name.startswith(source_id + "-") and name != table_name and name.endswith(".npy"):
             os.remove(os.path.join(folder, name))
-    return SourceIndex(kind, os.path.join(folder, table_name), metadata)
+    index = SourceIndex(kind, os.path.join(folder, table_name), metadata)
+    index.notes = notes + index.notes
+    return index

@@ -75,7 +75,7 @@ SCHEDULES = {
 }
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
-                   "gpu_augment"}
+                   "gpu_augment", "gpu_decode"}
 NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet"}  # about this launch, not the run
 
 
@@ -100,6 +100,10 @@ def get_args_parser():
     parser.add_argument("--shuffle-buffer", type=integer(1), default=500,
                         help="samples each loader worker holds to shuffle streamed shards (500: about 125 MB of "
                              "10 JPEGs of 256 px per caption; more mixes better and costs memory)")
+    parser.add_argument("--stream-mix", type=integer(1), default=4,
+                        help="streamed shards each loader worker reads at once, taking each next sample from one of "
+                             "them at random: a batch mixes about this many shards (1: one shard after another, as a "
+                             "plain webdataset pipeline; each one more is one more open stream per worker)")
     parser.add_argument("--images-per-caption", type=integer(1), default=None,
                         help="m, images of a caption in the batch, drawn without replacement (paper: 6 of the 10 "
                              "generated; more positives per caption help). Default: the objective's (see --loss)")
@@ -123,7 +127,15 @@ def get_args_parser():
                              "device: the loader workers then only decode, crop and resize, and ship uint8 crops (4x "
                              "smaller than float) with each crop's drawn parameters. For when the CPU cores cannot "
                              "feed the GPU (bench/bench_data.py prints the cost per image of both shares). Same "
-                             "distribution and the same draws as without it, so resume stays exact")
+                             "distribution and the same draws as without it, so resume stays exact. Not the "
+                             "default: its results equal the CPU path's exactly on a CPU only (a GPU's kernels round "
+                             "differently), and it has not yet been timed on a GPU (bench/gpu_report.py)")
+    parser.add_argument("--gpu-decode", action="store_true",
+                        help="with --gpu-augment, decode the JPEGs on the training device too (torchvision's batched "
+                             "decode_jpeg: nvJPEG on a GPU): the loader workers then only read each file, check its "
+                             "header and end, and draw its crop, so a GPU needs far fewer CPU cores (bench/bench_data"
+                             ".py); other formats are still decoded by the workers. Same draws; the pixels differ from "
+                             "PIL's decode by rounding. Not yet run on a GPU (bench/gpu_report.py measures it)")
     parser.add_argument("--workers", type=integer(0), default=min(8, available_cpus()),
                         help="data-loading processes per GPU: 8, or the CPU cores this machine gives the process "
                              f"if fewer (here {min(8, available_cpus())})")
@@ -610,6 +622,10 @@ def check_family_args(args, objective):
     if args.init_from:
         raise UserError(f"--init-from starts StableRep's objectives from other weights; --loss {args.loss} starts "
                         "from random weights, as its paper does")
+    if args.gpu_decode:
+        raise UserError(f"--gpu-decode crops every JPEG at --image-size with bilinear resampling on the device; "
+                        f"--loss {args.loss}'s views are drawn in the loader (their own resampling, DINO's local "
+                        "crops): leave --gpu-decode off")
     if args.loss == "dino" and args.local_crops and args.local_crop_size % 16:
         raise UserError(f"--local-crop-size {args.local_crop_size} is not a multiple of the patch size 16")
     if args.loss == "dino" and args.local_crops and args.local_crop_size >= args.image_size:
@@ -713,6 +729,7 @@ def train(args, resumed, run_id):
                   f"(seed {args.seed})")
     elif resumed:
         step = load_training_state(resumed, model_without_ddp, optimizer, scaler)
+        sampler.load_state_dict(resumed["state"].get("data"))  # a stream resumes where each of its streams stood
     elif args.init_from:
         loaded = init_from(args.init_from, model_without_ddp)
         if is_main:
@@ -733,6 +750,8 @@ def train(args, resumed, run_id):
               f"lr = {lr_arithmetic}; {args.epochs} epochs = {total_steps} "
               f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps:g} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
+        print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
+                                   args.image_size, args.gpu_augment))
         if warmup_steps >= total_steps:
             print(f"note: the warmup ({warmup_steps:g} steps) is as long as the whole run ({total_steps} steps): the "
                   "learning rate never decays; lower --warmup-epochs", file=sys.stderr)
@@ -784,9 +803,10 @@ def train(args, resumed, run_id):
                           images=(step - start_step) * images_per_step, corrupt_images=corrupt,
                           logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None))
             if checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
+                data_state = sampler.state_dict()  # streams: every rank's positions (a collective)
                 if is_main:
                     save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args, run_id,
-                                        loss_value)
+                                        loss_value, data_state)
                 last_saved = step
 
         # ---- finish: a step like the others, repeated by --resume until it is done ----
@@ -872,19 +892,21 @@ def build_data(args, tokenizer, world_size, rank, device):
     views = dict(images_per_caption=args.images_per_caption, crops_per_image=args.crops_per_image,
                  image_size=args.image_size, seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
                  crop_scale=args.crop_scale, downsample_prob=args.downsample_prob,
-                 downsample_res=args.downsample_res, augment_on_device=args.gpu_augment, **family_crops(args))
+                 downsample_res=args.downsample_res, augment_on_device=args.gpu_augment,
+                 decode_on_device=args.gpu_decode, **family_crops(args))
+    if args.gpu_decode and not args.gpu_augment:
+        raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     streamed = [spec for spec in args.data if dataindex.is_streamed(spec)]
-    if streamed:  # webdataset URLs: shard-level shuffling, an epoch of --stream-captions captions
+    if streamed:  # webdataset URLs dealt to the workers' streams, an epoch of --stream-captions captions
         if len(streamed) < len(args.data):
             raise UserError(f"--data mixes streamed URLs ({streamed[0]}) with local data: stream all or none")
         if not args.stream_captions:
             raise UserError("streamed --data needs --stream-captions N (the captions of an epoch)")
         dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
                                           world_size=world_size, workers=args.workers,
-                                          shuffle_buffer=args.shuffle_buffer, **views)
+                                          shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
         sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.captions_per_gpu, num_workers=args.workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda")
+        loader = data.StreamLoader(dataset, **data.loader_options(args.workers, device.type == "cuda"))
     else:  # random access through the cached index, built once by each node's first process
         builder = int(os.environ.get("LOCAL_RANK", 0)) == 0
         if world_size > 1 and not builder:
@@ -901,12 +923,15 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(f"--images-per-caption {args.images_per_caption} is more than "
                             f"{dataset.describe(fewest)} has: {fewest_count} image(s)")
         sampler = data.CaptionSampler(len(dataset), args.captions_per_gpu, rank, world_size, args.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                                             collate_fn=data.collate, pin_memory=device.type == "cuda",
-                                             persistent_workers=args.workers > 0)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
+                                             persistent_workers=args.workers > 0,
+                                             **data.loader_options(args.workers, device.type == "cuda"))
     if sampler.steps_per_epoch < 1:
         raise UserError(f"{len(dataset)} captions are fewer than one step needs "
                         f"({args.captions_per_gpu} per GPU x {world_size} GPUs)")
+    if rank == 0:
+        for note in dataset.notes:  # damaged or empty shards, CSV rows skipped, mixed settings, too few shards
+            print(f"note: {note}", file=sys.stderr)
     return dataset, sampler, loader
 
 
@@ -941,9 +966,13 @@ def build_model(args, tokenizer=None):
 def compute_loss(model, batch, objective, args, device):
     """The sum of the objective's loss terms on one batch from data.collate."""
     images = batch["images"].to(device, non_blocking=True)
+    views = len(batch["image_labels"]) // len(batch["caption_labels"])  # m images x c crops of each caption
+    if batch["jpegs"] is not None:  # --gpu-decode: the JPEGs decoded and cropped on the device, next to the rest
+        images, failed = augment.decode_crops(images, batch["jpegs"], len(batch["image_labels"]), views)
+        batch["corrupt"] += failed
     if batch["color"] is not None:  # --gpu-augment: uint8 crops [N, S, S, 3] -> float [N, 3, S, S], on the device
         images = augment.augment_crops(images, batch["color"])
-    inputs = {"views": len(images) // len(batch["caption_labels"])}  # m images x c crops a caption, caption-major
+    inputs = {"views": views}  # m images x c crops of each caption, caption-major
     if batch["tokens"] is not None:
         inputs["tokens"] = batch["tokens"].to(device, non_blocking=True)
     if batch.get("local_images") is not None:  # DINO's local crops
@@ -991,12 +1020,13 @@ def save_checkpoint(path, state):
         torch.save(state, f)
 
 
-def save_training_state(model, optimizer, scaler, step, world_size, args, run_id, loss):
-    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step);
-    only the newest --keep are kept. `run_id` names the run (check_output), `loss` is the step's."""
+def save_training_state(model, optimizer, scaler, step, world_size, args, run_id, loss, data_state):
+    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step, and
+    a stream's order of where its streams stood: `data_state`); only the newest --keep are kept. `run_id` names the
+    run (check_output), `loss` is the step's."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
              "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()},
-             "run_id": run_id, "loss": loss}
+             "run_id": run_id, "loss": loss, "data": data_state}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     save_checkpoint(checkpoint_path(args.output, step), state)

@@ -9,7 +9,7 @@
 
 The bench writes its own image tree in a temporary folder (imagetree's layout, as generate.py writes it: 10
 JPEGs of 256 x 256 per caption, quality 95, smooth random images so they compress like real ones, and each
-folder's _index.json). Four sides, each pass a new epoch: the loader's pass, then the other three sides over the same
+folder's _index.json). Five sides, each pass a new epoch: the loader's pass, then the other four sides over the same
 files, taking turns step by step; the median pass is reported:
 
     loader    pretrain.py's loader: CaptionImagesDataset (m images of a caption, one crop each) + CaptionSampler +
@@ -21,6 +21,8 @@ files, taking turns step by step; the median pass is reported:
               v1 transforms on PIL images, PIL's blur), seeded the same way (same distribution, other draws)
     crop      the same loop doing only the CPU share of pretrain.py --gpu-augment: decode, crop, resize to uint8,
               draw the colour parameters
+    header    the CPU share of pretrain.py --gpu-decode: read the file, check its JPEG header and end, make the
+              crop's draws (the decoding and the crop then happen on the GPU)
 
 The single-process sides report wall time and CPU time (time.process_time) per image: on a machine shared with
 other jobs, CPU time leaves out the time this process waited for a core. ours/official is the cost per image of
@@ -46,7 +48,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import imagetree  # noqa: E402
 import shards  # noqa: E402
-from augment import PretrainAugmentation, decode_rgb, official_augmentation  # noqa: E402
+from augment import PretrainAugmentation, decode_rgb, jpeg_size, official_augmentation  # noqa: E402
 from data import CaptionImagesDataset, CaptionSampler, collate, item_seed  # noqa: E402
 
 
@@ -113,6 +115,11 @@ def loop_pass(records, steps, sides, images_per_caption, seed, epoch):
     return totals
 
 
+def read_file(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def pil_rgb(path):
     """The official dataset's decode: a PIL image converted to RGB."""
     with Image.open(path) as image:
@@ -135,7 +142,8 @@ def main(args):
         ours, official = PretrainAugmentation(args.image_size), official_augmentation(args.image_size)
         loops = {"ours": lambda path: ours(decode_rgb(path)),
                  "official": lambda path: official(pil_rgb(path)),
-                 "crop": lambda path: ours.crop(decode_rgb(path))[0]}
+                 "crop": lambda path: ours.crop(decode_rgb(path))[0],
+                 "header": lambda path: torch.tensor(ours.draw(*jpeg_size(read_file(path)))[1])}
         m = args.images_per_caption
         # warm-up (page cache), and the check that the loader and our loop make the same crops from the same files
         _, _, steps, loader_first = loader_pass(dataset, sampler, args.workers, epoch=0)
@@ -159,7 +167,8 @@ def main(args):
     workers = f"DataLoader, {args.workers} worker process(es)" if args.workers else "DataLoader, in the main process"
     labels = {"loader": workers, "ours": "decode + PretrainAugmentation, 1 process",
               "official": "PIL decode + official pipeline, 1 process",
-              "crop": "decode + crop only (the CPU share of --gpu-augment), 1 process"}
+              "crop": "decode + crop only (the CPU share of --gpu-augment), 1 process",
+              "header": "read + JPEG header + draws (the CPU share of --gpu-decode), 1 process"}
     median = {side: statistics.median(values) for side, values in wall.items()}
     median_cpu = {side: statistics.median(values) for side, values in cpu.items()}
     print(f"{'':9s} {'img/s':>7s} {'ms/img':>7s} {'cpu ms/img':>10s}   passes (ms/img, wall)")
@@ -172,6 +181,8 @@ def main(args):
           f"{median_cpu['ours'] / median_cpu['official']:.2f}x CPU (goal: at most 0.5x)")
     print(f"crop/official (the CPU share of --gpu-augment): {median['crop'] / median['official']:.2f}x wall, "
           f"{median_cpu['crop'] / median_cpu['official']:.2f}x CPU")
+    print(f"header/official (the CPU share of --gpu-decode): {median['header'] / median['official']:.2f}x wall, "
+          f"{median_cpu['header'] / median_cpu['official']:.2f}x CPU")
     print(f"loader/ours images/s: {median['ours'] / median['loader']:.2f}x (goal: at least 0.9x)")
     if args.workers > 1:
         print(f"note: the loader runs {args.workers} processes and the loop 1, on {os.cpu_count()} cores: the ratio "

@@ -133,10 +133,11 @@ def objective_side(name, model_name, image_size, crops, device, flags=()):
     def random(*shape):
         return torch.randn(*shape, generator=generator)
 
-    items = [CaptionImages(random(m * c, 3, size, size), label, torch.arange(m), None, 0, None,
-                           random(m * local.count, 3, local.size, local.size) if local else None, None,
-                           torch.rand(m * c, noise, generator=generator) if noise else None,
-                           torch.rand(m * local.count, noise, generator=generator) if local and noise else None)
+    items = [CaptionImages(random(m * c, 3, size, size), label, torch.arange(m), None, 0,
+                           local_images=random(m * local.count, 3, local.size, local.size) if local else None,
+                           noise=torch.rand(m * c, noise, generator=generator) if noise else None,
+                           local_noise=(torch.rand(m * local.count, noise, generator=generator) if local and noise
+                                        else None))
              for label in range(captions)]
     torch.manual_seed(0)
     model = build_model(run_args).to(device).train()

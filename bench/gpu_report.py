@@ -19,9 +19,10 @@ Sections, in this order (--sections picks some):
                 and peak memory; and the one-process N = 8256 loss against pytorch-metric-learning's SupConLoss
                 (bench/bench_loss.py's sides; that row is skipped if the package is missing).
   4 loader      images/s per CPU core of the pretraining augmentation (data.CaptionImagesDataset with augment.py: the
-                CPU path, and the crop-only path of --gpu-augment) on JPEGs of 256 px, one thread; augment_crops on the
-                device for one step's batch and the host-to-device copy of that batch; and from section 2's step how
-                many CPU cores one GPU needs to keep up, for both paths.
+                CPU path, the crop-only path of --gpu-augment, and --gpu-decode's read + header + draws) on JPEGs of
+                256 px, one thread; augment_crops and decode_crops (batched nvJPEG decode + crop: its images/s) on
+                the device for one step's batch, and the host-to-device copies of the batches; and from section 2's
+                step how many CPU cores one GPU needs to keep up, for each path.
   5 evaluations segment.py's training step (model.Segmenter: ViT-B/16 under UperNet, 2 crops of 512 px per GPU, the
                 recipe's 8 x 2, bf16 autocast, cross-entropy + 0.4 x auxiliary, AdamW over its layer-decay groups)
                 and its sliding-window forward (windows/s), and compositionality.py's text tower (CLIP's, width 512,
@@ -524,10 +525,12 @@ def section_loader(report, args, device, results):
     try:
         with tempfile.TemporaryDirectory(prefix="gpu_report_loader_") as root:
             write_tree(root, args.loader_captions, 10, args.stored_size)  # 10 JPEGs per caption, as generate.py
-            paths = {"CPU path (augment.PretrainAugmentation)": False,
-                     "--gpu-augment, the workers' share (decode + crop)": True}
-            datasets = {path: CaptionImagesDataset([root], m, 1, args.image_size, seed=0, augment_on_device=on)
-                        for path, on in paths.items()}
+            paths = {"CPU path (augment.PretrainAugmentation)": (False, False),
+                     "--gpu-augment, the workers' share (decode + crop)": (True, False),
+                     "--gpu-decode, the workers' share (read + JPEG header + draws)": (True, True)}
+            datasets = {path: CaptionImagesDataset([root], m, 1, args.image_size, seed=0, augment_on_device=on,
+                                                   decode_on_device=decode)
+                        for path, (on, decode) in paths.items()}
             report.table("loader", f"### 4a. Augmentation per CPU core: data.CaptionImagesDataset items, "
                          f"{args.loader_captions} captions x {m} images = {images} a pass, JPEGs of "
                          f"{args.stored_size} px -> {args.image_size} px crops, one thread; warm-up 1 pass, then "
@@ -552,14 +555,15 @@ def section_loader(report, args, device, results):
     finally:
         torch.set_num_threads(threads)
 
-    # the device's share under --gpu-augment, and the copies of one step's batch; a failure here (this path has
-    # never run on a GPU) still leaves the CPU path's cores per GPU below
-    cpu_path, gpu_path = paths
+    # the device's share under --gpu-augment and --gpu-decode, and the copies of one step's batch; a failure here
+    # (these paths have never run on a GPU) still leaves the CPU path's cores per GPU below
+    cpu_path, gpu_path, decode_path = paths
     try:
-        augment_seconds = device_share(report, args, device, collate(last[gpu_path]), collate(last[cpu_path]))
+        augment_seconds, decode_seconds = device_share(report, args, device, collate(last[gpu_path]),
+                                                       collate(last[cpu_path]), collate(last[decode_path]))
     except Exception as error:
         report.fail("loader", error, ", the device's share")
-        augment_seconds = None
+        augment_seconds = decode_seconds = None
 
     # how many cores one GPU needs: the step's consumption over one core's rate
     if "train" not in results:
@@ -567,10 +571,13 @@ def section_loader(report, args, device, results):
         return
     step_images, step_seconds = results["train"]["images"], results["train"]["step_seconds"]
     consumption = {cpu_path: step_images / step_seconds}
-    if augment_seconds is not None:  # the step also runs augment_crops on its batch
+    if augment_seconds is not None:  # the step also runs augment_crops on its batch (and decode_crops)
         consumption[gpu_path] = step_images / (step_seconds + augment_seconds * step_images / images)
+        consumption[decode_path] = step_images / (step_seconds + (augment_seconds + decode_seconds) *
+                                                  step_images / images)
     else:
-        report.skip("CPU cores per GPU under --gpu-augment", "augment_crops was not timed on the device")
+        report.skip("CPU cores per GPU under --gpu-augment and --gpu-decode", "augment_crops was not timed on the "
+                    "device")
     report.table("loader", "### 4c. CPU cores one GPU needs = the step's images/s (section 2, ours; with "
                  "--gpu-augment the step also runs augment_crops) / images/s per core (4a)",
                  ["path", "step consumes images/s", "images/s per core", "cores per GPU"])
@@ -580,11 +587,13 @@ def section_loader(report, args, device, results):
                    path=path, consumption_images_per_s=rate, images_per_s_per_core=per_core[path], cores=cores)
 
 
-def device_share(report, args, device, crops, floats):
+def device_share(report, args, device, crops, floats, jpegs):
     """Table 4b: augment_crops on `device` for the collated --gpu-augment batch `crops` (uint8 crops and their
-    parameters), and on a GPU the pinned host-to-device copies of that batch and of the CPU path's float32 batch
-    `floats`. Returns augment_crops' median seconds."""
-    from augment import augment_crops
+    parameters); decode_crops for the --gpu-decode batch `jpegs` (the JPEG files and their drawn boxes: one batched
+    torchvision decode_jpeg, nvJPEG on a GPU, then the crops), with its images/s; and on a GPU the pinned
+    host-to-device copies of those batches and of the CPU path's float32 batch `floats`. Returns the median seconds
+    of augment_crops and of decode_crops."""
+    from augment import augment_crops, decode_crops
 
     images = len(crops["images"])
     report.table("loader", f"### 4b. On the {device.type}: one step's batch of {images} crops of {args.image_size} px;"
@@ -598,10 +607,22 @@ def device_share(report, args, device, crops, floats):
     report.row(["augment.augment_crops (colour, grayscale, blur, flip, normalise), batched", fmt(augment_seconds * 1e3),
                 seconds_list(timing, 1e3), ""], what="augment_crops", images=images, median_seconds=augment_seconds,
                seconds=[t for t, _, _ in timing])
+    views = len(jpegs["image_labels"]) // len(jpegs["caption_labels"])
+    shipped = jpegs["images"].to(device)
+    decode = lambda: decode_crops(shipped, jpegs["jpegs"], len(jpegs["image_labels"]), views)  # noqa: E731
+    decode()
+    timing = alternate({"decode": decode}, args.augment_repeats, device)["decode"]
+    decode_seconds = median_seconds(timing)
+    report.row([f"augment.decode_crops (JPEG decode, batched, + crop to {args.image_size} px): "
+                f"{fmt(images / decode_seconds)} images/s", fmt(decode_seconds * 1e3), seconds_list(timing, 1e3),
+                fmt(mib(jpegs["jpegs"].data.numel()))],
+               what="decode_crops", images=images, median_seconds=decode_seconds, seconds=[t for t, _, _ in timing],
+               images_per_s=images / decode_seconds, jpeg_bytes=jpegs["jpegs"].data.numel())
     if device.type != "cuda":
         report.skip("host-to-device copies", "no CUDA device")
-        return augment_seconds
+        return augment_seconds, decode_seconds
     for name, tensor in (("uint8 crops (--gpu-augment)", crops["images"]),
+                         ("JPEG files (--gpu-decode)", jpegs["jpegs"].data),
                          ("float32 images (CPU path)", floats["images"])):
         pinned = tensor.pin_memory()  # pretrain.py's DataLoader pins on a GPU
         copy = lambda pinned=pinned: pinned.to(device, non_blocking=True)  # noqa: E731
@@ -612,7 +633,7 @@ def device_share(report, args, device, crops, floats):
                     seconds_list(timing, 1e3), fmt(mib(size))],
                    what=f"copy {name}", median_seconds=median_seconds(timing), seconds=[t for t, _, _ in timing],
                    bytes=size)
-    return augment_seconds
+    return augment_seconds, decode_seconds
 
 
 # ---- 5. evaluations ----

@@ -1,7 +1,13 @@
 """data.py and augment.py: deterministic items, the per-rank caption sampler, batch labels; the augmentation's
-parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling."""
+parameters, ops and statistics against the official pipeline, the batched (--gpu-augment) path, downsampling; the
+loader's workers; streamed shards (each caption once an epoch, exact resume from a position, bounded members)."""
+import copy
 import io
 import os
+import shutil
+import sys
+import tarfile
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -12,6 +18,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 import augment
+import data
+import shards
 from augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,7 +32,7 @@ from augment import (
     official_augmentation,
     sample_color_params,
 )
-from conftest import write_random_tree
+from conftest import write_random_shards, write_random_tree
 from data import CaptionImagesDataset, CaptionSampler, LocalCrops, collate
 
 
@@ -83,8 +91,8 @@ def test_collate_labels_for_both_kinds_of_positives(random_tree):
     assert batch["caption_labels"].tolist() == [3, 7] and batch["tokens"] is None
 
 
-def test_labels_run_across_several_trees(random_tree):
-    dataset = CaptionImagesDataset([random_tree, random_tree], 1, 1, 32)
+def test_labels_run_across_several_sources(random_tree, random_shards):
+    dataset = CaptionImagesDataset([random_tree, random_shards], 1, 1, 32)
     assert len(dataset) == 24 and dataset[(0, 20)].label == 20
 
 
@@ -245,6 +253,46 @@ def test_batched_augmentation_equals_the_per_crop_path(random_tree):
     torch.testing.assert_close(images, expected["images"], atol=1e-5, rtol=0)
 
 
+def test_decoding_on_the_device_makes_the_workers_crops(random_tree, tmp_path):
+    """--gpu-decode: a JPEG travels undecoded with its drawn crop box; augment.decode_crops (torchvision's decoder
+    where the crops are: nvJPEG on a GPU, here the CPU) makes the crops the workers would have made from the same
+    draws, within two grey levels (float resizing instead of uint8); a PNG is still cropped by the worker."""
+    tree = tmp_path / "tree"
+    shutil.copytree(random_tree, tree, ignore=shutil.ignore_patterns(".stablerep-index"))
+    png = tree / "00000" / "000000002_01.png"
+    Image.open(tree / "00000" / "000000002_01.jpg").save(png)
+    os.remove(tree / "00000" / "000000002_01.jpg")
+    os.remove(tree / "00000" / "_index.json")  # listed again: image 1 of caption 2 is now a PNG
+    workers = CaptionImagesDataset([str(tree)], 3, 2, 32, seed=3, augment_on_device=True, downsample_prob=0.5,
+                                   downsample_res=(16,))
+    deferred = CaptionImagesDataset([str(tree)], 3, 2, 32, seed=3, augment_on_device=True, decode_on_device=True,
+                                    downsample_prob=0.5, downsample_res=(16,))
+    expected = collate([workers[(2, i)] for i in range(6)])
+    batch = collate([deferred[(2, i)] for i in range(6)])
+    assert batch["jpegs"] is not None and len(batch["jpegs"].rows) + len(batch["images"]) == 36
+    assert 0 < len(batch["images"]) < 36  # the PNG's crops, made by the worker
+    assert torch.equal(batch["crop_labels"], expected["crop_labels"])
+    for field in ("order", "factors", "sigma"):  # the same colour draws, crop for crop
+        assert torch.equal(getattr(batch["color"], field), getattr(expected["color"], field))
+    crops, corrupt = augment.decode_crops(batch["images"], batch["jpegs"], 36, 6)
+    assert corrupt == 0 and crops.shape == expected["images"].shape
+    difference = (crops.int() - expected["images"].int()).abs()
+    assert difference.max() <= 2 and difference.float().mean() < 0.3
+
+    # a JPEG the batched decode refuses is tried alone, then by PIL; one nothing decodes takes another crop of its
+    # own caption and is counted
+    jpegs = batch["jpegs"]
+    start, length = int(jpegs.lengths[:4].sum()), int(jpegs.lengths[4])
+    data = jpegs.data.clone()
+    data[start:start + length] = 0
+    crops, corrupt = augment.decode_crops(batch["images"], jpegs._replace(data=data), 36, 6)
+    row = int(jpegs.rows[4])
+    assert corrupt == 1 and any(torch.equal(crops[row], crops[other]) for other in range(row // 6 * 6, row // 6 * 6
+                                                                                          + 6) if other != row)
+    others = [r for r in range(36) if r != row]
+    assert (crops[others].int() - expected["images"][others].int()).abs().max() <= 2
+
+
 def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeypatch):
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
@@ -359,10 +407,12 @@ def test_dino_items_carry_local_crops_and_their_noise(random_tree):
 
 # ---- unreadable images: skipped and counted, never trained on, never a crash ----
 
+@pytest.mark.parametrize("on_device", [False, True], ids=["decoded by the workers", "--gpu-decode"])
 @pytest.mark.parametrize("damage", ["truncated jpeg", "74-byte png", "not an image", "decompression bomb"])
-def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch):
+def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, on_device, monkeypatch):
     """The 74-byte PNG (a header that claims 64x64, too little data) made torchvision's decoder segfault, which no
-    skip could catch and every --resume hit again; PIL raises instead."""
+    skip could catch and every --resume hit again; PIL raises instead. Under --gpu-decode the workers catch the same
+    files from the header and the end-of-image marker alone."""
     tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
     broken = os.path.join(tree, "00000", "000000001_00.jpg")
     if damage == "truncated jpeg":
@@ -380,10 +430,141 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, monkeypatch
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
         Image.new("RGB", (64, 64)).save(broken, format="JPEG")
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    dataset = CaptionImagesDataset([tree], 2, 1, 32)
-    assert all(dataset[(0, i)].images.shape == (2, 3, 32, 32) for i in range(8))
+    options = {"augment_on_device": on_device, "decode_on_device": on_device}
+    dataset = CaptionImagesDataset([tree], 2, 1, 32, **options)
+    assert all(len(collate([dataset[(0, i)]])["image_labels"]) == 2 for i in range(8))
     caption_1 = [dataset[(epoch, 1)] for epoch in range(10)]  # each epoch draws 2 of its 3 images anew
     assert all(item.label == 1 and 0 not in item.image_indices.tolist() for item in caption_1)  # never image 0
     assert any(item.corrupt == 1 for item in caption_1)  # counted when it was drawn
-    item = CaptionImagesDataset([tree], 3, 1, 32)[(0, 1)]  # only 2 readable images: another caption stands in
+    item = CaptionImagesDataset([tree], 3, 1, 32, **options)[(0, 1)]  # only 2 readable: another caption stands in
     assert item.label != 1 and item.corrupt == 1
+
+
+# ---- the loader's workers ----
+
+def test_workers_start_by_fork_on_linux_and_in_flight_is_bounded(monkeypatch):
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert data.loader_options(4, True) == {"num_workers": 4, "pin_memory": True, "multiprocessing_context": "fork",
+                                            "prefetch_factor": 2}
+    assert data.loader_options(0, False) == {"num_workers": 0, "pin_memory": False}  # no workers, no start method
+    monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe there: the platform's own default (spawn)
+    assert data.loader_options(4, False)["multiprocessing_context"] is None
+    # the paper's batch per GPU, 43 captions x 6 images at 224 px: float32 [258, 3, 224, 224], or uint8 crops
+    floats = data.batch_bytes(43, 6, 1, 224, False)
+    assert floats == 258 * 3 * 224 * 224 * 4 == 4 * data.batch_bytes(43, 6, 1, 224, True)
+    assert data.in_flight_bytes(14, 43, 6, 1, 224, False) == 14 * 2 * 258 * 3 * 224 * 224 * 4  # 4.05 GiB
+
+
+# ---- streamed shards ----
+
+def stream_epoch(stream, epoch, start_step=0, positions=None):
+    """One epoch (from start_step) through StreamLoader: (batches, the stream's state_dict after each batch)."""
+    stream.set_epoch(epoch, start_step)
+    stream.load_state_dict(positions)
+    loader = data.StreamLoader(stream, **data.loader_options(stream.streams if stream.streams > 1 else 0, False))
+    batches, states = [], []
+    for batch in loader:
+        batches.append(batch)
+        states.append(copy.deepcopy(stream.state_dict()))
+    return batches, states
+
+
+def labels(batches):
+    return [label for batch in batches for label in batch["caption_labels"].tolist()]
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory):
+    """16 captions of 2 images in 4 tars of 4, streamed through `pipe:cat`."""
+    root = write_random_shards(tmp_path_factory.mktemp("even"), captions=16, images_per_caption=2, size=8,
+                               per_shard=4)
+    return "pipe:cat " + os.path.join(root, "{00000..00003}.tar")
+
+
+@pytest.mark.parametrize("world_size, workers, shards", [(1, 0, 4), (1, 2, 4), (2, 2, 4), (1, 2, 3), (2, 2, 2)])
+def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, workers, shards):
+    """The shards are dealt to the streams (ranks x workers), those left over shared, and each stream reads its own
+    once: over every rank, an epoch is every caption exactly once, in an order that mixes shards within a batch."""
+    url = even_shards.replace("{00000..00003}", f"{{00000..{shards - 1:05d}}}")
+    epochs = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world_size):
+            stream = data.CaptionShardStream([url], 4 * shards, 2, 2, 1, 16, seed=3, rank=rank,
+                                             world_size=world_size, workers=workers, shuffle_buffer=3, mix=2)
+            batches, _ = stream_epoch(stream, epoch)
+            assert len(batches) == 2 * shards // world_size and all(len(b["caption_labels"]) == 2 for b in batches)
+            seen += labels(batches)
+        assert sorted(seen) == list(range(4 * shards))  # once each
+        epochs.append(seen)
+    assert epochs[0] != epochs[1]  # a new order every epoch
+    if world_size == 1 and workers == 0:  # one stream, 2 of its 4 shards open at once: batches cross shards
+        assert any(len({label // 4 for label in pair}) == 2 for pair in zip(epochs[0][::2], epochs[0][1::2]))
+
+
+def test_a_streamed_run_resumes_at_the_shard_and_sample_where_it_stopped(even_shards):
+    """The position after each batch (the open shards and how far each was read, the buffer, the draw count) goes
+    into the checkpoint; a resumed epoch continues it exactly, reading again only what it had open."""
+    for workers, mix, buffer in ((2, 2, 3), (0, 3, 5)):
+        def stream():
+            return data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, workers=workers,
+                                           shuffle_buffer=buffer, mix=mix)
+        whole, states = stream_epoch(stream(), 1)
+        for start in (3, 5):
+            resumed, _ = stream_epoch(stream(), 1, start, states[start - 1])
+            assert len(resumed) == 8 - start
+            for a, b in zip(whole[start:], resumed):
+                assert torch.equal(a["caption_labels"], b["caption_labels"]) and torch.equal(a["images"], b["images"])
+    # one shard at a time, no buffer: stopped after 5 steps = 10 captions, i.e. 2 of the third shard; the resumed
+    # epoch opens neither of the first two and reads the third again up to where it stood, then on: 2 + 2 + 4
+    single = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, shuffle_buffer=1, mix=1)
+    _, states = stream_epoch(single, 0)
+    assert states[4]["streams"]["0"]["open"][0][1] == 2 and states[4]["streams"]["0"]["next"] == 3
+    resumed = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, shuffle_buffer=1, mix=1)
+    stream_epoch(resumed, 0, 5, states[4])
+    assert resumed.samples_read == 8 and single.samples_read == 16
+
+
+def test_a_stream_shorter_than_its_epoch_says_how_many_passes(even_shards, capsys):
+    stream = data.CaptionShardStream([even_shards], 40, 4, 2, 1, 16, seed=0, shuffle_buffer=4)
+    batches, _ = stream_epoch(stream, 0)
+    seen = labels(batches)
+    assert len(seen) == 40 and sorted(set(seen)) == list(range(16)) and max(seen.count(x) for x in seen) == 3
+    err = capsys.readouterr().err
+    assert "pass 2 over them" in err and "pass 3 over them" in err and "--stream-captions" in err
+
+
+def test_a_streamed_member_is_bounded_by_its_header_not_held(tmp_path, capsys):
+    """A gzipped tar whose member inflates 1000x (a 16 MiB run of zeros) ends its shard unread, and so does a header
+    claiming 1 TiB (skipping it would mean reading it): the samples before it are kept."""
+    path = tmp_path / "bomb.tar.gz"
+    members = (("000000007.00.jpg", b"\xff\xd8 a small image"), ("000000007.txt", b"a caption"),
+               ("000000008.00.jpg", b"\xff\xd8 another"), ("000000008.01.jpg", bytes(16 << 20)),
+               ("000000009.00.jpg", b"\xff\xd8 after"))
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    assert os.path.getsize(path) < 50_000
+    tracemalloc.start()
+    samples = list(data.read_stream(str(path), 0, max_member=1 << 20))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert [(s.key, sorted(s.images), s.text) for s in samples] == [("000000007", [0], b"a caption")]
+    assert peak < 4 << 20  # never the 16 MiB member
+    assert "000000008.01.jpg claims 16777216 bytes" in capsys.readouterr().err
+    claim = tmp_path / "claim.tar"
+    with open(claim, "wb") as f:  # a first member, then a header claiming 1 TiB in a file of a few KB
+        f.write(shards.member_header("000000001.00.jpg", 4) + b"\xff\xd8ok" + bytes(508))
+        f.write(shards.member_header("000000002.00.jpg", 0)[:124] + b"\x80" + (2 ** 40).to_bytes(11, "big") +
+                shards.member_header("000000002.00.jpg", 0)[136:])
+        f.write(bytes(2048))
+    with open(claim, "r+b") as f:  # fix the second header's checksum
+        f.seek(1024)
+        block = bytearray(f.read(512))
+        block[148:156] = b" " * 8
+        block[148:156] = f"{sum(block):06o}\0 ".encode()
+        f.seek(1024)
+        f.write(block)
+    assert [s.key for s in data.read_stream(str(claim), 0)] == ["000000001"]  # at once, not a 1 TiB skip

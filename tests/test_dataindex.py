@@ -1,5 +1,7 @@
 """The readers of pretrain.py: generate.py's tar shards, img2dataset's webdataset and files output, the official CSV
-layout, streamed shards; the cached flat index; corrupt and truncated tar members."""
+layout (streamed shards: tests/test_data.py); the cached flat index, rebuilt when damaged; corrupt, truncated and
+mislabelled tar members; data counted twice through links; the notes on what was skipped."""
+import csv
 import io
 import json
 import os
@@ -16,7 +18,7 @@ import dataindex
 import shards
 from augment import PretrainAugmentation, decode_rgb
 from conftest import caption_text, write_random_shards
-from data import CaptionImagesDataset, CaptionShardStream, collate, item_seed
+from data import CaptionImagesDataset, item_seed
 
 
 def items(dataset, epoch=0):
@@ -117,6 +119,10 @@ def test_corrupt_and_truncated_tar_members_are_skipped_and_counted(random_shards
     with open(root / "00001.tar", "r+b") as f:  # cut inside caption 8's image 2: it and all after are gone
         f.truncate(int(index[3, 4]) + 100)
     dataset = CaptionImagesDataset([str(root)], 3, 1, 32)
+    # the index names bytes past the cut: caption 8's image 3 and all of caption 9 are left out, with a note
+    assert len(dataset) == 11 and dataset.sources[0].key(9) == 10
+    assert dataset.sources[0].notes == [f"1 of 3 tar shard(s) damaged or empty, e.g. {root}/00001.tar: truncated: "
+                                        f"5 image(s) past its end ({int(index[3, 4]) + 100} bytes) are left out"]
     seen = items(dataset) + items(dataset, epoch=1)
     assert all(item.images.shape == (3, 3, 32, 32) for item in seen)
     for item in seen:
@@ -124,10 +130,9 @@ def test_corrupt_and_truncated_tar_members_are_skipped_and_counted(random_shards
             assert 0 not in item.image_indices.tolist()  # never trained on
         if item.label == 3:
             assert 1 not in item.image_indices.tolist()
-    by_index = {index: dataset[(0, index)] for index in (1, 3, 8, 9)}
     assert any(dataset[(epoch, 1)].corrupt == 1 for epoch in range(8))  # when image 0 is tried, it is counted
-    assert by_index[8].label != 8 and by_index[8].corrupt >= 2  # images 2, 3 cut off: 2 readable < m = 3
-    assert by_index[9].label != 9 and by_index[9].corrupt >= 4  # nothing of caption 9 is left: replaced
+    cut = dataset[(0, 8)]
+    assert cut.label != 8 and cut.corrupt >= 1  # image 2 cut short, image 3 gone: 2 readable < m = 3
     two = CaptionImagesDataset([str(root)], 2, 1, 32)[(0, 8)]
     assert two.label == 8 and sorted(two.image_indices.tolist()) == [0, 1]
     assert sum(item.corrupt for item in seen) > 0
@@ -243,28 +248,108 @@ def test_bad_sources_are_named(tmp_path, random_shards):
         dataindex.open_source(str(tmp_path / "nowhere"))
 
 
-# ---- streamed shards ----
+# ---- data dropped, mislabelled or counted twice (issue 18) ----
 
-def stream_batches(stream, epoch, start_step, workers):
-    stream.set_epoch(epoch, start_step)
-    loader = torch.utils.data.DataLoader(stream, batch_size=stream.captions_per_batch, num_workers=workers,
-                                         collate_fn=collate)
-    return [batch for batch in loader]
+def test_csv_is_parsed_as_the_official_reader_parses_it(tmp_path):
+    """An unbalanced quote inside a field (`a 5" tall vase`) is a plain character to csv.reader, which the official
+    dataset uses: no row is lost, and the note counts what was read and skipped."""
+    rows = [(f"img/{i:03d}.png", f"caption {i}") for i in range(40)]
+    rows[5] = ("img/005.png", 'a 5" tall vase')
+    rows[9] = ("img/009.png", '"a ""quoted"" caption\non two lines"')
+    text = "filepath,title\n" + "".join(f"{path},{caption}\n" for path, caption in rows) + "notes.txt,not a row\n"
+    path = tmp_path / "train.csv"
+    path.write_text(text)
+    with open(path, newline="") as f:  # the official reader, literally: every row whose path is an image
+        official = [row for row in csv.reader(f) if row[0].endswith((".png", ".jpg", ".jpeg"))]
+    table, metadata = dataindex.build_csv(str(path), [str(tmp_path)])
+    assert len(table) == len(official) == 40
+    assert metadata["notes"] == [f"{path}: 40 rows read, 2 skipped (the first at line 1: 'filepath' is not an image "
+                                 "path ending in .png/.jpg/.jpeg)"]
+    with open(path, "rb") as f:
+        assert [dataindex.read_csv_record(f, int(offset)) for offset in table["offset"]] == official
+    assert official[5][1] == 'a 5" tall vase' and official[9][1] == 'a "quoted" caption\non two lines'
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_streamed_shards_resume_by_skipping_whole_steps(random_shards, workers):
-    url = "pipe:cat " + os.path.join(random_shards, "{00000..00002}.tar")
-    stream = CaptionShardStream([url], 12, 2, 2, 1, 32, seed=1, workers=workers, shuffle_buffer=3)
-    assert stream.steps_per_epoch == 6 and len(stream.shards) == 3
-    whole = stream_batches(stream, 1, 0, workers)
-    assert len(whole) == 6 and all(batch["images"].shape == (4, 3, 32, 32) for batch in whole)
-    labels = [label for batch in whole for label in batch["caption_labels"].tolist()]
-    assert set(labels) <= set(range(12)) and len(set(labels)) >= 8  # shard-level shuffling, cycling shards
-    for start in (3, 5):
-        resumed = stream_batches(stream, 1, start, workers)
-        assert len(resumed) == 6 - start
-        for a, b in zip(whole[start:], resumed):
-            assert torch.equal(a["caption_labels"], b["caption_labels"]) and torch.equal(a["images"], b["images"])
-    other = stream_batches(stream, 2, 0, workers)
-    assert [b["caption_labels"].tolist() for b in other] != [b["caption_labels"].tolist() for b in whole]
+def test_an_index_that_disagrees_with_its_members_gives_corrupt_images_not_wrong_labels(tmp_path):
+    root = write_random_shards(tmp_path / "s", captions=4, images_per_caption=3, size=8, per_shard=4)
+    path = os.path.join(root, "00000.tar")
+    fd = os.open(path, os.O_RDONLY)
+    table = shards.read_index(fd).copy()
+    os.close(fd)
+    table[1, 2:] = table[2, 2:]  # caption 1's row names caption 2's images (a tampered index, the same size)
+    with open(path, "r+b") as f:
+        f.seek(shards.BLOCK)
+        f.write(shards._npy_bytes(table))
+    dataset = CaptionImagesDataset([root], 2, 1, 16)
+    item = dataset[(0, 1)]
+    assert item.label != 1 and item.corrupt == 3  # all three refused as someone else's, never trained as caption 1
+    assert dataset[(0, 2)].label == 2 and dataset[(0, 2)].corrupt == 0
+
+
+def test_the_same_data_through_a_link_is_refused(tmp_path, random_shards, random_tree):
+    link = tmp_path / "link"
+    os.symlink(random_shards, link)
+    for specs in ([random_shards, str(link)], [random_tree, random_tree],
+                  [os.path.join(random_shards, "00000.tar"), os.path.join(str(link), "{00000..00001}.tar")]):
+        with pytest.raises(ValueError, match="counted twice"):
+            dataindex.check_distinct(specs)
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    shutil.copy(os.path.join(random_shards, "00000.tar"), folder / "00000.tar")
+    os.link(folder / "00000.tar", folder / "00001.tar")  # one file under two names in one folder
+    with pytest.raises(ValueError, match=r"folder holds the same file twice \(.*00000.tar and .*00001.tar\)"):
+        dataindex.check_distinct([str(folder)])
+    dataindex.check_distinct([random_shards, random_tree])  # different files: fine
+
+
+def test_empty_shards_and_mixed_generation_settings_get_a_note(tmp_path):
+    a = write_random_shards(tmp_path / "w2", captions=4, images_per_caption=2, size=8, per_shard=2)
+    b = write_random_shards(tmp_path / "w8", captions=2, images_per_caption=2, size=8, per_shard=2, seed=1)
+    for folder, w in ((a, 2), (b, 8)):
+        (tmp_path / folder / "settings.json").write_text(json.dumps({"model": "sd", "w": w, "steps": 50}))
+    (tmp_path / "w2" / "00002.tar").write_bytes(b"")  # a zero-byte shard among good ones
+    dataset = CaptionImagesDataset([a, b], 1, 1, 16)
+    assert len(dataset) == 6
+    assert dataset.notes == [f"1 of 3 tar shard(s) damaged or empty, e.g. {a}/00002.tar: zero bytes",
+                             f"--data mixes images of 2 generation settings ({a} vs {b}: w 2 vs 8); training goes "
+                             "on with all of them"]
+
+
+# ---- the index cache: damaged, foreign or planted ----
+
+def test_a_damaged_or_foreign_cache_is_rebuilt_with_a_note(tmp_path):
+    root = write_random_shards(tmp_path / "s", captions=3, images_per_caption=2, size=8, per_shard=3)
+    first = dataindex.open_source(root)
+    meta_path = first.table_path.rsplit("-", 1)[0] + ".json"
+    good = open(meta_path).read()
+    for damage, problem in ((lambda: open(meta_path, "w").write("[]"), "a JSON list"),
+                            (lambda: open(meta_path, "w").write("{not json"), "unreadable: Expecting property"),
+                            (lambda: np.save(first.table_path, np.arange(3)), "its table is not this source's"),
+                            (lambda: json.dump({**json.loads(good), "table": "../x.npy"}, open(meta_path, "w")),
+                             "not the index this version writes")):
+        damage()
+        rebuilt = dataindex.open_source(root)
+        assert len(rebuilt) == 3 and len(rebuilt.notes) == 1
+        assert rebuilt.notes[0].startswith(f"{meta_path} is a damaged or foreign index cache ({problem}")
+        assert rebuilt.notes[0].endswith("): rebuilt")
+        assert dataindex.open_source(root).notes == []  # whole again
+
+
+def test_a_planted_link_at_the_cache_redirects_nothing(tmp_path):
+    root = write_random_shards(tmp_path / "s", captions=3, images_per_caption=2, size=8, per_shard=3)
+    meta_path = dataindex.open_source(root).table_path.rsplit("-", 1)[0] + ".json"
+    victim = tmp_path / "victim.json"
+    victim.write_text(open(meta_path).read())  # a valid cache file elsewhere, linked in
+    os.remove(meta_path)
+    os.symlink(victim, meta_path)
+    assert "index cache (unreadable: Too many levels of symbolic links)" in dataindex.open_source(root).notes[0]
+    assert not os.path.islink(meta_path) and victim.read_text() == open(meta_path).read()
+    victim.write_text("mine")
+    cache = os.path.join(root, dataindex.CACHE_FOLDER)
+    shutil.rmtree(cache)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", cache)  # the cache folder itself a link: not read, not written
+    source = dataindex.open_source(root, fallback_cache=str(tmp_path / "out"))
+    assert source.notes == [f"index cache folder {cache} is a symbolic link: not used"]
+    assert source.table_path.startswith(str(tmp_path / "out")) and os.listdir(tmp_path / "elsewhere") == []
+    assert victim.read_text() == "mine"

@@ -20,7 +20,7 @@ try:
     LOSS_ROWS = 4
 except ImportError:
     LOSS_ROWS = 2
-ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [2, 1, 2], "evaluations": [3], "parity": [3],
+ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [3, 2, 3], "evaluations": [3], "parity": [3],
         "families": [4]}
 
 
@@ -63,7 +63,9 @@ def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path):
     assert rows["train"][0]["side"] == "ours" and rows["train"][0]["flops_per_step"] > 0
     assert abs(rows["train"][2]["loss_difference"]) < 1e-4  # ours and timm compute the same step
     assert rows["loss"][0]["rows"] * 4 == rows["loss"][0]["columns"]  # one rank of 4 simulated
-    assert all(row["cores"] > 0 for row in rows["loader"][-2:])
+    assert all(row["cores"] > 0 for row in rows["loader"][-3:])
+    decode = [row for row in rows["loader"] if row.get("what") == "decode_crops"]  # --gpu-decode, the CPU fallback
+    assert len(decode) == 1 and decode[0]["images_per_s"] > 0
     assert [row["family"] for row in rows["families"]] == ["mocov3", "byol", "dino", "mae"]
     assert all(row["gpu_hours"] > 0 and row["recipe_steps"] > 0 for row in rows["families"])
     # what a CPU run cannot measure is said, on stdout and in the JSON

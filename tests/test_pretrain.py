@@ -298,16 +298,20 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
 
 def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(random_tree, tmp_path):
     """--gpu-augment finishes the augmentation on the device (here the CPU) from the loader's draws: the same
-    losses step for step. --downsample-prob 1 with a tiny resolution trains on other crops."""
+    losses step for step; --gpu-decode decodes the JPEGs there too (the same draws, pixels within a grey level or
+    two). --downsample-prob 1 with a tiny resolution trains on other crops."""
     common = ["--data", random_tree, "--epochs", "1", "--captions-per-gpu", "3", "--images-per-caption", "2", *TINY]
     losses = {}
-    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]),
+    for name, flags in (("cpu", []), ("device", ["--gpu-augment"]), ("decoded", ["--gpu-augment", "--gpu-decode"]),
                         ("downsampled", ["--downsample-prob", "1", "--downsample-res", "8"])):
         run_pretrain(*common, "--output", str(tmp_path / name), *flags)
         log = (tmp_path / name / "log.jsonl").read_text().splitlines()
         losses[name] = torch.tensor([json.loads(line)["loss"] for line in log])
     assert len(losses["cpu"]) == 4
     torch.testing.assert_close(losses["device"], losses["cpu"], rtol=1e-5, atol=0)
+    # --gpu-decode's pixels differ by a grey level or two (tests/test_data.py pins its crops), which a random tiny
+    # ViT's contrastive loss at tau 0.1 amplifies to a few percent at the first step
+    assert len(losses["decoded"]) == 4 and abs(losses["decoded"][0] / losses["cpu"][0] - 1) < 0.1
     assert (losses["downsampled"] - losses["cpu"]).abs().max() > 1e-3
 
 
@@ -639,13 +643,13 @@ def test_progress_is_redrawn_in_a_terminal_and_quiet_says_nothing(random_tree, t
     os.close(master)
     assert process.wait() == 0, process.stderr.read()
     process.stderr.close()
-    first, progress, done = shown.split("\n")[:3]
-    assert first.startswith("12 captions") and done.startswith("done: 6 steps")
+    first, loader, progress, done = shown.split("\n")[:4]
+    assert first.startswith("12 captions") and loader.startswith("loader: ") and done.startswith("done: 6 steps")
     assert [line.split("  ")[0] for line in progress.split("\r")[1:]] == [f"step {s}/6 ({100 * s // 6}%)"
                                                                          for s in range(1, 7)]
     quiet = run_pretrain(*small_run(random_tree, tmp_path / "quiet", "--epochs", "1", "--quiet"))
     lines = quiet.stdout.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("12 captions") and lines[1].startswith("done: 3 steps")
+    assert len(lines) == 3 and lines[0].startswith("12 captions") and lines[2].startswith("done: 3 steps")
     assert len((tmp_path / "quiet" / "log.jsonl").read_text().splitlines()) == 3  # the record is kept
 
 
@@ -787,6 +791,24 @@ def test_an_ignored_interrupt_stays_ignored_while_a_checkpoint_is_written(tmp_pa
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+def test_the_loader_forks_its_workers(random_tree, tmp_path):
+    """The start method is chosen, not Python's default (forkserver from 3.14: ~370 MiB more per worker)."""
+    args = pretrain.get_args_parser().parse_args(["--data", random_tree, *TINY, "--workers", "2",
+                                                  "--images-per-caption", "2", "--captions-per-gpu", "2",
+                                                  "--output", str(tmp_path / "run")])
+    pretrain.check_args(args)
+    _, _, loader = pretrain.build_data(args, None, 1, 0, torch.device("cpu"))
+    assert loader.multiprocessing_context.get_start_method() == "fork" and loader.prefetch_factor == 2
+
+
+def test_gpu_decode_goes_with_gpu_augment(random_tree, tmp_path):
+    args = pretrain.get_args_parser().parse_args(["--data", random_tree, *TINY, "--gpu-decode",
+                                                  "--output", str(tmp_path / "run")])
+    pretrain.check_args(args)
+    with pytest.raises(pretrain.UserError, match="--gpu-decode goes with --gpu-augment"):
+        pretrain.build_data(args, None, 1, 0, torch.device("cpu"))
 
 
 # ---- a run's data is never lost or mixed up, and no file makes the run execute a command (issue 18) ----
