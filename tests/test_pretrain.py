@@ -219,7 +219,8 @@ def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
                           (["--loss", "mae", "--crops-per-image", "2"], "takes 1 crop(s)"),
                           (["--loss", "dino", "--init-from", "x.pth"], "starts from random weights"),
                           (["--loss", "dino", "--local-crop-size", "24"], "not a multiple of the patch size"),
-                          (["--loss", "dino"], "--local-crop-size 96 is not smaller than --image-size 32")):
+                          (["--loss", "dino"], "--local-crop-size 96 is not smaller than --image-size 32"),
+                          (["--loss", "byol", "--gpu-augment", "--gpu-decode"], "leave --gpu-decode off")):
         assert_one_line_error(run_pretrain(*out, *argv, check=False), message)
     assert not (tmp_path / "o").exists()
 
