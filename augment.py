@@ -20,6 +20,11 @@ hue shift is the HSV hexcone rotation written as a distance on the hue circle (n
 three box passes folded into one separable kernel, and the flip and normalisation are single passes. The outputs
 have the official pipeline's statistics (tests/test_data.py); `official_augmentation` rebuilds that pipeline as the
 reference.
+
+The self-supervised families of the paper's first question draw each crop from their own official recipe, a `View`
+(a set of colour strengths and probabilities, solarisation, the resampling filter): MoCo v3's and BYOL's two
+asymmetric views, DINO's two global views and its small local crops, MAE's crop and flip alone (VIEWS below). The
+default View is SimCLR's, StableRep's, drawn exactly as before the families existed.
 """
 import io
 import math
@@ -29,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,6 +50,32 @@ LUMA_WEIGHTS = torch.tensor(LUMA)
 HUE_ANCHORS = torch.tensor([3.0, 5.0, 1.0]).view(1, 3, 1, 1)
 NORMALISE_SCALE = 1 / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)  # (x - mean) / std = x * scale + shift
 NORMALISE_SHIFT = -torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * NORMALISE_SCALE
+SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 are inverted
+
+
+class View(NamedTuple):
+    """One crop's recipe: ColorJitter strengths (brightness, contrast, saturation, hue) applied with jitter_p,
+    grayscale, Gaussian blur (sigma U(0.1, 2)) and solarisation probabilities, and the RandomResizedCrop's
+    resampling filter. The defaults are SimCLR's (StableRep's); every view also flips with p 0.5 and normalises."""
+    jitter: tuple = JITTER_STRENGTH
+    jitter_p: float = JITTER_P
+    gray_p: float = GRAYSCALE_P
+    blur_p: float = BLUR_P
+    solarize_p: float = 0.0
+    interpolation: str = "bilinear"
+
+
+# BYOL's two views (BYOL paper, Table 6): colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur p 1.0
+# on the first and 0.1 on the second, solarisation p 0 and 0.2, bicubic resampling
+BYOL_VIEWS = (View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic"),
+              View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2, interpolation="bicubic"))
+# MoCo v3 follows BYOL's views (main_moco.py augmentation1 / augmentation2), with torchvision's bilinear default
+MOCOV3_VIEWS = tuple(view._replace(interpolation="bilinear") for view in BYOL_VIEWS)
+# DINO (main_dino.py DataAugmentationDINO): BYOL's two views as its global crops, bicubic; local crops blur p 0.5
+DINO_GLOBAL_VIEWS = BYOL_VIEWS
+DINO_LOCAL_VIEW = View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.5, interpolation="bicubic")
+# MAE (main_pretrain.py): RandomResizedCrop (bicubic) and a flip, no colour at all
+MAE_VIEWS = (View(jitter_p=0.0, gray_p=0.0, blur_p=0.0, interpolation="bicubic"),)
 
 
 class ColorParams(NamedTuple):
@@ -55,6 +86,7 @@ class ColorParams(NamedTuple):
     gray: torch.Tensor  # [B] bool, converted to grayscale
     sigma: torch.Tensor  # [B] float, Gaussian blur sigma in pixels, 0 = no blur
     flip: torch.Tensor  # [B] bool, flipped left-right
+    solarize: torch.Tensor  # [B] bool, solarised
 
     @staticmethod
     def cat(params):
@@ -62,15 +94,19 @@ class ColorParams(NamedTuple):
         return ColorParams(*(torch.cat(field) for field in zip(*params)))
 
 
-def sample_color_params():
-    """One crop's ColorParams from torch's global generator, distributed as the official pipeline draws them."""
+def sample_color_params(view=View()):
+    """One crop's ColorParams from torch's global generator, distributed as the official pipeline draws them for
+    `view` (SimCLR's by default). A view with solarisation draws one more number, after the others: SimCLR's
+    draws are the same as before views existed."""
     u = torch.rand(9).tolist()
-    factors = [1 + strength * (2 * v - 1) for strength, v in zip(JITTER_STRENGTH[:3], u[1:4])]  # [0.6, 1.4]
-    factors.append(JITTER_STRENGTH[3] * (2 * u[4] - 1))  # hue shift in [-0.1, 0.1] turns
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[7] if u[6] < BLUR_P else 0.0
-    return ColorParams(jitter=torch.tensor([u[0] < JITTER_P]), order=torch.randperm(4)[None],
-                       factors=torch.tensor([factors]), gray=torch.tensor([u[5] < GRAYSCALE_P]),
-                       sigma=torch.tensor([sigma]), flip=torch.tensor([u[8] < FLIP_P]))
+    factors = [1 + strength * (2 * v - 1) for strength, v in zip(view.jitter[:3], u[1:4])]  # e.g. [0.6, 1.4]
+    factors.append(view.jitter[3] * (2 * u[4] - 1))  # hue shift in [-0.1, 0.1] turns
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[7] if u[6] < view.blur_p else 0.0
+    solarize = float(torch.rand(())) < view.solarize_p if view.solarize_p > 0 else False
+    return ColorParams(jitter=torch.tensor([u[0] < view.jitter_p]), order=torch.randperm(4)[None],
+                       factors=torch.tensor([factors]), gray=torch.tensor([u[5] < view.gray_p]),
+                       sigma=torch.tensor([sigma]), flip=torch.tensor([u[8] < FLIP_P]),
+                       solarize=torch.tensor([solarize]))
 
 
 # ---- the colour, blur and flip ops: float images in [0, 1], [n, 3, S, S], which they may modify in place, and a
@@ -174,6 +210,11 @@ def flip(x):
     return x.flip(3)
 
 
+def solarize(x):
+    """PIL's ImageOps.solarize: every level at or above 128 / 255 becomes 1 - level."""
+    return torch.where(x >= SOLARIZE_THRESHOLD, 1 - x, x)
+
+
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
@@ -190,8 +231,8 @@ def _apply(op, x, rows, *per_image):
 
 def augment_crops(crops, params):
     """uint8 crops [B, S, S, 3] (any device) and their ColorParams (CPU) -> normalised float32 [B, 3, S, S]:
-    colour jitter (the four ops in each crop's order), grayscale, blur, flip, ImageNet mean/std. Always float32,
-    whatever autocast is active."""
+    colour jitter (the four ops in each crop's order), grayscale, blur, solarisation, flip, ImageNet mean/std.
+    Always float32, whatever autocast is active."""
     jitter, order = params.jitter.tolist(), params.order.tolist()
     factors = params.factors.unbind(1)  # brightness, contrast, saturation, hue: [B] each
     with torch.autocast(crops.device.type, enabled=False):
@@ -202,6 +243,7 @@ def augment_crops(crops, params):
                 x = _apply(op, x, rows, factors[op_index])
         x = _apply(to_grayscale, x, [i for i, on in enumerate(params.gray.tolist()) if on])
         x = _apply(gaussian_blur, x, [i for i, sigma in enumerate(params.sigma.tolist()) if sigma > 0], params.sigma)
+        x = _apply(solarize, x, [i for i, on in enumerate(params.solarize.tolist()) if on])
         x = _apply(flip, x, [i for i, on in enumerate(params.flip.tolist()) if on])
         return x.mul_(NORMALISE_SCALE.to(x.device)).add_(NORMALISE_SHIFT.to(x.device))  # (x - mean) / std
 
@@ -220,11 +262,12 @@ def decode_rgb(path):
         return torch.from_numpy(np.array(image if image.mode == "RGB" else image.convert("RGB")))
 
 
-def resize(pixels, height, width):
-    """uint8 [h, w, 3] -> [height, width, 3], bilinear and antialiased: torch's uint8 kernel for channels-last
-    images, which computes PIL's resampling to within a grey level or two, several times faster than PIL."""
+def resize(pixels, height, width, mode="bilinear"):
+    """uint8 [h, w, 3] -> [height, width, 3], bilinear (or bicubic) and antialiased: torch's uint8 kernel for
+    channels-last images, which computes PIL's resampling to within a grey level or two, several times faster
+    than PIL."""
     image = pixels.permute(2, 0, 1)[None].contiguous(memory_format=torch.channels_last)  # [1, 3, h, w]
-    resized = F.interpolate(image, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    resized = F.interpolate(image, size=(height, width), mode=mode, antialias=True, align_corners=False)
     return resized[0].permute(1, 2, 0)  # [height, width, 3]
 
 
@@ -248,13 +291,16 @@ class PretrainAugmentation:
     3/4-4/3), ColorJitter(0.4, 0.4, 0.4, 0.1) p=0.8 in a random order, grayscale p=0.2, PIL's Gaussian blur of
     sigma U(0.1, 2) p=0.5, horizontal flip, ImageNet mean/std; optionally, first, with probability downsample_prob the
     whole image is resized down to a resolution drawn uniformly from downsample_res and back up (official
-    --downsample, off by default)."""
+    --downsample, off by default). `view` swaps the colour recipe and the resampling filter for another family's
+    (View: MoCo v3's, BYOL's, DINO's, MAE's)."""
 
-    def __init__(self, image_size, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128)):
+    def __init__(self, image_size, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
+                 view=View()):
         self.image_size = image_size
         self.crop_scale = tuple(crop_scale)
         self.downsample_prob = downsample_prob
         self.downsample_res = tuple(downsample_res)
+        self.view = view
 
     def draw(self, height, width):
         """Every random draw of one crop of a height x width image, from torch's global generator, in crop()'s order:
@@ -265,14 +311,15 @@ class PretrainAugmentation:
             resolution = self.downsample_res[int(torch.randint(len(self.downsample_res), ()))]
         size_only = torch.zeros((), dtype=torch.uint8).expand(3, height, width)  # get_params reads the shape alone
         box = T.RandomResizedCrop.get_params(size_only, self.crop_scale, CROP_RATIO)
-        return resolution, box, sample_color_params()
+        return resolution, box, sample_color_params(self.view)
 
     def crop(self, pixels):
         """uint8 [H, W, 3] image -> (uint8 [S, S, 3] crop, its ColorParams), drawn from torch's global generator."""
         resolution, (top, left, height, width), params = self.draw(*pixels.shape[:2])
         if resolution:
             pixels = down_and_up(pixels, resolution)
-        return resize(pixels[top:top + height, left:left + width], self.image_size, self.image_size), params
+        return resize(pixels[top:top + height, left:left + width], self.image_size, self.image_size,
+                      self.view.interpolation), params
 
     def __call__(self, pixels):
         """uint8 [H, W, 3] image -> normalised float32 [3, S, S]."""
@@ -404,19 +451,26 @@ class PILDownAndUp:
         return T.Resize(image.size[::-1])(T.Resize(resolution)(image))
 
 
-def official_augmentation(image_size, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128)):
+def official_augmentation(image_size, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
+                          view=View()):
     """The official StableRep pipeline's behaviour, rebuilt from torchvision's v1 transforms on PIL images: PIL image
-    -> normalised float32 [3, S, S]. The reference that tests/test_data.py compares PretrainAugmentation's statistics
-    with and bench/bench_data.py times it against; training does not use it."""
+    -> normalised float32 [3, S, S]. With another `view`, that family's official pipeline (main_moco.py,
+    main_dino.py, main_pretrain.py, BYOL's Table 6), solarisation by PIL's ImageOps.solarize. The reference that
+    tests/test_data.py compares PretrainAugmentation's statistics with and bench/bench_data.py times it against;
+    training does not use it."""
+    filters = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
     transforms = [
-        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=CROP_RATIO),
-        T.RandomApply([T.ColorJitter(*JITTER_STRENGTH)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAYSCALE_P),
-        T.RandomApply([PILGaussianBlur()], p=BLUR_P),
+        T.RandomResizedCrop(image_size, scale=tuple(crop_scale), ratio=CROP_RATIO,
+                            interpolation=filters[view.interpolation]),
+        T.RandomApply([T.ColorJitter(*view.jitter)], p=view.jitter_p),
+        T.RandomGrayscale(p=view.gray_p),
+        T.RandomApply([PILGaussianBlur()], p=view.blur_p),
         T.RandomHorizontalFlip(p=FLIP_P),
         T.ToTensor(),
         T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ]
+    if view.solarize_p > 0:
+        transforms.insert(4, T.RandomApply([ImageOps.solarize], p=view.solarize_p))
     if downsample_prob > 0:
         transforms.insert(0, T.RandomApply([PILDownAndUp(downsample_res)], p=downsample_prob))
     return T.Compose(transforms)

@@ -14,6 +14,12 @@ training device; with decode_on_device too, its JPEGs travel undecoded with thei
 augment.decode_crops to decode and crop there first. All randomness of an item (which m images, every crop and
 jitter) is drawn from a generator seeded by (seed, epoch, item index), so an item is the same whichever worker loads
 it, and a resumed run sees exactly the batches an uninterrupted one would have seen.
+
+The self-supervised families take other crops: a View per crop (MoCo v3's and BYOL's two asymmetric views, MAE's
+crop and flip), DINO's `local` crops of a smaller size beside its two global ones (`local_images`), and
+`noise_per_crop` uniform draws per crop for the model's own random choices (MAE's mask, DINO's stochastic depth),
+drawn with the item's seed too: a sample's randomness travels with it, so one process and several give the same
+numbers.
 """
 import hashlib
 import io
@@ -33,6 +39,7 @@ from augment import (
     ColorParams,
     DeviceJpegs,
     PretrainAugmentation,
+    View,
     decode_rgb,
     jpeg_size,
 )
@@ -61,17 +68,37 @@ class CaptionImages(NamedTuple):
     jpegs: Optional[DeviceJpegs] = None  # decode_on_device: the JPEGs to decode and crop on the device (images then
     #                                      holds only the crops of other formats)
     stream: Optional[tuple] = None  # a stream's batch-ending item: (stream number, its position after the batch)
+    local_images: Optional[torch.Tensor] = None  # [m * l, 3, s, s] DINO's local crops, image-major (or uint8 crops)
+    local_color: Optional[ColorParams] = None  # augment_on_device: the local crops' parameters
+    noise: Optional[torch.Tensor] = None  # [m * c, noise_per_crop] uniform draws for the model, one row per crop
+    local_noise: Optional[torch.Tensor] = None  # [m * l, noise_per_crop], the local crops'
+
+
+class LocalCrops(NamedTuple):
+    """DINO's multi-crop: `count` more crops of each image at `size` pixels, of `scale` of its area, by `view`."""
+    count: int
+    size: int
+    scale: tuple
+    view: View
 
 
 class _CaptionItems:
     """What both datasets share: the augmentation, the tokenizer, and making an item from a caption's images."""
 
     def __init__(self, images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                 downsample_prob, downsample_res, augment_on_device, decode_on_device=False):
+                 downsample_prob, downsample_res, augment_on_device, decode_on_device=False, views=None,
+                 local=None, noise_per_crop=0):
         self.images_per_caption = images_per_caption
         self.crops_per_image = crops_per_image
         self.image_size = image_size
-        self.augment = PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res)
+        views = views or (View(),) * crops_per_image  # one View per crop (StableRep, SimCLR: c alike)
+        if len(views) != crops_per_image:
+            raise ValueError(f"{len(views)} views for {crops_per_image} crops per image")
+        self.augments = [PretrainAugmentation(image_size, crop_scale, downsample_prob, downsample_res, view)
+                         for view in views]
+        self.local_augments = [PretrainAugmentation(local.size, local.scale, downsample_prob, downsample_res,
+                                                    local.view) for _ in range(local.count)] if local else []
+        self.noise_per_crop = noise_per_crop
         self.augment_on_device = augment_on_device or decode_on_device
         self.decode_on_device = decode_on_device
         self.seed = seed
@@ -88,6 +115,7 @@ class _CaptionItems:
         decode_on_device a JPEG is not decoded: its header gives the size the crop is drawn for, and the file
         travels with the draws (augment.DeviceJpegs) to be decoded and cropped where the training runs."""
         images, colors, chosen, corrupt, jpegs, shipped = [], [], [], 0, [], []
+        local_images, local_colors, noise, local_noise = [], [], [], []
         for position in torch.randperm(len(slots)).tolist():
             slot = slots[position]
             try:
@@ -101,18 +129,23 @@ class _CaptionItems:
             except DECODE_ERRORS:
                 corrupt += 1
                 continue
-            for _ in range(self.crops_per_image):
+            for augment in self.augments:
                 if size is not None:  # drawn now, decoded and cropped on the device
-                    resolution, box, color = self.augment.draw(*size)
+                    resolution, box, color = augment.draw(*size)
                     jpegs.append((len(images) + len(jpegs), source, box, resolution))
                     colors.append(color)
                 elif self.augment_on_device:
-                    crop, color = self.augment.crop(pixels)
+                    crop, color = augment.crop(pixels)
                     shipped.append(len(images) + len(jpegs))
                     images.append(crop)
                     colors.append(color)
                 else:
-                    images.append(self.augment(pixels))
+                    images.append(augment(pixels))
+            for augment in self.local_augments:  # DINO's local crops (never decoded on the device: pretrain.py
+                self._crop(augment, pixels, local_images, local_colors)  # refuses --gpu-decode for the families)
+            if self.noise_per_crop:  # after the crops: the crops' draws are those of a run without noise
+                noise.append(torch.rand(len(self.augments), self.noise_per_crop))
+                local_noise.append(torch.rand(len(self.local_augments), self.noise_per_crop))
             chosen.append(slot)
             if len(chosen) == self.images_per_caption:
                 tokens = None
@@ -125,9 +158,23 @@ class _CaptionItems:
                 stacked = torch.stack(images) if images else torch.empty(
                     (0, self.image_size, self.image_size, 3), dtype=torch.uint8)
                 item = CaptionImages(stacked, label, torch.tensor(chosen), tokens, corrupt, color,
-                                     _device_jpegs(jpegs, shipped) if self.decode_on_device else None)
+                                     _device_jpegs(jpegs, shipped) if self.decode_on_device else None,
+                                     local_images=torch.stack(local_images) if local_images else None,
+                                     local_color=ColorParams.cat(local_colors) if local_colors else None,
+                                     noise=torch.cat(noise) if noise else None,
+                                     local_noise=torch.cat(local_noise) if local_images and noise else None)
                 return item, corrupt
         return None, corrupt
+
+    def _crop(self, augment, pixels, crops, colors):
+        """One crop of `pixels` by `augment` onto `crops`: finished here, or (augment_on_device) uint8 with its
+        drawn colour parameters onto `colors`."""
+        if self.augment_on_device:
+            crop, color = augment.crop(pixels)
+            crops.append(crop)
+            colors.append(color)
+        else:
+            crops.append(augment(pixels))
 
 
 def _read_file(path):
@@ -156,9 +203,10 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
     def __init__(self, roots, images_per_caption, crops_per_image, image_size, seed=0, tokenizer=None,
                  context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0, downsample_res=(64, 128),
                  augment_on_device=False, folder_list=None, fallback_cache=None, build_index=True,
-                 decode_on_device=False):
+                 decode_on_device=False, views=None, local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device, decode_on_device)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device, views, local,
+                         noise_per_crop)
         streamed = [spec for spec in roots if dataindex.is_streamed(spec)]
         if streamed:
             raise ValueError(f"{streamed[0]} opens only as a stream: read it with CaptionShardStream")
@@ -351,9 +399,10 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     def __init__(self, urls, captions_per_epoch, captions_per_batch, images_per_caption, crops_per_image, image_size,
                  seed=0, tokenizer=None, context_length=77, crop_scale=(0.08, 1.0), downsample_prob=0.0,
                  downsample_res=(64, 128), augment_on_device=False, rank=0, world_size=1, workers=0,
-                 shuffle_buffer=500, mix=4, decode_on_device=False):
+                 shuffle_buffer=500, mix=4, decode_on_device=False, views=None, local=None, noise_per_crop=0):
         super().__init__(images_per_caption, crops_per_image, image_size, seed, tokenizer, context_length, crop_scale,
-                         downsample_prob, downsample_res, augment_on_device, decode_on_device)
+                         downsample_prob, downsample_res, augment_on_device, decode_on_device, views, local,
+                         noise_per_crop)
         self.shards = [(source, url) for source, spec in enumerate(urls) for url in dataindex.expand(spec)]
         self.captions_per_epoch, self.captions_per_batch = captions_per_epoch, captions_per_batch
         self.rank, self.world_size, self.streams = rank, world_size, max(1, workers)
@@ -659,7 +708,8 @@ def describe_loader(workers, captions, images_per_caption, crops_per_image, imag
 def collate(items):
     """Stack items into a batch: images [B * m * c, 3, S, S] (or uint8 crops [B * m * c, S, S, 3] and their
     ColorParams, "color"; with decode_on_device only the crops of non-JPEG images, and "jpegs", the DeviceJpegs
-    that augment.decode_crops turns into the others) and per-image caption labels and image ids.
+    that augment.decode_crops turns into the others) and per-image caption labels and image ids. The families'
+    local crops, their colour parameters and the crops' noise likewise, each None where the items have none.
 
     image_labels repeat each caption's label m * c times (StableRep's positives: same caption); crop_labels give
     every (caption, image) its own id repeated c times (SimCLR's positives: crops of one image). A caption
@@ -677,7 +727,16 @@ def collate(items):
         else None
     batch = {"images": images, "color": color, "jpegs": jpegs, "image_labels": image_labels,
              "crop_labels": crop_labels, "caption_labels": labels, "tokens": tokens,
-             "corrupt": sum(item.corrupt for item in items)}
+             "corrupt": sum(item.corrupt for item in items),
+             "local_images": _cat([item.local_images for item in items]),
+             "local_color": (ColorParams.cat([item.local_color for item in items])
+                             if items[0].local_color is not None else None),
+             "noise": _cat([item.noise for item in items]), "local_noise": _cat([item.local_noise for item in items])}
     if items[-1].stream is not None:
         batch["stream"] = items[-1].stream
     return batch
+
+
+def _cat(tensors):
+    """torch.cat of the items' tensors, or None when they hold none."""
+    return None if tensors[0] is None else torch.cat(tensors)

@@ -188,3 +188,106 @@ def _image_text_loss(image_features, text_features, image_captions, text_caption
     image_to_text = soft_cross_entropy(logit_scale * image_features @ all_texts.T, image_captions, all_text_captions)
     text_to_image = soft_cross_entropy(logit_scale * text_features @ all_images.T, text_captions, all_image_captions)
     return (image_to_text + text_to_image) / 2
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the self-supervised families of the paper's first question (Sec. 2): MoCo v3, BYOL, DINO, MAE
+# ------------------------------------------------------------------------------------------------------------
+
+def mocov3_loss(queries, keys, temperature=0.2):
+    """MoCo v3's symmetrised InfoNCE (Chen, Xie, He, ICCV 2021, Eq. 1; moco/builder.py contrastive_loss).
+
+    queries: [N_local, 2, E] the predictor's outputs q of each image's two views; keys: [N_local, 2, E] the
+    momentum encoder's k (no gradient). With q, k L2-normalised, the key of image i's other view as its positive
+    and every other image's key in the global batch as negatives:
+
+        ctr(q, k) = 2 tau x mean_i -log( exp(q_i.k_i / tau) / sum_j exp(q_i.k_j / tau) )
+        L = ctr(q_view1, k_view2) + ctr(q_view2, k_view1)
+
+    (the factor 2 tau is the official code's, which makes the gradient's scale independent of tau). Under DDP the
+    keys are gathered from every rank (they carry no gradient), each rank scores its own queries, and the mean of
+    the per-rank losses is the one-process loss of the global batch. Returns a float32 scalar."""
+    with full_precision(queries):
+        queries, keys = at_least_float32(queries), at_least_float32(keys.detach())
+        queries, keys = torch.nn.functional.normalize(queries, dim=-1), torch.nn.functional.normalize(keys, dim=-1)
+        all_keys = all_gather_no_grad(keys)  # [N_global, 2, E]
+        positives = torch.arange(len(queries), device=queries.device) + rank() * len(queries)
+        total = 0.0
+        for view in (0, 1):
+            logits = queries[:, view] @ all_keys[:, 1 - view].T / temperature  # [N_local, N_global]
+            total = total + torch.nn.functional.cross_entropy(logits, positives) * (2 * temperature)
+        return total
+
+
+def byol_loss(predictions, targets):
+    """BYOL's symmetrised regression loss (Grill et al., NeurIPS 2020, Eq. 2 and the sum L + L~ of Sec. 3.1).
+
+    predictions: [N, 2, E] the online predictor's q of each image's two views; targets: [N, 2, E] the target
+    network's projections z' (no gradient). With both L2-normalised, the prediction of one view regresses the
+    target of the other:
+
+        L = mean_i ||q_i,1 - z'_i,2||^2 + mean_i ||q_i,2 - z'_i,1||^2,   ||q - z'||^2 = 2 - 2 cos(q, z')
+
+    Per image, so the mean of the per-rank losses under DDP is the one-process loss. Returns a float32 scalar."""
+    with full_precision(predictions):
+        q = torch.nn.functional.normalize(at_least_float32(predictions), dim=-1)
+        z = torch.nn.functional.normalize(at_least_float32(targets.detach()), dim=-1)
+        return (2 - 2 * (q * z.flip(1)).sum(-1)).mean(0).sum()  # views (1, 2) against targets (2, 1)
+
+
+def dino_loss(student, teacher, center, student_temperature=0.1, teacher_temperature=0.04):
+    """DINO's self-distillation loss (Caron et al., ICCV 2021, Eq. 1 and Alg. 1; main_dino.py DINOLoss).
+
+    student: [N, V, K] the student head's outputs for each image's V crops, the two global crops first; teacher:
+    [N, 2, K] the teacher's for the two global crops (no gradient); center: [1, K]. The teacher is centred and
+    sharpened, P_t = softmax((t - center) / teacher_temperature); the student is P_s = softmax(s /
+    student_temperature); each student crop learns every teacher crop but its own:
+
+        L = 1 / #pairs x sum_{g in {1, 2}} sum_{v != g} mean_i H(P_t(i, g), P_s(i, v)),   H(a, b) = -sum_k a_k log b_k
+
+    with #pairs = 2 (V - 1). The sum over pairs is one contraction over K ([2, V] cross-entropies at once) instead
+    of the official loop's V - 1 passes per teacher crop (`dino_loss_reference` is that loop); the same value and
+    gradient (tests/test_loss.py). The loss is a mean over this rank's images (the center is the global one).
+    Returns a float32 scalar."""
+    with full_precision(student):
+        log_student = torch.log_softmax(at_least_float32(student) / student_temperature, dim=-1)  # [N, V, K]
+        targets = torch.softmax((at_least_float32(teacher.detach()) - center) / teacher_temperature, dim=-1)
+        cross = -torch.einsum("ngk,nvk->gv", targets, log_student) / len(student)  # [2, V]: mean_i H per pair
+        views = student.shape[1]
+        other = ~torch.eye(2, views, dtype=torch.bool, device=student.device)  # v != g
+        return cross[other].sum() / (2 * (views - 1))
+
+
+def dino_loss_reference(student, teacher, center, student_temperature=0.1, teacher_temperature=0.04):
+    """`dino_loss` written as the official DINOLoss.forward loops: pair by pair, each an [N, K] cross-entropy."""
+    student_out = (student.double() / student_temperature).unbind(1)
+    teacher_out = torch.softmax((teacher.double() - center.double()) / teacher_temperature, dim=-1).detach()
+    total, pairs = 0.0, 0
+    for g, target in enumerate(teacher_out.unbind(1)):
+        for v, crop in enumerate(student_out):
+            if v == g:
+                continue  # a crop never learns from itself
+            total = total + torch.sum(-target * torch.log_softmax(crop, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def mae_loss(pred, patches, mask, normalise_patches=True):
+    """MAE's reconstruction loss (He et al., CVPR 2022, Sec. 3; models_mae.py forward_loss).
+
+    pred, patches: [N, L, p p 3] the decoder's prediction and the image's pixels per patch; mask: [N, L], 1 where
+    the patch was removed. With normalise_patches (MAE's --norm_pix_loss, its recipe), each target patch is first
+    standardised by its own pixels' mean and (unbiased) variance, t = (x - mean) / sqrt(var + 1e-6). The loss is
+    the mean squared error per patch, averaged over the removed patches only:
+
+        L = sum_{i,l} m_il x mean_d (pred_ild - t_ild)^2 / sum_{i,l} m_il
+
+    Every image has the same number of removed patches, so the mean of the per-rank losses under DDP is the
+    one-process loss. Returns a float32 scalar."""
+    with full_precision(pred):
+        pred, target = at_least_float32(pred), at_least_float32(patches)
+        if normalise_patches:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1e-6) ** 0.5
+        per_patch = ((pred - target) ** 2).mean(dim=-1)  # [N, L]
+        return (per_patch * mask).sum() / mask.sum()

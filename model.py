@@ -8,6 +8,7 @@ weights give the same features. The official StableRep code wraps that timm mode
     image [B, 3, H, W] --VisionTransformer--> f(x) [B, D] --ProjectionHead--> h(f(x)) [B, 256]
 """
 import argparse
+import copy
 import math
 import os
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from catalog import VIT_SIZES, vit_name
 from cli import first_line
+from distributed import all_gather_no_grad, world_size
 
 # ------------------------------------------------------------------------------------------------------------
 # ViT encoder
@@ -88,21 +90,32 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, eps=eps)
         self.mlp = Mlp(width, int(width * mlp_ratio), activation)
 
-    def forward(self, x, attn_mask=None, class_token_only=False):
-        """x [B, N, D] -> [B, N, D], or [B, 1, D] (the first token alone) with class_token_only."""
+    def forward(self, x, attn_mask=None, class_token_only=False, keep=None):
+        """x [B, N, D] -> [B, N, D], or [B, 1, D] (the first token alone) with class_token_only.
+
+        keep [B, 2] (stochastic depth): per sample, the factors of the attention and MLP branches, 0 for a dropped
+        branch and 1 / keep-probability for a kept one; None keeps both whole."""
         residual = x[:, :1] if class_token_only else x
-        x = residual + self.attn(self.norm1(x), attn_mask=attn_mask, num_queries=1 if class_token_only else None)
-        return x + self.mlp(self.norm2(x))
+        attention = self.attn(self.norm1(x), attn_mask=attn_mask, num_queries=1 if class_token_only else None)
+        x = residual + (attention if keep is None else attention * keep[:, :1, None])
+        mlp = self.mlp(self.norm2(x))
+        return x + (mlp if keep is None else mlp * keep[:, 1:, None])
 
 
 class VisionTransformer(nn.Module):
-    """ViT with a class token; `forward(images) -> [B, D]` is the class token after the final LayerNorm."""
+    """ViT with a class token; `forward(images) -> [B, D]` is the class token after the final LayerNorm.
 
-    def __init__(self, image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0):
+    Images of another size than `image_size` (DINO's local crops) get the position embedding resized to their
+    grid. `drop_path_rate` > 0 turns on stochastic depth (DINO's student), its per-sample draws given by the
+    caller (`drop_path_noise`), so that they travel with the sample: the same whichever process trains it."""
+
+    def __init__(self, image_size=224, patch_size=16, width=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 drop_path_rate=0.0):
         super().__init__()
         self.config = dict(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio)
         self.width = width
+        self.drop_path_rate = drop_path_rate  # a training setting, not architecture: not in config
         self.patch_embed = PatchEmbed(image_size, patch_size, width)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.patch_embed.num_patches, width))
@@ -123,45 +136,71 @@ class VisionTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def embed(self, images):
-        """Patch tokens with the class token in front, plus position: [B, 3, H, W] -> [B, 1 + num_patches, D]."""
-        x = self.patch_embed(images)
-        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        """Patch tokens with the class token in front, plus position: [B, 3, H, W] -> [B, 1 + num_patches, D].
+        Another input size than the model's gets the position embedding resized bicubically to its grid (without
+        antialiasing, as DINO does for its local crops)."""
+        x = self.patch_embed(images)  # [B, (H / p) (W / p), D]
+        pos_embed = self.pos_embed
+        grid = images.shape[-1] // self.config["patch_size"]
+        if grid != self.patch_embed.grid_size:
+            pos_embed = interpolate_pos_embed(pos_embed, grid, antialias=False)
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
 
-    def forward_tokens(self, images):
+    def block_keep(self, drop_path_noise):
+        """Stochastic depth's branch factors per block from uniform noise [B, 2 x depth] (two draws per block, one
+        per branch; the rate rises linearly from 0 at the first block to drop_path_rate at the last, as in DINO
+        and timm): a list of depth [B, 2] tensors of 0 (dropped) or 1 / keep-probability; Nones when off."""
+        depth = len(self.blocks)
+        if drop_path_noise is None or self.drop_path_rate == 0 or not self.training:
+            return [None] * depth
+        rates = torch.linspace(0, self.drop_path_rate, depth).tolist()
+        noise = drop_path_noise.to(self.cls_token.device).view(-1, depth, 2)  # [B, depth, 2]
+        return [(noise[:, i] >= rate).to(self.cls_token.dtype) / (1 - rate) for i, rate in enumerate(rates)]
+
+    def forward_tokens(self, images, keep=None):
         """The plain ViT, every block over every token: [B, 3, H, W] -> [B, 1 + num_patches, D] after the final
-        norm. f(x) of the paper is `forward_tokens(x)[:, 0]`; `forward` computes the same numbers faster."""
+        norm. f(x) of the paper is `forward_tokens(x)[:, 0]`; `forward` computes the same numbers faster.
+
+        keep [B, K] (MAE): the indices of the patches that enter the encoder, per image; the output is then
+        [B, 1 + K, D], the class token and those patches in that order."""
         x = self.embed(images)
+        if keep is not None:
+            patches = torch.gather(x[:, 1:], 1, keep[..., None].expand(-1, -1, x.shape[-1]))  # [B, K, D]
+            x = torch.cat([x[:, :1], patches], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
 
-    def forward(self, images):
+    def forward(self, images, drop_path_noise=None):
         """f(x): the class token after the final norm, [B, 3, H, W] -> [B, D].
 
         Equal to `forward_tokens(images)[:, 0]` (tests/test_model.py checks it), with one speed trick: the last
         block runs for the class token alone, since no other token's output is used after it. Its attention still
         reads every token's keys and values, but the attention output, projection and MLP skip the patch tokens:
-        about 6% of a ViT-B/16's FLOPs."""
+        about 6% of a ViT-B/16's FLOPs. drop_path_noise [B, 2 x depth] uniform draws: see block_keep."""
+        keep = self.block_keep(drop_path_noise)
         x = self.embed(images)
-        for block in self.blocks[:-1]:
-            x = block(x)
-        x = self.blocks[-1](x, class_token_only=True)  # [B, 1, D]
+        for block, block_keep in zip(self.blocks[:-1], keep[:-1]):
+            x = block(x, keep=block_keep)
+        x = self.blocks[-1](x, class_token_only=True, keep=keep[-1])  # [B, 1, D]
         return self.norm(x[:, 0])
 
 
+def default_depth(name):
+    """Blocks of a VIT_SIZES model: ViT-L/16 has 24, the other three 12."""
+    return 24 if name == "vit_large" else 12
 
 
-def build_vit(name, image_size=224, patch_size=16, depth=None):
+def build_vit(name, image_size=224, patch_size=16, depth=None, drop_path_rate=0.0):
     """One of VIT_SIZES, with overrides of image size, patch size and depth (tests build 32-pixel, 2-block ViTs).
 
     ViT-L/16 has 24 blocks; the other three have 12."""
     if name not in VIT_SIZES:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(VIT_SIZES)}")
     width, heads = VIT_SIZES[name]
-    if depth is None:
-        depth = 24 if name == "vit_large" else 12
+    depth = default_depth(name) if depth is None else depth
     return VisionTransformer(image_size=image_size, patch_size=patch_size, width=width, depth=depth,
-                             num_heads=heads)
+                             num_heads=heads, drop_path_rate=drop_path_rate)
 
 
 def vit_tiny(**overrides):
@@ -210,6 +249,313 @@ class ProjectionHead(nn.Sequential):
         per_caption = features.unflatten(0, (-1, views))  # (B, V, D)
         out = [self(per_caption[:, view]) for view in range(views)]  # V x (B, E)
         return torch.stack(out, dim=1).flatten(0, 1)  # (B * V, E), caption-major again
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the self-supervised families of the paper's first question (Sec. 2): MoCo v3, BYOL, DINO, MAE
+# ------------------------------------------------------------------------------------------------------------
+
+
+def sincos_position_embedding(width, grid_size):
+    """The fixed 2-D sin-cos position embedding of MoCo v3's and MAE's ViTs, [1, 1 + g * g, width] float32.
+
+    The class token's row is zero. Patch (row r, column c), numbered row-major as PatchEmbed flattens them, gets
+    [sin(c w), cos(c w), sin(r w), cos(r w)] with the width / 4 frequencies w_k = 10000^(-k / (width / 4)) (MAE's
+    util/pos_embed.py; MoCo v3's vits.py puts the row's half first, the same embedding up to an order of
+    channels)."""
+    if width % 4:
+        raise ValueError(f"a 2-D sin-cos position embedding needs a width divisible by 4, not {width}")
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # [width / 4]
+    rows, columns = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                   torch.arange(grid_size, dtype=torch.float64), indexing="ij")
+
+    def encode(position):  # [g, g] -> [g * g, width / 2]
+        angles = position.flatten()[:, None] * frequencies[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    patches = torch.cat([encode(columns), encode(rows)], dim=1)  # [g * g, width]
+    return torch.cat([torch.zeros(1, width, dtype=torch.float64), patches]).float()[None]
+
+
+def fix_position_embedding(visual):
+    """MoCo v3's and MAE's ViTs: the position embedding is the sin-cos one, and never trained."""
+    visual.pos_embed.data.copy_(sincos_position_embedding(visual.width, visual.patch_embed.grid_size))
+    visual.pos_embed.requires_grad_(False)
+
+
+def xavier_init(module, split_qkv=False):
+    """Xavier-uniform weights and zero biases for every Linear in `module` (MoCo v3's and MAE's ViTs, following the
+    JAX ViT); with split_qkv (MoCo v3) the fused q, k, v projection is initialised as three width x width
+    matrices."""
+    for name, layer in module.named_modules():
+        if not isinstance(layer, nn.Linear):
+            continue
+        if split_qkv and name.endswith("attn.qkv"):
+            bound = math.sqrt(6 / (layer.weight.shape[0] // 3 + layer.weight.shape[1]))
+            nn.init.uniform_(layer.weight, -bound, bound)
+        else:
+            nn.init.xavier_uniform_(layer.weight)
+        if layer.bias is not None:
+            nn.init.zeros_(layer.bias)
+
+
+def init_like_mocov3(visual, frozen_patch_embed=True):
+    """MoCo v3's ViT (vits.py VisionTransformerMoCo): fixed sin-cos position embedding, xavier-uniform Linears with
+    q, k, v split, the patch projection xavier-uniform as a [width, 3 p p] matrix with zero bias, class token
+    N(0, 1e-6). frozen_patch_embed: the patch projection stays random and untrained (--stop-grad-conv1, which the
+    MoCo v3 paper found to stabilise ViT training)."""
+    fix_position_embedding(visual)
+    xavier_init(visual.blocks, split_qkv=True)
+    weight = visual.patch_embed.proj.weight
+    bound = math.sqrt(6 / (weight[0].numel() + weight.shape[0]))
+    nn.init.uniform_(weight, -bound, bound)
+    nn.init.zeros_(visual.patch_embed.proj.bias)
+    nn.init.normal_(visual.cls_token, std=1e-6)
+    visual.patch_embed.requires_grad_(not frozen_patch_embed)
+    return visual
+
+
+def init_like_mae(visual):
+    """MAE's encoder (models_mae.py initialize_weights): fixed sin-cos position embedding, xavier-uniform Linears,
+    the patch projection xavier-uniform as a [width, 3 p p] matrix (its bias keeps the convolution's default),
+    class token N(0, 0.02)."""
+    fix_position_embedding(visual)
+    xavier_init(visual.blocks)
+    nn.init.xavier_uniform_(visual.patch_embed.proj.weight.view(visual.width, -1))
+    nn.init.normal_(visual.cls_token, std=0.02)
+    return visual
+
+
+def frozen_copy(module):
+    """A copy of `module` that no gradient trains: the start of a momentum encoder or a teacher, which then follows
+    its online network by `ema_update_`."""
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+@torch.no_grad()
+def ema_update_(target, online, momentum):
+    """target <- momentum x target + (1 - momentum) x online, parameter by parameter (buffers, such as BatchNorm
+    statistics, are each network's own, as in the official codes)."""
+    for target_parameter, online_parameter in zip(target.parameters(), online.parameters()):
+        target_parameter.mul_(momentum).add_(online_parameter.detach(), alpha=1 - momentum)
+
+
+def per_view(network, features, views, per_view_batchnorm=True):
+    """`network` on caption-major inputs [N x V, ...] (image 0's V views, then image 1's ...) -> [N, V, ...].
+
+    per_view_batchnorm: view v of every image goes through `network` together, so that a BatchNorm batch holds
+    one view of each image (MoCo v3's and BYOL's official codes call their networks once per view); else one
+    pass over all of them."""
+    if not per_view_batchnorm or views == 1:
+        return network(features).unflatten(0, (-1, views))
+    grouped = features.unflatten(0, (-1, views))  # (N, V, ...)
+    return torch.stack([network(grouped[:, view]) for view in range(views)], dim=1)
+
+
+def mocov3_mlp(layers, in_dim, hidden_dim, out_dim):
+    """MoCo v3's projector (3 layers) and predictor (2 layers) for ViTs (moco/builder.py _build_mlp): bias-free
+    Linears, BatchNorm and ReLU after every one but the last, and after the last a BatchNorm without affine
+    parameters (SimCLR's design)."""
+    modules = []
+    for layer in range(layers):
+        last = layer == layers - 1
+        modules.append(nn.Linear(in_dim if layer == 0 else hidden_dim, out_dim if last else hidden_dim, bias=False))
+        if last:
+            modules.append(nn.BatchNorm1d(out_dim, affine=False))
+        else:
+            modules += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*modules)
+
+
+def byol_mlp(in_dim, hidden_dim, out_dim):
+    """BYOL's projector and predictor (BYOL paper Sec. 3.3): Linear-BatchNorm-ReLU-Linear, with biases."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+class MomentumModel(nn.Module):
+    """MoCo v3 and BYOL: an online network (the encoder `visual`, a `projector`, a `predictor`) and a momentum
+    network (`momentum.visual`, `momentum.projector`) that starts as its copy and then follows it as an exponential
+    moving average (`update_momentum`), never by gradient.
+
+        image [V views] --visual--projector--predictor--> online [N, V, E]
+                        --momentum.visual--momentum.projector--> target [N, V, E]  (no gradient)
+
+    The online encoder `visual` is the one both papers evaluate (MoCo v3's base encoder, BYOL's online
+    encoder)."""
+
+    def __init__(self, visual, projector, predictor, per_view_batchnorm=True):
+        super().__init__()
+        self.visual, self.projector, self.predictor = visual, projector, predictor
+        self.momentum = nn.ModuleDict({"visual": frozen_copy(visual), "projector": frozen_copy(projector)})
+        self.per_view_batchnorm = per_view_batchnorm
+
+    def forward(self, images, views=2):
+        """images [N x V, 3, S, S], caption-major -> {"online": [N, V, E], "target": [N, V, E]}."""
+        online = per_view(lambda x: self.predictor(self.projector(self.visual(x))), images, views,
+                          self.per_view_batchnorm)
+        with torch.no_grad():
+            target = per_view(lambda x: self.momentum["projector"](self.momentum["visual"](x)), images, views,
+                              self.per_view_batchnorm)
+        return {"online": online, "target": target}
+
+    def update_momentum(self, momentum):
+        ema_update_(self.momentum["visual"], self.visual, momentum)
+        ema_update_(self.momentum["projector"], self.projector, momentum)
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free Linear with weight-normalised rows, W_k = g_k v_k / ||v_k|| (torch's weight_norm along dim 0,
+    the official DINO head's last layer, under its parameter names weight_g [out, 1] and weight_v [out, in]).
+    v starts as nn.Linear's default weights and g at 1; learn_norm=False (DINO's norm_last_layer) keeps g = 1, so
+    every output is a cosine similarity with a unit prototype."""
+
+    def __init__(self, in_dim, out_dim, learn_norm=False):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=learn_norm)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (vision_transformer.py DINOHead, use_bn=False): a 3-layer MLP with GELU, width ->
+    hidden -> hidden -> bottleneck (truncated-normal 0.02 weights, zero biases), L2 normalisation, then the
+    weight-normalised `last_layer` to out_dim prototypes. [B, width] -> [B, out_dim]."""
+
+    def __init__(self, in_dim, out_dim=65536, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, learn_norm=not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class DINOModel(nn.Module):
+    """DINO: a student (`visual` with stochastic depth, `head`) and a teacher (`teacher.visual`, `teacher.head`),
+    its copy followed by exponential moving average (`update_teacher`); and the `center` of the teacher's outputs
+    (a buffer, so it is in every checkpoint), which each training forward pass moves towards the global batch's
+    mean teacher output with momentum center_momentum (0.9, main_dino.py DINOLoss.update_center), after handing
+    out the center the loss uses.
+
+        global crops [N x 2] --visual, head--> student [N, 2 + L, K] <--visual, head-- local crops [N x L]
+        global crops [N x 2] --teacher--> teacher [N, 2, K]  (no gradient)
+
+    The teacher's encoder is the one DINO evaluates (eval_linear.py's checkpoint_key "teacher"): encoder.pth holds
+    it, and model.encoder_state_dict prefers it in a full checkpoint. `teacher_temperature` is the sharpening the
+    loss applies to the teacher this step (a schedule: pretrain.py sets it before each step)."""
+
+    def __init__(self, visual, head, center_momentum=0.9, teacher_temperature=0.04):
+        super().__init__()
+        self.visual, self.head = visual, head
+        teacher_visual = frozen_copy(visual)
+        teacher_visual.drop_path_rate = 0.0  # main_dino.py builds the teacher without stochastic depth
+        self.teacher = nn.ModuleDict({"visual": teacher_visual, "head": frozen_copy(head)})
+        self.register_buffer("center", torch.zeros(1, head.last_layer.weight_v.shape[0]))
+        self.center_momentum, self.teacher_temperature = center_momentum, teacher_temperature
+
+    def forward(self, images, views=2, local_images=None, noise=None, local_noise=None):
+        """images [N x 2, 3, S, S] (two global crops per image, caption-major), local_images [N x L, 3, s, s] or
+        None, noise / local_noise: each crop's stochastic-depth draws [crops, 2 x depth] or None ->
+        {"student": [N, 2 + L, K], "teacher": [N, 2, K], "center": [1, K], "teacher_temperature": float}."""
+        count = len(images) // views
+        features = [self.visual(images, drop_path_noise=noise)]  # [N x 2, D]
+        if local_images is not None:
+            features.append(self.visual(local_images, drop_path_noise=local_noise))  # [N x L, D]
+        outputs = self.head(torch.cat(features))  # one head pass over every crop, as DINO's MultiCropWrapper
+        student = outputs[:len(images)].unflatten(0, (count, views))  # (N, 2, K)
+        if local_images is not None:
+            student = torch.cat([student, outputs[len(images):].unflatten(0, (count, -1))], dim=1)  # (N, 2 + L, K)
+        with torch.no_grad():
+            teacher = self.teacher["head"](self.teacher["visual"](images)).unflatten(0, (count, views))
+        center = self.center.clone()
+        if self.training:
+            self.update_center(teacher)
+        return {"student": student, "teacher": teacher, "center": center,
+                "teacher_temperature": self.teacher_temperature}
+
+    @torch.no_grad()
+    def update_center(self, teacher):
+        """center <- m center + (1 - m) x mean teacher output over the global batch (every rank's, both crops)."""
+        total = all_gather_no_grad(teacher.float().sum((0, 1))[None]).sum(0, keepdim=True)  # [1, K]
+        mean = total / (teacher.shape[0] * teacher.shape[1] * world_size())
+        self.center.mul_(self.center_momentum).add_(mean, alpha=1 - self.center_momentum)
+
+    def update_teacher(self, momentum):
+        ema_update_(self.teacher["visual"], self.visual, momentum)
+        ema_update_(self.teacher["head"], self.head, momentum)
+
+
+class MAEDecoder(nn.Module):
+    """MAE's lightweight decoder (models_mae.py): the encoder's tokens projected to decoder_width, a shared learned
+    mask token in every masked patch's place, a fixed sin-cos position embedding, `depth` transformer blocks, a
+    LayerNorm and a linear prediction of each patch's p x p x 3 pixels."""
+
+    def __init__(self, width, grid_size, patch_size, decoder_width=512, depth=8, num_heads=16):
+        super().__init__()
+        self.embed = nn.Linear(width, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
+        self.pos_embed = nn.Parameter(sincos_position_embedding(decoder_width, grid_size), requires_grad=False)
+        self.blocks = nn.ModuleList([Block(decoder_width, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(decoder_width, eps=1e-6)
+        self.pred = nn.Linear(decoder_width, patch_size ** 2 * 3)
+        xavier_init(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent, restore):
+        """latent [B, 1 + K, D] (class token and the K visible patches), restore [B, L] (where each of the L patches
+        sits in the shuffled order: visible ones first) -> predicted pixels [B, L, p p 3]."""
+        x = self.embed(latent)  # [B, 1 + K, d]
+        masked = self.mask_token.expand(x.shape[0], restore.shape[1] + 1 - x.shape[1], -1)  # [B, L - K, d]
+        patches = torch.cat([x[:, 1:], masked], dim=1)  # [B, L, d], shuffled order
+        patches = torch.gather(patches, 1, restore[..., None].expand(-1, -1, x.shape[-1]))  # image order
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # [B, 1 + L, d]
+        for block in self.blocks:
+            x = block(x)
+        return self.pred(self.norm(x))[:, 1:]  # [B, L, p p 3], the class token dropped
+
+
+class MAEModel(nn.Module):
+    """MAE: the encoder `visual` sees a random mask_ratio of each image's patches removed (per-image shuffle of
+    uniform noise, the lowest kept), the `decoder` predicts every patch's pixels, and the loss (loss.mae_loss)
+    scores the removed ones. The encoder is the one MAE probes (its class token, BatchNorm before the linear
+    head: linear_probe.py --protocol sgd)."""
+
+    def __init__(self, visual, decoder, mask_ratio=0.75):
+        super().__init__()
+        self.visual, self.decoder, self.mask_ratio = visual, decoder, mask_ratio
+        self.patch_size = visual.config["patch_size"]
+
+    def patchify(self, images):
+        """[B, 3, H, W] -> [B, L, p p 3], patches row-major, each as (row, column, channel) within the patch."""
+        p = self.patch_size
+        x = images.unflatten(2, (-1, p)).unflatten(4, (-1, p))  # (B, 3, H/p, p, W/p, p)
+        return x.permute(0, 2, 4, 3, 5, 1).flatten(1, 2).flatten(2)  # (B, L, p p 3)
+
+    def forward(self, images, views=1, noise=None):
+        """images [B, 3, S, S], noise [B, L] uniform draws deciding the mask (None: drawn here) ->
+        {"pred": [B, L, p p 3], "patches": [B, L, p p 3] the target pixels, "mask": [B, L] 1 = removed}."""
+        patches = self.patchify(images)
+        count, length = patches.shape[:2]
+        noise = torch.rand(count, length) if noise is None else noise
+        shuffle = torch.argsort(noise.to(images.device), dim=1)  # ascending: the lowest noise is kept
+        restore = torch.argsort(shuffle, dim=1)
+        kept = int(length * (1 - self.mask_ratio))
+        mask = torch.ones(count, length, device=images.device)
+        mask[:, :kept] = 0
+        mask = torch.gather(mask, 1, restore)  # [B, L] in image order
+        latent = self.visual.forward_tokens(images, keep=shuffle[:, :kept])  # [B, 1 + kept, D]
+        return {"pred": self.decoder(latent, restore), "patches": patches, "mask": mask}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -511,7 +857,8 @@ class Segmenter(nn.Module):
 # checkpoints
 # ------------------------------------------------------------------------------------------------------------
 
-ENCODER_PREFIXES = ("module.visual.", "visual.", "module.")  # official / DDP-wrapped names, longest first
+# a DINO run's teacher first (the encoder DINO evaluates), then official / DDP-wrapped names, longest first
+ENCODER_PREFIXES = ("module.teacher.visual.", "teacher.visual.", "module.visual.", "visual.", "module.")
 
 
 def load_checkpoint_file(path):
@@ -618,18 +965,19 @@ def infer_vit_name(state):
     return vit_name(state["cls_token"].shape[-1]) if "cls_token" in state else None
 
 
-def interpolate_pos_embed(pos_embed, grid_size):
+def interpolate_pos_embed(pos_embed, grid_size, antialias=True):
     """Resize a [1, 1 + g*g, D] position embedding to a grid of grid_size x grid_size patches.
 
-    The class token's entry is kept; the patch entries are resized as a 2-d image with bicubic, antialiased
-    interpolation (timm's choice, so features match timm's on resized checkpoints)."""
+    The class token's entry is kept; the patch entries are resized as a 2-d image with bicubic interpolation,
+    antialiased by default (timm's choice, so features match timm's on resized checkpoints; DINO resizes its
+    training crops' embedding without)."""
     cls_pos, patch_pos = pos_embed[:, :1], pos_embed[:, 1:]
     old_grid = math.isqrt(patch_pos.shape[1])
     if old_grid == grid_size:
         return pos_embed
     width = patch_pos.shape[-1]
     patch_pos = patch_pos.float().reshape(1, old_grid, old_grid, width).permute(0, 3, 1, 2)  # (1, D, g, g)
-    patch_pos = F.interpolate(patch_pos, size=(grid_size, grid_size), mode="bicubic", antialias=True)
+    patch_pos = F.interpolate(patch_pos, size=(grid_size, grid_size), mode="bicubic", antialias=antialias)
     patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_size * grid_size, width).to(pos_embed.dtype)
     return torch.cat([cls_pos, patch_pos], dim=1)
 

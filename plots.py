@@ -138,5 +138,28 @@ def plot_demo(records, encoders, path):
     plt.close(figure)
 
 
+def plot_guidance_sweep(table, path):
+    """experiments/guidance_sweep.py's figure: ImageNet linear-probe top-1 against the guidance scale w, one line
+    per family, and its accuracy on the real images as a dashed level of the same colour. `table`: {family:
+    {"synthetic": {w: {"best": top-1}}, "real": {"best": top-1} or None}}, w as strings."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for index, (family, row) in enumerate(table.items()):
+        colour = f"C{index}"
+        points = sorted((float(w), accuracy["best"]) for w, accuracy in row["synthetic"].items())
+        if points:
+            axes.plot(*zip(*points), marker="o", color=colour, label=f"{family}, synthetic")
+        if row.get("real"):
+            axes.axhline(row["real"]["best"], color=colour, linestyle="--", linewidth=1, label=f"{family}, real")
+    axes.set_xlabel("guidance scale w")
+    axes.set_ylabel("ImageNet linear probe top-1 (%)")
+    axes.set_title("self-supervised pretraining on synthetic CC3M (paper, Sec. 2)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
 if __name__ == "__main__":
     run(main, get_args_parser())

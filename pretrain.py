@@ -9,10 +9,17 @@ Objectives (--loss), one row each of OBJECTIVES below:
     simclr      the same loss, positives = the c crops of one image (m = 1, c = 2)
     clip        image-text contrastive loss with a CLIP-style text transformer
     stablerep+  the multi-positive image loss + the image-text loss (text -> image uniform over the m images)
+    mocov3      MoCo v3: symmetrised InfoNCE of predictor queries against a momentum encoder's keys (ViT recipe)
+    byol        BYOL: the online predictor regresses the momentum target network's projection of the other view
+    dino        DINO: a student matches its momentum teacher's centred, sharpened softmax across multi-crop views
+    mae         MAE: reconstruct the pixels of the 75% of patches removed before the encoder
 
 The defaults are the paper's ViT-B/16 recipe as the official code runs it (FIDELITY.md lists every item): per
 GPU 43 captions x 6 images, as on each of its 32 GPUs (8256 images a step); lr = 2e-4 x images per step / 512;
-the CC12M "1x" schedule (15 epochs, 0.5 warmup); the head's BatchNorm once per view.
+the CC12M "1x" schedule (15 epochs, 0.5 warmup); the head's BatchNorm once per view. The four self-supervised
+families of the paper's first question (Sec. 2) default to their own official ViT-B recipes, each with its own
+augmentation, and take one image of each caption a step; encoder.pth is the encoder their authors evaluate
+(MoCo v3's base encoder, BYOL's online one, DINO's teacher, MAE's encoder).
 
 --data takes generate.py's output (a folder tree or tar shards), img2dataset's `files` or `webdataset` output,
 tar paths and brace patterns, the official CSV with --folder-list, or streamed webdataset URLs; see README.md.
@@ -29,7 +36,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable, NamedTuple, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 from catalog import VIT_SIZES
 from cli import (
@@ -102,9 +109,10 @@ def get_args_parser():
                              "generated; more positives per caption help). Default: the objective's (see --loss)")
     parser.add_argument("--crops-per-image", type=integer(1), default=None,
                         help="c, augmented crops of each image (paper: 1 for StableRep; SimCLR: 2). Default by --loss")
-    parser.add_argument("--crop-scale", type=number(above=0, maximum=1), nargs=2, default=(0.08, 1.0),
+    parser.add_argument("--crop-scale", type=number(above=0, maximum=1), nargs=2, default=None,
                         metavar=("MIN", "MAX"),
-                        help="area fraction RandomResizedCrop keeps (paper: 0.08 1); tiny images need larger crops")
+                        help="area fraction RandomResizedCrop keeps (DINO: of its global crops); tiny images need "
+                             "larger crops. Default by --loss: " + recipe_values("crop_scale"))
     parser.add_argument("--downsample-prob", type=number(0, 1), default=0.0,
                         help="probability that the whole image is resized down to a shorter side drawn from "
                              "--downsample-res and back up before the crop; the official README's command uses 0.05 "
@@ -137,13 +145,19 @@ def get_args_parser():
                         help="transformer blocks, to shrink the encoder for quick runs (default: the size's own, 12)")
     parser.add_argument("--image-size", type=integer(16), default=224, help="crop size, a multiple of the patch "
                         "size 16 (paper: 224)")
-    parser.add_argument("--head-hidden-dim", type=integer(1), default=4096, help="projection head width (paper: 4096)")
-    parser.add_argument("--embed-dim", type=integer(1), default=256,
-                        help="embedding of the multi-positive loss (paper: 256)")
+    parser.add_argument("--head-hidden-dim", type=integer(1), default=None,
+                        help="hidden width of the projection head (MoCo v3, BYOL: of projector and predictor; DINO: "
+                             "of its MLP). Default by --loss: " + recipe_values("head_hidden_dim"))
+    parser.add_argument("--embed-dim", type=integer(1), default=None,
+                        help="embedding the loss compares (StableRep: of the multi-positive loss; MoCo v3, BYOL: "
+                             "the projector's output; DINO: the head's bottleneck). Default by --loss: "
+                             + recipe_values("embed_dim"))
     parser.add_argument("--head-batchnorm", default="per-view", choices=["per-view", "joint"],
                         help="per-view (official): the head runs once per view, so each BatchNorm batch holds one "
                              "image of every caption and its statistics never mix a caption's positives; joint: "
-                             "one pass over all m x c images of the batch (one BN batch, cheaper on small batches)")
+                             "one pass over all m x c images of the batch (one BN batch, cheaper on small batches). "
+                             "MoCo v3's and BYOL's MLPs too: per-view is their official codes' (one view of every "
+                             "image per BN batch)")
     parser.add_argument("--text-width", type=integer(1), default=512, help="text transformer width (CLIP: 512)")
     parser.add_argument("--text-layers", type=integer(1), default=12, help="text transformer depth (CLIP: 12)")
     parser.add_argument("--text-heads", type=integer(1), default=8, help="text transformer heads (CLIP: 8)")
@@ -154,28 +168,84 @@ def get_args_parser():
                              "tokenizer/ subfolder (default: the tokenizer of generate.py's Stable Diffusion)")
     # ---- objective ----
     parser.add_argument("--loss", default="stablerep", choices=list(OBJECTIVES), help="training objective (see above)")
-    parser.add_argument("--temperature", type=number(above=0), default=0.1,
-                        help="tau of the multi-positive loss (paper: 0.1)")
+    parser.add_argument("--temperature", type=number(above=0), default=None,
+                        help="tau of the contrastive loss (StableRep's multi-positive loss, MoCo v3's InfoNCE) or "
+                             "DINO's student temperature. Default by --loss: " + recipe_values("temperature"))
+    # ---- the self-supervised families' own (each refused for the other objectives) ----
+    parser.add_argument("--momentum", type=number(0, maximum=1), default=None,
+                        help="MoCo v3, BYOL, DINO: start of the momentum of the momentum encoder / target network / "
+                             "teacher, raised to 1 along a half cosine over the run (" + recipe_values("momentum")
+                             + ": MoCo v3's --moco-m, BYOL's tau_base, DINO's --momentum_teacher)")
+    parser.add_argument("--frozen-patch-embed", action=argparse.BooleanOptionalAction, default=None,
+                        help="MoCo v3: keep the random patch projection untrained (its --stop-grad-conv1, on in every "
+                             "ViT recipe of CONFIG.md: it stabilises training). Default on for mocov3")
+    parser.add_argument("--out-dim", type=integer(1), default=None,
+                        help="DINO: prototypes K of the head's weight-normalised last layer (main_dino.py: 65536)")
+    parser.add_argument("--teacher-temperature", type=number(above=0), default=None,
+                        help="DINO: the teacher's temperature after its warmup (main_dino.py: 0.04; above 0.07 is "
+                             "unstable, says DINO)")
+    parser.add_argument("--warmup-teacher-temperature", type=number(above=0), default=None,
+                        help="DINO: the teacher's temperature at epoch 0, raised linearly per epoch to "
+                             "--teacher-temperature over --warmup-teacher-temperature-epochs (main_dino.py: 0.04)")
+    parser.add_argument("--warmup-teacher-temperature-epochs", type=integer(0), default=None,
+                        help="DINO: epochs of the teacher temperature's warmup (main_dino.py: 0)")
+    parser.add_argument("--weight-decay-end", type=number(0), default=None,
+                        help="DINO: the weight decay rises from --weight-decay to this along a half cosine "
+                             "(main_dino.py: 0.04 to 0.4; larger decay late helps ViTs, says DINO)")
+    parser.add_argument("--clip-grad", type=number(0), default=None,
+                        help="DINO: clip each parameter's gradient to this norm, parameter by parameter as its "
+                             "utils.clip_gradients does; 0 = off (main_dino.py: 3.0)")
+    parser.add_argument("--freeze-last-layer", type=integer(0), default=None,
+                        help="DINO: epochs during which the head's last layer is not trained (main_dino.py: 1; it "
+                             "helps the loss start to fall)")
+    parser.add_argument("--drop-path", type=number(0, below=1), default=None,
+                        help="DINO: stochastic depth rate of the student's last block, rising linearly from 0 at "
+                             "the first (main_dino.py: 0.1)")
+    parser.add_argument("--local-crops", type=integer(0), default=None,
+                        help="DINO: local crops of each image beside its two global ones; 0 turns multi-crop off "
+                             "(main_dino.py: 8)")
+    parser.add_argument("--local-crop-scale", type=number(above=0, maximum=1), nargs=2, default=None,
+                        metavar=("MIN", "MAX"), help="DINO: area fraction of the local crops (main_dino.py: 0.05 0.4)")
+    parser.add_argument("--local-crop-size", type=integer(16), default=None,
+                        help="DINO: local crop size in pixels, a multiple of 16 (main_dino.py: 96 at 224)")
+    parser.add_argument("--mask-ratio", type=number(above=0, below=1), default=None,
+                        help="MAE: fraction of each image's patches removed before the encoder (MAE: 0.75)")
+    parser.add_argument("--decoder-width", type=integer(1), default=None,
+                        help="MAE: width of the lightweight decoder (MAE's ViT-B: 512)")
+    parser.add_argument("--decoder-depth", type=integer(1), default=None,
+                        help="MAE: decoder blocks (MAE's ViT-B: 8)")
+    parser.add_argument("--decoder-heads", type=integer(1), default=None,
+                        help="MAE: decoder attention heads (MAE's ViT-B: 16)")
+    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="MAE: regress each patch's pixels standardised by the patch's own mean and variance "
+                             "(MAE's recipe, PRETRAIN.md: better representations); default on for mae")
     # ---- optimisation ----
-    parser.add_argument("--schedule", default="cc12m-1x", choices=list(SCHEDULES),
-                        help="the official README's schedules, epochs / warmup epochs: " + ", ".join(
+    parser.add_argument("--schedule", default=None, choices=list(SCHEDULES),
+                        help="the official StableRep README's schedules, epochs / warmup epochs: " + ", ".join(
                             f"{name} {epochs}/{warmup:g}" for name, (epochs, warmup) in SCHEDULES.items())
-                        + ". Default cc12m-1x, the paper's main setting; --epochs / --warmup-epochs override it")
+                        + ". Default cc12m-1x, the paper's main setting, for stablerep, simclr, clip and "
+                          "stablerep+; --epochs / --warmup-epochs override it (the self-supervised families "
+                          "take their own papers' epochs, see --epochs)")
     parser.add_argument("--epochs", type=integer(1), default=None,
-                        help="passes over the captions (default: --schedule's)")
+                        help="passes over the captions (default: --schedule's; " + recipe_values("epochs") + ")")
     parser.add_argument("--warmup-epochs", type=number(0), default=None,
-                        help="linear warmup per step, then cosine decay to 0 (default: --schedule's)")
-    parser.add_argument("--captions-per-gpu", type=integer(1), default=43,
-                        help="captions per GPU per step (paper: 43 x 6 images x 32 GPUs = 8256 images a step)")
-    parser.add_argument("--base-lr", type=number(0), default=2e-4,
-                        help="the official rule: lr = base-lr x images per step / 512, where images per step = "
-                             "captions x m images x c crops x GPUs (the official `blr x batch x n_img / 256 x "
-                             "num_crop / 2`: the same for StableRep, SimCLR and CLIP). Paper: 2e-4, i.e. 3.225e-3 "
-                             "at 8256 images a step")
-    parser.add_argument("--weight-decay", type=number(0), default=0.1,
-                        help="AdamW weight decay, not on biases, norms or the logit scale (paper: 0.1)")
-    parser.add_argument("--betas", type=number(0, below=1), nargs=2, default=(0.9, 0.98),
-                        help="AdamW betas (paper: 0.9 0.98)")
+                        help="linear warmup per step, then cosine decay to 0 (default: --schedule's; "
+                             + recipe_values("warmup_epochs") + ")")
+    parser.add_argument("--captions-per-gpu", type=integer(1), default=None,
+                        help="captions per GPU per step (paper: 43 x 6 images x 32 GPUs = 8256 images a step; the "
+                             "families take one image of each caption, their official batch per GPU). Default by "
+                             "--loss: " + recipe_values("captions_per_gpu"))
+    parser.add_argument("--base-lr", type=number(0), default=None,
+                        help="StableRep's official rule: lr = base-lr x images per step / 512, where images per step "
+                             "= captions x m images x c crops x GPUs (the official `blr x batch x n_img / 256 x "
+                             "num_crop / 2`: the same for StableRep, SimCLR and CLIP; paper: 2e-4, i.e. 3.225e-3 at "
+                             "8256 images a step). The families scale by their own rule, lr = base-lr x images (not "
+                             "crops) per step / 256. Default by --loss: " + recipe_values("base_lr"))
+    parser.add_argument("--weight-decay", type=number(0), default=None,
+                        help="AdamW weight decay, not on biases, norms or the logit scale (DINO: its start, see "
+                             "--weight-decay-end). Default by --loss: " + recipe_values("weight_decay"))
+    parser.add_argument("--betas", type=number(0, below=1), nargs=2, default=None,
+                        help="AdamW betas. Default by --loss: " + recipe_values("betas"))
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                         help="autocast: auto = bf16 on GPU, fp32 on CPU; fp16 adds a gradient scaler. The losses "
                              "compute in float32 whatever this says")
@@ -214,7 +284,9 @@ def get_args_parser():
 
 # ---- objectives ----
 # One row per objective: the views it takes when --images-per-caption / --crops-per-image are not given, the parts
-# of the model it needs, and the loss terms it sums. A new objective is one row and, if new, one loss term.
+# of the model it needs, and the loss terms it sums. A new objective is one row and, if new, one loss term. The
+# self-supervised families add their own networks (build), recipe, crops, and hooks run around each optimiser
+# step (momentum updates, DINO's schedules and gradient surgery).
 
 def caption_positives(out, batch, args):
     """StableRep, Eq. 2-4: the images of one caption are positives of each other."""
@@ -234,31 +306,273 @@ def image_text(out, batch, args):
                                     batch["caption_labels"].to(device), out["logit_scale"])
 
 
+def momentum_contrast(out, batch, args):
+    """MoCo v3: each view's query against the momentum keys of the global batch, the other view's key positive."""
+    return loss_lib.mocov3_loss(out["online"], out["target"], args.temperature)
+
+
+def bootstrap_regression(out, batch, args):
+    """BYOL: each view's prediction regresses the target network's projection of the other view."""
+    return loss_lib.byol_loss(out["online"], out["target"])
+
+
+def self_distillation(out, batch, args):
+    """DINO: every student crop learns the centred, sharpened teacher softmax of the other global crop(s)."""
+    return loss_lib.dino_loss(out["student"], out["teacher"], out["center"], args.temperature,
+                              out["teacher_temperature"])
+
+
+def masked_reconstruction(out, batch, args):
+    """MAE: the pixels of the removed patches (standardised per patch with --norm-pix-loss)."""
+    return loss_lib.mae_loss(out["pred"], out["patches"], out["mask"], args.norm_pix_loss)
+
+
+# ---- the families' networks: the encoder they evaluate, and how --model, --depth, --image-size build it ----
+
+def build_visual(args, **overrides):
+    return model_lib.build_vit(args.model, image_size=args.image_size, depth=args.depth, **overrides)
+
+
+def build_mocov3(args):
+    """MoCo v3's ViT (sin-cos position embedding, xavier init, frozen random patch projection), a 3-layer
+    projector and a 2-layer predictor (moco/builder.py MoCo_ViT), and their momentum copies."""
+    visual = model_lib.init_like_mocov3(build_visual(args), frozen_patch_embed=args.frozen_patch_embed)
+    projector = model_lib.mocov3_mlp(3, visual.width, args.head_hidden_dim, args.embed_dim)
+    predictor = model_lib.mocov3_mlp(2, args.embed_dim, args.head_hidden_dim, args.embed_dim)
+    return model_lib.MomentumModel(visual, projector, predictor, args.head_batchnorm == "per-view")
+
+
+def build_byol(args):
+    """BYOL's online network (encoder, projector, predictor: Linear-BN-ReLU-Linear) and its target copy."""
+    visual = build_visual(args)
+    projector = model_lib.byol_mlp(visual.width, args.head_hidden_dim, args.embed_dim)
+    predictor = model_lib.byol_mlp(args.embed_dim, args.head_hidden_dim, args.embed_dim)
+    return model_lib.MomentumModel(visual, projector, predictor, args.head_batchnorm == "per-view")
+
+
+def build_dino(args):
+    """DINO's student (ViT with stochastic depth, DINOHead) and teacher; the teacher temperature starts at its
+    warmup value (set each step by dino_schedules)."""
+    visual = build_visual(args, drop_path_rate=args.drop_path)
+    head = model_lib.DINOHead(visual.width, args.out_dim, args.head_hidden_dim, args.embed_dim)
+    return model_lib.DINOModel(visual, head, teacher_temperature=args.warmup_teacher_temperature)
+
+
+def build_mae(args):
+    """MAE's encoder (sin-cos position embedding, xavier init) and its lightweight decoder."""
+    visual = model_lib.init_like_mae(build_visual(args))
+    decoder = model_lib.MAEDecoder(visual.width, visual.patch_embed.grid_size, visual.config["patch_size"],
+                                   args.decoder_width, args.decoder_depth, args.decoder_heads)
+    return model_lib.MAEModel(visual, decoder, args.mask_ratio)
+
+
+def online_encoder(model):
+    """The encoder that encoder.pth exports: the one trained by gradient (StableRep's f, MoCo v3's base encoder,
+    BYOL's online encoder, MAE's encoder)."""
+    return model.visual
+
+
+def teacher_encoder(model):
+    """DINO exports its teacher, the network its paper evaluates."""
+    return model.teacher["visual"]
+
+
+def mae_noise(args):
+    """MAE's mask: one uniform draw per patch of each crop."""
+    return (args.image_size // 16) ** 2
+
+
+def dino_noise(args):
+    """DINO's stochastic depth: two draws (attention, MLP) per block of the student, for each crop."""
+    return 2 * (args.depth or model_lib.default_depth(args.model)) if args.drop_path > 0 else 0
+
+
+# ---- per-step hooks: hook(model, optimizer, position, args), model without DDP ----
+
+class StepPosition(NamedTuple):
+    """Where a step sits in the run, for the hooks' schedules."""
+    step: int  # optimiser steps done before this one
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epoch(self):
+        return self.step // self.steps_per_epoch
+
+
+def cosine_schedule(start, end, step, total_steps):
+    """From `start` at step 0 to `end` at total_steps along a half cosine: the momentum of MoCo v3
+    (adjust_moco_momentum), BYOL (tau) and DINO (momentum_schedule), and DINO's weight decay (wd_schedule)."""
+    return end + (start - end) * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
+def update_momentum_encoder(model, optimizer, position, args):
+    """MoCo v3, before the forward pass (moco/builder.py does it inside forward): the momentum encoder moves towards
+    the base encoder with this step's momentum."""
+    model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+def update_target_network(model, optimizer, position, args):
+    """BYOL, after the optimiser step: the target network moves towards the online one with this step's tau."""
+    model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+def update_teacher(model, optimizer, position, args):
+    """DINO, after the optimiser step: the teacher moves towards the student with this step's momentum."""
+    model.update_teacher(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+def dino_schedules(model, optimizer, position, args):
+    """DINO, before each step: the teacher temperature (linear per epoch from its warmup value over the warmup
+    epochs, then constant: DINOLoss.teacher_temp_schedule) and the weight decay of the decayed parameters (cosine
+    from --weight-decay to --weight-decay-end; only main_dino.py's first group is regularised, as ours)."""
+    start, end, warmup = (args.warmup_teacher_temperature, args.teacher_temperature,
+                          args.warmup_teacher_temperature_epochs)
+    if position.epoch < warmup:
+        model.teacher_temperature = start + (end - start) * (position.epoch / (warmup - 1) if warmup > 1 else 0)
+    else:
+        model.teacher_temperature = end
+    optimizer.param_groups[0]["weight_decay"] = cosine_schedule(args.weight_decay, args.weight_decay_end,
+                                                                position.step, position.total_steps)
+
+
+def dino_gradients(model, optimizer, position, args):
+    """DINO, between backward and the optimiser step (on unscaled gradients): each parameter's gradient clipped to
+    norm --clip-grad on its own (utils.clip_gradients), and none for the head's last layer during the first
+    --freeze-last-layer epochs (utils.cancel_gradients_last_layer: AdamW then skips it entirely)."""
+    if args.clip_grad:
+        for parameter in model.parameters():
+            if parameter.grad is not None:
+                scale = args.clip_grad / (parameter.grad.norm() + 1e-6)
+                parameter.grad.mul_(scale.clamp(max=1.0))
+    if position.epoch < args.freeze_last_layer:
+        for parameter in model.head.last_layer.parameters():
+            parameter.grad = None
+
+
+def clamp_logit_scale(model, optimizer, position, args):
+    """CLIP and StableRep+: the logit scale stays in [0, ln 100] after every step."""
+    model.clamp_logit_scale()
+
+
+# ---- the recipes: the defaults of the flags that depend on --loss ----
+
+STABLEREP_RECIPE = {"captions_per_gpu": 43, "base_lr": 2e-4, "weight_decay": 0.1, "betas": (0.9, 0.98),
+                    "crop_scale": (0.08, 1.0), "temperature": 0.1, "head_hidden_dim": 4096, "embed_dim": 256,
+                    "schedule": "cc12m-1x"}
+# MoCo v3 ViT-B (CONFIG.md, main_moco.py): batch 4096 (64 a GPU x 64), lr 1.5e-4 x batch / 256, AdamW wd 0.1 and
+# torch's default betas, 300 epochs, 40 warmup, T 0.2, m 0.99 to 1, crop-min 0.08, MLPs 4096 -> 256
+MOCOV3_RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999),
+                 "crop_scale": (0.08, 1.0), "temperature": 0.2, "head_hidden_dim": 4096, "embed_dim": 256,
+                 "epochs": 300, "warmup_epochs": 40, "momentum": 0.99, "frozen_patch_embed": True}
+# BYOL (paper Sec. 3.3, Appendix): MLPs 4096 -> 256, tau 0.996 to 1, crop 0.08-1. BYOL's own optimiser is LARS for
+# ResNet-50; for a ViT we take MoCo v3's AdamW recipe, as the MoCo v3 paper does for its ViT BYOL (FIDELITY.md)
+BYOL_RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.1, "betas": (0.9, 0.999),
+               "crop_scale": (0.08, 1.0), "head_hidden_dim": 4096, "embed_dim": 256, "epochs": 300,
+               "warmup_epochs": 40, "momentum": 0.996}
+# DINO (main_dino.py's defaults): 64 a GPU, lr 5e-4 x batch / 256, AdamW, wd 0.04 -> 0.4, 100 epochs, 10 warmup,
+# student temperature 0.1, teacher 0.04, m 0.996 to 1, head 2048 -> 256 -> 65536, clip 3.0, last layer frozen 1
+# epoch, drop path 0.1, global crops 0.4-1, 8 local crops of 96 px at 0.05-0.4
+DINO_RECIPE = {"captions_per_gpu": 64, "base_lr": 5e-4, "weight_decay": 0.04, "weight_decay_end": 0.4,
+               "betas": (0.9, 0.999), "crop_scale": (0.4, 1.0), "temperature": 0.1, "head_hidden_dim": 2048,
+               "embed_dim": 256, "out_dim": 65536, "epochs": 100, "warmup_epochs": 10, "momentum": 0.996,
+               "teacher_temperature": 0.04, "warmup_teacher_temperature": 0.04,
+               "warmup_teacher_temperature_epochs": 0, "clip_grad": 3.0, "freeze_last_layer": 1, "drop_path": 0.1,
+               "local_crops": 8, "local_crop_scale": (0.05, 0.4), "local_crop_size": 96}
+# MAE ViT-B (PRETRAIN.md, main_pretrain.py, models_mae.py): batch 4096 (64 a GPU x 64), blr 1.5e-4 x batch / 256,
+# AdamW (0.9, 0.95) wd 0.05, 800 epochs, 40 warmup, mask 0.75, normalised pixels, decoder 512 wide, 8 blocks, 16
+# heads, crop 0.2-1
+MAE_RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.05, "betas": (0.9, 0.95),
+              "crop_scale": (0.2, 1.0), "epochs": 800, "warmup_epochs": 40, "mask_ratio": 0.75, "decoder_width": 512,
+              "decoder_depth": 8, "decoder_heads": 16, "norm_pix_loss": True}
+
+
 class Objective(NamedTuple):
     images_per_caption: int  # m by default
     crops_per_image: int  # c by default
     head: bool  # the projection head h (image_mlp) of the multi-positive loss
     text: bool  # the text tower, the image projection and the logit scale of the image-text loss
     terms: Tuple[Callable, ...]  # summed into the loss
+    build: Optional[Callable] = None  # the model from args; None: StableRepModel with the head / text tower above
+    recipe: dict = STABLEREP_RECIPE  # defaults of the flags that depend on --loss
+    lr_divisor: Tuple[str, int] = ("crops", 512)  # lr = base-lr x crops (or images) per step / this
+    views: Optional[str] = None  # augment's name of a View per crop (None: SimCLR's for all c)
+    local_view: Optional[str] = None  # augment's name of the View of DINO's local crops
+    noise: Optional[Callable] = None  # uniform draws per crop the model takes (args -> count)
+    exported: Callable = online_encoder  # the encoder written to encoder.pth
+    before_step: Tuple[Callable, ...] = ()  # hooks before the forward pass
+    after_backward: Tuple[Callable, ...] = ()  # hooks on the (unscaled) gradients before the optimiser step
+    after_step: Tuple[Callable, ...] = ()  # hooks after the optimiser step
 
 
 OBJECTIVES = {
     "stablerep": Objective(6, 1, head=True, text=False, terms=(caption_positives,)),
     "simclr": Objective(1, 2, head=True, text=False, terms=(crop_positives,)),
-    "clip": Objective(1, 1, head=False, text=True, terms=(image_text,)),
-    "stablerep+": Objective(6, 1, head=True, text=True, terms=(caption_positives, image_text)),
+    "clip": Objective(1, 1, head=False, text=True, terms=(image_text,), after_step=(clamp_logit_scale,)),
+    "stablerep+": Objective(6, 1, head=True, text=True, terms=(caption_positives, image_text),
+                            after_step=(clamp_logit_scale,)),
+    "mocov3": Objective(1, 2, head=False, text=False, terms=(momentum_contrast,), build=build_mocov3,
+                        recipe=MOCOV3_RECIPE, lr_divisor=("images", 256), views="MOCOV3_VIEWS",
+                        before_step=(update_momentum_encoder,)),
+    "byol": Objective(1, 2, head=False, text=False, terms=(bootstrap_regression,), build=build_byol,
+                      recipe=BYOL_RECIPE, lr_divisor=("images", 256), views="BYOL_VIEWS",
+                      after_step=(update_target_network,)),
+    "dino": Objective(1, 2, head=False, text=False, terms=(self_distillation,), build=build_dino,
+                      recipe=DINO_RECIPE, lr_divisor=("images", 256), views="DINO_GLOBAL_VIEWS",
+                      local_view="DINO_LOCAL_VIEW", noise=dino_noise, exported=teacher_encoder,
+                      before_step=(dino_schedules,), after_backward=(dino_gradients,), after_step=(update_teacher,)),
+    "mae": Objective(1, 1, head=False, text=False, terms=(masked_reconstruction,), build=build_mae,
+                     recipe=MAE_RECIPE, lr_divisor=("images", 256), views="MAE_VIEWS", noise=mae_noise),
 }
+FAMILIES = ("mocov3", "byol", "dino", "mae")  # the paper's first question: each takes one image of a caption
+# flags that only some recipes name: None unless given, refused for an objective whose recipe does not name them
+RECIPE_ONLY = ({key for objective in OBJECTIVES.values() for key in objective.recipe} - set(STABLEREP_RECIPE)
+               - {"epochs", "warmup_epochs"})
+
+
+def recipe_values(key):
+    """'stablerep/simclr/clip/stablerep+ 2e-4, mocov3/byol/mae 1.5e-4, dino 5e-4': one flag's recipe values, for
+    --help."""
+    groups = {}
+    for name, objective in OBJECTIVES.items():
+        if key in objective.recipe:
+            value = objective.recipe[key]
+            shown = (" ".join(f"{v:g}" for v in value) if isinstance(value, tuple) else
+                     ("on" if value else "off") if isinstance(value, bool) else _short(value)
+                     if isinstance(value, (int, float)) else str(value))
+            groups.setdefault(shown, []).append(name)
+    return ", ".join(f"{'/'.join(names)} {value}" for value, names in groups.items())
+
+
+def _short(number):
+    """2e-4 rather than 0.0002; 0.04 and 4096 as they are."""
+    if number == 0 or abs(number) >= 1e-3:
+        return f"{number:g}"
+    return f"{number:.1e}".replace(".0e", "e").replace("e-0", "e-")
+
+
+def fill_recipe(args):
+    """The defaults that depend on --loss: the objective's m and c, and its recipe for every flag left at None
+    (a resumed run's recorded values are never None, so they stay). Returns args."""
+    objective = OBJECTIVES[args.loss]
+    args.images_per_caption = args.images_per_caption or objective.images_per_caption
+    args.crops_per_image = args.crops_per_image or objective.crops_per_image
+    for key, value in objective.recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.loss not in FAMILIES:
+        schedule_epochs, schedule_warmup = SCHEDULES[args.schedule]
+        args.epochs = schedule_epochs if args.epochs is None else args.epochs
+        args.warmup_epochs = schedule_warmup if args.warmup_epochs is None else args.warmup_epochs
+    return args
 
 
 def check_args(args):
     """Fill the defaults that depend on other flags, and stop with one line on a combination that cannot work;
     reads and writes nothing."""
     objective = OBJECTIVES[args.loss]
-    args.images_per_caption = args.images_per_caption or objective.images_per_caption
-    args.crops_per_image = args.crops_per_image or objective.crops_per_image
-    schedule_epochs, schedule_warmup = SCHEDULES[args.schedule]
-    args.epochs = schedule_epochs if args.epochs is None else args.epochs
-    args.warmup_epochs = schedule_warmup if args.warmup_epochs is None else args.warmup_epochs
+    check_family_flags(args)
+    fill_recipe(args)
     if not args.data:
         raise UserError("the following arguments are required: --data (unless --resume reads it from a checkpoint)")
     if args.resume and args.init_from:
@@ -271,6 +585,8 @@ def check_args(args):
         raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
     if objective.text and args.text_width % args.text_heads:
         raise UserError(f"--text-width {args.text_width} is not divisible by --text-heads {args.text_heads}")
+    if args.loss in FAMILIES:
+        check_family_args(args, objective)
     local = [spec for spec in args.data if not dataindex.is_streamed(spec)]
     repeated = sorted({spec for spec in local if local.count(spec) > 1})
     if repeated:
@@ -281,6 +597,43 @@ def check_args(args):
         raise UserError(f"--output {args.output} is a file, not a folder")
     check_creatable(args.output)
     check_loggers(args.tensorboard, args.wandb)
+
+
+def check_family_flags(args):
+    """A flag that only other objectives' recipes name would do nothing: one line. --schedule names StableRep's."""
+    recipe = OBJECTIVES[args.loss].recipe
+    for key in sorted(RECIPE_ONLY - set(recipe)):
+        if getattr(args, key) is not None:
+            owners = "/".join(name for name, objective in OBJECTIVES.items() if key in objective.recipe)
+            raise UserError(f"--{key.replace('_', '-')} is {owners}'s: it does nothing for --loss {args.loss}")
+    if args.loss in FAMILIES and args.schedule is not None:
+        raise UserError(f"--schedule names the official StableRep README's schedules; --loss {args.loss} takes "
+                        "--epochs and --warmup-epochs")
+
+
+def check_family_args(args, objective):
+    """What a self-supervised family cannot take."""
+    if args.images_per_caption != 1:
+        raise UserError(f"--loss {args.loss} takes one image of each caption a step (its instances are images): "
+                        f"--images-per-caption 1, not {args.images_per_caption}")
+    if args.crops_per_image != objective.crops_per_image:
+        raise UserError(f"--loss {args.loss} takes {objective.crops_per_image} crop(s) of each image (its views), "
+                        f"not --crops-per-image {args.crops_per_image}")
+    if args.init_from:
+        raise UserError(f"--init-from starts StableRep's objectives from other weights; --loss {args.loss} starts "
+                        "from random weights, as its paper does")
+    if args.gpu_decode:
+        raise UserError(f"--gpu-decode crops every JPEG at --image-size with bilinear resampling on the device; "
+                        f"--loss {args.loss}'s views are drawn in the loader (their own resampling, DINO's local "
+                        "crops): leave --gpu-decode off")
+    if args.loss == "dino" and args.local_crops and args.local_crop_size % 16:
+        raise UserError(f"--local-crop-size {args.local_crop_size} is not a multiple of the patch size 16")
+    if args.loss == "dino" and args.local_crops and args.local_crop_size >= args.image_size:
+        raise UserError(f"--local-crop-size {args.local_crop_size} is not smaller than --image-size "
+                        f"{args.image_size}: local crops are the small ones (DINO: 96 at 224)")
+    if args.loss == "mae" and (args.decoder_width % args.decoder_heads or args.decoder_width % 4):
+        raise UserError(f"--decoder-width {args.decoder_width} must be divisible by --decoder-heads "
+                        f"{args.decoder_heads} and by 4 (its sin-cos position embedding)")
 
 
 def absolute_paths(args):
@@ -296,6 +649,16 @@ def scaled_lr(base_lr, images_per_step):
     """The official scaling rule: base_lr x images per step / 512 (main_stablerep.py's `blr x batch x n_img / 256
     x num_crop / 2`, which is this for every objective). The paper's 2e-4 at 8256 images a step: 3.225e-3."""
     return base_lr * images_per_step / 512
+
+
+def objective_lr(objective, base_lr, images_per_step, crops_per_image):
+    """(lr, its arithmetic for the start line): StableRep's rule over crops (scaled_lr), or the families' linear
+    scaling rule lr = base_lr x images per step / 256 (main_moco.py, main_dino.py, main_pretrain.py: their batch
+    counts images, not crops)."""
+    unit, divisor = objective.lr_divisor
+    batch = images_per_step if unit == "crops" else images_per_step // crops_per_image
+    lr = scaled_lr(base_lr, batch) if divisor == 512 else base_lr * batch / divisor
+    return lr, f"{base_lr:g} x {batch} {unit} / {divisor} = {lr:.4g}"
 
 
 def cosine_lr(step, total_steps, warmup_steps, peak_lr):
@@ -342,7 +705,7 @@ def train(args, resumed, run_id):
     dataset, sampler, loader = build_data(args, tokenizer, world_size, rank, device)
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = args.warmup_epochs * sampler.steps_per_epoch  # fractional, as the official epoch counter
-    lr = scaled_lr(args.base_lr, images_per_step)
+    lr, lr_arithmetic = objective_lr(objective, args.base_lr, images_per_step, args.crops_per_image)
 
     # ---- model ----
     model_without_ddp, model = distributed.data_parallel(build_model(args, tokenizer).to(device), device)
@@ -378,13 +741,13 @@ def train(args, resumed, run_id):
         elif is_main:
             print(f"{args.output}: trained to step {step} of {total_steps}; writing encoder.pth and summary.json")
             with interrupts_as_one_line(step, step):
-                finish(model_without_ddp.visual, args, summary_of(step, images_per_step, 0, 0.0,
-                                                                  resumed["state"].get("loss"), 0))
+                finish(objective.exported(model_without_ddp), args,
+                       summary_of(step, images_per_step, 0, 0.0, resumed["state"].get("loss"), 0))
         return distributed.leave()
     if is_main:
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "
               f"{args.images_per_caption} images x {args.crops_per_image} crops x {world_size} process(es); "
-              f"lr = {args.base_lr:g} x {images_per_step} / 512 = {lr:.4g}; {args.epochs} epochs = {total_steps} "
+              f"lr = {lr_arithmetic}; {args.epochs} epochs = {total_steps} "
               f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps:g} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
         print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
@@ -416,15 +779,23 @@ def train(args, resumed, run_id):
         for epoch, batch in itertools.chain([first_batch], batches):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
+            position = StepPosition(step, sampler.steps_per_epoch, total_steps)
+            for hook in objective.before_step:
+                hook(model_without_ddp, optimizer, position, args)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = compute_loss(forward, batch, objective, args, device)
             if not torch.isfinite(loss):
                 raise UserError(f"loss is {loss.item()} at step {step} (epoch {epoch}); stopping")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if objective.after_backward:
+                scaler.unscale_(optimizer)
+                for hook in objective.after_backward:
+                    hook(model_without_ddp, optimizer, position, args)
             scaler.step(optimizer)
             scaler.update()
-            model_without_ddp.clamp_logit_scale()
+            for hook in objective.after_step:
+                hook(model_without_ddp, optimizer, position, args)
             step += 1
             loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
             if log and (step % args.log_every == 0 or step == total_steps):
@@ -443,7 +814,7 @@ def train(args, resumed, run_id):
             log.close()
             elapsed = time.time() - start_time
             summary = summary_of(step, images_per_step, step - start_step, elapsed, loss_value, corrupt)
-            finish(model_without_ddp.visual, args, summary)
+            finish(objective.exported(model_without_ddp), args, summary)
             print(f"done: {step} steps, {step * images_per_step} images seen, {elapsed:.0f}s this run, final loss "
                   f"{loss_value:.4f}; encoder in {os.path.join(args.output, 'encoder.pth')}")
     distributed.leave()
@@ -522,7 +893,7 @@ def build_data(args, tokenizer, world_size, rank, device):
                  image_size=args.image_size, seed=args.seed, tokenizer=tokenizer, context_length=args.context_length,
                  crop_scale=args.crop_scale, downsample_prob=args.downsample_prob,
                  downsample_res=args.downsample_res, augment_on_device=args.gpu_augment,
-                 decode_on_device=args.gpu_decode)
+                 decode_on_device=args.gpu_decode, **family_crops(args))
     if args.gpu_decode and not args.gpu_augment:
         raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     streamed = [spec for spec in args.data if dataindex.is_streamed(spec)]
@@ -564,9 +935,27 @@ def build_data(args, tokenizer, world_size, rank, device):
     return dataset, sampler, loader
 
 
-def build_model(args, tokenizer=None):
-    """The encoder with the parts the objective needs (OBJECTIVES: the head, the text tower)."""
+def family_crops(args):
+    """The dataset's arguments for an objective's own crops: a View per crop, DINO's local crops, the model's
+    noise per crop (none for StableRep's objectives: their data path is the same as before the families)."""
     objective = OBJECTIVES[args.loss]
+    crops = {}
+    if objective.views:
+        crops["views"] = getattr(augment, objective.views)
+    if objective.local_view and args.local_crops:
+        crops["local"] = data.LocalCrops(args.local_crops, args.local_crop_size, tuple(args.local_crop_scale),
+                                         getattr(augment, objective.local_view))
+    if objective.noise:
+        crops["noise_per_crop"] = objective.noise(args)
+    return crops
+
+
+def build_model(args, tokenizer=None):
+    """The encoder with the parts the objective needs (OBJECTIVES: the head, the text tower; a family's own). The
+    objective's recipe fills the flags left at None first (fill_recipe), for callers that parse the flags alone."""
+    objective = OBJECTIVES[fill_recipe(args).loss]
+    if objective.build:
+        return objective.build(args)
     visual = model_lib.build_vit(args.model, image_size=args.image_size, depth=args.depth)
     image_mlp = model_lib.ProjectionHead(visual.width, args.head_hidden_dim, args.embed_dim) if objective.head else None
     text = (model_lib.TextTransformer(len(tokenizer), tokenizer.eos_token_id, args.context_length, args.text_width,
@@ -583,8 +972,17 @@ def compute_loss(model, batch, objective, args, device):
         batch["corrupt"] += failed
     if batch["color"] is not None:  # --gpu-augment: uint8 crops [N, S, S, 3] -> float [N, 3, S, S], on the device
         images = augment.augment_crops(images, batch["color"])
-    tokens = batch["tokens"].to(device, non_blocking=True) if batch["tokens"] is not None else None
-    out = model(images, tokens, views=views)
+    inputs = {"views": views}  # m images x c crops of each caption, caption-major
+    if batch["tokens"] is not None:
+        inputs["tokens"] = batch["tokens"].to(device, non_blocking=True)
+    if batch.get("local_images") is not None:  # DINO's local crops
+        local = batch["local_images"].to(device, non_blocking=True)
+        color = batch["local_color"]
+        inputs["local_images"] = augment.augment_crops(local, color) if color is not None else local
+    for key in ("noise", "local_noise"):  # the crops' draws for the model's own random choices
+        if batch.get(key) is not None:
+            inputs[key] = batch[key]
+    out = model(images, **inputs)
     return sum(term(out, batch, args) for term in objective.terms)
 
 

@@ -13,6 +13,13 @@ machine's speed hits both alike; the median step time is reported. On a GPU the 
 peak memory: its own weights, buffers and AdamW state plus the rise of torch's allocation during its step (the
 other side's model, also on the GPU, is left out).
 The first step's losses are printed as a check that the two sides compute the same thing. Needs `pip install timm`.
+
+    python bench/bench_train_step.py --objectives stablerep mocov3 byol dino mae --threads 1   # the families
+
+With --objectives, the sides are objectives instead: each one's whole pretrain.py step (its recipe's networks, its
+hooks before and after the step, its loss, backward, AdamW), all on our ViT, at the same number of --crops of
+--image-size a step (StableRep: captions x 6 images; SimCLR, MoCo v3, BYOL, DINO: images x 2 views, DINO also with
+its 8 local crops of 96 px an image; MAE: images x 1), timed alternately, each against the first one named.
 """
 import argparse
 import copy
@@ -28,7 +35,18 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data import CaptionImages, collate  # noqa: E402
 from model import VIT_SIZES  # noqa: E402
-from pretrain import OBJECTIVES, build_model, compute_loss, get_args_parser, param_groups, scaled_lr  # noqa: E402
+from pretrain import (  # noqa: E402
+    OBJECTIVES,
+    StepPosition,
+    build_model,
+    compute_loss,
+    family_crops,
+    fill_recipe,
+    get_args_parser,
+    objective_lr,
+    param_groups,
+    scaled_lr,
+)
 
 TIMM_NAMES = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
               "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
@@ -68,9 +86,9 @@ def build_sides(model_name, image_size, images_per_step, device, depth=None):
     "timm") the model on `device` in train mode and its AdamW on pretrain.param_groups at the scaled lr. Both sides
     start from the same weights: timm's encoder state dict loaded into ours, one projection head copied."""
     import timm
-    run_args = get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
-                                             str(image_size), "--loss", "stablerep"]
-                                            + (["--depth", str(depth)] if depth else []))
+    run_args = fill_recipe(get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
+                                                         str(image_size), "--loss", "stablerep"]
+                                                        + (["--depth", str(depth)] if depth else [])))
     torch.manual_seed(0)
     reference = timm.create_model(TIMM_NAMES[model_name], num_classes=0, img_size=image_size,
                                   **({"depth": depth} if depth else {}))
@@ -100,14 +118,85 @@ def train_step(model, optimizer, batch, run_args, device, amp):
     return loss.detach()
 
 
+def objective_side(name, model_name, image_size, crops, device, flags=()):
+    """(pretrain.py's arguments, model, AdamW, batch) of one objective at `crops` crops a step: its recipe (with
+    `flags` on top), this model and size, random images in its own views (DINO's local crops, the crops' noise)."""
+    run_args = fill_recipe(get_args_parser().parse_args(["--data", "unused", "--model", model_name, "--image-size",
+                                                         str(image_size), "--loss", name, *flags]))
+    m, c = run_args.images_per_caption, run_args.crops_per_image
+    captions = crops // (m * c)
+    family = family_crops(run_args)
+    local, noise = family.get("local"), family.get("noise_per_crop", 0)
+    generator = torch.Generator().manual_seed(0)
+    size = image_size
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    items = [CaptionImages(random(m * c, 3, size, size), label, torch.arange(m), None, 0,
+                           local_images=random(m * local.count, 3, local.size, local.size) if local else None,
+                           noise=torch.rand(m * c, noise, generator=generator) if noise else None,
+                           local_noise=(torch.rand(m * local.count, noise, generator=generator) if local and noise
+                                        else None))
+             for label in range(captions)]
+    torch.manual_seed(0)
+    model = build_model(run_args).to(device).train()
+    lr, _ = objective_lr(OBJECTIVES[name], run_args.base_lr, captions * m * c, c)
+    optimizer = torch.optim.AdamW(param_groups(model, run_args.weight_decay), lr=lr, betas=tuple(run_args.betas))
+    return run_args, model, optimizer, collate(items)
+
+
+def objective_step(model, optimizer, batch, run_args, device, amp, step):
+    """pretrain.py's loop body with the objective's hooks (total 1000 steps, 100 an epoch). Returns the loss."""
+    objective, position = OBJECTIVES[run_args.loss], StepPosition(step, 100, 1000)
+    for hook in objective.before_step:
+        hook(model, optimizer, position, run_args)
+    with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
+        loss = compute_loss(model, batch, objective, run_args, device)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for hook in objective.after_backward:
+        hook(model, optimizer, position, run_args)
+    optimizer.step()
+    for hook in objective.after_step:
+        hook(model, optimizer, position, run_args)
+    return loss.detach()
+
+
+def compare_objectives(args, device):
+    sides = {name: objective_side(name, args.model, args.image_size, args.crops, device)
+             for name in args.objectives}
+    print(f"{args.model}/16 at {args.image_size}, {args.crops} crops of {args.image_size} px a step per objective; "
+          f"device={device}, amp(bf16)={args.amp}, threads={torch.get_num_threads()}, torch {torch.__version__}")
+    times = {name: [] for name in sides}
+    for repeat in range(args.warmup + args.repeats):
+        for name, (run_args, model, optimizer, batch) in sides.items():
+            synchronize(device)
+            start = time.perf_counter()
+            objective_step(model, optimizer, batch, run_args, device, args.amp, repeat)
+            synchronize(device)
+            if repeat >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+    first = args.objectives[0]
+    print(f"{'objective':10s} {'crops a step':>22s} {'median s/step':>14s} {'vs ' + first:>12s}   steps (s)")
+    for name, (run_args, _, _, batch) in sides.items():
+        local = batch["local_images"]
+        crops = f"{len(batch['images'])}" + (f" + {len(local)} of {local.shape[-1]} px" if local is not None else "")
+        median = statistics.median(times[name])
+        print(f"{name:10s} {crops:>22s} {median:14.3f} {median / statistics.median(times[first]):11.2f}x   "
+              + " ".join(f"{t:.2f}" for t in times[name]))
+
+
 def main(args):
-    import timm
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.amp and device.type != "cuda":
         raise SystemExit("bench_train_step.py: error: --amp (bf16 autocast) is the GPU recipe; "
                          "use it with --device cuda")
+    if args.objectives:
+        return compare_objectives(args, device)
+    import timm
     # pretrain.py's own arguments, defaults and all, with this bench's model and batch
     images = args.captions * args.images_per_caption
     run_args, models, optimizers = build_sides(args.model, args.image_size, images, device)
@@ -158,6 +247,13 @@ if __name__ == "__main__":
     parser.add_argument("--amp", action="store_true", help="bf16 autocast, as pretrain.py on a GPU")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per side")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per side; the median is reported")
+    parser.add_argument("--objectives", nargs="+", default=None,
+                        choices=[name for name, o in OBJECTIVES.items() if not o.text],
+                        help="time these objectives' steps against the first one named, instead of our ViT "
+                             "against timm's")
+    parser.add_argument("--crops", type=int, default=24,
+                        help="with --objectives: crops of --image-size a step for every objective (24 = StableRep's "
+                             "4 captions x 6 images)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default, one per core); 1 avoids spin-waiting on cores "
                              "shared with other jobs")

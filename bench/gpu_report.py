@@ -36,6 +36,11 @@ Sections, in this order (--sections picks some):
                 the loss outside it, GradScaler scale / backward / unscale_ / step / update, util/misc.py's AdamW
                 groups) against ours in fp16. With 2 or more GPUs, the projection head's SyncBatchNorm over 2
                 NCCL processes against one process on the whole batch (running statistics and outputs).
+  7 families    the paper's first question: each self-supervised family's full pretrain.py step (its recipe's
+                networks and hooks, bench/bench_train_step.py --objectives) on ViT-B/16 at 224 px, bf16 autocast, at
+                the per-GPU batch of its CC3M recipe (recipes/pretrain_cc3m_<family>_synthetic.args): seconds a
+                step, peak memory, and the GPU hours of that recipe on CC3M's 3.3M captions at 32 GPUs (steps x the
+                step time x 32, communication left out).
 
 Timing: every measured call is warmed up once (the first call of a shape pays for kernel selection and allocation),
 then repeated the count given below, sides alternating; the median is reported, with every timed value. On a GPU a
@@ -56,10 +61,12 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub: every model is built from configs
 
-from cli import UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
+from cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
 from files import atomic_write_json
 
-SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "parity")
+SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "parity", "families")
+CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
+RECIPE_GPUS = 32  # the CC3M recipes' torchrun command: 4 nodes x 8 GPUs
 
 # Every size and repeat count of the run: "full" is what the report means on a GPU, "tiny" the CPU smoke run.
 SIZES = {
@@ -70,7 +77,10 @@ SIZES = {
         train_repeats=10,
         world_size=32, loss_repeats=20,
         loader_captions=43, stored_size=256, loader_repeats=5, augment_repeats=10,
-        seg_model="vit_base", seg_depth=None, seg_crop=512, seg_batch=2, eval_repeats=5, aro_captions=1024),
+        seg_model="vit_base", seg_depth=None, seg_crop=512, seg_batch=2, eval_repeats=5, aro_captions=1024,
+        # family_batch None: each CC3M recipe's own per-GPU batch; family_flags (not a flag): the tiny run's small
+        # heads and decoder, on top of each family's recipe
+        family_repeats=5, family_batch=None, family_flags=None),
     "tiny": dict(
         gen_size=32, gen_captions=2, gen_images=2,
         ddim_steps=3, dpm_steps=2, gen_warmup_steps=1, gen_repeats=1,
@@ -78,7 +88,10 @@ SIZES = {
         train_repeats=2,
         world_size=4, loss_repeats=2,
         loader_captions=4, stored_size=40, loader_repeats=1, augment_repeats=2,
-        seg_model="vit_tiny", seg_depth=2, seg_crop=32, seg_batch=2, eval_repeats=1, aro_captions=8),
+        seg_model="vit_tiny", seg_depth=2, seg_crop=32, seg_batch=2, eval_repeats=1, aro_captions=8,
+        family_repeats=1, family_batch=4,
+        family_flags=("--head-hidden-dim", "64", "--embed-dim", "32", "--out-dim", "64", "--local-crop-size", "16",
+                      "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2")),
 }
 
 # Stable Diffusion v1.5's published configs (unet/, vae/ and text_encoder/config.json of
@@ -422,9 +435,9 @@ def section_loss(report, args, device, results):
     import torch.nn.functional as F
 
     from bench_loss import forward_backward, loss_function, make_inputs
-    from pretrain import get_args_parser
+    from pretrain import fill_recipe, get_args_parser
 
-    defaults = get_args_parser().parse_args(["--data", "unused"])  # the paper's tau and embedding width
+    defaults = fill_recipe(get_args_parser().parse_args(["--data", "unused"]))  # the paper's tau and embedding width
     tau, dim, m = defaults.temperature, defaults.embed_dim, args.images_per_caption
     n_local = args.captions * m
     n_global = n_local * args.world_size
@@ -867,6 +880,53 @@ def _sync_batchnorm_rank(rank, features, folder):
     dist.destroy_process_group()
 
 
+# ---- 7. the self-supervised families ----
+
+def section_families(report, args, device, results):
+    from pretrain import FAMILIES
+
+    amp = device.type == "cuda"
+    if not amp:
+        report.skip("bf16 autocast in the families' steps", "pretrain.py uses it on CUDA only; timed in float32")
+    blocks = f", {args.train_depth} blocks" if args.train_depth else ""
+    report.table("families", f"### 7. The families' training steps: {args.train_model}/16{blocks} at "
+                 f"{args.image_size} px, {'bf16 autocast' if amp else 'float32'}, each at its CC3M recipe's "
+                 f"per-GPU batch; warm-up 1 step, then {args.family_repeats} timed steps each; GPU hours of the "
+                 f"recipe at {RECIPE_GPUS} GPUs on CC3M's {CC3M_CAPTIONS} captions",
+                 ["family", "images a GPU (+ local crops)", "s per step (timed)", "peak GiB", "GPU hours (recipe)"])
+    for name in FAMILIES:  # one at a time: a family's model and optimiser are freed before the next is built
+        family_row(report, args, device, amp, name)
+
+
+def family_row(report, args, device, amp, name):
+    """One family's step at its CC3M recipe's per-GPU batch (or --family-batch), and the recipe's GPU hours."""
+    from bench_train_step import objective_side, objective_step, side_bytes
+    from pretrain import get_args_parser as pretrain_parser
+
+    recipe = pretrain_parser().parse_args(
+        [f"@{os.path.join(REPOSITORY, 'recipes', f'pretrain_cc3m_{name}_synthetic.args')}"])
+    images = args.family_batch or recipe.captions_per_gpu
+    flags = [*(["--depth", str(args.train_depth)] if args.train_depth else []), *(args.family_flags or ())]
+    run_args, model, optimizer, batch = objective_side(name, args.train_model, args.image_size,
+                                                       images * (1 if name == "mae" else 2), device, flags)
+    steps_done = iter(range(10 ** 6))
+
+    def step():
+        return objective_step(model, optimizer, batch, run_args, device, amp, next(steps_done))
+
+    step()  # warm-up
+    timing = alternate({name: step}, args.family_repeats, device)[name]
+    seconds = median_seconds(timing)
+    steps = run_args.epochs * (CC3M_CAPTIONS // (recipe.captions_per_gpu * RECIPE_GPUS))
+    hours = steps * seconds * RECIPE_GPUS / 3600  # the recipe's only at its own per-GPU batch
+    local = batch["local_images"]
+    shown = f"{images}" + (f" (+ {len(local)} of {local.shape[-1]} px)" if local is not None else "")
+    peak = highest(timing, side_bytes(model, optimizer, device.type))
+    report.row([name, shown, seconds_list(timing), fmt(gib(peak)), fmt(hours)], family=name, images=images,
+               seconds=[t for t, _, _ in timing], peak_bytes=peak, recipe_epochs=run_args.epochs,
+               recipe_steps=steps, gpu_hours=hours)
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "gpu_report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -887,7 +947,7 @@ def get_args_parser():
                              "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
                              "runs it so the script cannot rot. Its numbers are not for comparison")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run, always in the order 1-6 (default: all; section 4's cores per "
+                        help="which sections to run, always in the order 1-7 (default: all; section 4's cores per "
                              "GPU needs section 2)")
     parser.add_argument("--output", default=None, metavar="JSON",
                         help="write every number here, rewritten after each row (default: print only)")
@@ -929,6 +989,11 @@ def get_args_parser():
                        help="a checkout of google-research/syn-rep-learn: adds the official training step (its "
                             "StableRep/ folder is imported; needs timm). Its --model must be vit_small, vit_base or "
                             "vit_large")
+    group = parser.add_argument_group("7. the families (section 2's model, depth and image size)")
+    size_flag(group, "--family-repeats", "timed steps per family")
+    group.add_argument("--family-batch", type=integer(2), default=None,
+                       help="images a GPU for every family (default: each CC3M recipe's own; --tiny: 4); GPU hours "
+                            "are the recipe's only at its own batch")
     return parser
 
 
@@ -936,7 +1001,7 @@ def resolve_sizes(args):
     """Fill every size flag left unset from SIZES (tiny or full)."""
     sizes = SIZES["tiny" if args.tiny else "full"]
     for key, value in sizes.items():
-        if getattr(args, key) is None:
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     if args.captions * args.images_per_caption < 2:
         raise UserError("a contrastive batch needs at least two images: raise --captions or --images-per-caption")
@@ -970,7 +1035,8 @@ def main(args):
           f"{info['diffusers']}, transformers {info['transformers']}, timm {info['timm']}; CPU {info['cpu']}, "
           f"{info['cpu_cores']} cores.\nCommand: `{header['command']}`", flush=True)
     sections = {"generation": section_generation, "train": section_train, "loss": section_loss,
-                "loader": section_loader, "evaluations": section_evaluations, "parity": section_parity}
+                "loader": section_loader, "evaluations": section_evaluations, "parity": section_parity,
+                "families": section_families}
     results, total = {}, time.perf_counter()
     for section in SECTIONS:
         if section not in args.sections:

@@ -14,13 +14,15 @@ DIGIT_PRETRAIN_FLAGS = [*DIGIT_ENCODER_FLAGS, "--crop-scale", "0.6", "1", "--hea
                         "--head-batchnorm", "joint"]  # 10-40 captions a step: per-view BatchNorm batches that small
 
 
-def run_stage(title, *command):
-    """`python <command>` from the repository root, offline, echoing the command as a user would type it; a
-    failure becomes a UserError naming the command (the stage has already printed its own message)."""
-    line = " ".join(shlex.quote(part) for part in command)
+def run_stage(title, *command, launcher=(), offline=True):
+    """`python [launcher] <command>` from the repository root, offline unless told, echoing the command as a user
+    would type it (launcher: e.g. `-m torch.distributed.run --nproc-per-node 8 --standalone`); a failure becomes
+    a UserError naming the command (the stage has already printed its own message)."""
+    line = " ".join(shlex.quote(str(part)) for part in (*launcher, *command))
     print(f"\n==> {title}\n$ python {line}", flush=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    if subprocess.run([sys.executable, *command], cwd=REPOSITORY, env=env).returncode != 0:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else None
+    if subprocess.run([sys.executable, *map(str, launcher), *map(str, command)], cwd=REPOSITORY,
+                      env=env).returncode != 0:
         raise UserError(f"stage '{title}' failed (command: python {line})")
 
 

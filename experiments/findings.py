@@ -1,4 +1,5 @@
-"""The paper's findings in miniature: SimCLR, StableRep (m = 2, 4, 8), CLIP and StableRep+ at equal budget.
+"""The paper's findings in miniature: SimCLR, StableRep (m = 2, 4, 8), CLIP and StableRep+ at equal budget, and the
+self-supervised families of its first question (MoCo v3, BYOL, DINO, MAE).
 
 Every objective is pretrained on the same handwritten-digits caption tree (80 captions: each digit's training
 images dealt into 8 captions of the same text, about 17 images each; images of one digit under another caption
@@ -13,7 +14,15 @@ digits) and fewshot.py (5-way 5-shot episodes). A random-init encoder of the sam
     stablerep_m8  stablerep    10 x 8 x 1
     clip          clip         80 x 1 x 1    (image-text contrastive, a small character-level text tower)
     stablerep+    stablerep+   10 x 8 x 1    (multi-positive image loss + image-text loss)
+    mocov3        mocov3       40 x 1 x 2    (its two views, momentum encoder, InfoNCE)
+    byol          byol         40 x 1 x 2    (its two views, target network, regression)
+    dino          dino         40 x 1 x 2    (two global crops, 4 local crops of 16 px, teacher)
+    mae           mae          80 x 1 x 1    (75% of the 4 patches of a 32 px image removed, 1 kept)
     random_init   -            no training
+
+The families run their own recipes (weight decay, momentum, DINO's schedules, their views) at the digits' scale
+(FAMILY_FLAGS: smaller heads and decoder, DINO's local crops at 16 px), at the same learning rate as the others:
+their rule, lr = base x images / 256, is given the base that makes it equal to the StableRep rule's lr here.
 
 Epochs in pretrain.py are passes over the 80 captions, so a config with fewer captions a step takes more steps
 per epoch; --epochs is chosen per config so that every config runs exactly --steps steps. Every stage script is
@@ -47,8 +56,20 @@ CONFIGS = {
     "stablerep_m8": ("stablerep", 10, 8, 1),
     "clip": ("clip", 80, 1, 1),
     "stablerep+": ("stablerep+", 10, 8, 1),
+    "mocov3": ("mocov3", 40, 1, 2),
+    "byol": ("byol", 40, 1, 2),
+    "dino": ("dino", 40, 1, 2),
+    "mae": ("mae", 80, 1, 1),
     "random_init": (None, 0, 0, 0),
 }
+FAMILIES = ("mocov3", "byol", "dino", "mae")
+# the families at the digits' scale: per-view BatchNorm in MoCo v3's and BYOL's MLPs (their official batches; 40
+# images a view here), DINO's head to 4096 prototypes and 4 local crops of 16 px (one patch) at 0.2-0.5 of a 32 px
+# image, MAE's decoder 128 wide
+FAMILY_FLAGS = {"mocov3": ["--head-batchnorm", "per-view"], "byol": ["--head-batchnorm", "per-view"],
+                "dino": ["--out-dim", "4096", "--local-crops", "4", "--local-crop-size", "16",
+                         "--local-crop-scale", "0.2", "0.5"],
+                "mae": ["--decoder-width", "128", "--decoder-depth", "2", "--decoder-heads", "4"]}
 TEXT_FLAGS = ["--context-length", "48", "--text-width", "128", "--text-layers", "2", "--text-heads", "4"]
 
 
@@ -99,9 +120,13 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
         return encoder
     steps_per_epoch = 80 // captions  # the tree has 80 captions; every config's captions divide it
     epochs = args.steps // steps_per_epoch
+    base_lr = args.base_lr
+    if loss in FAMILIES:  # the same lr by the families' rule: base x images / 256 = args.base_lr x 80 / 512
+        base_lr = args.base_lr * IMAGES_PER_STEP / 512 * 256 / (captions * m)
     command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, *DIGIT_PRETRAIN_FLAGS,
+               *FAMILY_FLAGS.get(loss, []),
                "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
-               "--base-lr", f"{args.base_lr:g}", "--epochs", str(epochs),
+               "--base-lr", f"{base_lr:g}", "--epochs", str(epochs),
                "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
                "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
     if args.depth is not None:

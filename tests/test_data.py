@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.v2.functional as TF
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 import augment
 import data
@@ -26,13 +26,14 @@ from augment import (
     ColorParams,
     PILDownAndUp,
     PretrainAugmentation,
+    View,
     augment_crops,
     down_and_up,
     official_augmentation,
     sample_color_params,
 )
 from conftest import write_random_shards, write_random_tree
-from data import CaptionImagesDataset, CaptionSampler, collate
+from data import CaptionImagesDataset, CaptionSampler, LocalCrops, collate
 
 
 def test_an_item_is_a_function_of_epoch_and_index(random_tree):
@@ -127,6 +128,8 @@ def augmentation_statistics(outputs, source_hues):
     luma = (x * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)  # [n, S, S]
     laplacian = (4 * luma[:, 1:-1, 1:-1] - luma[:, :-2, 1:-1] - luma[:, 2:, 1:-1] - luma[:, 1:-1, :-2]
                  - luma[:, 1:-1, 2:]).abs().mean((1, 2))
+    # solarisation leaves no level at or above 128 (ours computes in float: up to 127.99, rounded to 128 here)
+    bright = (x.amax((1, 2, 3)) >= 129 / 255).float().mean()
     hue, chroma = hue_and_chroma(x)
     shift = (hue - source_hues.view(-1, 1, 1) + 0.5) % 1 - 0.5  # [n, S, S] in turns
     shift = torch.where(chroma > 0.05, shift, torch.nan).flatten(1).nanmedian(1).values  # per image
@@ -136,7 +139,7 @@ def augmentation_statistics(outputs, source_hues):
             "grayscale fraction": gray.float().mean(), "mean |hue shift|": shift.abs().mean(),
             "hue shift spread": shift.std(),
             # blur: the blurred half of the images sits in the lower quantiles of fine detail / contrast
-            "detail q25": (laplacian / luma.std((1, 2)).clamp_min(1e-6)).quantile(0.25)}
+            "detail q25": (laplacian / luma.std((1, 2)).clamp_min(1e-6)).quantile(0.25), "bright fraction": bright}
 
 
 # differences allowed between our pipeline and the official one: absolute for the means and the grayscale
@@ -316,6 +319,90 @@ def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeyp
     sharp, smooth = (torch.stack([detail(item.images.permute(0, 2, 3, 1)[k]) for item in items[j:j + 12]
                                   for k in range(2)]).mean() for j in (0, 12))
     assert smooth < sharp / 2
+
+
+# ---- the self-supervised families' views (MoCo v3, BYOL, DINO, MAE) ----
+
+@pytest.mark.parametrize("name, view", [("BYOL's first view: blur always", augment.BYOL_VIEWS[0]),
+                                        ("BYOL's second: blur 0.1, solarise 0.2", augment.BYOL_VIEWS[1]),
+                                        ("MAE's: crop and flip alone", augment.MAE_VIEWS[0])])
+def test_family_views_have_their_official_pipelines_statistics(name, view):
+    """1000 crops of each pipeline (48 px from 96 px images), the family's official one rebuilt with torchvision v1
+    and PIL: the same statistics as the StableRep test's, and the fraction of crops with a level at or above 128
+    (which solarisation removes). MoCo v3's views are BYOL's with bilinear resampling; DINO's are BYOL's and a local
+    view of the same ops."""
+    images, hues = colour_sources()
+    theirs_pipeline, ours_pipeline = official_augmentation(48, view=view), PretrainAugmentation(48, view=view)
+    source_hues = torch.tensor([hues[i % 2] for i in range(1000)])
+    torch.manual_seed(0)
+    theirs = torch.stack([theirs_pipeline(Image.fromarray(images[i % 2])) for i in range(1000)])
+    torch.manual_seed(1)
+    mine = torch.stack([ours_pipeline(torch.from_numpy(images[i % 2])) for i in range(1000)])
+    expected, measured = augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
+    tolerances = {**TOLERANCES, "bright fraction": 0.04}
+    if view.jitter_p == 0:  # no hue jitter: both shifts are resampling noise, near 0
+        del tolerances["mean |hue shift|"], tolerances["hue shift spread"]
+        assert measured["mean |hue shift|"] < 0.01 and expected["mean |hue shift|"] < 0.01
+    for statistic, tolerance in tolerances.items():
+        difference = abs(measured[statistic] - expected[statistic]) / (
+            abs(expected[statistic]) if statistic in RELATIVE else 1)
+        assert difference <= tolerance, f"{name}, {statistic}: ours {measured[statistic]:.4f}, " \
+                                        f"official {expected[statistic]:.4f}"
+
+
+def test_view_parameters_follow_their_recipes_and_simclrs_draws_are_unchanged():
+    torch.manual_seed(0)
+    params = ColorParams.cat([sample_color_params(augment.BYOL_VIEWS[1]) for _ in range(20000)])
+    for flag, p in ((params.jitter, 0.8), (params.gray, 0.2), (params.sigma > 0, 0.1), (params.solarize, 0.2)):
+        assert abs(flag.float().mean().item() - p) < 0.015
+    assert 0.8 <= params.factors[:, 2].min() and params.factors[:, 2].max() <= 1.2  # saturation 0.2
+    assert (sample_color_params(augment.BYOL_VIEWS[0]).sigma > 0).all()  # blur always
+    none = ColorParams.cat([sample_color_params(augment.MAE_VIEWS[0]) for _ in range(200)])
+    assert not (none.jitter.any() or none.gray.any() or none.sigma.any() or none.solarize.any())
+    torch.manual_seed(3)
+    default = sample_color_params()
+    after_default = torch.get_rng_state()
+    torch.manual_seed(3)
+    simclr = sample_color_params(View())
+    assert all(torch.equal(a, b) for a, b in zip(default, simclr)) and not simclr.solarize.any()
+    assert torch.equal(after_default, torch.get_rng_state())  # no solarisation draw: the old stream exactly
+
+
+def test_solarize_is_pils_and_bicubic_resampling_is_pils():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)
+    ours = augment.solarize(torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255)
+    pil = torch.from_numpy(np.array(ImageOps.solarize(Image.fromarray(pixels)))).permute(2, 0, 1)[None].float()
+    torch.testing.assert_close(ours * 255, pil, atol=1e-4, rtol=0)
+    smooth = np.array(Image.fromarray(pixels).resize((88, 80), Image.BILINEAR).filter(ImageFilter.GaussianBlur(2)))
+    ours = augment.resize(torch.from_numpy(smooth), 30, 33, "bicubic").float().numpy()
+    pil = np.array(Image.fromarray(smooth).resize((33, 30), Image.BICUBIC), dtype=np.float32)
+    assert np.abs(ours - pil).mean() < 1.0 and np.abs(ours - pil).max() <= 3
+
+
+def test_dino_items_carry_local_crops_and_their_noise(random_tree):
+    """Two global crops by DINO's views, two 16 px local crops, and noise rows for every crop; the global crops
+    are those drawn without noise (noise is drawn after them), an item is a function of (epoch, index), and the
+    local crops finished on the device (--gpu-augment) are those finished in the loader."""
+    local = LocalCrops(2, 16, (0.05, 0.4), augment.DINO_LOCAL_VIEW)
+    views = dict(views=augment.DINO_GLOBAL_VIEWS, local=local)
+    dataset = CaptionImagesDataset([random_tree], 1, 2, 32, seed=2, noise_per_crop=6, **views)
+    item = dataset[(1, 5)]
+    assert item.images.shape == (2, 3, 32, 32) and item.local_images.shape == (2, 3, 16, 16)
+    assert item.noise.shape == (2, 6) and item.local_noise.shape == (2, 6)
+    again = dataset[(1, 5)]
+    assert torch.equal(item.local_images, again.local_images) and torch.equal(item.noise, again.noise)
+    without_noise = CaptionImagesDataset([random_tree], 1, 2, 32, seed=2, **views)[(1, 5)]
+    assert torch.equal(without_noise.images, item.images) and without_noise.noise is None
+    deferred = CaptionImagesDataset([random_tree], 1, 2, 32, seed=2, noise_per_crop=6, augment_on_device=True,
+                                    **views)
+    batch, expected = collate([deferred[(1, i)] for i in range(3)]), collate([dataset[(1, i)] for i in range(3)])
+    assert batch["local_images"].dtype == torch.uint8 and len(batch["local_color"].sigma) == 6
+    torch.testing.assert_close(augment_crops(batch["local_images"], batch["local_color"]), expected["local_images"],
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch["noise"], expected["noise"])
+    plain = collate([CaptionImagesDataset([random_tree], 1, 2, 32)[(0, 0)]])
+    assert plain["local_images"] is None and plain["noise"] is None and plain["local_color"] is None
 
 
 # ---- unreadable images: skipped and counted, never trained on, never a crash ----

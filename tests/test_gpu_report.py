@@ -20,7 +20,8 @@ try:
     LOSS_ROWS = 4
 except ImportError:
     LOSS_ROWS = 2
-ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [3, 2, 3], "evaluations": [3], "parity": [3]}
+ROWS = {"generation": [6], "train": [3], "loss": [LOSS_ROWS], "loader": [3, 2, 3], "evaluations": [3], "parity": [3],
+        "families": [4]}
 
 
 def numbers(value):
@@ -65,6 +66,8 @@ def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path):
     assert all(row["cores"] > 0 for row in rows["loader"][-3:])
     decode = [row for row in rows["loader"] if row.get("what") == "decode_crops"]  # --gpu-decode, the CPU fallback
     assert len(decode) == 1 and decode[0]["images_per_s"] > 0
+    assert [row["family"] for row in rows["families"]] == ["mocov3", "byol", "dino", "mae"]
+    assert all(row["gpu_hours"] > 0 and row["recipe_steps"] > 0 for row in rows["families"])
     # what a CPU run cannot measure is said, on stdout and in the JSON
     skipped = {entry["what"] for entry in report["skipped"]}
     assert {"generation in float16", "bf16 autocast in the training step", "host-to-device copies",

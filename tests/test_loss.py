@@ -6,7 +6,16 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import leave_spawned_worker
-from loss import image_text_loss, multi_positive_loss, multi_positive_loss_reference
+from loss import (
+    byol_loss,
+    dino_loss,
+    dino_loss_reference,
+    image_text_loss,
+    mae_loss,
+    mocov3_loss,
+    multi_positive_loss,
+    multi_positive_loss_reference,
+)
 
 
 def looped_loss(features, labels, temperature):
@@ -245,3 +254,152 @@ def test_image_text_loss_spreads_text_to_image_over_the_captions_images():
     text_to_image = -(uniform * torch.log_softmax(scale * texts @ images.T, dim=1)).sum(1).mean()
     torch.testing.assert_close(image_text_loss(images, texts, image_captions, torch.arange(4), scale),
                                (image_to_text + text_to_image) / 2)
+
+
+# ---- the self-supervised families (MoCo v3, BYOL, DINO, MAE), each against its formula written out by hand ----
+
+def family_inputs(seed, *shapes):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=generator, dtype=torch.float64) for shape in shapes]
+
+
+def looped_mocov3(queries, keys, temperature):
+    """MoCo v3's ctr(q1, k2) + ctr(q2, k1), one query at a time: 2 tau x mean_i -log softmax_j(q_i.k_j / tau)_i."""
+    q, k = F.normalize(queries, dim=-1), F.normalize(keys, dim=-1)
+    total = q.new_zeros(())
+    for view in (0, 1):
+        for i in range(len(q)):
+            logits = torch.stack([q[i, view] @ k[j, 1 - view] / temperature for j in range(len(k))])
+            total = total - 2 * temperature * (logits[i] - torch.logsumexp(logits, 0)) / len(q)
+    return total
+
+
+def looped_byol(predictions, targets):
+    """BYOL's L + L~: mean_i ||q_i / |q_i| - z'_j / |z'_j|||^2 over the two (view, other view) pairs."""
+    total = predictions.new_zeros(())
+    for i in range(len(predictions)):
+        for view in (0, 1):
+            q, z = predictions[i, view], targets[i, 1 - view]
+            total = total + ((q / q.norm() - z / z.norm()) ** 2).sum() / len(predictions)
+    return total
+
+
+def looped_mae(pred, patches, mask, normalise):
+    """MAE: mean over removed patches of the per-patch mean squared error, targets standardised per patch."""
+    total, count = pred.new_zeros(()), 0
+    for i in range(pred.shape[0]):
+        for patch in range(pred.shape[1]):
+            if mask[i, patch]:
+                target = patches[i, patch]
+                if normalise:
+                    mean = target.sum() / len(target)
+                    var = ((target - mean) ** 2).sum() / (len(target) - 1)  # unbiased, as torch.var
+                    target = (target - mean) / (var + 1e-6) ** 0.5
+                total = total + ((pred[i, patch] - target) ** 2).mean()
+                count += 1
+    return total / count
+
+
+def assert_value_and_gradient(ours_fn, reference_fn, inputs, trained):
+    """Both functions on clones of `inputs`: the same value, and the same gradient for the inputs in `trained`."""
+    ours_inputs = [x.clone().requires_grad_(i in trained) for i, x in enumerate(inputs)]
+    reference_inputs = [x.clone().requires_grad_(i in trained) for i, x in enumerate(inputs)]
+    ours, reference = ours_fn(*ours_inputs), reference_fn(*reference_inputs)
+    ours.backward()
+    reference.backward()
+    torch.testing.assert_close(ours.double(), reference, rtol=1e-10, atol=1e-12)
+    for i in trained:
+        torch.testing.assert_close(ours_inputs[i].grad, reference_inputs[i].grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.2, 1.0])
+def test_mocov3_loss_is_the_symmetrised_infonce_with_2_tau(temperature):
+    queries, keys = family_inputs(20, (6, 2, 8), (6, 2, 8))
+    assert_value_and_gradient(lambda q, k: mocov3_loss(q, k, temperature),
+                              lambda q, k: looped_mocov3(q, k, temperature), [queries, keys], trained={0})
+    queries.requires_grad_(), keys.requires_grad_()
+    mocov3_loss(queries, keys, temperature).backward()
+    assert keys.grad is None  # the keys are the momentum encoder's: no gradient reaches them
+
+
+def test_byol_loss_is_the_symmetrised_normalised_regression():
+    predictions, targets = family_inputs(21, (5, 2, 8), (5, 2, 8))
+    assert_value_and_gradient(byol_loss, looped_byol, [predictions, targets], trained={0})
+    same = F.normalize(predictions, dim=-1)  # a prediction equal to the other view's target: loss 0
+    torch.testing.assert_close(byol_loss(same, same.flip(1)), torch.tensor(0.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("views", [2, 5])
+def test_dino_loss_is_the_official_loop_and_never_pairs_a_crop_with_itself(views):
+    student, teacher, center = family_inputs(22, (4, views, 16), (4, 2, 16), (1, 16))
+    assert_value_and_gradient(lambda s, t, c: dino_loss(s, t, c, 0.1, 0.04),
+                              lambda s, t, c: dino_loss_reference(s, t, c, 0.1, 0.04),
+                              [student, teacher, center], trained={0})
+    # hand-computed: with V = 2 the loss is the mean of H(P_t(crop 1), P_s(crop 2)) and H(P_t(crop 2), P_s(crop 1))
+    if views == 2:
+        p_teacher = torch.softmax((teacher - center) / 0.04, dim=-1)
+        log_student = torch.log_softmax(student / 0.1, dim=-1)
+        by_hand = -((p_teacher[:, 0] * log_student[:, 1]).sum(-1).mean()
+                    + (p_teacher[:, 1] * log_student[:, 0]).sum(-1).mean()) / 2
+        torch.testing.assert_close(dino_loss(student, teacher, center, 0.1, 0.04), by_hand)
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_mae_loss_is_the_mean_squared_error_on_removed_patches(normalise):
+    pred, patches = family_inputs(23, (3, 8, 12), (3, 8, 12))
+    mask = torch.zeros(3, 8)
+    mask[:, :6] = 1
+    mask = mask[:, torch.randperm(8, generator=torch.Generator().manual_seed(1))]
+    assert_value_and_gradient(lambda p, t, m: mae_loss(p, t, m, normalise),
+                              lambda p, t, m: looped_mae(p, t, m, normalise), [pred, patches, mask], trained={0})
+
+
+def _family_losses(dtype):
+    """Each family's loss on float32 inputs, inside autocast(dtype) or outside it (dtype None): values and the
+    gradients of the trained input."""
+    mask = (torch.arange(16) % 4 != 0).float().repeat(8, 1)
+    cases = [(lambda q, k: mocov3_loss(q, k, 0.2), [(8, 2, 32), (8, 2, 32)]),
+             (byol_loss, [(8, 2, 32), (8, 2, 32)]),
+             (lambda s, t, c: dino_loss(s, t, c, 0.1, 0.04), [(8, 4, 64), (8, 2, 64), (1, 64)]),
+             (lambda p, t: mae_loss(p, t, mask), [(8, 16, 48), (8, 16, 48)])]
+    results = []
+    for seed, (fn, shapes) in enumerate(cases):
+        leaves = [x.float().requires_grad_() for x in family_inputs(24 + seed, *shapes)]
+        context = torch.autocast("cpu", dtype=dtype) if dtype else torch.autocast("cpu", enabled=False)
+        with context:
+            loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), leaves[0].grad))
+    return results
+
+
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16])
+def test_family_losses_are_float32_inside_autocast(autocast_dtype):
+    for (loss, grad), (reference, reference_grad) in zip(_family_losses(autocast_dtype), _family_losses(None)):
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, reference, rtol=0, atol=1e-5)
+        assert (grad - reference_grad).norm() <= 1e-4 * reference_grad.norm()
+
+
+def _mocov3_rank_worker(rank, world_size, store_path, queries, keys, result_path):
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    per_rank = len(queries) // world_size
+    local = queries[rank * per_rank:(rank + 1) * per_rank].clone().requires_grad_()
+    loss = mocov3_loss(local, keys[rank * per_rank:(rank + 1) * per_rank], 0.2)
+    loss.backward()
+    torch.save({"loss": loss.detach().clone(), "grad": local.grad.clone()}, f"{result_path}.{rank}")
+    leave_spawned_worker()
+
+
+def test_mocov3_keys_are_gathered_so_two_processes_match_one(tmp_path):
+    """Each rank's queries against the keys of both ranks: DDP's average of the two ranks' losses and gradients is
+    the one-process loss of the whole batch."""
+    queries, keys = family_inputs(25, (8, 2, 8), (8, 2, 8))
+    mp.spawn(_mocov3_rank_worker, args=(2, str(tmp_path / "store"), queries, keys, str(tmp_path / "out")),
+             nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    whole = queries.clone().requires_grad_()
+    loss = mocov3_loss(whole, keys, 0.2)
+    loss.backward()
+    torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.cat([r["grad"] for r in results]) / 2, whole.grad, rtol=1e-9, atol=1e-12)

@@ -8,6 +8,7 @@ import pty
 import shutil
 import signal
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,9 @@ from model import load_encoder
 TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
         "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
         "--workers", "0", "--log-every", "1"]
+# the families' own parts, as small (DINO: 2 local crops of 16 px, one patch each)
+FAMILY_TINY = {"dino": ["--out-dim", "64", "--local-crops", "2", "--local-crop-size", "16"],
+               "mae": ["--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2"]}
 
 
 def run_pretrain(*args, check=True):
@@ -39,13 +43,15 @@ def run_pretrain(*args, check=True):
 
 
 def test_defaults_are_the_papers_recipe():
-    args = pretrain.get_args_parser().parse_args(["--data", "x"])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x"]))
     assert (args.model, args.image_size, args.loss, args.temperature) == ("vit_base", 224, "stablerep", 0.1)
     assert (args.captions_per_gpu, args.base_lr, args.weight_decay, tuple(args.betas)) == (43, 2e-4, 0.1, (0.9, 0.98))
     assert (args.head_hidden_dim, args.embed_dim, args.schedule, args.head_batchnorm) == (
         4096, 256, "cc12m-1x", "per-view")
+    assert (args.epochs, args.warmup_epochs, tuple(args.crop_scale)) == (15, 0.5, (0.08, 1.0))
     views = {name: (o.images_per_caption, o.crops_per_image) for name, o in pretrain.OBJECTIVES.items()}
-    assert views == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1)}
+    assert views == {"stablerep": (6, 1), "simclr": (1, 2), "clip": (1, 1), "stablerep+": (6, 1),
+                     "mocov3": (1, 2), "byol": (1, 2), "dino": (1, 2), "mae": (1, 1)}
     # downsampling off (the official README's table scores it lower), the official command's resolutions at hand
     assert (args.downsample_prob, tuple(args.downsample_res), args.gpu_augment) == (0.0, (64, 128), False)
 
@@ -55,8 +61,11 @@ def test_learning_rate_is_the_official_rule():
     def official(blr, captions_per_gpu, gpus, n_img, num_crop):
         return blr * captions_per_gpu * gpus * n_img / 256 * num_crop / 2
 
-    for m, c, *_ in pretrain.OBJECTIVES.values():
+    for name in ("stablerep", "simclr", "clip", "stablerep+"):
+        m, c = pretrain.OBJECTIVES[name].images_per_caption, pretrain.OBJECTIVES[name].crops_per_image
         assert math.isclose(pretrain.scaled_lr(2e-4, 43 * 32 * m * c), official(2e-4, 43, 32, m, c))
+        lr, _ = pretrain.objective_lr(pretrain.OBJECTIVES[name], 2e-4, 43 * 32 * m * c, c)
+        assert math.isclose(lr, official(2e-4, 43, 32, m, c))
     assert math.isclose(pretrain.scaled_lr(2e-4, 8256), 3.225e-3)
 
 
@@ -91,11 +100,13 @@ def test_the_learning_rate_is_the_official_schedule_at_every_step():
 
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
-    args = pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY,
+                                                                       *FAMILY_TINY.get(loss, [])]))
     m, c = pretrain.OBJECTIVES[loss].images_per_caption, pretrain.OBJECTIVES[loss].crops_per_image
     m = min(m, 3)
     tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
-    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40)
+    dataset = CaptionImagesDataset([random_tree], m, c, 32, tokenizer=tokenizer, context_length=40,
+                                   **pretrain.family_crops(args))
     batch = collate([dataset[i] for i in range(6)])
     torch.manual_seed(0)
     model = pretrain.build_model(args, tokenizer)
@@ -110,15 +121,169 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-@pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
+@pytest.mark.parametrize("loss", [name for name in pretrain.OBJECTIVES if name not in pretrain.FAMILIES])
 def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
+    """(The self-supervised families run the script in test_each_family_resumes_exactly_and_runs_on_two_processes.)"""
     m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
     run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
-                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY)
+                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY, *FAMILY_TINY.get(loss, []))
     summary = (tmp_path / "summary.json").read_text()
     assert '"steps": 3' in summary
     encoder = load_encoder(str(tmp_path / "encoder.pth"))
     assert encoder(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+
+
+# ---- the self-supervised families of the paper's first question: MoCo v3, BYOL, DINO, MAE ----
+
+def test_families_default_to_their_official_recipes():
+    parse = pretrain.get_args_parser().parse_args
+    recipes = {loss: vars(pretrain.fill_recipe(parse(["--data", "x", "--loss", loss]))) for loss in pretrain.FAMILIES}
+    # MoCo v3 ViT-B (CONFIG.md, main_moco.py): lr 1.5e-4 x batch / 256, wd 0.1, 300 epochs, 40 warmup, T 0.2,
+    # m 0.99, the random patch projection frozen, MLP 4096 -> 256, crop-min 0.08, AdamW's default betas
+    expected = {"mocov3": dict(base_lr=1.5e-4, weight_decay=0.1, epochs=300, warmup_epochs=40, temperature=0.2,
+                               momentum=0.99, frozen_patch_embed=True, head_hidden_dim=4096, embed_dim=256,
+                               crop_scale=(0.08, 1.0), betas=(0.9, 0.999), captions_per_gpu=64),
+                # BYOL: tau 0.996, MLPs 4096 -> 256
+                "byol": dict(momentum=0.996, head_hidden_dim=4096, embed_dim=256, crop_scale=(0.08, 1.0)),
+                # DINO (main_dino.py): lr 5e-4, wd 0.04 -> 0.4, 100 epochs, 10 warmup, student 0.1, teacher 0.04,
+                # m 0.996, head 2048 -> 256 -> 65536, clip 3, last layer frozen 1 epoch, drop path 0.1, global
+                # crops 0.4-1, 8 local crops of 96 px at 0.05-0.4, batch 64 a GPU
+                "dino": dict(base_lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, epochs=100, warmup_epochs=10,
+                             temperature=0.1, teacher_temperature=0.04, warmup_teacher_temperature=0.04,
+                             warmup_teacher_temperature_epochs=0, momentum=0.996, head_hidden_dim=2048,
+                             embed_dim=256, out_dim=65536, clip_grad=3.0, freeze_last_layer=1, drop_path=0.1,
+                             crop_scale=(0.4, 1.0), local_crops=8, local_crop_scale=(0.05, 0.4),
+                             local_crop_size=96, captions_per_gpu=64),
+                # MAE (PRETRAIN.md, main_pretrain.py): blr 1.5e-4, wd 0.05, betas (0.9, 0.95), 800 epochs, 40
+                # warmup, mask 0.75, normalised pixels, decoder 512 x 8 blocks x 16 heads, crop 0.2-1
+                "mae": dict(base_lr=1.5e-4, weight_decay=0.05, betas=(0.9, 0.95), epochs=800, warmup_epochs=40,
+                            mask_ratio=0.75, norm_pix_loss=True, decoder_width=512, decoder_depth=8,
+                            decoder_heads=16, crop_scale=(0.2, 1.0), captions_per_gpu=64)}
+    for loss, values in expected.items():
+        assert {key: recipes[loss][key] for key in values} == values, loss
+        assert recipes[loss]["images_per_caption"] == 1 and recipes[loss]["schedule"] is None
+    # the linear scaling rule over images, not crops: MoCo v3's 4096 images x 2 crops -> 1.5e-4 x 4096 / 256
+    lr, _ = pretrain.objective_lr(pretrain.OBJECTIVES["mocov3"], 1.5e-4, 4096 * 2, 2)
+    assert math.isclose(lr, 2.4e-3)
+    assert "mocov3/byol/mae 1.5e-4, dino 5e-4" in pretrain.recipe_values("base_lr")
+
+
+def test_schedules_are_the_official_formulas():
+    """MoCo v3's adjust_moco_momentum, DINO's (and BYOL's) cosine_scheduler from the start value to 1, and DINO's
+    teacher temperature: np.linspace over the warmup epochs, then constant."""
+    import numpy as np
+    total, epochs = 40, 10
+    for step in range(total):
+        epoch = step / (total / epochs)  # MoCo v3's fractional epoch
+        moco = 1 - 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * (1 - 0.99)
+        assert math.isclose(pretrain.cosine_schedule(0.99, 1.0, step, total), moco)
+    dino = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * np.arange(total) / total))
+    np.testing.assert_allclose([pretrain.cosine_schedule(0.996, 1.0, s, total) for s in range(total)], dino)
+    args = pretrain.get_args_parser().parse_args(["--data", "x", "--loss", "dino", "--warmup-teacher-temperature",
+                                                  "0.04", "--teacher-temperature", "0.07",
+                                                  "--warmup-teacher-temperature-epochs", "4"])
+    pretrain.fill_recipe(args)
+    official = np.concatenate([np.linspace(0.04, 0.07, 4), np.ones(6) * 0.07])
+    model, optimizer = SimpleNamespace(), torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]}])
+    for epoch in range(10):
+        pretrain.dino_schedules(model, optimizer, pretrain.StepPosition(epoch * 4 + 1, 4, 40), args)
+        assert math.isclose(model.teacher_temperature, official[epoch])
+    assert math.isclose(optimizer.param_groups[0]["weight_decay"], pretrain.cosine_schedule(0.04, 0.4, 37, 40))
+
+
+def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", "dino", *TINY,
+                                                                       *FAMILY_TINY["dino"]]))
+    model = pretrain.build_model(args)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.full_like(parameter, 0.5)
+    norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
+    pretrain.dino_gradients(model, None, pretrain.StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
+    assert model.head.last_layer.weight_v.grad is None
+    for name, parameter in model.named_parameters():
+        if parameter.grad is not None:  # clipped to norm 3 one by one (DINO's clip_gradients), or left alone
+            expected = min(norms[name], 3.0 * norms[name] / (norms[name] + 1e-6))
+            assert math.isclose(parameter.grad.norm().item(), expected, rel_tol=1e-4), name
+    model.head.last_layer.weight_v.grad = torch.ones_like(model.head.last_layer.weight_v)
+    pretrain.dino_gradients(model, None, pretrain.StepPosition(3, 3, 30), args)  # epoch 1: trained
+    assert model.head.last_layer.weight_v.grad is not None
+
+
+def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
+    out = ["--data", random_tree, "--output", str(tmp_path / "o"), *TINY]
+    for argv, message in ((["--mask-ratio", "0.5"], "--mask-ratio is mae's: it does nothing for --loss stablerep"),
+                          (["--loss", "dino", "--momentum", "0.9", "--decoder-depth", "2"], "--decoder-depth is mae's"),
+                          (["--loss", "byol", "--schedule", "cc12m-1x"], "--schedule names the official StableRep"),
+                          (["--loss", "mocov3", "--images-per-caption", "2"], "one image of each caption"),
+                          (["--loss", "mae", "--crops-per-image", "2"], "takes 1 crop(s)"),
+                          (["--loss", "dino", "--init-from", "x.pth"], "starts from random weights"),
+                          (["--loss", "dino", "--local-crop-size", "24"], "not a multiple of the patch size"),
+                          (["--loss", "dino"], "--local-crop-size 96 is not smaller than --image-size 32"),
+                          (["--loss", "byol", "--gpu-augment", "--gpu-decode"], "leave --gpu-decode off")):
+        assert_one_line_error(run_pretrain(*out, *argv, check=False), message)
+    assert not (tmp_path / "o").exists()
+
+
+def run_in_process(*argv):
+    """pretrain.py's main in this process (as `python pretrain.py ...` runs it), without a new interpreter."""
+    from cli import run
+    run(pretrain.main, pretrain.get_args_parser(), [str(a) for a in argv])
+
+
+@pytest.mark.parametrize("loss", pretrain.FAMILIES)
+def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree, tmp_path):
+    """One process, 6 steps; the same run resumed from its step-3 checkpoint (all a run keeps: the momentum
+    network or teacher, DINO's center, the optimiser) ends with the same weights; torchrun with 2 gloo processes of
+    half the batch each trains the same global batch. DINO and MAE then end where one process does: DINO's center
+    is all-reduced and every random draw of a sample (MAE's mask, stochastic depth) travels with it. MoCo v3 and
+    BYOL have BatchNorm in their MLPs, per rank by design on CPU (SyncBatchNorm on GPUs); their losses match across
+    ranks (MoCo v3's keys are gathered: tests/test_loss.py). The encoder loads in both probes."""
+    common = ["--data", random_tree, "--loss", loss, *TINY, *FAMILY_TINY.get(loss, []), "--epochs", "2",
+              "--warmup-epochs", "1", "--save-every", "3", "--no-tensorboard", "--base-lr", "0.05"]
+    if loss == "dino":  # every schedule moves within the run: teacher temperature, last layer frozen in epoch 0
+        common += ["--warmup-teacher-temperature", "0.03", "--warmup-teacher-temperature-epochs", "2"]
+    whole, resumed, two = tmp_path / "whole", tmp_path / "resumed", tmp_path / "two"
+    run_in_process(*common, "--captions-per-gpu", "4", "--output", whole)
+    resumed.mkdir()
+    shutil.copy(whole / "checkpoint-00000003.pth", resumed)
+    run_in_process(*common, "--captions-per-gpu", "4", "--output", resumed, "--resume")
+    final = torch.load(whole / "checkpoint-00000006.pth", weights_only=True)["model"]
+    again = torch.load(resumed / "checkpoint-00000006.pth", weights_only=True)["model"]
+    assert final.keys() == again.keys()
+    for key, value in final.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
+    start = torch.load(whole / "checkpoint-00000003.pth", weights_only=True)["model"]
+    for key in final:  # the momentum network / teacher moved wherever its online network did
+        online = key.partition(".")[2] if key.startswith(("momentum.", "teacher.")) else None
+        if online in final and final[key].is_floating_point() and not torch.equal(start[online], final[online]):
+            assert not torch.equal(start[key], final[key]), key
+    assert loss != "dino" or not torch.equal(start["center"], final["center"])
+
+    result = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "pretrain.py",
+                        *common, "--captions-per-gpu", "2", "--output", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = torch.load(two / "checkpoint-00000006.pth", weights_only=True)
+    assert ranks["world_size"] == 2 and ranks["model"].keys() == final.keys()
+    if loss in ("dino", "mae"):
+        for key, value in final.items():
+            other = ranks["model"][key]
+            if key.endswith("attn.qkv.bias"):  # the key bias has no gradient (a softmax ignores a shift of all its
+                width = len(value) // 3  # logits): AdamW scales its rounding noise up to lr-sized steps
+                value, other = torch.cat([value[:width], value[2 * width:]]), torch.cat([other[:width],
+                                                                                         other[2 * width:]])
+            torch.testing.assert_close(other, value, rtol=0, atol=2e-6, msg=key)
+
+    import evaluation
+    import fewshot
+    import linear_probe
+    for script, flags in ((linear_probe, ["--protocol", "lbfgs"]), (fewshot, [])):
+        args = script.get_args_parser().parse_args(["--checkpoint", str(whole / "encoder.pth"), *flags])
+        encoder, identity = evaluation.build_encoder(args, torch.device("cpu"))
+        assert identity["depth"] == 2 and encoder(torch.zeros(1, 3, 32, 32)).shape == (1, 192)
+    exported = torch.load(whole / "encoder.pth", weights_only=True)["model"]
+    prefix = "teacher.visual." if loss == "dino" else "visual."  # DINO evaluates its teacher, the others online
+    assert all(torch.equal(value, final[prefix + key]) for key, value in exported.items())
 
 
 def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
@@ -285,7 +450,7 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
     """A checkpoint in the official code's format: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace},
     DDP's `module.` prefix, the text tower (StableRep+) under CLIP's names with [in, out] projection matrices."""
     import argparse
-    args = pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY])
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY]))
     torch.manual_seed(1)
     model = pretrain.build_model(args, tokenizer)
     state = {}
