@@ -151,17 +151,22 @@ TOLERANCES = {"mean R": 0.02, "mean G": 0.02, "mean B": 0.02, "spread of image m
 RELATIVE = {"spread of image means", "within-image spread", "mean |hue shift|", "hue shift spread", "detail q25"}
 
 
+def both_statistics(official, ours, count):
+    """augmentation_statistics of `count` crops of the official pipeline (PIL images) and of ours (uint8 tensors),
+    from colour_sources' two images in turn; (official's, ours)."""
+    images, hues = colour_sources()
+    source_hues = torch.tensor([hues[i % 2] for i in range(count)])
+    torch.manual_seed(0)
+    theirs = torch.stack([official(Image.fromarray(images[i % 2])) for i in range(count)])
+    torch.manual_seed(1)
+    mine = torch.stack([ours(torch.from_numpy(images[i % 2])) for i in range(count)])
+    return augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
+
+
 def test_augmentation_has_the_official_pipelines_statistics():
     """1500 crops of each pipeline (64 px from 96 px images): the same colour, grayscale, hue, blur and crop
     statistics as the official pipeline (PIL, torchvision v1, PIL's blur), within TOLERANCES."""
-    images, hues = colour_sources()
-    official, ours = official_augmentation(64), PretrainAugmentation(64)
-    source_hues = torch.tensor([hues[i % 2] for i in range(1500)])
-    torch.manual_seed(0)
-    theirs = torch.stack([official(Image.fromarray(images[i % 2])) for i in range(1500)])
-    torch.manual_seed(1)
-    mine = torch.stack([ours(torch.from_numpy(images[i % 2])) for i in range(1500)])
-    expected, measured = augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
+    expected, measured = both_statistics(official_augmentation(64), PretrainAugmentation(64), 1500)
     for name, tolerance in TOLERANCES.items():
         difference = abs(measured[name] - expected[name]) / (abs(expected[name]) if name in RELATIVE else 1)
         assert difference <= tolerance, f"{name}: ours {measured[name]:.4f}, official {expected[name]:.4f}"
@@ -331,14 +336,8 @@ def test_family_views_have_their_official_pipelines_statistics(name, view):
     and PIL: the same statistics as the StableRep test's, and the fraction of crops with a level at or above 128
     (which solarisation removes). MoCo v3's views are BYOL's with bilinear resampling; DINO's are BYOL's and a local
     view of the same ops."""
-    images, hues = colour_sources()
-    theirs_pipeline, ours_pipeline = official_augmentation(48, view=view), PretrainAugmentation(48, view=view)
-    source_hues = torch.tensor([hues[i % 2] for i in range(1000)])
-    torch.manual_seed(0)
-    theirs = torch.stack([theirs_pipeline(Image.fromarray(images[i % 2])) for i in range(1000)])
-    torch.manual_seed(1)
-    mine = torch.stack([ours_pipeline(torch.from_numpy(images[i % 2])) for i in range(1000)])
-    expected, measured = augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
+    expected, measured = both_statistics(official_augmentation(48, view=view), PretrainAugmentation(48, view=view),
+                                         1000)
     tolerances = {**TOLERANCES, "bright fraction": 0.04}
     if view.jitter_p == 0:  # no hue jitter: both shifts are resampling noise, near 0
         del tolerances["mean |hue shift|"], tolerances["hue shift spread"]
