@@ -21,6 +21,7 @@ checkpoint-*.pth (resume is exact), log.jsonl and results.json. FIDELITY.md list
 """
 import argparse
 import glob
+import itertools
 import math
 import os
 import sys
@@ -600,6 +601,14 @@ def main(args):
               f"({args.warmup_iterations} warmup); {precision} on {device}"
               + (f"; resumed at iteration {iteration}" if iteration else ""))
 
+    # ---- the first batch: images that cannot be read are refused before anything is written ----
+    sampler = CropSampler(len(train_pairs), args.batch_size, rank, world_size, args.seed, iteration)
+    loader = torch.utils.data.DataLoader(TrainCrops(train_pairs, args.crop_size), batch_sampler=sampler,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         generator=torch.Generator())  # its seed draw must not move torch's stream
+    batches = ev.batches(loader)
+    batches = itertools.chain([next(batches)], batches)
+
     # ---- output: created only now that every input has been checked ----
     log = None
     if is_main:
@@ -607,13 +616,8 @@ def main(args):
         log = RunLog(args.output, iteration, tensorboard=args.tensorboard, config=vars(args))
 
     # ---- loop ----
-    sampler = CropSampler(len(train_pairs), args.batch_size, rank, world_size, args.seed, iteration)
-    loader = torch.utils.data.DataLoader(TrainCrops(train_pairs, args.crop_size), batch_sampler=sampler,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         generator=torch.Generator())  # its seed draw must not move torch's stream
     val_set = ValImages(val_pairs)
     evaluations, start_time, start_iteration = [], time.time(), iteration
-    batches = ev.batches(loader)
     model.train()
     try:
         while iteration < args.iterations:

@@ -252,12 +252,16 @@ def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
 # ---- bad input: one line, exit code 2, nothing written ----
 
 @pytest.mark.parametrize("case", ["no data", "not ade", "no annotation", "no checkpoint", "random init no output",
-                                  "taps past the depth", "crop not 16", "batch 1", "existing run"])
+                                  "taps past the depth", "crop not 16", "batch 1", "existing run",
+                                  "unreadable images"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_checkpoint, case):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     broken = shutil.copytree(ade, inputs / "broken")
     os.remove(next((broken / "annotations" / "training").iterdir()))
+    damaged = shutil.copytree(ade, inputs / "damaged")
+    for image in (damaged / "images" / "training").iterdir():
+        image.write_bytes(image.read_bytes()[:20])  # found only when the first batch is read
     (inputs / "run").mkdir()
     (inputs / "run" / "checkpoint-00000002.pth").write_bytes(b"")
     out = tmp_path / "out"
@@ -273,6 +277,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_ch
         "batch 1": (base + ["--batch-size", "1"], "--batch-size: must be >= 2"),
         "existing run": (["--checkpoint", tiny_checkpoint, "--data", ade, "--output", inputs / "run"],
                          "already holds checkpoints"),
+        "unreadable images": (["--checkpoint", tiny_checkpoint, "--data", damaged, "--output", out, "--crop-size",
+                               CROP, "--num-workers", "0"], "training"),
     }[case]
     with pytest.raises(SystemExit) as info:
         run(segment.main, segment.get_args_parser(), [str(a) for a in argv])
