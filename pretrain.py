@@ -451,7 +451,7 @@ def dino_gradients(model, optimizer, position, args):
 
 
 def clamp_logit_scale(model, optimizer, position, args):
-    """CLIP and StableRep+: the logit scale stays in [0, ln 100] after every step."""
+    """CLIP and StableRep+: the logit scale stays in [0, 4.6052] (the official cap) after every step."""
     model.clamp_logit_scale()
 
 
