@@ -583,6 +583,8 @@ def check_args(args):
         raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy MIN <= MAX")
     if args.image_size % 16:
         raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
+    if args.gpu_decode and not args.gpu_augment:
+        raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     if objective.text and args.text_width % args.text_heads:
         raise UserError(f"--text-width {args.text_width} is not divisible by --text-heads {args.text_heads}")
     if args.loss in FAMILIES:
@@ -652,12 +654,12 @@ def scaled_lr(base_lr, images_per_step):
 
 
 def objective_lr(objective, base_lr, images_per_step, crops_per_image):
-    """(lr, its arithmetic for the start line): StableRep's rule over crops (scaled_lr), or the families' linear
-    scaling rule lr = base_lr x images per step / 256 (main_moco.py, main_dino.py, main_pretrain.py: their batch
-    counts images, not crops)."""
+    """(lr, its arithmetic for the start line): StableRep's rule over crops (scaled_lr's / 512), or the families'
+    linear scaling rule lr = base_lr x images per step / 256 (main_moco.py, main_dino.py, main_pretrain.py: their
+    batch counts images, not crops)."""
     unit, divisor = objective.lr_divisor
     batch = images_per_step if unit == "crops" else images_per_step // crops_per_image
-    lr = scaled_lr(base_lr, batch) if divisor == 512 else base_lr * batch / divisor
+    lr = base_lr * batch / divisor
     return lr, f"{base_lr:g} x {batch} {unit} / {divisor} = {lr:.4g}"
 
 
@@ -894,8 +896,6 @@ def build_data(args, tokenizer, world_size, rank, device):
                  crop_scale=args.crop_scale, downsample_prob=args.downsample_prob,
                  downsample_res=args.downsample_res, augment_on_device=args.gpu_augment,
                  decode_on_device=args.gpu_decode, **family_crops(args))
-    if args.gpu_decode and not args.gpu_augment:
-        raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     streamed = [spec for spec in args.data if dataindex.is_streamed(spec)]
     if streamed:  # webdataset URLs dealt to the workers' streams, an epoch of --stream-captions captions
         if len(streamed) < len(args.data):
@@ -1154,14 +1154,18 @@ def continue_official(resumed, model, optimizer, scaler, steps_per_epoch):
     return (state["epoch"] + 1) * steps_per_epoch
 
 
+def official_no_decay(name, tensor):
+    """util/misc.py add_weight_decay's rule: no weight decay for 1-d tensors and names with `bias`, `ln` or `bn`."""
+    return tensor.ndim < 2 or any(part in name for part in ("bias", "ln", "bn"))
+
+
 def official_optimizer_state(state, model, optimizer):
     """The official AdamW state re-keyed to our optimiser. The official groups are util/misc.py add_weight_decay's,
     in this order: [decay, no decay] over named_parameters, no decay for names with `bias`, `ln` or `bn` and 1-d
     tensors; a checkpoint's parameter order is its state dict's less the BatchNorm buffers. Moments of the [in, out]
     projection matrices are transposed as their weights."""
     names = [key for key in state["model"] if not key.endswith(BATCHNORM_BUFFERS)]
-    no_decay = [key for key in names
-                if state["model"][key].ndim < 2 or any(part in key for part in ("bias", "ln", "bn"))]
+    no_decay = [key for key in names if official_no_decay(key, state["model"][key])]
     decay = [key for key in names if key not in no_decay]
     groups = state["optimizer"]["param_groups"]
     if [len(group["params"]) for group in groups] != [len(decay), len(no_decay)]:

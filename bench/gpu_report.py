@@ -788,6 +788,8 @@ def official_step(args, run_args, start, batch, device, lr):
     import types
 
     import torch
+
+    from pretrain import official_no_decay
     folder = os.path.join(os.path.abspath(args.official), "StableRep")
     if not os.path.isdir(os.path.join(folder, "models")):
         raise FileNotFoundError(f"{folder}/models not found: --official takes a syn-rep-learn checkout")
@@ -814,8 +816,8 @@ def official_step(args, run_args, start, batch, device, lr):
                 setattr(model.image_mlp, name, plain)
     model = model.to(device).train()
     named = list(model.named_parameters())  # util/misc.py add_weight_decay's groups
-    no_decay = [p for n, p in named if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n]
-    decay = [p for n, p in named if not any(p is q for q in no_decay)]
+    no_decay = [p for n, p in named if official_no_decay(n, p)]
+    decay = [p for n, p in named if not official_no_decay(n, p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": run_args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0}], lr=lr, betas=tuple(run_args.betas))
     scaler = torch.amp.GradScaler(device.type)
