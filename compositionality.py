@@ -31,16 +31,16 @@ import math
 import os
 import re
 
-from cli import SEED, ArgumentParser, UserError, first_line, integer, lazy_import, run
-from files import atomic_write_json, check_creatable
+from util.cli import SEED, ArgumentParser, UserError, first_line, integer, lazy_import, run
+from util.files import atomic_write_json, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 np = lazy_import("numpy")
 torchvision = lazy_import("torchvision")
 augment = lazy_import("augment")
-ev = lazy_import("evaluation")
+ev = lazy_import("util.evaluation")
 model_lib = lazy_import("model")
-tokenizer_lib = lazy_import("tokenizer")
+tokenizer_lib = lazy_import("util.tokenizer")
 
 SUBSETS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
 DEFAULT_TOKENIZER = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pretrain.py's default: CLIP's BPE

@@ -31,8 +31,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-import dataindex
-import shards
+from util import dataindex
+from util import shards
 from augment import (
     DECODE_ERRORS,
     JPEG_MAGIC,
@@ -43,7 +43,7 @@ from augment import (
     decode_rgb,
     jpeg_size,
 )
-from cli import first_line
+from util.cli import first_line
 
 
 def item_seed(seed, epoch, index):

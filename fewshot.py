@@ -12,9 +12,9 @@ import argparse
 import math
 import os
 
-import evaluation as ev
-from cli import ArgumentParser, UserError, integer, lazy_import, number, run
-from files import atomic_write_json
+from util import evaluation as ev
+from util.cli import ArgumentParser, UserError, integer, lazy_import, number, run
+from util.files import atomic_write_json
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 

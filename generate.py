@@ -36,13 +36,13 @@ from typing import List, NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-import imagetree
-import shards
-from cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
-from files import atomic_write_bytes, atomic_write_json, check_creatable, no_space_error, output_folder
+from util import imagetree
+from util import shards
+from util.cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
+from util.files import atomic_write_bytes, atomic_write_json, check_creatable, no_space_error, output_folder
 
 torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
-distributed = lazy_import("distributed")
+distributed = lazy_import("util.distributed")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")

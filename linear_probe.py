@@ -19,17 +19,17 @@ import math
 import os
 import sys
 
-import evaluation as ev
-from catalog import FAIRFACE_DATASETS
-from cli import ArgumentParser, UserError, integer, lazy_import, number, run
-from files import atomic_write_json
-from runlog import RunLog, check_loggers
+from util import evaluation as ev
+from util.catalog import FAIRFACE_DATASETS
+from util.cli import ArgumentParser, UserError, integer, lazy_import, number, run
+from util.files import atomic_write_json
+from util.runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 np = lazy_import("numpy")
 torchvision = lazy_import("torchvision")
 augment = lazy_import("augment")
-distributed = lazy_import("distributed")
+distributed = lazy_import("util.distributed")
 model_lib = lazy_import("model")
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others

@@ -26,7 +26,7 @@ them, so it needs a fifth of SupConLoss's memory and a third of its time (BENCHM
 """
 import torch
 
-from distributed import all_gather_no_grad, all_gather_with_grad, rank
+from util.distributed import all_gather_no_grad, all_gather_with_grad, rank
 
 
 def full_precision(tensor):

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from catalog import VIT_SIZES, vit_name
-from cli import first_line
-from distributed import all_gather_no_grad, world_size
+from util.catalog import VIT_SIZES, vit_name
+from util.cli import first_line
+from util.distributed import all_gather_no_grad, world_size
 
 # ------------------------------------------------------------------------------------------------------------
 # ViT encoder

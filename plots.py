@@ -11,9 +11,9 @@ import glob
 import os
 import sys
 
-from cli import ArgumentParser, UserError, run
-from files import atomic_open
-from runlog import read_records
+from util.cli import ArgumentParser, UserError, run
+from util.files import atomic_open
+from util.runlog import read_records
 
 
 def get_args_parser():

@@ -38,8 +38,8 @@ import sys
 import time
 from typing import Callable, NamedTuple, Optional, Tuple
 
-from catalog import VIT_SIZES
-from cli import (
+from util.catalog import VIT_SIZES
+from util.cli import (
     SEED,
     ArgumentParser,
     UserError,
@@ -52,15 +52,15 @@ from cli import (
     raised_message,
     run,
 )
-from files import atomic_open, atomic_write_json, check_creatable, output_folder
-from runlog import Progress, RunLog, check_loggers
-from tokenizer import load_tokenizer
+from util.files import atomic_open, atomic_write_json, check_creatable, output_folder
+from util.runlog import Progress, RunLog, check_loggers
+from util.tokenizer import load_tokenizer
 
 torch = lazy_import("torch")  # torch and our torch-based modules load at first use: --help answers at once
 augment = lazy_import("augment")
 data = lazy_import("data")
-dataindex = lazy_import("dataindex")
-distributed = lazy_import("distributed")
+dataindex = lazy_import("util.dataindex")
+distributed = lazy_import("util.distributed")
 loss_lib = lazy_import("loss")
 model_lib = lazy_import("model")
 

@@ -29,17 +29,17 @@ import time
 
 from tqdm import tqdm
 
-from catalog import VIT_SIZES
-from cli import SEED, ArgumentParser, UserError, first_line, git_commit, integer, lazy_import, number, run
-from files import atomic_open, atomic_write_json, check_creatable
-from runlog import RunLog, check_loggers
+from util.catalog import VIT_SIZES
+from util.cli import SEED, ArgumentParser, UserError, first_line, git_commit, integer, lazy_import, number, run
+from util.files import atomic_open, atomic_write_json, check_creatable
+from util.runlog import RunLog, check_loggers
 
 torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 np = lazy_import("numpy")
 F = lazy_import("torch.nn.functional")
 augment = lazy_import("augment")
-distributed = lazy_import("distributed")
-ev = lazy_import("evaluation")
+distributed = lazy_import("util.distributed")
+ev = lazy_import("util.evaluation")
 model_lib = lazy_import("model")
 
 NUM_CLASSES = 150  # ADE20k's SceneParsing classes; label 0 ("other") is ignored

@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluation as ev  # noqa: E402
+from util import evaluation as ev  # noqa: E402
 
 
 def get_args_parser():

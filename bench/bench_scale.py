@@ -44,7 +44,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import shards  # noqa: E402
+from util import shards  # noqa: E402
 
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # every process this bench starts
 
@@ -111,7 +111,7 @@ def run_child(*args, env=None):
 # ---- children ----
 
 def child_index(folder, captions):
-    import dataindex
+    from util import dataindex
     shutil.rmtree(os.path.join(folder, dataindex.CACHE_FOLDER), ignore_errors=True)
     start = time.perf_counter()
     built = dataindex.open_source(folder)

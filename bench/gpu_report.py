@@ -61,8 +61,8 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here comes from the hub: every model is built from configs
 
-from cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
-from files import atomic_write_json
+from util.cli import REPOSITORY, UserError, integer, run  # noqa: E402  (stdlib only: --help stays fast)
+from util.files import atomic_write_json
 
 SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "parity", "families")
 CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
@@ -239,7 +239,7 @@ def machine(device):
     import torch
     import transformers
 
-    from cli import git_commit
+    from util.cli import git_commit
     info = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image
 
-import imagetree
+from util import imagetree
 
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

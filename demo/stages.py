@@ -5,7 +5,7 @@ import shlex
 import subprocess
 import sys
 
-from cli import REPOSITORY, UserError
+from util.cli import REPOSITORY, UserError
 
 # the encoder the demo and findings.py train on the 32 px digits, and the pretraining flags they share
 DIGIT_ENCODER_FLAGS = ["--model", "vit_tiny", "--image-size", "32"]

@@ -18,8 +18,8 @@ import tempfile
 
 import torch
 
-from cli import UserError, integer, run
-from files import check_writable_folder
+from util.cli import UserError, integer, run
+from util.files import check_writable_folder
 
 # the tokenizer's vocabulary: GPT-2's 256 printable byte characters, the same with the end-of-word mark, then
 # CLIP's two special tokens; no merges beyond a few common pairs, so every word tokenizes to its characters

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import imagetree
-import shards
+from util import imagetree
+from util import shards
 from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import build_vit
 

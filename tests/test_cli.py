@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-import cli
+from util import cli
 
 
 def test_user_error_is_one_line_and_exit_code_2(capsys):

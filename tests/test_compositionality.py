@@ -14,7 +14,7 @@ from PIL import Image
 
 import compositionality as comp
 import model as model_lib
-from cli import run
+from util.cli import run
 from demo.tiny_sd import _write_tokenizer_files
 
 # the fixture's words and their Penn tags (the tests' stand-in for spaCy, which is not a test dependency)
@@ -39,7 +39,7 @@ def tokenizer_folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plus_checkpoint(tmp_path_factory, tokenizer_folder):
     """A tiny StableRep+ model in pretrain.py's format (the args record the text tower's heads and tokenizer)."""
-    from tokenizer import load_tokenizer
+    from util.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_folder)
     torch.manual_seed(0)
     text = model_lib.TextTransformer(len(tokenizer), tokenizer.eos_token_id, 77, 32, 1, 2, 16)
@@ -151,7 +151,7 @@ def order_blind(model):
 
 def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro, plus_checkpoint,
                                                                             tokenizer_folder):
-    from tokenizer import load_tokenizer
+    from util.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_folder)
     model, heads, _ = model_lib.load_image_text_model(plus_checkpoint, eos_token_id=tokenizer.eos_token_id)
     assert heads == 2

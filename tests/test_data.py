@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter, ImageOps
 
 import augment
 import data
-import shards
+from util import shards
 from augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import dataindex
-import shards
+from util import dataindex
+from util import shards
 from augment import PretrainAugmentation, decode_rgb
 from conftest import caption_text, write_random_shards
 from data import CaptionImagesDataset, item_seed

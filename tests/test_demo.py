@@ -10,9 +10,9 @@ import json
 
 import pytest
 
-import imagetree
+from util import imagetree
 import plots
-from cli import UserError
+from util.cli import UserError
 from conftest import assert_one_line_error, run_python
 from demo.stages import run_stage
 

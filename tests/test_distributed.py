@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import distributed
+from util import distributed
 from conftest import leave_spawned_worker
 
 

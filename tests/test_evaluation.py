@@ -10,8 +10,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from torch.utils.data import TensorDataset
 
-import evaluation as ev
-from cli import UserError
+from util import evaluation as ev
+from util.cli import UserError
 
 timm = pytest.importorskip("timm")
 

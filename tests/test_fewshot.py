@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-import evaluation as ev
+from util import evaluation as ev
 import fewshot
-from cli import run
+from util.cli import run
 from conftest import assert_one_line_error, run_python
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-import files
-from cli import UserError
+from util import files
+from util.cli import UserError
 
 
 def test_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):

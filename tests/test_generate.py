@@ -15,12 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import distributed
-import files
+from util import distributed
+from util import files
 import generate
-import imagetree
-import shards
-from cli import run
+from util import imagetree
+from util import shards
+from util.cli import run
 from conftest import run_python, run_python_with_file_size_limit, signal_when, start_python
 
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",

@@ -4,7 +4,7 @@ import os
 import pytest
 from PIL import Image
 
-import imagetree
+from util import imagetree
 
 
 def _image(value):

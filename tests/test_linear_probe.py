@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-import evaluation as ev
+from util import evaluation as ev
 import linear_probe
-from cli import run
+from util.cli import run
 from conftest import assert_one_line_error, run_python
 from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import LinearHeads
@@ -267,7 +267,7 @@ def test_per_class_accuracy_by_hand():
 
 def write_fairface(root, per_race_train=6, per_race_val=2, size=32):
     """A tiny FairFace (its CSVs and train/, val/ folders): each race's faces share a tint, so a probe can learn it."""
-    from evaluation import FAIRFACE_CLASSES
+    from util.evaluation import FAIRFACE_CLASSES
     rng = np.random.default_rng(0)
     folder = root / "fairface"
     for split, count in (("train", per_race_train), ("val", per_race_val)):
@@ -301,7 +301,7 @@ def test_fairface_probe_reports_every_class_and_the_worst(tmp_path, tiny_checkpo
 
 
 def test_fairface_reads_each_attribute_from_its_csv(tmp_path):
-    from evaluation import FairFace, open_torchvision_split
+    from util.evaluation import FairFace, open_torchvision_split
     root = write_fairface(tmp_path / "data", per_race_train=2, per_race_val=1)
     races = FairFace(str(root / "fairface"), "train", "race", None)
     assert len(races) == 14 and races.classes[3] == "East Asian" and races.targets[:4] == [0, 0, 1, 1]

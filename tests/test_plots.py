@@ -4,7 +4,7 @@ import json
 import pytest
 
 import plots
-from cli import UserError, run
+from util.cli import UserError, run
 
 pytest.importorskip("matplotlib")  # requirements.txt installs it; the stages themselves never import it
 

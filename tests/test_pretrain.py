@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import files
+from util import files
 import pretrain
 from conftest import (
     assert_one_line_error,
@@ -227,7 +227,7 @@ def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
 
 def run_in_process(*argv):
     """pretrain.py's main in this process (as `python pretrain.py ...` runs it), without a new interpreter."""
-    from cli import run
+    from util.cli import run
     run(pretrain.main, pretrain.get_args_parser(), [str(a) for a in argv])
 
 
@@ -274,7 +274,7 @@ def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree
                                                                                          other[2 * width:]])
             torch.testing.assert_close(other, value, rtol=0, atol=2e-6, msg=key)
 
-    import evaluation
+    from util import evaluation
     import fewshot
     import linear_probe
     for script, flags in ((linear_probe, ["--protocol", "lbfgs"]), (fewshot, [])):

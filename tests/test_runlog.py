@@ -6,7 +6,7 @@ import json
 import os
 import pty
 
-import runlog
+from util import runlog
 from conftest import read_terminal
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 import model as model_lib
 import segment
-from cli import run
+from util.cli import run
 
 # the fixture's classes (ADE's labels: 0 "other" is ignored) and the colour each is painted with
 PALETTE = {0: (128, 128, 128), 1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255), 7: (255, 255, 0)}
@@ -237,7 +237,7 @@ def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
              "official": {"model": {f"module.visual.{k}": v for k, v in state.items()},
                           "args": argparse.Namespace(model="base"), "epoch": 15},
              "timm": state}
-    import evaluation as ev
+    from util import evaluation as ev
     for kind, content in kinds.items():
         path = tmp_path / f"{kind}.pth"
         torch.save(content, path)

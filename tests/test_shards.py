@@ -8,8 +8,8 @@ import stat
 
 import pytest
 
-import dataindex
-import shards
+from util import dataindex
+from util import shards
 from conftest import caption_text, write_random_shards
 
 

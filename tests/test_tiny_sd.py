@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from cli import run
+from util.cli import run
 from conftest import run_python
 from demo import tiny_sd
 from demo.tiny_sd import save_tiny_pipeline

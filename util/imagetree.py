@@ -18,7 +18,7 @@ import json
 import os
 from typing import List, NamedTuple
 
-from files import atomic_write_bytes, atomic_write_json
+from util.files import atomic_write_bytes, atomic_write_json
 
 CAPTIONS_PER_FOLDER = 1000
 SETTINGS_FILE = "settings.json"

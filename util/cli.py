@@ -13,7 +13,7 @@ import shlex
 import subprocess
 import sys
 
-REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout, above util/
 
 
 class UserError(Exception):

@@ -7,7 +7,7 @@ is not initialised, and a process that torchrun did not start answers without im
 import os
 import sys
 
-from cli import lazy_import
+from util.cli import lazy_import
 
 torch = lazy_import("torch")
 

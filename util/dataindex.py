@@ -40,10 +40,10 @@ import re
 
 import numpy as np
 
-import imagetree
-import shards
-from cli import first_line
-from files import atomic_open, atomic_write_json
+from util import imagetree
+from util import shards
+from util.cli import first_line
+from util.files import atomic_open, atomic_write_json
 
 INDEX_VERSION = 1
 CACHE_FOLDER = ".stablerep-index"

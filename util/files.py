@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 
-from cli import UserError
+from util.cli import UserError
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # disk full, quota exceeded, file-size limit
 

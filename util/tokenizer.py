@@ -2,7 +2,7 @@
 a CLIPTokenizer found by name, checked to be a real one, and captions turned into token ids."""
 import os
 
-from cli import UserError, hub_reachable
+from util.cli import UserError, hub_reachable
 
 
 def load_tokenizer(name):

@@ -22,8 +22,8 @@ import os
 import sys
 import time
 
-from cli import UserError, first_line
-from files import atomic_write_bytes, open_append
+from util.cli import UserError, first_line
+from util.files import atomic_write_bytes, open_append
 
 
 def check_loggers(tensorboard, wandb_project):

@@ -17,9 +17,9 @@ import sys
 from PIL import Image
 from tqdm import tqdm
 
-from catalog import EVAL_DATASETS, FAIRFACE_DATASETS, VIT_SIZES, vit_name
-from cli import SEED, UserError, available_cpus, first_line, integer, lazy_import, raised_message
-from files import atomic_open, check_creatable
+from util.catalog import EVAL_DATASETS, FAIRFACE_DATASETS, VIT_SIZES, vit_name
+from util.cli import SEED, UserError, available_cpus, first_line, integer, lazy_import, raised_message
+from util.files import atomic_open, check_creatable
 
 torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
 torchvision = lazy_import("torchvision")

@@ -1,0 +1,1 @@
+"""The plumbing the stage scripts share: command lines, files, logs, processes, data indexes, checkpoints."""
