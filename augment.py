@@ -65,19 +65,6 @@ class View(NamedTuple):
     interpolation: str = "bilinear"
 
 
-# BYOL's two views (BYOL paper, Table 6): colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur p 1.0
-# on the first and 0.1 on the second, solarisation p 0 and 0.2, bicubic resampling
-BYOL_VIEWS = (View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic"),
-              View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2, interpolation="bicubic"))
-# MoCo v3 follows BYOL's views (main_moco.py augmentation1 / augmentation2), with torchvision's bilinear default
-MOCOV3_VIEWS = tuple(view._replace(interpolation="bilinear") for view in BYOL_VIEWS)
-# DINO (main_dino.py DataAugmentationDINO): BYOL's two views as its global crops, bicubic; local crops blur p 0.5
-DINO_GLOBAL_VIEWS = BYOL_VIEWS
-DINO_LOCAL_VIEW = View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.5, interpolation="bicubic")
-# MAE (main_pretrain.py): RandomResizedCrop (bicubic) and a flip, no colour at all
-MAE_VIEWS = (View(jitter_p=0.0, gray_p=0.0, blur_p=0.0, interpolation="bicubic"),)
-
-
 class ColorParams(NamedTuple):
     """The drawn parameters of augment_crops for B crops (CPU tensors; one row per crop)."""
     jitter: torch.Tensor  # [B] bool, colour jitter applied

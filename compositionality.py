@@ -31,16 +31,8 @@ import math
 import os
 import re
 
-from util.cli import SEED, ArgumentParser, UserError, first_line, integer, lazy_import, run
+from util.cli import SEED, ArgumentParser, UserError, first_line, integer, parse_command_line, run
 from util.files import atomic_write_json, check_creatable
-
-torch = lazy_import("torch")  # loaded at first use, so --help answers at once
-np = lazy_import("numpy")
-torchvision = lazy_import("torchvision")
-augment = lazy_import("augment")
-ev = lazy_import("util.evaluation")
-model_lib = lazy_import("model")
-tokenizer_lib = lazy_import("util.tokenizer")
 
 SUBSETS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
 DEFAULT_TOKENIZER = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pretrain.py's default: CLIP's BPE
@@ -116,6 +108,19 @@ def get_args_parser():
                        "--checkpoint")
     return parser
 
+
+if __name__ == "__main__":  # the command line is read before torch loads (2 s): --help and a bad flag answer at once
+    command_line = parse_command_line(get_args_parser())
+
+# the imports below load torch: after the command line, see above
+import numpy as np
+import torch
+import torchvision
+
+import augment
+from util import checkpoints
+from util import evaluation as ev
+from util import tokenizer as tokenizer_lib
 
 # ------------------------------------------------------------------------------------------------------------
 # the benchmark's cases
@@ -376,7 +381,7 @@ def main(args):
 
     # ---- model and tokenizer ----
     try:
-        model, heads, recorded = model_lib.load_image_text_model(args.checkpoint, args.text_heads, args.image_size)
+        model, heads, recorded = checkpoints.load_image_text_model(args.checkpoint, args.text_heads, args.image_size)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(first_line(err)) from None
     tokenizer_name = args.tokenizer or recorded.get("tokenizer") or DEFAULT_TOKENIZER
@@ -421,4 +426,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), args=command_line)

@@ -31,8 +31,6 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from util import dataindex
-from util import shards
 from augment import (
     DECODE_ERRORS,
     JPEG_MAGIC,
@@ -43,6 +41,7 @@ from augment import (
     decode_rgb,
     jpeg_size,
 )
+from util import dataindex, shards
 from util.cli import first_line
 
 

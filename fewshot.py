@@ -12,18 +12,16 @@ import argparse
 import math
 import os
 
-from util import evaluation as ev
-from util.cli import ArgumentParser, UserError, integer, lazy_import, number, run
+from util import evaluation_flags
+from util.cli import ArgumentParser, UserError, integer, number, parse_command_line, run
 from util.files import atomic_write_json
-
-torch = lazy_import("torch")  # loaded at first use, so --help answers at once
 
 
 def get_args_parser():
     parser = ArgumentParser("fewshot.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    ev.add_encoder_arguments(parser)
-    data = ev.add_dataset_arguments(parser, {"--data-dir": "ImageFolder to draw episodes from"})
+    evaluation_flags.add_encoder_arguments(parser)
+    data = evaluation_flags.add_dataset_arguments(parser, {"--data-dir": "ImageFolder to draw episodes from"})
     data.add_argument("--split", choices=["train", "val", "test"], default="test",
                       help="split of --dataset to draw episodes from; test, the unseen images")
     data.add_argument("--batch-size", type=integer(1), default=256, help="images per forward pass")
@@ -40,9 +38,17 @@ def get_args_parser():
     episodes.add_argument("--C", type=number(above=0), default=1.0,
                           help="inverse L2 strength of the logistic regression as scikit-learn defines it; 1.0, "
                                "scikit-learn's default used by the few-shot benchmarks")
-    ev.add_run_arguments(parser, "fewshot", "the episodes (and --random-init)")
+    evaluation_flags.add_run_arguments(parser, "fewshot", "the episodes (and --random-init)")
     return parser
 
+
+if __name__ == "__main__":  # the command line is read before torch loads (2 s): --help and a bad flag answer at once
+    command_line = parse_command_line(get_args_parser())
+
+# the imports below load torch: after the command line, see above
+import torch
+
+from util import evaluation as ev
 
 # ------------------------------------------------------------------------------------------------------------
 # episodes
@@ -171,4 +177,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), args=command_line)

@@ -36,13 +36,9 @@ from typing import List, NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
-from util import imagetree
-from util import shards
-from util.cli import SEED, ArgumentParser, UserError, git_commit, integer, lazy_import, number, run
+from util import imagetree, shards
+from util.cli import SEED, ArgumentParser, UserError, git_commit, integer, number, parse_command_line, run
 from util.files import atomic_write_bytes, atomic_write_json, check_creatable, no_space_error, output_folder
-
-torch = lazy_import("torch")  # loaded at first use, so --help and a bad flag answer at once
-distributed = lazy_import("util.distributed")
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
@@ -152,6 +148,15 @@ def get_args_parser():
     parser.add_argument("--num-shards", type=integer(1), default=1,
                         help="number of parts the captions are split into")
     return parser
+
+
+if __name__ == "__main__":  # the command line is read before torch loads (2 s): --help and a bad flag answer at once
+    command_line = parse_command_line(get_args_parser())
+
+# the imports below load torch: after the command line, see above
+import torch
+
+from util import distributed
 
 
 def check_args(args):
@@ -1061,4 +1066,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), args=command_line)

@@ -19,18 +19,11 @@ import math
 import os
 import sys
 
-from util import evaluation as ev
+from util import evaluation_flags
 from util.catalog import FAIRFACE_DATASETS
-from util.cli import ArgumentParser, UserError, integer, lazy_import, number, run
+from util.cli import ArgumentParser, UserError, integer, number, parse_command_line, run
 from util.files import atomic_write_json
 from util.runlog import RunLog, check_loggers
-
-torch = lazy_import("torch")  # loaded at first use, so --help answers at once
-np = lazy_import("numpy")
-torchvision = lazy_import("torchvision")
-augment = lazy_import("augment")
-distributed = lazy_import("util.distributed")
-model_lib = lazy_import("model")
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
 PAPER_METRICS = {"aircraft": "mean_per_class", "caltech101": "mean_per_class", "flowers": "mean_per_class",
@@ -47,8 +40,8 @@ def get_args_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["sgd", "lbfgs"], required=True,
                         help="sgd: the ImageNet protocol; lbfgs: the fine-grained protocol (see above)")
-    ev.add_encoder_arguments(parser)
-    data = ev.add_dataset_arguments(parser, {
+    evaluation_flags.add_encoder_arguments(parser)
+    data = evaluation_flags.add_dataset_arguments(parser, {
         "--train-dir": "ImageFolder of training images",
         "--val-dir": "ImageFolder of held-out images, scored at the end (ImageNet's val; the test split)"})
     data.add_argument("--batch-size", type=integer(1), default=1024, help="images per step over all processes; 1024, "
@@ -86,9 +79,21 @@ def get_args_parser():
                        help="auto: the paper's metric for --dataset (mean per-class accuracy for Aircraft, "
                             "Caltech-101, Flowers, Pets; 11-point mAP for VOC2007; top-1 otherwise)")
     # ---- run ----
-    ev.add_run_arguments(parser, "linear_probe", "data order, validation split, --random-init")
+    evaluation_flags.add_run_arguments(parser, "linear_probe", "data order, validation split, --random-init")
     return parser
 
+
+if __name__ == "__main__":  # the command line is read before torch loads (2 s): --help and a bad flag answer at once
+    command_line = parse_command_line(get_args_parser())
+
+# the imports below load torch: after the command line, see above
+import numpy as np
+import torch
+import torchvision
+
+import augment
+from util import distributed
+from util import evaluation as ev
 
 # ------------------------------------------------------------------------------------------------------------
 # metrics
@@ -135,6 +140,24 @@ METRICS = {"top1": top1, "mean_per_class": mean_per_class_accuracy, "map11": map
 # ------------------------------------------------------------------------------------------------------------
 
 
+class LinearHeads(torch.nn.Module):
+    """One optional BatchNorm (no affine, so it is shared: it has nothing to learn) and one linear head per lr.
+
+    features [B, D] -> logits [heads, B, classes]. Heads start at N(0, 0.01) weights and zero bias."""
+
+    def __init__(self, width, num_classes, num_heads, batchnorm):
+        super().__init__()
+        self.norm = torch.nn.BatchNorm1d(width, affine=False, eps=1e-6) if batchnorm else torch.nn.Identity()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, num_classes) for _ in range(num_heads))
+        for head in self.heads:
+            torch.nn.init.trunc_normal_(head.weight, std=0.01)
+            torch.nn.init.zeros_(head.bias)
+
+    def forward(self, features):
+        features = self.norm(features)
+        return torch.stack([head(features) for head in self.heads])  # (heads, B, classes)
+
+
 def train_transform(image_size):
     """RandomResizedCrop + horizontal flip, the official probe's training augmentation (bilinear, its default)."""
     transforms = torchvision.transforms
@@ -169,7 +192,7 @@ def run_sgd(args, encoder, train_set, test_set, num_classes, device):
     if len(loader) == 0:
         raise UserError(f"{len(train_set)} training images make no full batch of {per_rank} per process")
     heads, module = distributed.data_parallel(
-        model_lib.LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device), device)
+        LinearHeads(encoder.width, num_classes, len(lrs), args.batchnorm).to(device), device)
     optimizer = torch.optim.SGD([{"params": head.parameters(), "lr": lr} for head, lr in zip(heads.heads, lrs)],
                                 momentum=0.9, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * len(loader))  # per step
@@ -398,4 +421,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), args=command_line)

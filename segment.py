@@ -30,21 +30,12 @@ import time
 from tqdm import tqdm
 
 from util.catalog import VIT_SIZES
-from util.cli import SEED, ArgumentParser, UserError, first_line, git_commit, integer, lazy_import, number, run
-from util.files import atomic_open, atomic_write_json, check_creatable
+from util.cli import SEED, ArgumentParser, UserError, first_line, git_commit, integer, number, parse_command_line, run
+from util.files import atomic_write_json, check_creatable
 from util.runlog import RunLog, check_loggers
-
-torch = lazy_import("torch")  # loaded at first use, so --help answers at once
-np = lazy_import("numpy")
-F = lazy_import("torch.nn.functional")
-augment = lazy_import("augment")
-distributed = lazy_import("util.distributed")
-ev = lazy_import("util.evaluation")
-model_lib = lazy_import("model")
 
 NUM_CLASSES = 150  # ADE20k's SceneParsing classes; label 0 ("other") is ignored
 IGNORE = 255  # the label of ignored pixels (ADE's 0 after reduce_zero_label, and crop padding)
-CHECKPOINT_GLOB = "checkpoint-*.pth"
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # BEiT's and mmsegmentation's test-time scales
 # flags a resumed run may change: they do not change what is trained
 RESUMABLE = {"num_workers", "save_every", "keep", "log_every", "tensorboard", "output", "resume", "flags_given",
@@ -133,9 +124,186 @@ def get_args_parser():
     return parser
 
 
+if __name__ == "__main__":  # the command line is read before torch loads (2 s): --help and a bad flag answer at once
+    command_line = parse_command_line(get_args_parser())
+
+# the imports below load torch: after the command line, see above
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import augment
+from util import checkpoints, distributed
+from util import evaluation as ev
+
 # ------------------------------------------------------------------------------------------------------------
 # model: ViT backbone -> pyramid -> UperNet
 # ------------------------------------------------------------------------------------------------------------
+
+
+def drop_path(x, rate, training):
+    """Stochastic depth: each sample's residual branch is dropped with probability `rate`, kept ones scaled by
+    1 / (1 - rate); the identity outside training."""
+    if not training or rate == 0:
+        return x
+    keep = torch.rand(x.shape[0], *(1,) * (x.ndim - 1), device=x.device, dtype=x.dtype) >= rate
+    return x * keep / (1 - rate)
+
+
+def conv_bn_relu(in_channels, out_channels, kernel_size):
+    """mmsegmentation's ConvModule: convolution (no bias), BatchNorm, ReLU; Kaiming init (fan out)."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+    return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+def segmentation_classifier(in_channels, num_classes):
+    """Dropout2d(0.1) then a 1x1 convolution to the classes, N(0, 0.01) weights (mmsegmentation's cls_seg)."""
+    conv = nn.Conv2d(in_channels, num_classes, 1)
+    nn.init.normal_(conv.weight, std=0.01)
+    nn.init.zeros_(conv.bias)
+    return nn.Sequential(nn.Dropout2d(0.1), conv)
+
+
+def upsample(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+class RelativePositionBias(nn.Module):
+    """BEiT's relative position bias of one block: a learned table with one entry per head for every 2-d offset
+    between two patches ((2g - 1)^2 of them) and three for the class token (to a patch, from a patch, to itself).
+    forward() -> the additive attention bias [heads, 1 + g^2, 1 + g^2]. Zero at the start (the MAE paper's
+    transfer setting)."""
+
+    def __init__(self, grid, heads):
+        super().__init__()
+        offsets = (2 * grid - 1) ** 2
+        self.table = nn.Parameter(torch.zeros(offsets + 3, heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)
+        delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + grid - 1  # (g^2, g^2, 2), >= 0
+        index = torch.empty(1 + grid * grid, 1 + grid * grid, dtype=torch.long)
+        index[1:, 1:] = delta[..., 0] * (2 * grid - 1) + delta[..., 1]
+        index[0, 1:], index[1:, 0], index[0, 0] = offsets, offsets + 1, offsets + 2
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self):
+        return self.table[self.index].permute(2, 0, 1)  # (heads, 1 + g^2, 1 + g^2)
+
+
+class ViTBackbone(nn.Module):
+    """The encoder's blocks with stochastic depth (rising linearly to `drop_path` over the blocks, timm's rule) and,
+    optionally, a relative position bias per block; returns the patch tokens of the tapped blocks laid on the patch
+    grid, [B, D, g, g] each. The encoder's final LayerNorm is not used: BEiT's backbone taps the blocks' outputs as
+    they are (and a module without gradient would stop DDP)."""
+
+    def __init__(self, encoder, taps, drop_path=0.0, rel_pos_bias=False):
+        super().__init__()
+        self.encoder = encoder
+        encoder.norm = nn.Identity()
+        self.taps = list(taps)
+        depth = len(encoder.blocks)
+        self.drop_rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]
+        grid, heads = encoder.patch_embed.grid_size, encoder.blocks[0].attn.num_heads
+        self.rel_pos = (nn.ModuleList(RelativePositionBias(grid, heads) for _ in range(depth)) if rel_pos_bias
+                        else None)
+
+    def forward(self, images):
+        x = self.encoder.embed(images)  # [B, 1 + g^2, D]
+        batch, grid = len(x), self.encoder.patch_embed.grid_size
+        maps = []
+        for i, block in enumerate(self.encoder.blocks):
+            bias = self.rel_pos[i]() if self.rel_pos is not None else None
+            x = x + drop_path(block.attn(block.norm1(x), attn_mask=bias), self.drop_rates[i], self.training)
+            x = x + drop_path(block.mlp(block.norm2(x)), self.drop_rates[i], self.training)
+            maps.extend(x[:, 1:].transpose(1, 2).reshape(batch, -1, grid, grid) for tap in self.taps if tap == i)
+        return maps  # 4 x [B, D, g, g], in the order of taps
+
+
+class Pyramid(nn.Module):
+    """BEiT's multi-level neck: the four tapped maps (1/16 of the input) to 1/4, 1/8, 1/16 and 1/32:
+    ConvTranspose 2x - BatchNorm - GELU - ConvTranspose 2x; ConvTranspose 2x; identity; MaxPool 2x."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(width, width, 2, stride=2), nn.BatchNorm2d(width), nn.GELU(),
+                                 nn.ConvTranspose2d(width, width, 2, stride=2))
+        self.up2 = nn.ConvTranspose2d(width, width, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, maps):
+        return [self.up4(maps[0]), self.up2(maps[1]), maps[2], self.down2(maps[3])]
+
+
+class PyramidPooling(nn.Module):
+    """PSPNet's module: the map average-pooled to 1x1, 2x2, 3x3 and 6x6, each projected (1x1 conv-BN-ReLU) and
+    upsampled back, concatenated with the map and fused by a 3x3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels, channels, scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(in_channels, channels, 1))
+                                    for s in scales)
+        self.bottleneck = conv_bn_relu(in_channels + len(scales) * channels, channels, 3)
+
+    def forward(self, x):
+        pooled = [upsample(stage(x), x.shape[2:]) for stage in self.stages]
+        return self.bottleneck(torch.cat([x, *pooled], dim=1))
+
+
+class UperNetHead(nn.Module):
+    """UperNet (Xiao et al. 2018) over four levels, finest first: 1x1 laterals on the three finer levels and
+    pyramid pooling on the coarsest; a top-down path adding each coarser level, upsampled, into the next finer one;
+    a 3x3 conv on each of the three; all four upsampled to the finest, concatenated, fused (3x3 conv-BN-ReLU) and
+    classified: [B, classes, H/4, W/4] for BEiT's pyramid."""
+
+    def __init__(self, in_channels, channels, num_classes):
+        super().__init__()
+        self.laterals = nn.ModuleList(conv_bn_relu(in_channels, channels, 1) for _ in range(3))
+        self.ppm = PyramidPooling(in_channels, channels)
+        self.fpn_convs = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
+        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        self.classify = segmentation_classifier(channels, num_classes)
+
+    def forward(self, levels):
+        lateral = [conv(level) for conv, level in zip(self.laterals, levels)] + [self.ppm(levels[3])]
+        for i in range(3, 0, -1):  # top-down: coarse to fine
+            lateral[i - 1] = lateral[i - 1] + upsample(lateral[i], lateral[i - 1].shape[2:])
+        outs = [conv(x) for conv, x in zip(self.fpn_convs, lateral[:3])] + [lateral[3]]
+        size = outs[0].shape[2:]
+        return self.classify(self.fuse(torch.cat([outs[0]] + [upsample(x, size) for x in outs[1:]], dim=1)))
+
+
+class FCNHead(nn.Module):
+    """The auxiliary head: 3x3 conv-BN-ReLU to 256 channels, then classified."""
+
+    def __init__(self, in_channels, num_classes, channels=256):
+        super().__init__()
+        self.conv = conv_bn_relu(in_channels, channels, 3)
+        self.classify = segmentation_classifier(channels, num_classes)
+
+    def forward(self, x):
+        return self.classify(self.conv(x))
+
+
+class Segmenter(nn.Module):
+    """ViT backbone -> Pyramid -> UperNetHead, and the auxiliary FCNHead on the 1/16 level (training only).
+
+    forward(images [B, 3, S, S]) -> logits [B, classes, S, S] (UperNet's, upsampled bilinearly); in training, the
+    pair (those, the auxiliary head's likewise upsampled)."""
+
+    def __init__(self, encoder, taps, num_classes, channels=None, drop_path=0.0, rel_pos_bias=False):
+        super().__init__()
+        self.backbone = ViTBackbone(encoder, taps, drop_path, rel_pos_bias)
+        self.neck = Pyramid(encoder.width)
+        self.decode_head = UperNetHead(encoder.width, channels or encoder.width, num_classes)
+        self.auxiliary_head = FCNHead(encoder.width, num_classes)
+
+    def forward(self, images):
+        levels = self.neck(self.backbone(images))
+        logits = upsample(self.decode_head(levels), images.shape[2:])
+        if not self.training:
+            return logits
+        return logits, upsample(self.auxiliary_head(levels[2]), images.shape[2:])
 
 
 def default_taps(depth):
@@ -150,7 +318,7 @@ def build_segmenter(args, encoder):
     taps = args.taps or default_taps(depth)
     if max(taps) >= depth:
         raise UserError(f"--taps {' '.join(map(str, taps))}: the encoder has {depth} blocks (0 to {depth - 1})")
-    return model_lib.Segmenter(encoder, taps, NUM_CLASSES, args.head_channels, args.drop_path, args.rel_pos_bias)
+    return Segmenter(encoder, taps, NUM_CLASSES, args.head_channels, args.drop_path, args.rel_pos_bias)
 
 
 def layer_id(name, depth):
@@ -467,41 +635,31 @@ def evaluate(predict, dataset, names, crop_size, stride, scales, flip, device, n
 # ------------------------------------------------------------------------------------------------------------
 
 
-def checkpoint_path(output, iteration):
-    return os.path.join(output, f"checkpoint-{iteration:08d}.pth")
-
-
-def list_checkpoints(output):
-    return sorted(glob.glob(os.path.join(output, CHECKPOINT_GLOB)))
-
-
 def save_checkpoint(model, optimizer, iteration, args):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
              "args": {k: v for k, v in vars(args).items() if k != "flags_given"},
              "rng": {"torch": torch.get_rng_state()}}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    with atomic_open(checkpoint_path(args.output, iteration)) as f:
-        torch.save(state, f)
-    for old in list_checkpoints(args.output)[:-args.keep]:
-        os.remove(old)
+    checkpoints.save_checkpoint(checkpoints.checkpoint_path(args.output, iteration), state)
+    checkpoints.remove_all_but_newest(args.output, args.keep)
 
 
 def read_resume_checkpoint(args):
     """With --resume: the newest checkpoint in --output, and args replaced by its recorded recipe (flags given on
     this command line may differ only in RESUMABLE ones). None without --resume, or when there is none yet."""
     if not args.resume:
-        if args.output and list_checkpoints(args.output):
+        if args.output and checkpoints.list_checkpoints(args.output):
             raise UserError(f"{args.output} already holds checkpoints: pass --resume to continue that run, or "
                             "choose another --output")
         return None
     if args.output is None:
         raise UserError("--resume needs --output, the folder of the run to continue")
-    found = list_checkpoints(args.output)
+    found = checkpoints.list_checkpoints(args.output)
     if not found:
         return None  # nothing to continue yet: start, as a first run
     try:
-        state = model_lib.load_checkpoint_file(found[-1])
+        state = checkpoints.load_checkpoint_file(found[-1])
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from None
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "iteration" not in state:
@@ -684,4 +842,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run(main, get_args_parser())
+    run(main, get_args_parser(), args=command_line)

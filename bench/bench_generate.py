@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import generate  # noqa: E402
-from util import imagetree  # noqa: E402
 from demo.tiny_sd import save_tiny_pipeline  # noqa: E402
+from util import imagetree  # noqa: E402
 
 
 def get_args_parser():

@@ -654,7 +654,7 @@ def section_evaluations(report, args, device, results):
     crop = args.seg_crop
     encoder = model_lib.build_vit(args.seg_model, image_size=crop, depth=args.seg_depth)
     depth = len(encoder.blocks)
-    model = model_lib.Segmenter(encoder, segment.default_taps(depth), segment.NUM_CLASSES, None, 0.1).to(device)
+    model = segment.Segmenter(encoder, segment.default_taps(depth), segment.NUM_CLASSES, None, 0.1).to(device)
     recipe = segment.get_args_parser().parse_args(["--random-init"])
     groups = segment.param_groups(model, recipe.weight_decay, recipe.layer_decay)
     optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=recipe.lr,
@@ -789,7 +789,7 @@ def official_step(args, run_args, start, batch, device, lr):
 
     import torch
 
-    from pretrain import official_no_decay
+    from util.official import official_no_decay
     folder = os.path.join(os.path.abspath(args.official), "StableRep")
     if not os.path.isdir(os.path.join(folder, "models")):
         raise FileNotFoundError(f"{folder}/models not found: --official takes a syn-rep-learn checkout")

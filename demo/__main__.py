@@ -18,11 +18,11 @@ import argparse
 import os
 import time
 
-from util.cli import ArgumentParser, UserError, integer, run
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder
 from demo.stages import DIGIT_ENCODER_FLAGS, DIGIT_PRETRAIN_FLAGS, probe_and_fewshot, read_json, run_stage
-from util.files import atomic_write_json, check_writable_folder
 from plots import plot_demo, read_log
+from util.cli import ArgumentParser, UserError, integer, run
+from util.files import atomic_write_json, check_writable_folder
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the demo folder: its captions.tsv
 

@@ -41,9 +41,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from util.cli import UserError, run  # noqa: E402
 from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
 from demo.stages import DIGIT_ENCODER_FLAGS, DIGIT_PRETRAIN_FLAGS, probe_and_fewshot, run_stage  # noqa: E402
+from util.cli import UserError, run  # noqa: E402
 from util.files import atomic_write_json, check_writable_folder  # noqa: E402
 
 IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step

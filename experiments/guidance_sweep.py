@@ -31,8 +31,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from util.cli import ArgumentParser, UserError, integer, number, run  # noqa: E402
 from demo.stages import read_json, run_stage  # noqa: E402
+from util.cli import ArgumentParser, UserError, integer, number, run  # noqa: E402
 from util.files import atomic_write_json, check_writable_folder  # noqa: E402
 
 PAPER_WS = (2, 3, 4, 6, 8, 10, 12)  # the guidance scales of the paper's sweep

@@ -1,12 +1,11 @@
 """What every stage script shares at its edges: one-line errors for bad input, range-checked flags and recipe files,
-lazy imports of the heavy libraries (atomic file writes are files.py's).
+the command line read before the heavy imports (atomic file writes are files.py's).
 
 A user error (a missing folder, a bad flag value, a checkpoint of the wrong model) ends the script with one line
 on stderr and exit code 2, never a traceback: the stage raises `UserError`, and `run(main, parser)` turns it
 into that line.
 """
 import argparse
-import importlib
 import math
 import os
 import shlex
@@ -73,22 +72,33 @@ class ArgumentParser(argparse.ArgumentParser):
         return expanded
 
 
-def run(main, parser, argv=None):
-    """Parse the command line and call `main(args)`. A bad flag (argparse's own check or a range check of the
-    flag's `type`) and a UserError both end the script with `prog: error: <message>`, one line, exit code 2.
-    `args.flags_given` lists the flags the command line set itself (a resumed run takes the others from its
-    checkpoint)."""
-    def fail(message):
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+def parse_command_line(parser, argv=None):
+    """The parsed command line (sys.argv's, or `argv`). A bad flag (argparse's own check or a range check of the
+    flag's `type`) ends the script with `prog: error: <message>`, one line, exit code 2. `args.flags_given` lists
+    the flags the command line set itself (a resumed run takes the others from its checkpoint).
 
-    parser.error = fail  # argparse would print its usage block first; one line says more
+    The stage scripts call it before their heavy imports (torch takes 2 s), so that --help and a bad flag answer
+    at once; `run` then calls main."""
+    parser.error = lambda message: _fail(parser.prog, message)  # argparse would print its usage block first
     args = parser.parse_args(argv)
     args.flags_given = sorted(explicit_flags(parser, argv))
+    return args
+
+
+def run(main, parser, argv=None, args=None):
+    """Call `main(args)` on the parsed command line (`args`, or parse_command_line(parser, argv)). A UserError ends
+    the script as a bad flag does: `prog: error: <message>`, one line, exit code 2."""
+    if args is None:
+        args = parse_command_line(parser, argv)
     try:
         return main(args)
     except UserError as err:
-        fail(err)
+        _fail(parser.prog, err)
+
+
+def _fail(prog, message):
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def available_cpus():
@@ -157,27 +167,6 @@ def _without_default(action):
     clone = argparse.Action.__new__(type(action))
     clone.__dict__.update(action.__dict__, default=argparse.SUPPRESS, required=False)
     return clone
-
-
-class lazy_import:
-    """A stand-in for the module `name` that imports it at the first use of one of its attributes.
-
-    The stage scripts reach torch, torchvision, diffusers and our torch-based modules through these, so that
-    `--help` and a bad flag answer at once (importing torch alone takes 2 s); the first real use pays the
-    import. Unlike importlib's LazyLoader, nothing is put in sys.modules before the real import, so code that
-    walks sys.modules (inspect does, inside torch's own import) never sets off an import halfway through another.
-    """
-
-    def __init__(self, name):
-        self._name, self._module = name, None
-
-    def __getattr__(self, attribute):
-        if self._module is None:
-            self._module = importlib.import_module(self._name)
-        return getattr(self._module, attribute)
-
-    def __repr__(self):
-        return f"<lazy module {self._name!r}{' (imported)' if self._module is not None else ''}>"
 
 
 def hub_reachable(timeout=3.0):

@@ -40,8 +40,7 @@ import re
 
 import numpy as np
 
-from util import imagetree
-from util import shards
+from util import imagetree, shards
 from util.cli import first_line
 from util.files import atomic_open, atomic_write_json
 

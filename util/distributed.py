@@ -2,14 +2,11 @@
 
 The same script runs as one process on a laptop CPU (`python pretrain.py`) and as many under torchrun
 (`torchrun --nproc-per-node 8 pretrain.py`): every helper here answers for a single process when torch.distributed
-is not initialised, and a process that torchrun did not start answers without importing torch at all.
+is not initialised.
 """
 import os
-import sys
 
-from util.cli import lazy_import
-
-torch = lazy_import("torch")
+import torch
 
 
 def launched():
@@ -18,8 +15,8 @@ def launched():
 
 
 def joined():
-    """Has this process joined a process group? (Not if torch was never imported: then the answer costs nothing.)"""
-    return "torch" in sys.modules and torch.distributed.is_available() and torch.distributed.is_initialized()
+    """Has this process joined a process group?"""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def init_distributed():

@@ -14,45 +14,21 @@ import os
 import re
 import sys
 
+import torch
+import torchvision
 from PIL import Image
 from tqdm import tqdm
 
-from util.catalog import EVAL_DATASETS, FAIRFACE_DATASETS, VIT_SIZES, vit_name
-from util.cli import SEED, UserError, available_cpus, first_line, integer, lazy_import, raised_message
+import augment
+from model import build_vit
+from util.catalog import VIT_SIZES, vit_name
+from util.checkpoints import load_encoder
+from util.cli import UserError, first_line, raised_message
 from util.files import atomic_open, check_creatable
-
-torch = lazy_import("torch")  # loaded at first use, so the evaluation scripts' --help answers at once
-torchvision = lazy_import("torchvision")
-augment = lazy_import("augment")
-model_lib = lazy_import("model")
-
 
 # ------------------------------------------------------------------------------------------------------------
 # encoder
 # ------------------------------------------------------------------------------------------------------------
-
-
-def add_encoder_arguments(parser):
-    group = parser.add_argument_group("encoder")
-    source = group.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="encoder to evaluate: a pretrain.py checkpoint, an official StableRep "
-                        "checkpoint, or a timm ViT state dict")
-    source.add_argument("--random-init", action="store_true", help="evaluate an untrained --model (timm's "
-                        "initialisation, seeded by --seed): the baseline a trained encoder must beat")
-    group.add_argument("--model", choices=list(VIT_SIZES), default=None, help="architecture; default what the "
-                       "checkpoint records or its shapes say (required with --random-init)")
-    group.add_argument("--image-size", type=integer(16), default=None, help="input size; default the checkpoint's "
-                       "(224 for --random-init, the paper's); position embeddings are interpolated")
-
-
-def add_run_arguments(parser, results_name, seed_help):
-    """--seed and --output, which both evaluation scripts take."""
-    parser.add_argument("--seed", type=SEED, default=0, help=seed_help)
-    parser.add_argument("--output", default=None,
-                        help=f"results file (JSON); default beside --checkpoint, named after what made the number: "
-                             f"{results_name}_<data>_<protocol>, then each setting that changes the number and is "
-                             "not its default (e.g. _seed-1), so results of other settings are kept (required with "
-                             "--random-init, which has no checkpoint to sit beside)")
 
 
 def results_path(args, results_name, data_name, tags=()):
@@ -107,11 +83,11 @@ def build_encoder(args, device):
         if args.model is None:
             raise UserError("--random-init needs --model (one of " + ", ".join(VIT_SIZES) + ")")
         torch.manual_seed(args.seed)
-        encoder = model_lib.build_vit(args.model, image_size=args.image_size or 224)
+        encoder = build_vit(args.model, image_size=args.image_size or 224)
         identity = {"checkpoint": None, "random_init_seed": args.seed}
     else:
         try:
-            encoder = model_lib.load_encoder(args.checkpoint, args.model, args.image_size)
+            encoder = load_encoder(args.checkpoint, args.model, args.image_size)
         except (FileNotFoundError, ValueError) as err:
             raise UserError(str(err).splitlines()[0]) from None
         stat = os.stat(args.checkpoint)
@@ -329,25 +305,6 @@ TORCHVISION_DATASETS = {
     "fairface_age": _fairface("age"),
     "fairface_race_gender": _fairface("race_gender"),
 }
-
-
-def add_dataset_arguments(parser, folder_flags):
-    """--dataset/--data-root/--download, the torchvision datasets by name, next to the script's folder flags."""
-    group = parser.add_argument_group("data")
-    for flag, help_text in folder_flags.items():
-        group.add_argument(flag, default=None, help=help_text)
-    group.add_argument("--dataset", choices=EVAL_DATASETS + FAIRFACE_DATASETS, default=None,
-                       help="a dataset by name instead of image folders: the paper's 11 datasets (torchvision's), or "
-                            "FairFace under <data-root>/fairface (fairface: race, 7 classes; fairface_gender, "
-                            "fairface_age, fairface_race_gender: 2, 9, 14 classes)")
-    group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
-    group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
-                       "touch the network unless asked)")
-    group.add_argument("--num-workers", type=integer(0), default=min(4, available_cpus()),
-                       help=f"data-loading processes: 4, or the CPU cores this machine gives the process if fewer "
-                            f"(here {min(4, available_cpus())})")
-    group.add_argument("--cache-dir", default=None, help="feature cache; default feature_cache/ next to --output")
-    return group
 
 
 def uses_named_dataset(args, folder_flags):
