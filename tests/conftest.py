@@ -12,10 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from util import imagetree
-from util import shards
 from demo.digits import load_digit_images, split_digits, write_image_folder
 from model import build_vit
+from util import imagetree, shards
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root: scripts run from here
 os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches for the network

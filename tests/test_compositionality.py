@@ -14,8 +14,9 @@ from PIL import Image
 
 import compositionality as comp
 import model as model_lib
-from util.cli import run
 from demo.tiny_sd import _write_tokenizer_files
+from util import checkpoints
+from util.cli import run
 
 # the fixture's words and their Penn tags (the tests' stand-in for spaCy, which is not a test dependency)
 LEXICON = {"a": "DT", "the": "DT", "dog": "NN", "cat": "NN", "grass": "NN", "horse": "NN", "road": "NN",
@@ -153,7 +154,7 @@ def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro
                                                                             tokenizer_folder):
     from util.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_folder)
-    model, heads, _ = model_lib.load_image_text_model(plus_checkpoint, eos_token_id=tokenizer.eos_token_id)
+    model, heads, _ = checkpoints.load_image_text_model(plus_checkpoint, eos_token_id=tokenizer.eos_token_id)
     assert heads == 2
     model = order_blind(model)
     args = args_for("--checkpoint", plus_checkpoint, "--num-workers", 0)
@@ -194,17 +195,17 @@ def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_che
     official = {}
     for key, value in ours.items():
         name = key
-        for theirs, mine in model_lib.OFFICIAL_TEXT_NAMES if key.startswith("text.") else ():
+        for theirs, mine in checkpoints.OFFICIAL_TEXT_NAMES if key.startswith("text.") else ():
             name = name.replace(mine, theirs)
-        if key in model_lib.OFFICIAL_PROJECTIONS.values():
-            name = next(k for k, v in model_lib.OFFICIAL_PROJECTIONS.items() if v == key)
+        if key in checkpoints.OFFICIAL_PROJECTIONS.values():
+            name = next(k for k, v in checkpoints.OFFICIAL_PROJECTIONS.items() if v == key)
             value = value.T
         official[f"module.{name}"] = value
     path = tmp_path / "official_plus.pth"
     torch.save({"model": official, "epoch": 3, "args": argparse.Namespace(model="base")}, path)
     eos = len(ours["text.token_embedding.weight"]) - 1  # the tiny tokenizer's <|endoftext|>
-    a, _, _ = model_lib.load_image_text_model(plus_checkpoint, eos_token_id=eos)
-    b, heads, _ = model_lib.load_image_text_model(str(path), text_heads=2, eos_token_id=eos)
+    a, _, _ = checkpoints.load_image_text_model(plus_checkpoint, eos_token_id=eos)
+    b, heads, _ = checkpoints.load_image_text_model(str(path), text_heads=2, eos_token_id=eos)
     assert heads == 2
     tokens = torch.cat([torch.randint(0, 500, (3, 11)), torch.full((3, 1), eos)], dim=1)
     images = torch.randn(2, 3, 32, 32)

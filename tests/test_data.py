@@ -19,7 +19,6 @@ from PIL import Image, ImageFilter, ImageOps
 
 import augment
 import data
-from util import shards
 from augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -34,6 +33,8 @@ from augment import (
 )
 from conftest import write_random_shards, write_random_tree
 from data import CaptionImagesDataset, CaptionSampler, LocalCrops, collate
+from families import byol, dino, mae
+from util import shards
 
 
 def test_an_item_is_a_function_of_epoch_and_index(random_tree):
@@ -328,9 +329,9 @@ def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeyp
 
 # ---- the self-supervised families' views (MoCo v3, BYOL, DINO, MAE) ----
 
-@pytest.mark.parametrize("name, view", [("BYOL's first view: blur always", augment.BYOL_VIEWS[0]),
-                                        ("BYOL's second: blur 0.1, solarise 0.2", augment.BYOL_VIEWS[1]),
-                                        ("MAE's: crop and flip alone", augment.MAE_VIEWS[0])])
+@pytest.mark.parametrize("name, view", [("BYOL's first view: blur always", byol.VIEWS[0]),
+                                        ("BYOL's second: blur 0.1, solarise 0.2", byol.VIEWS[1]),
+                                        ("MAE's: crop and flip alone", mae.VIEWS[0])])
 def test_family_views_have_their_official_pipelines_statistics(name, view):
     """1000 crops of each pipeline (48 px from 96 px images), the family's official one rebuilt with torchvision v1
     and PIL: the same statistics as the StableRep test's, and the fraction of crops with a level at or above 128
@@ -351,12 +352,12 @@ def test_family_views_have_their_official_pipelines_statistics(name, view):
 
 def test_view_parameters_follow_their_recipes_and_simclrs_draws_are_unchanged():
     torch.manual_seed(0)
-    params = ColorParams.cat([sample_color_params(augment.BYOL_VIEWS[1]) for _ in range(20000)])
+    params = ColorParams.cat([sample_color_params(byol.VIEWS[1]) for _ in range(20000)])
     for flag, p in ((params.jitter, 0.8), (params.gray, 0.2), (params.sigma > 0, 0.1), (params.solarize, 0.2)):
         assert abs(flag.float().mean().item() - p) < 0.015
     assert 0.8 <= params.factors[:, 2].min() and params.factors[:, 2].max() <= 1.2  # saturation 0.2
-    assert (sample_color_params(augment.BYOL_VIEWS[0]).sigma > 0).all()  # blur always
-    none = ColorParams.cat([sample_color_params(augment.MAE_VIEWS[0]) for _ in range(200)])
+    assert (sample_color_params(byol.VIEWS[0]).sigma > 0).all()  # blur always
+    none = ColorParams.cat([sample_color_params(mae.VIEWS[0]) for _ in range(200)])
     assert not (none.jitter.any() or none.gray.any() or none.sigma.any() or none.solarize.any())
     torch.manual_seed(3)
     default = sample_color_params()
@@ -383,8 +384,8 @@ def test_dino_items_carry_local_crops_and_their_noise(random_tree):
     """Two global crops by DINO's views, two 16 px local crops, and noise rows for every crop; the global crops
     are those drawn without noise (noise is drawn after them), an item is a function of (epoch, index), and the
     local crops finished on the device (--gpu-augment) are those finished in the loader."""
-    local = LocalCrops(2, 16, (0.05, 0.4), augment.DINO_LOCAL_VIEW)
-    views = dict(views=augment.DINO_GLOBAL_VIEWS, local=local)
+    local = LocalCrops(2, 16, (0.05, 0.4), dino.LOCAL_VIEW)
+    views = dict(views=dino.VIEWS, local=local)
     dataset = CaptionImagesDataset([random_tree], 1, 2, 32, seed=2, noise_per_crop=6, **views)
     item = dataset[(1, 5)]
     assert item.images.shape == (2, 3, 32, 32) and item.local_images.shape == (2, 3, 16, 16)

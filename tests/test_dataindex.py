@@ -14,11 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from util import dataindex
-from util import shards
 from augment import PretrainAugmentation, decode_rgb
 from conftest import caption_text, write_random_shards
 from data import CaptionImagesDataset, item_seed
+from util import dataindex, shards
 
 
 def items(dataset, epoch=0):

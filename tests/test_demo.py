@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from util import imagetree
 import plots
-from util.cli import UserError
 from conftest import assert_one_line_error, run_python
 from demo.stages import run_stage
+from util import imagetree
+from util.cli import UserError
 
 # measured with `python -m demo --seed S --episodes E` on 2 CPU cores: (linear probe, few-shot) of pretrained minus
 # random init, in points

@@ -3,8 +3,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from util import distributed
 from conftest import leave_spawned_worker
+from util import distributed
 
 
 def test_one_process_fallback_needs_no_process_group():

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-from util import evaluation as ev
 import fewshot
-from util.cli import run
 from conftest import assert_one_line_error, run_python
+from util import evaluation as ev
+from util.cli import run
 
 
 def few(*argv):

@@ -15,13 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from util import distributed
-from util import files
 import generate
-from util import imagetree
-from util import shards
-from util.cli import run
 from conftest import run_python, run_python_with_file_size_limit, signal_when, start_python
+from util import distributed, files, imagetree, shards
+from util.cli import run
 
 CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
             "two birds and the sky", "an old house", "a bowl of soup"]

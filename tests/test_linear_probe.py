@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import balanced_accuracy_score
 
-from util import evaluation as ev
 import linear_probe
-from util.cli import run
 from conftest import assert_one_line_error, run_python
 from demo.digits import load_digit_images, split_digits, write_image_folder
-from model import LinearHeads
+from linear_probe import LinearHeads
+from util import evaluation as ev
+from util.cli import run
 
 
 def probe(*argv):

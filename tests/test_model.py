@@ -6,7 +6,9 @@ import torch
 import torch.nn as nn
 
 import model as model_lib
-from model import ProjectionHead, build_vit, interpolate_pos_embed, load_encoder, vit_small, vit_tiny
+from model import ProjectionHead, build_vit, interpolate_pos_embed, vit_small, vit_tiny
+from util import checkpoints
+from util.checkpoints import load_encoder
 
 timm = pytest.importorskip("timm")  # requirements-test.txt installs it; the project itself never imports timm
 
@@ -337,7 +339,7 @@ def test_official_stablerep_plus_checkpoint_gives_the_same_text_features(tmp_pat
 
     ours = model_lib.StableRepModel(tiny_vit(), None, model_lib.TextTransformer(vocab, vocab - 1, length, width,
                                                                                   layers, heads, 16))
-    state = model_lib.model_state_dict(model_lib.load_checkpoint_file(str(path)))
+    state = checkpoints.model_state_dict(checkpoints.load_checkpoint_file(str(path)))
     ours.load_state_dict(state)  # strict: every key renamed onto one of ours
     tokens = torch.tensor([[3, 7, 8, vocab - 1, vocab - 1, vocab - 1], [5, vocab - 1, vocab - 1, vocab - 1, 2, 2]])
     reference = official_text_features({k[len("module."):]: v for k, v in official.items()}, tokens, layers, heads)
@@ -346,145 +348,3 @@ def test_official_stablerep_plus_checkpoint_gives_the_same_text_features(tmp_pat
         images = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ours.image_projection(ours.visual(images)),
                                    vit(images) @ official["module.image_projection"])
-
-
-# ---- the self-supervised families' networks (MoCo v3, BYOL, DINO, MAE) ----
-
-def maes_sincos_embedding(width, grid):
-    """MAE's util/pos_embed.py formula, written out with numpy: [g*g + 1, width], a zero row for the class token,
-    then per patch (row-major) sin / cos of its column at width/4 frequencies, then of its row."""
-    import numpy as np
-    omega = 1.0 / 10000 ** (np.arange(width // 4) / (width / 4))
-    rows = []
-    for r in range(grid):
-        for c in range(grid):
-            rows.append(np.concatenate([np.sin(c * omega), np.cos(c * omega), np.sin(r * omega), np.cos(r * omega)]))
-    return torch.from_numpy(np.concatenate([np.zeros((1, width)), np.stack(rows)])).float()
-
-
-def test_sincos_position_embedding_is_maes_and_stays_untrained():
-    torch.testing.assert_close(model_lib.sincos_position_embedding(16, 3)[0], maes_sincos_embedding(16, 3))
-    for init in (model_lib.init_like_mocov3, model_lib.init_like_mae):
-        vit = init(tiny_vit())
-        torch.testing.assert_close(vit.pos_embed[0], maes_sincos_embedding(192, 2))
-        assert not vit.pos_embed.requires_grad
-
-
-def test_mocov3_vit_is_xavier_with_split_qkv_and_a_frozen_random_patch_projection():
-    torch.manual_seed(0)
-    vit = model_lib.init_like_mocov3(vit_tiny(image_size=32, depth=4))
-    qkv = torch.cat([block.attn.qkv.weight for block in vit.blocks]).flatten()  # q, k, v each 192 x 192
-    bound = (6 / (192 + 192)) ** 0.5
-    assert qkv.abs().max() <= bound and abs(qkv.std().item() - bound / 3 ** 0.5) < 0.01 * bound
-    fc1 = torch.cat([block.mlp.fc1.weight.flatten() for block in vit.blocks])
-    assert abs(fc1.std().item() - (2 / (192 + 768)) ** 0.5) < 0.01 * (2 / (192 + 768)) ** 0.5  # xavier
-    assert not any(p.requires_grad for p in vit.patch_embed.parameters())
-    assert vit.cls_token.abs().max() < 1e-4
-    assert model_lib.init_like_mocov3(tiny_vit(), frozen_patch_embed=False).patch_embed.proj.weight.requires_grad
-
-
-def test_momentum_network_starts_as_a_copy_and_follows_by_exponential_moving_average():
-    torch.manual_seed(0)
-    vit = tiny_vit()
-    model = model_lib.MomentumModel(vit, model_lib.mocov3_mlp(3, 192, 32, 8), model_lib.mocov3_mlp(2, 8, 32, 8))
-    online, target = dict(model.named_parameters()), dict(model.momentum.named_parameters())
-    assert all(torch.equal(online[name], value) and not value.requires_grad for name, value in target.items())
-    before = {name: value.clone() for name, value in target.items()}
-    with torch.no_grad():
-        for value in model.visual.parameters():
-            value.add_(torch.randn_like(value))
-    model.update_momentum(0.9)
-    for name, value in target.items():  # 0.9 x target + 0.1 x online
-        torch.testing.assert_close(value, 0.9 * before[name] + 0.1 * online[name])
-    out = model.train()(torch.randn(8, 3, 32, 32), views=2)
-    assert out["online"].shape == out["target"].shape == (4, 2, 8) and not out["target"].requires_grad
-
-
-def test_mocov3_and_byol_mlps_are_the_official_ones():
-    projector, predictor = model_lib.mocov3_mlp(3, 12, 20, 6), model_lib.mocov3_mlp(2, 6, 20, 6)
-    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
-    assert all(m.bias is None for m in projector if isinstance(m, nn.Linear))  # bias-free Linears
-    assert not projector[-1].affine and projector[1].affine and len(predictor) == 5 and not predictor[-1].affine
-    byol = model_lib.byol_mlp(12, 20, 6)
-    assert [type(m).__name__ for m in byol] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert byol[0].bias is not None and byol[-1].out_features == 6
-
-
-def test_dino_head_ends_in_unit_prototypes_whose_norm_is_not_trained():
-    torch.manual_seed(0)
-    head = model_lib.DINOHead(192, out_dim=50, hidden_dim=32, bottleneck_dim=8)
-    last = head.last_layer
-    assert not last.weight_g.requires_grad and last.weight_v.requires_grad
-    x = torch.randn(4, 192)
-    prototypes = last.weight_v / last.weight_v.norm(dim=1, keepdim=True)  # g = 1: unit rows
-    torch.testing.assert_close(head(x), nn.functional.normalize(head.mlp(x), dim=-1) @ prototypes.T)
-    assert [type(m).__name__ for m in head.mlp] == ["Linear", "GELU", "Linear", "GELU", "Linear"]
-
-
-def test_dino_center_follows_the_teacher_mean_and_the_teacher_has_no_stochastic_depth():
-    torch.manual_seed(0)
-    model = model_lib.DINOModel(tiny_vit(drop_path_rate=0.1), model_lib.DINOHead(192, 20, 16, 8))
-    assert model.visual.drop_path_rate == 0.1 and model.teacher["visual"].drop_path_rate == 0.0
-    images, local = torch.randn(6, 3, 32, 32), torch.randn(12, 3, 16, 16)
-    out = model.train()(images, views=2, local_images=local)
-    assert out["student"].shape == (3, 6, 20) and out["teacher"].shape == (3, 2, 20)
-    torch.testing.assert_close(out["center"], torch.zeros(1, 20))  # the loss gets the center before the update
-    torch.testing.assert_close(model.center, 0.1 * out["teacher"].mean((0, 1))[None])  # 0.9 x 0 + 0.1 x mean
-    model.eval()(images, views=2)
-    torch.testing.assert_close(model.center, 0.1 * out["teacher"].mean((0, 1))[None])  # eval: no update
-
-
-def test_stochastic_depth_drops_whole_branches_per_sample_from_the_given_noise():
-    torch.manual_seed(0)
-    vit = tiny_vit(drop_path_rate=0.5)
-    images = torch.randn(3, 3, 32, 32)
-    torch.testing.assert_close(vit.eval()(images, drop_path_noise=torch.zeros(3, 4)), vit(images))  # eval: off
-    # block 0's rate is 0; block 1's 0.5: noise below it drops both of block 1's branches, here for sample 0
-    # only; samples 1 and 2 keep them, scaled by 1 / (1 - 0.5)
-    noise = torch.ones(3, 4)
-    noise[0, 2:] = 0.0
-    out = vit.train()(images, drop_path_noise=noise)
-    x = vit.blocks[0](vit.embed(images))
-    torch.testing.assert_close(out[0], vit.norm(x[0, 0]))  # sample 0 skips block 1
-    kept = vit.blocks[1](x[1:], class_token_only=True, keep=torch.full((2, 2), 2.0))
-    torch.testing.assert_close(out[1:], vit.norm(kept[:, 0]))
-
-
-def test_a_smaller_crop_gets_the_position_embedding_resized_without_antialiasing():
-    torch.manual_seed(0)
-    vit = tiny_vit(image_size=64)
-    small = torch.randn(2, 3, 32, 32)
-    resized = tiny_vit(image_size=32)
-    resized.load_state_dict({**vit.state_dict(), "pos_embed": interpolate_pos_embed(vit.pos_embed, 2, False)})
-    torch.testing.assert_close(vit(small), resized(small))
-
-
-def test_mae_removes_three_quarters_of_the_patches_and_its_encoder_sees_the_rest():
-    torch.manual_seed(0)
-    vit = model_lib.init_like_mae(vit_tiny(image_size=64, depth=2))
-    model = model_lib.MAEModel(vit, model_lib.MAEDecoder(192, 4, 16, decoder_width=32, depth=1, num_heads=2))
-    images, noise = torch.randn(2, 3, 64, 64), torch.rand(2, 16)
-    out = model(images, noise=noise)
-    assert out["pred"].shape == out["patches"].shape == (2, 16, 768)
-    assert out["mask"].sum(1).tolist() == [12.0, 12.0]  # 75% of 16 patches removed
-    kept = noise.argsort(1)[:, :4]  # the lowest noise is kept
-    assert all(out["mask"][i, kept[i]].sum() == 0 for i in range(2))
-    # the patches as MAE's patchify lays them out: (row, column) of patches, then (row, column, channel) inside
-    official = images.reshape(2, 3, 4, 16, 4, 16).permute(0, 2, 4, 3, 5, 1).reshape(2, 16, 768)
-    torch.testing.assert_close(out["patches"], official)
-    # the encoder runs on the class token and the kept patches alone
-    tokens = vit.embed(images)
-    visible = torch.cat([tokens[:, :1], torch.stack([tokens[i, 1:][kept[i]] for i in range(2)])], dim=1)
-    for block in vit.blocks:
-        visible = block(visible)
-    torch.testing.assert_close(vit.forward_tokens(images, keep=kept), vit.norm(visible))
-
-
-def test_a_dino_checkpoint_gives_the_probes_its_teacher(tmp_path):
-    torch.manual_seed(0)
-    model = model_lib.DINOModel(tiny_vit(), model_lib.DINOHead(192, 20, 16, 8))
-    with torch.no_grad():
-        model.teacher["visual"].cls_token.fill_(3.0)  # the teacher differs from the student
-    torch.save({"model": model.state_dict(), "args": {"model": "vit_tiny", "image_size": 32}}, tmp_path / "c.pth")
-    encoder = load_encoder(str(tmp_path / "c.pth"))
-    assert torch.equal(encoder.cls_token, model.teacher["visual"].cls_token)

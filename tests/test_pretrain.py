@@ -13,7 +13,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from util import files
 import pretrain
 from conftest import (
     assert_one_line_error,
@@ -25,7 +24,11 @@ from conftest import (
     write_random_tree,
 )
 from data import CaptionImagesDataset, collate
-from model import load_encoder
+from families import dino
+from families.common import StepPosition, cosine_schedule
+from util import checkpoints, files, resume
+from util.checkpoints import load_encoder
+from util.official import continue_official
 
 TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
         "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
@@ -34,6 +37,13 @@ TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hid
 FAMILY_TINY = {"dino": ["--out-dim", "64", "--local-crops", "2", "--local-crop-size", "16"],
                "mae": ["--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2"]}
 
+
+
+def read_resume(argv):
+    """pretrain.py's --resume reading on this command line: the checkpoint to continue, args given its recipe."""
+    parser = pretrain.get_args_parser()
+    return resume.read_resume_checkpoint(parser.parse_args(argv), parser, pretrain.RESUMABLE_FLAGS,
+                                         pretrain.NEVER_RESTORED)
 
 def run_pretrain(*args, check=True):
     result = run_python("pretrain.py", *args)
@@ -165,7 +175,7 @@ def test_families_default_to_their_official_recipes():
     # the linear scaling rule over images, not crops: MoCo v3's 4096 images x 2 crops -> 1.5e-4 x 4096 / 256
     lr, _ = pretrain.objective_lr(pretrain.OBJECTIVES["mocov3"], 1.5e-4, 4096 * 2, 2)
     assert math.isclose(lr, 2.4e-3)
-    assert "mocov3/byol/mae 1.5e-4, dino 5e-4" in pretrain.recipe_values("base_lr")
+    assert [recipes[loss]["base_lr"] for loss in ("mocov3", "byol", "dino", "mae")] == [1.5e-4, 1.5e-4, 5e-4, 1.5e-4]
 
 
 def test_schedules_are_the_official_formulas():
@@ -176,9 +186,9 @@ def test_schedules_are_the_official_formulas():
     for step in range(total):
         epoch = step / (total / epochs)  # MoCo v3's fractional epoch
         moco = 1 - 0.5 * (1 + math.cos(math.pi * epoch / epochs)) * (1 - 0.99)
-        assert math.isclose(pretrain.cosine_schedule(0.99, 1.0, step, total), moco)
-    dino = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * np.arange(total) / total))
-    np.testing.assert_allclose([pretrain.cosine_schedule(0.996, 1.0, s, total) for s in range(total)], dino)
+        assert math.isclose(cosine_schedule(0.99, 1.0, step, total), moco)
+    dinos = 1 + 0.5 * (0.996 - 1) * (1 + np.cos(np.pi * np.arange(total) / total))
+    np.testing.assert_allclose([cosine_schedule(0.996, 1.0, s, total) for s in range(total)], dinos)
     args = pretrain.get_args_parser().parse_args(["--data", "x", "--loss", "dino", "--warmup-teacher-temperature",
                                                   "0.04", "--teacher-temperature", "0.07",
                                                   "--warmup-teacher-temperature-epochs", "4"])
@@ -186,9 +196,9 @@ def test_schedules_are_the_official_formulas():
     official = np.concatenate([np.linspace(0.04, 0.07, 4), np.ones(6) * 0.07])
     model, optimizer = SimpleNamespace(), torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]}])
     for epoch in range(10):
-        pretrain.dino_schedules(model, optimizer, pretrain.StepPosition(epoch * 4 + 1, 4, 40), args)
+        dino.schedules(model, optimizer, StepPosition(epoch * 4 + 1, 4, 40), args)
         assert math.isclose(model.teacher_temperature, official[epoch])
-    assert math.isclose(optimizer.param_groups[0]["weight_decay"], pretrain.cosine_schedule(0.04, 0.4, 37, 40))
+    assert math.isclose(optimizer.param_groups[0]["weight_decay"], cosine_schedule(0.04, 0.4, 37, 40))
 
 
 def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
@@ -199,14 +209,14 @@ def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
         if parameter.requires_grad:
             parameter.grad = torch.full_like(parameter, 0.5)
     norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
-    pretrain.dino_gradients(model, None, pretrain.StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
+    dino.clip_and_cancel_gradients(model, None, StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
     assert model.head.last_layer.weight_v.grad is None
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:  # clipped to norm 3 one by one (DINO's clip_gradients), or left alone
             expected = min(norms[name], 3.0 * norms[name] / (norms[name] + 1e-6))
             assert math.isclose(parameter.grad.norm().item(), expected, rel_tol=1e-4), name
     model.head.last_layer.weight_v.grad = torch.ones_like(model.head.last_layer.weight_v)
-    pretrain.dino_gradients(model, None, pretrain.StepPosition(3, 3, 30), args)  # epoch 1: trained
+    dino.clip_and_cancel_gradients(model, None, StepPosition(3, 3, 30), args)  # epoch 1: trained
     assert model.head.last_layer.weight_v.grad is not None
 
 
@@ -274,9 +284,9 @@ def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree
                                                                                          other[2 * width:]])
             torch.testing.assert_close(other, value, rtol=0, atol=2e-6, msg=key)
 
-    from util import evaluation
     import fewshot
     import linear_probe
+    from util import evaluation
     for script, flags in ((linear_probe, ["--protocol", "lbfgs"]), (fewshot, [])):
         args = script.get_args_parser().parse_args(["--checkpoint", str(whole / "encoder.pth"), *flags])
         encoder, identity = evaluation.build_encoder(args, torch.device("cpu"))
@@ -459,7 +469,7 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
             continue  # the official text tower is written below under its own names
         state[key] = value
     if tokenizer is not None:
-        from model import OFFICIAL_PROJECTIONS, OFFICIAL_TEXT_NAMES
+        from util.checkpoints import OFFICIAL_PROJECTIONS, OFFICIAL_TEXT_NAMES
         for key, value in model.state_dict().items():
             official = key
             for theirs, ours in OFFICIAL_TEXT_NAMES:
@@ -505,14 +515,14 @@ def official_run_checkpoint(path, epoch=1, epochs=3):
 def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_tree, tmp_path):
     path = tmp_path / "official.pth"
     official, official_optimizer = official_run_checkpoint(path)
-    resumed = pretrain.read_resume_checkpoint(pretrain.get_args_parser().parse_args(
-        ["--data", random_tree, "--resume", str(path), "--depth", "1", "--image-size", "32"]))
+    resumed = read_resume(
+        ["--data", random_tree, "--resume", str(path), "--depth", "1", "--image-size", "32"])
     assert resumed["official"] and resumed["recipe"]["captions_per_gpu"] == 12 and resumed["world_size"] == 1
     args = argparse.Namespace(**{**vars(pretrain.get_args_parser().parse_args(["--data", "x", *OFFICIAL_SMALL])),
                                  **resumed["recipe"]})
     model = pretrain.build_model(args)
     optimizer = torch.optim.AdamW(pretrain.param_groups(model, 0.1), lr=1e-3)
-    step = pretrain.continue_official(resumed, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 7)
+    step = continue_official(resumed, model, optimizer, torch.amp.GradScaler("cpu", enabled=False), 7)
     assert step == 14  # after its epoch 2 (0-based 1) of 7 steps each
     theirs = {name: official_optimizer.state[p] for name, p in official.named_parameters()}
     for name, parameter in model.named_parameters():
@@ -771,7 +781,7 @@ def test_an_interrupt_waits_until_the_checkpoint_is_whole(tmp_path):
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if run under nohup
     try:
         with pytest.raises(KeyboardInterrupt):
-            with pretrain.interrupts_deferred():
+            with checkpoints.interrupts_deferred():
                 os.kill(os.getpid(), signal.SIGINT)
                 os.kill(os.getpid(), signal.SIGTERM)
                 pretrain.torch.save({"weights": torch.ones(3)}, path)  # the signals wait for the write
@@ -786,7 +796,7 @@ def test_an_ignored_interrupt_stays_ignored_while_a_checkpoint_is_written(tmp_pa
     """A run started with SIGINT ignored (nohup, a background job) must not start reacting to it."""
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        with pretrain.interrupts_deferred():
+        with checkpoints.interrupts_deferred():
             os.kill(os.getpid(), signal.SIGINT)
             pretrain.torch.save({"weights": torch.ones(3)}, tmp_path / "checkpoint.pth")
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
@@ -847,7 +857,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(damage, finished_run, tmp_pa
     argv = ["--resume", str(path), "--output", str(tmp_path / "out")]
     if damage in ("no rng", "string step", "string flag"):
         with pytest.raises(pretrain.UserError, match="cannot be resumed") as raised:
-            pretrain.read_resume_checkpoint(pretrain.get_args_parser().parse_args(argv))
+            read_resume(argv)
         assert str(path) in str(raised.value) and fragment in str(raised.value)
     else:
         assert_one_line_error(run_pretrain(*argv, check=False), str(path), fragment)
@@ -911,15 +921,15 @@ def test_ctrl_c_while_the_encoder_is_written_is_one_line_and_the_finish_is_left_
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under nohup
     try:
         with pytest.raises(SystemExit) as exit_info:
-            with pretrain.interrupts_as_one_line(3, 3):
-                pretrain.finish(load_encoder(str(finished_run / "encoder.pth")), args, {"steps": 3})
+            with checkpoints.interrupts_as_one_line(3, 3):
+                checkpoints.finish(load_encoder(str(finished_run / "encoder.pth")), args, {"steps": 3})
     finally:
         signal.signal(signal.SIGINT, before)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err.strip() == ("pretrain.py: stopped at step 3; the last checkpoint is step 3: rerun "
                                                "the same command with --resume to continue")
     assert load_encoder(str(tmp_path / "encoder.pth")) is not None  # whole: the interrupt waited for the write
-    assert not pretrain.finished(str(tmp_path), 3)  # no summary.json: a resume finishes the run
+    assert not checkpoints.finished(str(tmp_path), 3)  # no summary.json: a resume finishes the run
 
 
 def test_inputs_are_checked_before_anything_is_written(random_tree, tmp_path):

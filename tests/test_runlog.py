@@ -6,8 +6,8 @@ import json
 import os
 import pty
 
-from util import runlog
 from conftest import read_terminal
+from util import runlog
 
 
 def test_progress_line_holds_step_epoch_loss_lr_speed_and_time_left():

@@ -69,7 +69,7 @@ def test_defaults_are_the_recipe():
 def tiny_segmenter(rel_pos_bias=False, depth=2, image_size=64):
     torch.manual_seed(0)
     encoder = model_lib.build_vit("vit_tiny", image_size=image_size, depth=depth)
-    return model_lib.Segmenter(encoder, segment.default_taps(depth), 150, 32, 0.1, rel_pos_bias)
+    return segment.Segmenter(encoder, segment.default_taps(depth), 150, 32, 0.1, rel_pos_bias)
 
 
 def test_pyramid_is_a_quarter_to_a_thirty_second_and_logits_come_back_at_input_size():
@@ -84,7 +84,7 @@ def test_pyramid_is_a_quarter_to_a_thirty_second_and_logits_come_back_at_input_s
 
 
 def test_relative_position_bias_has_one_entry_per_offset_and_starts_at_zero():
-    bias = model_lib.RelativePositionBias(grid=3, heads=2)
+    bias = segment.RelativePositionBias(grid=3, heads=2)
     assert bias.table.shape == ((2 * 3 - 1) ** 2 + 3, 2) and bias.index.unique().numel() == 28
     # the same 2-d offset between two patches reads the same entry: patch (0, 0) -> (1, 1) and (1, 1) -> (2, 2)
     assert bias.index[1 + 0, 1 + 4] == bias.index[1 + 4, 1 + 8] != bias.index[1 + 4, 1 + 0]

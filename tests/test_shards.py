@@ -8,9 +8,8 @@ import stat
 
 import pytest
 
-from util import dataindex
-from util import shards
 from conftest import caption_text, write_random_shards
+from util import dataindex, shards
 
 
 def images(caption_id):

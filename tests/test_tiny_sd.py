@@ -5,10 +5,10 @@ import os
 import pytest
 import torch
 
-from util.cli import run
 from conftest import run_python
 from demo import tiny_sd
 from demo.tiny_sd import save_tiny_pipeline
+from util.cli import run
 
 
 def test_saved_pipeline_loads_back_exactly_offline(tmp_path):
