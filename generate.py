@@ -18,27 +18,25 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
-import csv
 import dataclasses
 import datetime
-import fcntl
 import hashlib
 import importlib.util
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 import warnings
-from typing import List, NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
 from util import imagetree, shards
+from util.captions import read_captions, shard_captions, survey_captions
 from util.cli import SEED, ArgumentParser, UserError, git_commit, integer, number, parse_command_line, run
 from util.files import atomic_write_bytes, atomic_write_json, check_creatable, no_space_error, output_folder
+from util.locks import LockFile
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
@@ -50,7 +48,6 @@ RECIPE_KEYS = ("model", "scheduler", "steps", "eta", "w", "n", "size", "stored_s
 RECIPE_DEFAULTS = {"output_format": "files", "captions_per_shard": imagetree.CAPTIONS_PER_FOLDER}
 OUTPUT_FORMATS = ("files", "webdataset")
 MANY_FILES = 1_000_000  # a files run writing more than this is told about shards (cluster inode quotas)
-SKIPPED_LISTED = 1000  # skipped rows listed by number in settings.json; the rest are counted
 TRUNCATED_FILE = "truncated.json"  # beside settings.json: the captions cut at the text encoder's token limit
 TRUNCATED_LISTED = 1000  # truncated captions listed by id in truncated.json; the rest are counted
 LOCK_PREFIX = ".lock-"  # <output>/.lock-00012: held (flock) by the process writing shard 12
@@ -173,162 +170,6 @@ def process_shard(args):
     return args.shard * distributed.world_size() + distributed.rank(), args.num_shards * distributed.world_size()
 
 
-# ---- captions ----
-
-class Captions(NamedTuple):
-    captions: dict  # caption id (row number) -> caption text
-    valid_ids: List[int]  # the usable caption ids read, in order
-    rows: int  # data rows read, skipped ones included
-    skipped: List[dict]  # [{"row": id, "reason": "blank" | "undecodable" | "no caption field" | "too long" |
-    #                        "a tab inside a field"}]
-    layout: str  # how the file was read, for the run's record
-
-
-class CaptionsSurvey(NamedTuple):
-    rows: int  # data rows, skipped ones included
-    used: int  # usable captions
-    skipped: List[dict]  # the first SKIPPED_LISTED skipped rows, as in Captions
-    skipped_count: int
-    layout: str
-
-
-def _looks_like_url(field):
-    return field.strip().lower().startswith(("http://", "https://", "ftp://"))
-
-
-def _records(path, delimiter):
-    """The file's rows as lists of fields, streamed (CC12M is 2 GB); bytes that are not UTF-8 become surrogates.
-    A CSV row that the csv module refuses (a field over its size limit, 128 KiB: a runaway quote or not a caption)
-    is None; the csv reader goes on at the next line."""
-    if delimiter == ",":
-        with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
-            reader = csv.reader(f)
-            while True:
-                try:
-                    yield next(reader)
-                except StopIteration:
-                    return
-                except csv.Error:
-                    yield None
-    with open(path, "rb") as f:  # rows end at b"\n" only: a stray \r inside a caption does not split it
-        for number, line in enumerate(f):
-            if number == 0 and line.startswith(b"\xef\xbb\xbf"):
-                line = line[3:]
-            text = line.decode("utf-8", errors="surrogateescape").rstrip("\r\n")
-            yield text.split("\t") if delimiter == "\t" else [text]
-
-
-def _layout(path, first):
-    """(delimiter, caption column, fields of a TSV row, has a header, description) from the first non-blank row's
-    text. CC3M's and CC12M's TSVs have no quoting, so a tab inside a caption splits it: a row of one caption and one
-    url (tab-free: URLs percent-encode whitespace) reads whole as everything but the url; a TSV with more columns
-    cannot tell, and skips such a row (_rows)."""
-    delimiter = "," if path.lower().endswith(".csv") else "\t" if "\t" in first else None
-    try:
-        fields = next(csv.reader([first])) if delimiter == "," else first.split("\t")
-    except csv.Error as err:
-        raise UserError(f"captions file {path} has no `caption` column (its first row: {err})") from None
-    header = [name.strip().lower() for name in fields]
-    if "caption" in header:
-        kind = {",": "CSV", "\t": "TSV", None: "text"}[delimiter]
-        return (delimiter, header.index("caption"), len(header), True,
-                f"{kind} with a header, column {header.index('caption')}")
-    if delimiter is None:
-        return None, 0, 1, False, "text, one caption per line"
-    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[0]):
-        return delimiter, 1, 2, False, "CC12M TSV (url, caption)"
-    if delimiter == "\t" and len(header) >= 2 and _looks_like_url(header[-1]):
-        return delimiter, 0, 2, False, "CC3M TSV (caption, url)"
-    raise UserError(f"captions file {path} has no `caption` column (a header naming it, or CC3M/CC12M's "
-                    "two-column caption/url TSV)")
-
-
-def _rows(path, delimiter, column, width, has_header):
-    """(row, caption, None) for a usable row, (row, None, reason) for a skipped one; streamed."""
-    records = _records(path, delimiter)
-    if has_header:
-        next(record for record in records if record is None or "".join(record).strip())
-    for row, record in enumerate(records):
-        if record is None:
-            yield row, None, "too long"
-            continue
-        if delimiter == "\t" and len(record) > width:  # a tab inside a field (see _layout)
-            if width != 2:
-                yield row, None, "a tab inside a field"
-                continue
-            record = ["\t".join(record[:-1]), record[-1]] if column == 0 else [record[0], "\t".join(record[1:])]
-        caption = " ".join(record[column].split()) if column < len(record) else ""  # one line of text
-        if not caption:
-            yield row, None, "no caption field" if column >= len(record) and "".join(record).strip() else "blank"
-        elif any("\udc80" <= ch <= "\udcff" for ch in caption):
-            yield row, None, "undecodable"
-        else:
-            yield row, caption, None
-
-
-def open_captions(path):
-    """(layout description, the rows as _rows yields them) of a captions file (see --captions for the formats).
-    UserError for a missing, empty or column-less file."""
-    if not os.path.isfile(path):
-        raise UserError(f"captions file {path} {'is not a file' if os.path.exists(path) else 'does not exist'}")
-    with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), None)
-    if first is None:
-        raise UserError(f"captions file {path} is empty")
-    first = first.decode("utf-8", errors="surrogateescape").lstrip("\ufeff").rstrip("\r\n")
-    delimiter, column, width, has_header, layout = _layout(path, first)
-    return layout, _rows(path, delimiter, column, width, has_header)
-
-
-def read_captions(path, max_captions=None):
-    """Every usable caption of a small file, or its first `max_captions` (--preview), held in memory."""
-    layout, rows = open_captions(path)
-    captions, skipped, count = {}, [], 0
-    for count, (row, caption, reason) in enumerate(rows, 1):
-        if caption is None:
-            skipped.append({"row": row, "reason": reason})
-            continue
-        captions[row] = caption
-        if max_captions is not None and len(captions) >= max_captions:
-            break
-    if not captions:
-        raise UserError(f"captions file {path} holds no usable caption ({len(skipped)} rows skipped)")
-    return Captions(captions, list(captions), count, skipped, layout)
-
-
-def survey_captions(path):
-    """One streaming pass over the file: rows, usable captions, skipped rows; no caption is kept."""
-    layout, rows = open_captions(path)
-    count, used, skipped, skipped_count = 0, 0, [], 0
-    for count, (row, caption, reason) in enumerate(rows, 1):
-        if caption is not None:
-            used += 1
-            continue
-        skipped_count += 1
-        if len(skipped) < SKIPPED_LISTED:
-            skipped.append({"row": row, "reason": reason})
-    if not used:
-        raise UserError(f"captions file {path} holds no usable caption ({skipped_count} rows skipped)")
-    return CaptionsSurvey(count, used, skipped, skipped_count, layout)
-
-
-def shard_captions(path, wanted, per_shard):
-    """(shard, [(caption id, text)]) for each shard number of `wanted` (ascending): the usable captions of rows
-    shard * per_shard .. (shard + 1) * per_shard - 1, streamed from the file, one shard's captions held at a time."""
-    _, rows = open_captions(path)
-    wanted = iter(wanted)
-    current, captions = next(wanted, None), []
-    for row, caption, _ in rows:
-        while current is not None and row >= (current + 1) * per_shard:
-            yield current, captions
-            current, captions = next(wanted, None), []
-        if current is None:
-            return
-        if caption is not None and row >= current * per_shard:
-            captions.append((row, caption))
-    while current is not None:  # the file ended inside (or before) the last wanted shards
-        yield current, captions
-        current, captions = next(wanted, None), []
 
 
 # ---- model ----
@@ -556,49 +397,6 @@ def check_settings(root, settings):
     if None not in revisions and revisions[0] != revisions[1]:  # same hub id, another snapshot of its weights
         print(f"note: {root} was made with {settings['model']} at commit {revisions[0]}; the hub cache now holds "
               f"commit {revisions[1]}, so images made from here on may differ from the earlier ones", file=sys.stderr)
-
-
-class LockFile:
-    """An advisory lock (flock) on the file `path`, which names its holder ("pid 123 on host x") and is removed
-    on release. The kernel drops the lock when its process dies, so the file a killed run leaves blocks nobody."""
-
-    def __init__(self, path):
-        self.path, self.fd = path, None
-
-    def acquire(self, wait=False):
-        """True once this process holds the lock; False if another process holds it (unless `wait`)."""
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # the umask applies, as in open
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            except OSError as err:  # a file system without locks (some network mounts)
-                os.close(fd)
-                raise OSError(err.errno, f"cannot be locked ({err.strerror})", self.path) from None
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                    break
-            os.close(fd)  # its holder removed the file after this process opened it: lock the new one
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-        self.fd = fd
-        return True
-
-    def holder(self):
-        """Who holds the lock, as the holder wrote it."""
-        try:
-            with open(self.path, encoding="utf-8", errors="replace") as f:
-                return f.read(200).strip() or "another process"
-        except OSError:
-            return "another process"
-
-    def release(self):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # before unlocking: a process that opened the file meanwhile sees it is gone
-        os.close(self.fd)
-        self.fd = None
 
 
 def shard_lock(root, shard):

@@ -189,12 +189,13 @@ import torch
 import data
 import loss as loss_lib
 import model as model_lib
-from augment import augment_crops, decode_crops
+from augment import augment_crops
 from families import byol, dino, mae, mocov3
 from families.common import StepPosition
 from util import checkpoints, dataindex, distributed, official, resume
 from util.cli import git_commit, raised_message
 from util.files import atomic_write_json, check_creatable, output_folder
+from util.jpeg import decode_crops
 from util.runlog import Progress, RunLog, check_loggers
 from util.tokenizer import load_tokenizer
 

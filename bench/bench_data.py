@@ -46,12 +46,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from augment import PretrainAugmentation, decode_rgb, jpeg_size, official_augmentation  # noqa: E402
+from augment import PretrainAugmentation, decode_rgb, official_augmentation  # noqa: E402
 from data import CaptionImagesDataset, CaptionSampler, collate, item_seed  # noqa: E402
-from util import (
-    imagetree,  # noqa: E402
-    shards,  # noqa: E402
-)
+from util import imagetree, shards  # noqa: E402
+from util.jpeg import jpeg_size  # noqa: E402
 
 
 def smooth_image(rng, size):

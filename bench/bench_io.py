@@ -47,11 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data  # noqa: E402
 from bench_data import pack_shards, smooth_image, write_tree  # noqa: E402
 from bench_scale import private_bytes  # noqa: E402
-from util import (
-    dataindex,  # noqa: E402
-    imagetree,  # noqa: E402
-    shards,  # noqa: E402
-)
+from util import dataindex, imagetree, shards  # noqa: E402
 
 M = 6  # images of a caption in a batch (the paper's), of the 10 stored
 

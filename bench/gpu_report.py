@@ -593,7 +593,8 @@ def device_share(report, args, device, crops, floats, jpegs):
     torchvision decode_jpeg, nvJPEG on a GPU, then the crops), with its images/s; and on a GPU the pinned
     host-to-device copies of those batches and of the CPU path's float32 batch `floats`. Returns the median seconds
     of augment_crops and of decode_crops."""
-    from augment import augment_crops, decode_crops
+    from augment import augment_crops
+    from util.jpeg import decode_crops
 
     images = len(crops["images"])
     report.table("loader", f"### 4b. On the {device.type}: one step's batch of {images} crops of {args.image_size} px;"
@@ -613,7 +614,7 @@ def device_share(report, args, device, crops, floats, jpegs):
     decode()
     timing = alternate({"decode": decode}, args.augment_repeats, device)["decode"]
     decode_seconds = median_seconds(timing)
-    report.row([f"augment.decode_crops (JPEG decode, batched, + crop to {args.image_size} px): "
+    report.row([f"util.jpeg.decode_crops (JPEG decode, batched, + crop to {args.image_size} px): "
                 f"{fmt(images / decode_seconds)} images/s", fmt(decode_seconds * 1e3), seconds_list(timing, 1e3),
                 fmt(mib(jpegs["jpegs"].data.numel()))],
                what="decode_crops", images=images, median_seconds=decode_seconds, seconds=[t for t, _, _ in timing],

@@ -198,3 +198,16 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# a captions file of 8 rows: two skipped (a blank one, one not UTF-8), six usable
+CAPTIONS = ["a photo of a cat", "", "the red and blue car", "a dog on the beach", "\udcff\udcfe broken bytes",
+            "two birds and the sky", "an old house", "a bowl of soup"]
+VALID_IDS = [0, 2, 3, 5, 6, 7]  # row 1 is blank, row 4 is not UTF-8
+
+
+@pytest.fixture(scope="session")
+def captions_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("captions") / "captions.txt"
+    path.write_bytes(b"".join(c.encode("utf-8", errors="surrogateescape") + b"\n" for c in CAPTIONS))
+    return str(path)
