@@ -150,6 +150,7 @@ def order_blind(model):
     return model
 
 
+@pytest.mark.slow
 def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro, plus_checkpoint,
                                                                             tokenizer_folder):
     from util.tokenizer import load_tokenizer
@@ -173,6 +174,7 @@ def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro
 
 # ---- end to end ----
 
+@pytest.mark.slow
 def test_runs_aro_and_zero_shot_end_to_end(tmp_path, aro, plus_checkpoint, digit_folders, monkeypatch, capsys):
     monkeypatch.setattr(comp, "load_tagger", lambda: lexicon_tagger)
     out = tmp_path / "results.json"

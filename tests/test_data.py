@@ -162,6 +162,7 @@ def both_statistics(official, ours, count):
     return augmentation_statistics(theirs, source_hues), augmentation_statistics(mine, source_hues)
 
 
+@pytest.mark.slow
 def test_augmentation_has_the_official_pipelines_statistics():
     """1500 crops of each pipeline (64 px from 96 px images): the same colour, grayscale, hue, blur and crop
     statistics as the official pipeline (PIL, torchvision v1, PIL's blur), within TOLERANCES."""
@@ -171,6 +172,7 @@ def test_augmentation_has_the_official_pipelines_statistics():
         assert difference <= tolerance, f"{name}: ours {measured[name]:.4f}, official {expected[name]:.4f}"
 
 
+@pytest.mark.slow
 def test_parameters_follow_the_recipe():
     torch.manual_seed(0)
     params = ColorParams.cat([sample_color_params() for _ in range(20000)])
@@ -297,6 +299,7 @@ def test_decoding_on_the_device_makes_the_workers_crops(random_tree, tmp_path):
     assert (crops[others].int() - expected["images"][others].int()).abs().max() <= 2
 
 
+@pytest.mark.slow
 def test_downsampling_resizes_the_whole_image_down_and_back(random_tree, monkeypatch):
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8))
@@ -348,6 +351,7 @@ def test_family_views_have_their_official_pipelines_statistics(name, view):
                                         f"official {expected[statistic]:.4f}"
 
 
+@pytest.mark.slow
 def test_view_parameters_follow_their_recipes_and_simclrs_draws_are_unchanged():
     torch.manual_seed(0)
     params = ColorParams.cat([sample_color_params(byol.VIEWS[1]) for _ in range(20000)])
@@ -479,6 +483,7 @@ def even_shards(tmp_path_factory):
     return "pipe:cat " + os.path.join(root, "{00000..00003}.tar")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size, workers, shards", [(1, 0, 4), (1, 2, 4), (2, 2, 4), (1, 2, 3), (2, 2, 2)])
 def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, workers, shards):
     """The shards are dealt to the streams (ranks x workers), those left over shared, and each stream reads its own
@@ -500,6 +505,7 @@ def test_a_streamed_epoch_sees_each_caption_once(even_shards, world_size, worker
         assert any(len({label // 4 for label in pair}) == 2 for pair in zip(epochs[0][::2], epochs[0][1::2]))
 
 
+@pytest.mark.slow
 def test_a_streamed_run_resumes_at_the_shard_and_sample_where_it_stopped(even_shards):
     """The position after each batch (the open shards and how far each was read, the buffer, the draw count) goes
     into the checkpoint; a resumed epoch continues it exactly, reading again only what it had open."""

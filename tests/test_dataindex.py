@@ -54,6 +54,7 @@ def test_shard_list_as_a_brace_pattern_or_paths(random_shards):
     assert len(two) == 7 and [two.sources[s].key(0) for s in (0, 1)] == [5, 10]
 
 
+@pytest.mark.slow
 def test_text_is_read_from_the_tar_for_the_text_tower(random_shards, tiny_tokenizer):
     dataset = CaptionImagesDataset([random_shards], 1, 1, 32, tokenizer=tiny_tokenizer, context_length=40)
     expected = tiny_tokenizer(caption_text(6), padding="max_length", max_length=40, return_tensors="pt").input_ids[0]

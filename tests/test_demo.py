@@ -22,6 +22,7 @@ MEASURED = {"seed 0, 600 episodes, 2 threads": (1.77, 15.97), "seed 0, 200 episo
 MIN_LINEAR_PROBE_GAIN, MIN_FEWSHOT_GAIN = 0.75, 8.0  # the digits probe linearly at 93.6% even at random init
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_and_learns(tmp_path):
     output = tmp_path / "demo"
     result = run_python("-m", "demo", "--output", output, "--episodes", "200")
@@ -51,11 +52,13 @@ def test_demo_runs_every_stage_and_learns(tmp_path):
     assert [p.name for p in (output / "pretrain").glob("checkpoint-*.pth")] == ["checkpoint-00000200.pth"]
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_folder_that_is_not_empty(tmp_path):
     (tmp_path / "keep.txt").write_text("")
     assert_one_line_error(run_python("-m", "demo", "--output", tmp_path), "not empty")
 
 
+@pytest.mark.slow
 def test_run_stage_echoes_the_command_and_turns_failure_into_a_user_error(tmp_path, capsys):
     run_stage("help", "pretrain.py", "--help")
     assert "$ python pretrain.py --help" in capsys.readouterr().out

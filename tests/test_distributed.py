@@ -1,4 +1,5 @@
 """distributed.py: the one-process fallback, and gathers across two gloo processes (values and gradients)."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,6 +27,7 @@ def _worker(rank, world_size, store_path, result_path):
     leave_spawned_worker()
 
 
+@pytest.mark.slow
 def test_gathers_concatenate_in_rank_order_and_sum_gradients_back(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]

@@ -197,6 +197,7 @@ def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, tiny_encode
 
 # ---- logistic regression ----
 
+@pytest.mark.slow
 def test_raw_pixels_give_sane_accuracy(raw_digits):
     x_train, y_train, x_test, y_test = raw_digits
     weight, bias = ev.fit_logistic_regression(x_train, y_train, 10, weight_decay=1e-2)
@@ -204,6 +205,7 @@ def test_raw_pixels_give_sane_accuracy(raw_digits):
     assert accuracy > 0.93  # chance is 0.10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weight_decay", [1e-3, 1e-1])
 def test_lbfgs_probe_matches_scikit_learn(raw_digits, weight_decay):
     x_train, y_train, x_test, y_test = raw_digits

@@ -304,6 +304,7 @@ def _mocov3_rank_worker(rank, world_size, store_path, queries, keys, result_path
     leave_spawned_worker()
 
 
+@pytest.mark.slow
 def test_mocov3_keys_are_gathered_so_two_processes_match_one(tmp_path):
     """Each rank's queries against the keys of both ranks: DDP's average of the two ranks' losses and gradients is
     the one-process loss of the whole batch."""

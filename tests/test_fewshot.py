@@ -89,6 +89,7 @@ def test_interval_shrinks_as_episodes_grow(digit_features):
     assert half_widths[0] > half_widths[1] > half_widths[2]
 
 
+@pytest.mark.slow
 def test_script_on_digit_folder_same_episodes_for_two_encoders(tmp_path, digit_folders, tiny_checkpoint):
     common = ["--data-dir", digit_folders[1], "--episodes", 40, "--num-workers", 0]
     trained = few("--checkpoint", tiny_checkpoint, *common, "--output", tmp_path / "a.json")
@@ -105,6 +106,7 @@ def test_script_on_digit_folder_same_episodes_for_two_encoders(tmp_path, digit_f
 
 # ---- bad input: one line on stderr, exit code 2, no results file ----
 
+@pytest.mark.slow
 def test_class_too_small_for_an_episode_is_named_subprocess(tmp_path, digit_folders, tiny_checkpoint):
     out = tmp_path / "fewshot.json"
     result = run_python("fewshot.py", "--checkpoint", tiny_checkpoint, "--data-dir", digit_folders[1],

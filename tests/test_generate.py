@@ -123,6 +123,7 @@ def test_tree_layout_count_settings_and_index(reference, captions_file, tiny_mod
     assert np.abs(images["000000000_00.png"].astype(int) - images["000000000_01.png"]).mean() > 1  # seeds differ
 
 
+@pytest.mark.slow
 def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     generate_in_process("--captions", captions_file, "--model", tiny_model, "--output", str(out), "--n", "1",
@@ -136,6 +137,7 @@ def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     assert (settings["dtype"], settings["quality"], settings["stored_size"]) == ("bfloat16", 80, 16)
 
 
+@pytest.mark.slow
 def test_stochastic_ddim_is_seeded_per_image_too(tiny_model, captions_file, tmp_path):
     # eta > 0 adds fresh noise at every step: it comes from per-image generators, not a global stream
     runs = [tmp_path / "batch6", tmp_path / "batch1"]
@@ -165,6 +167,7 @@ def test_two_shards_write_exactly_the_single_process_tree(reference, tiny_model,
     assert listing(out) == listing(reference)
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     args = [a if a != "--n" else "--num-images" for a in argv(tiny_model, captions_file, out)]  # torchrun owns --n
@@ -180,6 +183,7 @@ def test_torchrun_ranks_write_the_single_process_tree(reference, tiny_model, cap
         "2 of 2 unfinished shards finished" in done[0], result.stdout
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     proc = start_python("generate.py", *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1"),
@@ -252,6 +256,7 @@ def test_shards_hold_the_trees_images(reference, reference_shards):
     assert meta == {"caption_id": 2, "row": 2, "seeds": [generate.image_seed(0, 2, k) for k in range(N)]}
 
 
+@pytest.mark.slow
 def test_shards_do_not_depend_on_processes_or_batch(reference_shards, tiny_model, captions_file, tmp_path):
     out = tmp_path / "shards"
     made = [generate_in_process(*argv(tiny_model, captions_file, out, "--output-format", "webdataset",
@@ -262,6 +267,7 @@ def test_shards_do_not_depend_on_processes_or_batch(reference_shards, tiny_model
     assert max(np.abs(a[name].astype(int) - b[name].astype(int)).max() for name in a) <= 1
 
 
+@pytest.mark.slow
 def test_killed_shard_run_resumes_to_the_same_images(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "shards"
     proc = start_python("generate.py", *argv(tiny_model, captions_file, out, "--output-format", "webdataset",
@@ -560,6 +566,7 @@ def test_a_failing_first_write_leaves_no_output_folder(tiny_model, captions_file
     assert os.listdir(tmp_path) == []  # the folders the run created are gone again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_format", ["files", "webdataset"])
 def test_disk_full_is_one_line_leaves_whole_files_and_resumes(output_format, reference, tiny_model, captions_file,
                                                               tmp_path):
@@ -628,6 +635,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.slow
 def test_a_shard_another_process_holds_is_skipped_and_named(reference, tiny_model, captions_file, tmp_path, capfd):
     out = tmp_path / "tree"
     out.mkdir()
@@ -649,6 +657,7 @@ def test_a_shard_another_process_holds_is_skipped_and_named(reference, tiny_mode
     assert listing(out) == listing(reference)  # no lock file left
 
 
+@pytest.mark.slow
 def test_two_processes_on_one_output_make_each_image_once(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "tree"
     command = ["generate.py", *argv(tiny_model, captions_file, out, "--batch-size", "1", "--writers", "1")]

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +37,7 @@ def numbers(value):
         yield value
 
 
+@pytest.mark.slow
 def test_tiny_cpu_run_prints_every_section_and_finite_numbers(tmp_path):
     output = tmp_path / "report.json"
     # about 12 s on 2 idle cores; the timeout only stops full sizes creeping into --tiny (hours on a CPU)
@@ -87,6 +89,7 @@ def test_one_simulated_rank_is_its_share_of_the_one_process_loss():
     assert torch.allclose(torch.stack(per_rank).mean(), multi_positive_loss(columns, labels, 0.1), atol=1e-12)
 
 
+@pytest.mark.slow
 def test_help_names_every_size_with_both_defaults():
     result = run_python("bench/gpu_report.py", "--help")
     assert result.returncode == 0
@@ -98,5 +101,6 @@ def test_help_names_every_size_with_both_defaults():
         assert flag in result.stdout
 
 
+@pytest.mark.slow
 def test_bad_flag_is_one_line_and_exit_code_2():
     assert_one_line_error(run_python("bench/gpu_report.py", "--tiny", "--gen-repeats", "0"), "--gen-repeats")

@@ -57,6 +57,7 @@ def test_11_point_map_by_hand():
 
 # ---- lbfgs protocol ----
 
+@pytest.mark.slow
 def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_folders, tiny_checkpoint):
     train, test = digit_folders
     argv = ["--protocol", "lbfgs", "--checkpoint", tiny_checkpoint, "--train-dir", train, "--val-dir", test,
@@ -77,6 +78,7 @@ def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_fo
 
 # ---- sgd protocol ----
 
+@pytest.mark.slow
 def test_sgd_protocol_learns_in_three_epochs_and_reports_last_and_best(tmp_path, digit_folders, tiny_checkpoint):
     train, _ = split_digits(load_digit_images(size=32), held_out_fraction=0.6, seed=1)
     small_train = write_image_folder(train, str(tmp_path / "train"))
@@ -112,6 +114,7 @@ def test_heads_share_one_frozen_pass_and_an_affine_free_batchnorm():
 
 # ---- bad input: one line on stderr, exit code 2, no results file ----
 
+@pytest.mark.slow
 def test_missing_checkpoint_subprocess(tmp_path, digit_folders):
     out = tmp_path / "probe.json"
     result = run_python("linear_probe.py", "--protocol", "lbfgs", "--checkpoint", tmp_path / "nope.pth",
@@ -174,6 +177,7 @@ def test_bad_input_is_one_line_and_exit_code_2_and_writes_nothing(tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["inputs"]
 
 
+@pytest.mark.slow
 def test_results_go_beside_the_checkpoint_by_default(tmp_path, digit_folders, tiny_checkpoint):
     import shutil
     checkpoint = tmp_path / "run" / "encoder.pth"
@@ -222,6 +226,7 @@ def test_a_best_strength_at_the_edge_of_the_sweep_is_flagged(capsys):
     assert "at the edge of --wd-range 1e-06 0.0001" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sgd_protocol_under_torchrun_two_processes(tmp_path, digit_folders, tiny_checkpoint):
     """DDP on CPU (gloo): the batch splits over 2 processes and every held-out image is scored exactly once."""
     out = tmp_path / "ddp.json"

@@ -149,6 +149,7 @@ def _two_rank_worker(rank, world_size, store_path, features, labels, result_path
     leave_spawned_worker()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("labels", [
     [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3],  # captions split across the two ranks
     [0, 4, 0, 1, 1, 2, 2, 2, 5, 3, 3, 3],  # uneven groups, and lone anchors (4, 5)

@@ -238,6 +238,7 @@ def test_text_tower_is_clips():
     assert block.attn.qkv.bias.abs().sum() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vit_small", "vit_base"])
 def test_initialisation_is_the_official_models(name):
     """The official StableRep model's, by statistics: its encoder is timm 0.5.4's VisionTransformer

@@ -108,6 +108,7 @@ def test_the_learning_rate_is_the_official_schedule_at_every_step():
     assert pretrain.cosine_lr(0, 10, 0.0, 1.0) == 1.0 == official_lr(1.0, 0.0, 0.0, 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
     args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY,
@@ -131,6 +132,7 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", [name for name in pretrain.OBJECTIVES if name not in pretrain.FAMILIES])
 def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
     """(The self-supervised families run the script in test_each_family_resumes_exactly_and_runs_on_two_processes.)"""
@@ -220,6 +222,7 @@ def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
     assert model.head.last_layer.weight_v.grad is not None
 
 
+@pytest.mark.slow
 def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
     out = ["--data", random_tree, "--output", str(tmp_path / "o"), *TINY]
     for argv, message in ((["--mask-ratio", "0.5"], "--mask-ratio is mae's: it does nothing for --loss stablerep"),
@@ -241,6 +244,7 @@ def run_in_process(*argv):
     run(pretrain.main, pretrain.get_args_parser(), [str(a) for a in argv])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", pretrain.FAMILIES)
 def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree, tmp_path):
     """One process, 6 steps; the same run resumed from its step-3 checkpoint (all a run keeps: the momentum
@@ -296,6 +300,7 @@ def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree
     assert all(torch.equal(value, final[prefix + key]) for key, value in exported.items())
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     result = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "pretrain.py",
                         "--data", random_tree, "--output", tmp_path, "--epochs", "1", "--captions-per-gpu", "2",
@@ -307,6 +312,7 @@ def test_torchrun_two_processes_with_gloo(random_tree, tmp_path):
     load_encoder(str(tmp_path / "encoder.pth"))
 
 
+@pytest.mark.slow
 def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(random_tree, tmp_path):
     """--gpu-augment finishes the augmentation on the device (here the CPU) from the loader's draws: the same
     losses step for step; --gpu-decode decodes the JPEGs there too (the same draws, pixels within a grey level or
@@ -326,6 +332,7 @@ def test_gpu_augment_trains_on_the_same_crops_and_downsampling_changes_them(rand
     assert (losses["downsampled"] - losses["cpu"]).abs().max() > 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tree", "shards"])
 def test_killed_and_resumed_run_ends_with_the_same_weights(layout, random_tree, random_shards, tmp_path):
     data = random_tree if layout == "tree" else random_shards
@@ -348,6 +355,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(layout, random_tree, 
         torch.testing.assert_close(resumed["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_streamed_shards_resume_exactly_from_a_checkpoint(random_shards, tmp_path):
     url = "pipe:cat " + os.path.join(random_shards, "{00000..00002}.tar")
     common = ["--data", url, "--stream-captions", "12", "--shuffle-buffer", "3", "--epochs", "2",
@@ -364,6 +372,7 @@ def test_streamed_shards_resume_exactly_from_a_checkpoint(random_shards, tmp_pat
         torch.testing.assert_close(again["model"][key], value, rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 def test_official_csv_layout_trains(tmp_path):
     tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
     roots = [tmp_path / f"seed{k}" for k in range(3)]  # the official layout: one root per seed, same relative paths
@@ -380,6 +389,7 @@ def test_official_csv_layout_trains(tmp_path):
     assert '"steps": 2' in (tmp_path / "run" / "summary.json").read_text()
 
 
+@pytest.mark.slow
 def test_bad_data_sources_are_one_line_errors(random_shards, tmp_path):
     out = ["--output", str(tmp_path / "o"), *TINY]
     assert_one_line_error(run_pretrain("--data", str(tmp_path / "train.csv"), *out, check=False), "--folder-list")
@@ -394,6 +404,7 @@ def test_bad_data_sources_are_one_line_errors(random_shards, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_counted_in_the_summary(tmp_path):
     """data.py skips them (tests/test_data.py); the run says how many."""
     tree = write_random_tree(tmp_path / "tree", captions=8, images_per_caption=3)
@@ -405,6 +416,7 @@ def test_corrupt_images_are_counted_in_the_summary(tmp_path):
     assert json.loads((output / "summary.json").read_text())["corrupt_images_this_run"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_data_with_no_readable_image_is_one_line(workers, tmp_path):
     tree = write_random_tree(tmp_path / "tree", captions=4, images_per_caption=2)
@@ -416,6 +428,7 @@ def test_data_with_no_readable_image_is_one_line(workers, tmp_path):
     assert_one_line_error(result, "no caption has enough readable images in --data", "decode")
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(random_tree, tmp_path):
     missing = tmp_path / "missing"
     assert_one_line_error(run_pretrain("--data", str(missing), "--output", str(tmp_path / "o"), *TINY, check=False),
@@ -512,6 +525,7 @@ def official_run_checkpoint(path, epoch=1, epochs=3):
     return model, optimizer
 
 
+@pytest.mark.slow
 def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_tree, tmp_path):
     path = tmp_path / "official.pth"
     official, official_optimizer = official_run_checkpoint(path)
@@ -548,6 +562,7 @@ def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_init_from_an_official_checkpoint_loads_its_weights(random_tree, tmp_path):
     path = tmp_path / "official.pth"
     official = official_checkpoint(path, "stablerep")
@@ -561,6 +576,7 @@ def test_init_from_an_official_checkpoint_loads_its_weights(random_tree, tmp_pat
             torch.testing.assert_close(trained[key], value, msg=key)
 
 
+@pytest.mark.slow
 def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_each_step(
         random_tree, tiny_sd_folder, tiny_tokenizer, tmp_path):
     path = tmp_path / "official_plus.pth"
@@ -574,6 +590,7 @@ def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_
                                official.state_dict()["text.blocks.0.attn.qkv.weight"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_cpu_autocast_run(precision, random_tree, tiny_sd_folder, tmp_path):
     """--precision bf16 / fp16 on the CPU: the GPU's mixed-precision path (autocast, fp16's gradient scaler,
@@ -593,6 +610,7 @@ def small_run(tree, output, *extra):
             *extra]
 
 
+@pytest.mark.slow
 def test_resume_takes_the_recorded_recipe_and_refuses_another(random_tree, tmp_path):
     output = tmp_path / "run"
     run_pretrain(*small_run(random_tree, output, "--epochs", "2", "--temperature", "0.2", "--save-every", "4"))
@@ -621,6 +639,7 @@ def test_resume_takes_the_recorded_recipe_and_refuses_another(random_tree, tmp_p
     assert not (tmp_path / "other").exists()
 
 
+@pytest.mark.slow
 def test_resume_of_a_finished_run_leaves_it_alone(random_tree, tmp_path):
     output = tmp_path / "run"
     run_pretrain(*small_run(random_tree, output, "--epochs", "1"))
@@ -630,6 +649,7 @@ def test_resume_of_a_finished_run_leaves_it_alone(random_tree, tmp_path):
     assert {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_one_step_epochs_write_a_checkpoint_every_save_every_steps_not_every_step(random_tree, tmp_path):
     output = tmp_path / "run"
     result = run_pretrain(*small_run(random_tree, output, "--epochs", "7", "--captions-per-gpu", "12",
@@ -645,6 +665,7 @@ def test_one_step_epochs_write_a_checkpoint_every_save_every_steps_not_every_ste
                for line in progress)
 
 
+@pytest.mark.slow
 def test_progress_is_redrawn_in_a_terminal_and_quiet_says_nothing(random_tree, tmp_path):
     master, terminal = pty.openpty()
     process = start_python("pretrain.py", *small_run(random_tree, tmp_path / "run", "--epochs", "2"),
@@ -664,6 +685,7 @@ def test_progress_is_redrawn_in_a_terminal_and_quiet_says_nothing(random_tree, t
     assert len((tmp_path / "quiet" / "log.jsonl").read_text().splitlines()) == 3  # the record is kept
 
 
+@pytest.mark.slow
 def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tree, tmp_path):
     output = tmp_path / "run"
     for argv, fragment in (
@@ -683,6 +705,7 @@ def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tr
     assert not output.exists()
 
 
+@pytest.mark.slow
 def test_an_empty_tokenizer_is_refused(random_tree, tmp_path):
     """transformers returns an empty tokenizer (two tokens) for a hub id it cannot find offline."""
     result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--loss", "clip", "--tokenizer",
@@ -691,6 +714,7 @@ def test_an_empty_tokenizer_is_refused(random_tree, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     output = tmp_path / "run"
     output.mkdir()
@@ -713,6 +737,7 @@ def test_never_writes_through_a_planted_link(random_tree, tmp_path):
     assert os.stat(output / "encoder.pth").st_mode & 0o777 == 0o666 & ~files.UMASK
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, tmp_path):
     """Every write past 200 kB fails (EFBIG), as a full disk would (ENOSPC)."""
     output = tmp_path / "run"
@@ -722,6 +747,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_checkpoint(random_tree, t
     assert not [p.name for p in output.iterdir() if p.name.startswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     output = tmp_path / "run"
     argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "2")
@@ -733,11 +759,13 @@ def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     assert len(lines) == 1 and "rerun the same command with --resume" in lines[0], stderr
 
 
+@pytest.mark.slow
 def test_warmup_longer_than_the_run_is_noted(random_tree, tmp_path):
     result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "5"))
     assert "note: the warmup" in result.stderr
 
 
+@pytest.mark.slow
 def test_tensorboard_curves_continue_after_resume_without_repeated_steps(random_tree, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -757,6 +785,7 @@ def test_tensorboard_curves_continue_after_resume_without_repeated_steps(random_
     assert [line["step"] for line in lines] == list(range(1, 10))
 
 
+@pytest.mark.slow
 def test_wandb_offline_logs_the_run(random_tree, tmp_path):
     pytest.importorskip("wandb")
     output = tmp_path / "run"
@@ -767,6 +796,7 @@ def test_wandb_offline_logs_the_run(random_tree, tmp_path):
     assert (output / "wandb-run-id").is_file()
 
 
+@pytest.mark.slow
 def test_wandb_that_cannot_start_is_one_line(random_tree, tmp_path):
     """Without the package, or (with it) without a login and network: one line, not wandb's traceback."""
     result = run_python("pretrain.py", *small_run(random_tree, tmp_path / "run", "--epochs", "1", "--wandb", "p"),
@@ -845,6 +875,7 @@ DAMAGE = {  # what hand-editing or a broken writer can leave in a checkpoint, an
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_one_line_naming_it(damage, finished_run, tmp_path):
     """The first three are found when the checkpoint is read (checked in this process), the last two when it is
@@ -864,6 +895,7 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(damage, finished_run, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_command_recorded_in_a_checkpoint_is_never_run(finished_run, tmp_path):
     marker = tmp_path / "ran"
     state = torch.load(finished_run / "checkpoint-00000002.pth", weights_only=True)
@@ -875,6 +907,7 @@ def test_a_command_recorded_in_a_checkpoint_is_never_run(finished_run, tmp_path)
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_run_never_takes_over_another_runs_folder(finished_run, random_tree, tmp_path):
     theirs = finished_run / "checkpoint-00000002.pth"
     mine = tmp_path / "mine"
@@ -893,6 +926,7 @@ def test_a_run_never_takes_over_another_runs_folder(finished_run, random_tree, t
         (finished_run / "run.json").read_text())["run_id"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_finish_finishes_on_resume(finished_run, tmp_path):
     output = tmp_path / "run"
     shutil.copytree(finished_run, output)
@@ -932,6 +966,7 @@ def test_ctrl_c_while_the_encoder_is_written_is_one_line_and_the_finish_is_left_
     assert not checkpoints.finished(str(tmp_path), 3)  # no summary.json: a resume finishes the run
 
 
+@pytest.mark.slow
 def test_inputs_are_checked_before_anything_is_written(random_tree, tmp_path):
     """Each refusal leaves --output as it found it: absent, or without a single new file."""
     unreadable = write_random_tree(tmp_path / "unreadable", captions=4, images_per_caption=2)

@@ -206,6 +206,7 @@ def train_argv(ade, output, checkpoint, *extra):
             "--num-workers", 0, "--log-every", 1, "--no-tensorboard", "--lr", "1e-3", *extra]
 
 
+@pytest.mark.slow
 def test_trains_end_to_end_and_a_resumed_run_ends_with_the_same_weights(tmp_path, ade, tiny_checkpoint):
     results = segment.main(parse(*train_argv(ade, tmp_path / "full", tiny_checkpoint)))
     saved = json.loads((tmp_path / "full" / "results.json").read_text())

@@ -34,6 +34,7 @@ def test_image_size_must_be_a_multiple_of_8(tmp_path):
         save_tiny_pipeline(str(tmp_path / "tiny"), image_size=20)
 
 
+@pytest.mark.slow
 def test_command_line_saves_the_pipeline(tmp_path):
     result = run_python("-m", "demo.tiny_sd", "--output", tmp_path / "tiny", "--image-size", "16")
     assert result.returncode == 0, result.stderr[-2000:]
