@@ -1,7 +1,11 @@
-"""Every command a reader copies parses as written: those of README.md, of the stage scripts' docstrings, of the
-recipe files (recipes/*.args, through the `# run:` line each holds) and of the SLURM job files (slurm/*.sbatch),
-each with the script's own parser, and torchrun's flags with torchrun's (`--nproc` alone is ambiguous there). Every
-shell variable they use is set where they use it. The demo's command runs in test_demo.py."""
+"""Every command a reader copies parses as written: those of README.md and docs/RUNNING.md, of the stage scripts'
+docstrings, of the recipe files (recipes/*.args, through the `# run:` line each holds) and of the SLURM job files
+(slurm/*.sbatch), each with the script's own parser, and torchrun's flags with torchrun's (`--nproc` alone is
+ambiguous there). Every shell variable they use is set where they use it. The demo's command runs in test_demo.py.
+The documents hold together: the README within its word budget and its CI test command where .ci/run reads it, every
+link and anchor of README.md, docs/RUNNING.md and BENCHMARKS.md's headline table leading somewhere, every repository
+path they name existing, and no plumbing module named at the top level it left for util/."""
+import glob
 import importlib
 import os
 import re
@@ -16,12 +20,24 @@ SCRIPTS = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "segme
            "plots.py", "demo/__main__.py", "demo/tiny_sd.py")
 
 
+DOCS = ("README.md", "docs/RUNNING.md")  # the paper reader's page and the operator's guide
+
+
+def read(name):
+    with open(os.path.join(REPO, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def bash_blocks(name):
+    return re.findall(r"```bash\n(.*?)```", read(name), re.S)
+
+
 def readme_commands():
-    """(where, words) of every `python X.py ...` and `torchrun ... X.py ...` line in README.md's bash blocks."""
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
-        yield from _commands(block, "README.md")
+    """(where, words) of every `python X.py ...` and `torchrun ... X.py ...` line in the bash blocks of README.md and
+    docs/RUNNING.md."""
+    for name in DOCS:
+        for block in bash_blocks(name):
+            yield from _commands(block, name)
 
 
 def docstring_commands():
@@ -95,6 +111,9 @@ COMMANDS = list(readme_commands()) + list(docstring_commands()) + list(recipe_co
 
 def test_there_are_commands_to_check():
     assert len(COMMANDS) > 20 and any(words[0] == "torchrun" for _, words in COMMANDS)
+    for name in DOCS:  # each document's own commands, torchrun launches among them
+        assert any(where == name and words[0] == "torchrun" for where, words in COMMANDS), name
+    assert sum(where == "docs/RUNNING.md" for where, _ in COMMANDS) > 20
     assert sum(where.startswith("recipes/") for where, _ in COMMANDS) == len(os.listdir(os.path.join(REPO, "recipes")))
     assert sorted(where for where, _ in COMMANDS if where.startswith("slurm/")) == [
         "slurm/generate_array.sbatch", "slurm/pretrain_multinode.sbatch"]  # one command each
@@ -126,6 +145,96 @@ def test_readme_blocks_set_the_variables_they_use():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         blocks = re.findall(r"```bash\n(.*?)```", f.read(), re.S)
     assert [unset_variables(block) for block in blocks if unset_variables(block)] == []
+    blocks = bash_blocks("docs/RUNNING.md")
+    assert [unset_variables(block) for block in blocks if unset_variables(block)] == []
+
+
+README_WORDS = 1800  # the paper reader's page (issue 26); the operator's material goes to docs/RUNNING.md
+
+
+def test_readme_stays_within_its_word_budget():
+    assert len(read("README.md").split()) <= README_WORDS  # words as `wc -w README.md` counts them
+
+
+def test_ci_reads_the_test_command_after_its_marker():
+    """.ci/run runs the second line after `<!-- ci-test-command -->`: the command inside the bash block there."""
+    lines = read("README.md").splitlines()
+    marker = lines.index("<!-- ci-test-command -->")
+    assert lines[marker + 1] == "```bash" and lines[marker + 3] == "```"
+    assert lines[marker + 2].startswith("pip install -r requirements-test.txt") and "pytest" in lines[marker + 2]
+
+
+def slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation but hyphens and underscores dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(name):
+    """The anchors of a markdown file's headings, the second of two equal ones suffixed -1 as GitHub does."""
+    seen, found = {}, set()
+    text = re.sub(r"```.*?```", "", read(name), flags=re.S)
+    for heading in re.findall(r"^#+ (.*)$", text, re.M):
+        base = slug(heading)
+        found.add(base if base not in seen else f"{base}-{seen[base]}")
+        seen[base] = seen.get(base, 0) + 1
+    return found
+
+
+LINKED = DOCS + ("BENCHMARKS.md",)
+
+
+@pytest.mark.parametrize("name", LINKED)
+def test_links_and_anchors_lead_somewhere(name):
+    text = re.sub(r"```.*?```", "", read(name), flags=re.S)
+    links = [link for link in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"\w+://", link)]
+    assert links, name
+    for link in links:
+        path, _, anchor = link.partition("#")
+        target = os.path.normpath(os.path.join(os.path.dirname(name), path)) if path else name
+        assert os.path.exists(os.path.join(REPO, target)), (name, link)
+        if anchor:
+            assert anchor in anchors(target), (name, link)
+
+
+def test_readme_links_the_other_documents():
+    links = re.findall(r"\]\(([^)#\s]+)", read("README.md"))
+    assert {"docs/RUNNING.md", "FIDELITY.md", "BENCHMARKS.md"} <= set(links)
+
+
+def test_benchmarks_open_with_the_headline_table():
+    text = read("BENCHMARKS.md")
+    first = re.findall(r"^## (.*)$", text, re.M)[0]
+    assert first == "Headline figures"
+    table = text.split("## Headline figures", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")][2:]
+    assert 10 <= len(rows) <= 30  # one screen
+    for row in rows:
+        assert len(row.split(" | ")) == 5 and "](#" in row, row  # what, figure, machine, section link, command
+
+
+REPO_FOLDERS = ("util/", "families/", "recipes/", "slurm/", "bench/", "experiments/", "demo/", "tests/", "docs/")
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_the_paths_the_documents_name_exist(name):
+    """Every repository path named in backquotes (a script, a module, a recipe pattern, a folder) exists: a moved file
+    must be renamed in the documents too."""
+    text = re.sub(r"```.*?```", "", read(name), flags=re.S)
+    named = {span.split()[0] for span in re.findall(r"`([^`\n]+)`", text) if span.split()}
+    paths = {word for word in named if re.fullmatch(r"[\w*./-]+", word)
+             and (word.startswith(REPO_FOLDERS) or word.endswith((".py", ".args", ".sbatch", ".md")))}
+    assert len(paths) > 10, paths
+    assert [path for path in sorted(paths) if not glob.glob(os.path.join(REPO, path))] == []
+
+
+PLUMBING = ("cli", "files", "runlog", "distributed", "dataindex", "shards", "imagetree", "catalog", "tokenizer",
+            "evaluation")  # modules that left the top level for util/
+
+
+@pytest.mark.parametrize("name", DOCS)
+def test_plumbing_is_named_under_util(name):
+    text = read(name)
+    assert [m for m in PLUMBING if re.search(rf"(?<![\w/.]){m}\.py", text)] == []
 
 
 @pytest.mark.parametrize("where, words", COMMANDS, ids=[f"{w}: {' '.join(c)[:60]}" for w, c in COMMANDS])
