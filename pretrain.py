@@ -191,8 +191,7 @@ import loss as loss_lib
 import model as model_lib
 from augment import augment_crops
 from families import byol, dino, mae, mocov3
-from families.common import StepPosition
-from util import checkpoints, dataindex, distributed, official, resume
+from util import checkpoints, dataindex, distributed, resume
 from util.cli import git_commit, raised_message
 from util.files import atomic_write_json, check_creatable, output_folder
 from util.jpeg import decode_crops
@@ -233,6 +232,17 @@ def online_encoder(model):
     """The encoder that encoder.pth exports: the one trained by gradient (StableRep's f, MoCo v3's base encoder,
     BYOL's online encoder, MAE's encoder)."""
     return model.visual
+
+
+class StepPosition(NamedTuple):
+    """Where a step sits in the run, for the hooks' schedules."""
+    step: int  # optimiser steps done before this one
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def epoch(self):
+        return self.step // self.steps_per_epoch
 
 
 # the defaults of the flags that depend on --loss: the paper's ViT-B/16 recipe
@@ -448,31 +458,11 @@ def train(args, resumed, run_id):
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     # ---- resume, or initialise from other weights ----
-    step = 0
-    if resumed and resumed["official"]:
-        step = official.continue_official(resumed, model_without_ddp, optimizer, scaler, sampler.steps_per_epoch)
-        if is_main:
-            print(f"continuing the official run of {resumed['path']} after its epoch {resumed['state']['epoch'] + 1} "
-                  f"of {args.epochs}: its weights, AdamW moments{' and gradient scale' if scaler.is_enabled() else ''}"
-                  " are restored; its data order is not (its loader drew images and crops from numpy's global "
-                  "generator), so the next epochs draw theirs anew, on the captions its DistributedSampler deals "
-                  f"(seed {args.seed})")
-    elif resumed:
-        step = checkpoints.load_training_state(resumed, model_without_ddp, optimizer, scaler)
-        sampler.load_state_dict(resumed["state"].get("data"))  # a stream resumes where each of its streams stood
-    elif args.init_from:
-        loaded = checkpoints.init_from(args.init_from, model_without_ddp)
-        if is_main:
-            print(f"initialised {', '.join(loaded)} from {args.init_from}")
+    step = resume.restore(resumed, args, model_without_ddp, optimizer, scaler, sampler, is_main)
     if step >= total_steps:  # trained to the end: only the finish may be missing (killed while writing it)
-        if is_main and checkpoints.finished(args.output, step):
-            print(f"{args.output}: the run finished at step {step} of {total_steps}; nothing to do "
-                  f"(summary.json and encoder.pth are there)")
-        elif is_main:
-            print(f"{args.output}: trained to step {step} of {total_steps}; writing encoder.pth and summary.json")
-            with checkpoints.interrupts_as_one_line(step, step):
-                checkpoints.finish(objective.exported(model_without_ddp), args,
-                       checkpoints.summary_of(step, images_per_step, 0, 0.0, resumed["state"].get("loss"), 0))
+        if is_main:
+            checkpoints.finish_trained_run(objective.exported(model_without_ddp), args, step, total_steps,
+                                           images_per_step, resumed["state"].get("loss"))
         return distributed.leave()
     if is_main:
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "

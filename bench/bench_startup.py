@@ -5,7 +5,8 @@
 
 Both are timed as whole commands (`python <script> --help`), interpreter start-up included, the two checkouts taking
 turns so that the machine's load falls on both alike; the median of --repeats runs is printed with the ratio.
-The stage scripts import torch (about 2 s on its own) only once the command line has been read.
+The stage scripts import torch (about 2 s on its own) only once the command line has been read: each parses it
+before its heavy imports (`parse_command_line`, then the imports, then `run(main, ...)`).
 """
 import argparse
 import os
@@ -17,7 +18,8 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # script -> (a flag, a value its parser refuses)
 SCRIPTS = {"generate.py": ("--w", "nan"), "pretrain.py": ("--epochs", "0"),
-           "linear_probe.py": ("--epochs", "0"), "fewshot.py": ("--episodes", "0")}
+           "linear_probe.py": ("--epochs", "0"), "fewshot.py": ("--episodes", "0"), "segment.py": ("--batch-size", "0"),
+           "compositionality.py": ("--batch-size", "0")}
 
 
 def time_command(command, cwd, expected_code):

@@ -3,7 +3,6 @@ DINO), the fixed 2-D sin-cos position embedding and xavier initialisation (MoCo 
 view (MoCo v3, BYOL), and the half-cosine schedules of momenta and weight decay (MoCo v3, BYOL, DINO)."""
 import copy
 import math
-from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -110,17 +109,6 @@ class MomentumModel(nn.Module):
     def update_momentum(self, momentum):
         ema_update_(self.momentum["visual"], self.visual, momentum)
         ema_update_(self.momentum["projector"], self.projector, momentum)
-
-
-class StepPosition(NamedTuple):
-    """Where a step sits in the run, for the hooks' schedules."""
-    step: int  # optimiser steps done before this one
-    steps_per_epoch: int
-    total_steps: int
-
-    @property
-    def epoch(self):
-        return self.step // self.steps_per_epoch
 
 
 def cosine_schedule(start, end, step, total_steps):

@@ -25,7 +25,7 @@ from conftest import (
 )
 from data import CaptionImagesDataset, collate
 from families import dino
-from families.common import StepPosition, cosine_schedule
+from families.common import cosine_schedule
 from util import checkpoints, files, resume
 from util.checkpoints import load_encoder
 from util.official import continue_official
@@ -198,7 +198,7 @@ def test_schedules_are_the_official_formulas():
     official = np.concatenate([np.linspace(0.04, 0.07, 4), np.ones(6) * 0.07])
     model, optimizer = SimpleNamespace(), torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]}])
     for epoch in range(10):
-        dino.schedules(model, optimizer, StepPosition(epoch * 4 + 1, 4, 40), args)
+        dino.schedules(model, optimizer, pretrain.StepPosition(epoch * 4 + 1, 4, 40), args)
         assert math.isclose(model.teacher_temperature, official[epoch])
     assert math.isclose(optimizer.param_groups[0]["weight_decay"], cosine_schedule(0.04, 0.4, 37, 40))
 
@@ -211,14 +211,14 @@ def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
         if parameter.requires_grad:
             parameter.grad = torch.full_like(parameter, 0.5)
     norms = {name: p.grad.norm().item() for name, p in model.named_parameters() if p.grad is not None}
-    dino.clip_and_cancel_gradients(model, None, StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer 1
+    dino.clip_and_cancel_gradients(model, None, pretrain.StepPosition(0, 3, 30), args)  # epoch 0 < --freeze-last-layer
     assert model.head.last_layer.weight_v.grad is None
     for name, parameter in model.named_parameters():
         if parameter.grad is not None:  # clipped to norm 3 one by one (DINO's clip_gradients), or left alone
             expected = min(norms[name], 3.0 * norms[name] / (norms[name] + 1e-6))
             assert math.isclose(parameter.grad.norm().item(), expected, rel_tol=1e-4), name
     model.head.last_layer.weight_v.grad = torch.ones_like(model.head.last_layer.weight_v)
-    dino.clip_and_cancel_gradients(model, None, StepPosition(3, 3, 30), args)  # epoch 1: trained
+    dino.clip_and_cancel_gradients(model, None, pretrain.StepPosition(3, 3, 30), args)  # epoch 1: trained
     assert model.head.last_layer.weight_v.grad is not None
 
 

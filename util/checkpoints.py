@@ -25,6 +25,11 @@ from util.files import atomic_open, atomic_write_json
 CHECKPOINT_GLOB = "checkpoint-*.pth"
 
 
+# ------------------------------------------------------------------------------------------------------------
+# writing checkpoints
+# ------------------------------------------------------------------------------------------------------------
+
+
 def checkpoint_path(output, step):
     return os.path.join(output, f"checkpoint-{step:08d}.pth")
 
@@ -52,6 +57,109 @@ def save_checkpoint(path, state):
     and SIGTERM wait until the file is whole."""
     with interrupts_deferred(), atomic_open(path) as f:
         torch.save(state, f)
+
+
+def save_training_state(model, optimizer, scaler, step, world_size, args, run_id, loss, data_state):
+    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step, and
+    a stream's order of where its streams stood: `data_state`); only the newest --keep are kept. `run_id` names the
+    run (check_output), `loss` is the step's."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()},
+             "run_id": run_id, "loss": loss, "data": data_state}
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    save_checkpoint(checkpoint_path(args.output, step), state)
+    remove_all_but_newest(args.output, args.keep)
+
+
+def export_encoder(path, visual, args):
+    """The encoder alone under timm's key names, with the config a later stage rebuilds it from."""
+    save_checkpoint(path, {"model": visual.state_dict(),
+                           "config": {"model": args.model, "image_size": args.image_size, **visual.config}})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the run folder: another run's files are never taken over; the finish (encoder.pth, then summary.json)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def check_output(args, resumed, run_files):
+    """The id of the run this launch starts or continues, once --output is known to hold no other run's files: a
+    run never overwrites what another wrote, nor deletes its checkpoints (--keep). Writes nothing; UserError for
+    an --output that holds another run, a dangling link, or a log.jsonl that is a link or not a file."""
+    output = args.output
+    if os.path.islink(output) and not os.path.exists(output):
+        raise UserError(f"--output {output} is a symbolic link to {os.readlink(output)}, which does not exist")
+    run_id = (resumed["state"].get("run_id") if resumed else None) or os.urandom(8).hex()
+    if not os.path.isdir(output):
+        return run_id
+    log = os.path.join(output, "log.jsonl")
+    if os.path.islink(log) or (os.path.lexists(log) and not os.path.isfile(log)):
+        raise UserError(f"{log} is {'a symbolic link' if os.path.islink(log) else 'not a file'}; refusing to write "
+                        "there (move it away, or choose another --output)")
+    present = [name for name in run_files if os.path.lexists(os.path.join(output, name))]
+    present += [os.path.basename(path) for path in list_checkpoints(output)]
+    if not present:
+        return run_id
+    if resumed:
+        own_folder = os.path.samefile(os.path.dirname(os.path.abspath(resumed["path"])), output)
+        recorded = _recorded_run_id(output)
+        if own_folder or (recorded is not None and recorded == resumed["state"].get("run_id")):
+            return run_id
+        raise UserError(f"--output {output} holds another run ({', '.join(present[:3])}), not the one "
+                        f"{resumed['path']} continues: choose an empty --output (or the checkpoint's own folder)")
+    if args.resume == "latest":  # a run that stopped before its first checkpoint: nothing of it can be continued
+        return _recorded_run_id(output) or run_id
+    raise UserError(f"--output {output} already holds a run ({', '.join(present[:3])}): pass --resume to continue "
+                    "it, or choose another --output")
+
+
+def _recorded_run_id(output):
+    """The run id run.json of `output` records, or None (no file, a damaged one, a run from before run ids)."""
+    try:
+        with open(os.path.join(output, "run.json"), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded.get("run_id") if isinstance(recorded, dict) else None
+
+
+def summary_of(steps, images_per_step, steps_this_run, seconds, final_loss, corrupt):
+    return {"steps": steps, "images_seen": steps * images_per_step, "steps_this_run": steps_this_run,
+            "seconds_this_run": seconds, "final_loss": final_loss, "corrupt_images_this_run": corrupt}
+
+
+def finish(visual, args, summary):
+    """The run's last step: encoder.pth, then summary.json, which says the run is finished (`finished`)."""
+    export_encoder(os.path.join(args.output, "encoder.pth"), visual, args)
+    atomic_write_json(os.path.join(args.output, "summary.json"), summary)
+
+
+def finished(output, steps):
+    """Has the run in `output` written its finish for `steps` (summary.json saying so, and encoder.pth)?"""
+    try:
+        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("steps") == steps and os.path.isfile(
+        os.path.join(output, "encoder.pth"))
+
+
+def finish_trained_run(encoder, args, step, total_steps, images_per_step, final_loss):
+    """A resumed run already at its last step: write its finish if a kill interrupted it, else say it is done."""
+    if finished(args.output, step):
+        print(f"{args.output}: the run finished at step {step} of {total_steps}; nothing to do "
+              f"(summary.json and encoder.pth are there)")
+        return
+    print(f"{args.output}: trained to step {step} of {total_steps}; writing encoder.pth and summary.json")
+    with interrupts_as_one_line(step, step):
+        finish(encoder, args, summary_of(step, images_per_step, 0, 0.0, final_loss, 0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: one line, and never in the middle of a write
+# ------------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -104,15 +212,9 @@ def interrupts_as_one_line(step, last_saved, log=None):
         sys.exit(130)
 
 
-def finished(output, steps):
-    """Has the run in `output` written its finish for `steps` (summary.json saying so, and encoder.pth)?"""
-    try:
-        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and summary.get("steps") == steps and os.path.isfile(
-        os.path.join(output, "encoder.pth"))
+# ------------------------------------------------------------------------------------------------------------
+# continuing a run of ours, or starting from other weights
+# ------------------------------------------------------------------------------------------------------------
 
 
 def check_training_state(state, path, parser, never_restored):
@@ -163,52 +265,11 @@ def _takes(action, value):
     return True
 
 
-def check_output(args, resumed, run_files):
-    """The id of the run this launch starts or continues, once --output is known to hold no other run's files: a
-    run never overwrites what another wrote, nor deletes its checkpoints (--keep). Writes nothing; UserError for
-    an --output that holds another run, a dangling link, or a log.jsonl that is a link or not a file."""
-    output = args.output
-    if os.path.islink(output) and not os.path.exists(output):
-        raise UserError(f"--output {output} is a symbolic link to {os.readlink(output)}, which does not exist")
-    run_id = (resumed["state"].get("run_id") if resumed else None) or os.urandom(8).hex()
-    if not os.path.isdir(output):
-        return run_id
-    log = os.path.join(output, "log.jsonl")
-    if os.path.islink(log) or (os.path.lexists(log) and not os.path.isfile(log)):
-        raise UserError(f"{log} is {'a symbolic link' if os.path.islink(log) else 'not a file'}; refusing to write "
-                        "there (move it away, or choose another --output)")
-    present = [name for name in run_files if os.path.lexists(os.path.join(output, name))]
-    present += [os.path.basename(path) for path in list_checkpoints(output)]
-    if not present:
-        return run_id
-    if resumed:
-        own_folder = os.path.samefile(os.path.dirname(os.path.abspath(resumed["path"])), output)
-        recorded = _recorded_run_id(output)
-        if own_folder or (recorded is not None and recorded == resumed["state"].get("run_id")):
-            return run_id
-        raise UserError(f"--output {output} holds another run ({', '.join(present[:3])}), not the one "
-                        f"{resumed['path']} continues: choose an empty --output (or the checkpoint's own folder)")
-    if args.resume == "latest":  # a run that stopped before its first checkpoint: nothing of it can be continued
-        return _recorded_run_id(output) or run_id
-    raise UserError(f"--output {output} already holds a run ({', '.join(present[:3])}): pass --resume to continue "
-                    "it, or choose another --output")
-
-
-def _recorded_run_id(output):
-    """The run id run.json of `output` records, or None (no file, a damaged one, a run from before run ids)."""
-    try:
-        with open(os.path.join(output, "run.json"), encoding="utf-8") as f:
-            recorded = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return recorded.get("run_id") if isinstance(recorded, dict) else None
-
-
-def _comparable(value):
+def comparable_value(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def _show(value):
+def shown_value(value):
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
@@ -271,6 +332,11 @@ def init_from(path, model):
     check_finite({k: v for k, v in state.items() if k in own}, path)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return sorted({k.split(".")[0] for k in state if k in own})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading any checkpoint: ours, the official code's, timm's
+# ------------------------------------------------------------------------------------------------------------
 
 
 # a DINO run's teacher first (the encoder DINO evaluates), then official / DDP-wrapped names, longest first
@@ -451,33 +517,3 @@ def load_image_text_model(path, text_heads=None, image_size=None, eos_token_id=N
         raise ValueError(f"{path}: the text tower's keys do not match: missing {sorted(missing)[:4]}, unexpected "
                          f"{sorted(unexpected)[:4]}")
     return model.eval(), heads, args
-
-
-def save_training_state(model, optimizer, scaler, step, world_size, args, run_id, loss, data_state):
-    """A checkpoint that continues the run exactly (all randomness after it is a function of seed and step, and
-    a stream's order of where its streams stood: `data_state`); only the newest --keep are kept. `run_id` names the
-    run (check_output), `loss` is the step's."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "step": step, "world_size": world_size, "args": vars(args), "rng": {"torch": torch.get_rng_state()},
-             "run_id": run_id, "loss": loss, "data": data_state}
-    if torch.cuda.is_available():
-        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-    save_checkpoint(checkpoint_path(args.output, step), state)
-    remove_all_but_newest(args.output, args.keep)
-
-
-def export_encoder(path, visual, args):
-    """The encoder alone under timm's key names, with the config a later stage rebuilds it from."""
-    save_checkpoint(path, {"model": visual.state_dict(),
-                           "config": {"model": args.model, "image_size": args.image_size, **visual.config}})
-
-
-def summary_of(steps, images_per_step, steps_this_run, seconds, final_loss, corrupt):
-    return {"steps": steps, "images_seen": steps * images_per_step, "steps_this_run": steps_this_run,
-            "seconds_this_run": seconds, "final_loss": final_loss, "corrupt_images_this_run": corrupt}
-
-
-def finish(visual, args, summary):
-    """The run's last step: encoder.pth, then summary.json, which says the run is finished (`finished`)."""
-    export_encoder(os.path.join(args.output, "encoder.pth"), visual, args)
-    atomic_write_json(os.path.join(args.output, "summary.json"), summary)

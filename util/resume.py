@@ -1,9 +1,17 @@
 """pretrain.py --resume: which checkpoint continues the run, the recipe it records put back into the arguments (ours,
 or an official StableRep checkpoint's), and the checks that the launch can continue it."""
 from util import dataindex
-from util.checkpoints import _comparable, _show, check_training_state, list_checkpoints, load_checkpoint_file
+from util.checkpoints import (
+    check_training_state,
+    comparable_value,
+    init_from,
+    list_checkpoints,
+    load_checkpoint_file,
+    load_training_state,
+    shown_value,
+)
 from util.cli import UserError
-from util.official import is_official_checkpoint, official_recipe
+from util.official import continue_official, is_official_checkpoint, official_recipe
 
 
 def read_resume_checkpoint(args, parser, resumable_flags, never_restored):
@@ -41,10 +49,11 @@ def read_resume_checkpoint(args, parser, resumable_flags, never_restored):
     for key, value in recorded.items():
         if key in never_restored or not hasattr(args, key) or (key in resumable and key in given):
             continue
-        if key in given and _comparable(getattr(args, key)) != _comparable(value):
+        if key in given and comparable_value(getattr(args, key)) != comparable_value(value):
             flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {flag} {_show(value)}, not {_show(getattr(args, key))}: a "
-                            f"resumed run keeps its recipe (drop {flag}, or start a new run with --init-from)")
+            raise UserError(f"{path} was trained with {flag} {shown_value(value)}, not "
+                            f"{shown_value(getattr(args, key))}: a resumed run keeps its recipe (drop {flag}, or start "
+                            "a new run with --init-from)")
         setattr(args, key, value)
     streamed = [spec for spec in args.data or [] if dataindex.is_streamed(spec)]
     if streamed and "data" not in given:  # a URL or pipe: runs a command: only one typed by the user may run
@@ -73,3 +82,27 @@ def check_same_global_batch(resumed, images_per_step, world_size):
                         f"captions x {args['images_per_caption']} images x {args['crops_per_image']} crops x "
                         f"{recorded_world} process(es)); this launch would take {images_per_step} ({world_size} "
                         f"process(es)): resume with {recorded_world} process(es)")
+
+
+def restore(resumed, args, model, optimizer, scaler, sampler, is_main):
+    """The step a launch starts at, its model, optimiser, gradient scale and data order restored: from our
+    checkpoint (exactly), from an official one (its weights, moments and scale, after its last epoch), from
+    --init-from's weights (step 0), or nothing (step 0). `model` is without DDP."""
+    if resumed and resumed["official"]:
+        step = continue_official(resumed, model, optimizer, scaler, sampler.steps_per_epoch)
+        if is_main:
+            print(f"continuing the official run of {resumed['path']} after its epoch {resumed['state']['epoch'] + 1} "
+                  f"of {args.epochs}: its weights, AdamW moments{' and gradient scale' if scaler.is_enabled() else ''}"
+                  " are restored; its data order is not (its loader drew images and crops from numpy's global "
+                  "generator), so the next epochs draw theirs anew, on the captions its DistributedSampler deals "
+                  f"(seed {args.seed})")
+        return step
+    if resumed:
+        step = load_training_state(resumed, model, optimizer, scaler)
+        sampler.load_state_dict(resumed["state"].get("data"))  # a stream resumes where each of its streams stood
+        return step
+    if args.init_from:
+        loaded = init_from(args.init_from, model)
+        if is_main:
+            print(f"initialised {', '.join(loaded)} from {args.init_from}")
+    return 0
