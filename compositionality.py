@@ -76,8 +76,8 @@ def get_args_parser():
                        help="a model with a text tower: pretrain.py --loss stablerep+ or clip, or an official "
                             "StableRep+ checkpoint")
     group.add_argument("--tokenizer", default=None,
-                       help="CLIPTokenizer (hub id or folder); default the one the checkpoint was trained with, else "
-                            f"{DEFAULT_TOKENIZER}'s (CLIP's BPE, as the official StableRep+)")
+                       help="CLIPTokenizer (hub id or folder); default the checkpoint's, else Stable Diffusion v1.5's "
+                            "(CLIP's BPE)")
     group.add_argument("--text-heads", type=integer(1), default=None,
                        help="attention heads of the text tower when the checkpoint does not record them (official "
                             "ones do not); default width / 64, CLIP's (8 at width 512)")
@@ -97,8 +97,8 @@ def get_args_parser():
     group.add_argument("--zero-shot-dir", default=None,
                        help="ImageFolder to classify zero-shot, each class folder's name as its label")
     group.add_argument("--templates", default=None, metavar="FILE",
-                       help="prompt templates for zero-shot, one a line with {} for the class name; default our "
-                            f"{len(TEMPLATES)}: " + " | ".join(TEMPLATES))
+                       help="prompt templates for zero-shot, one a line with {} for the class name (default: the 7 of "
+                            "TEMPLATES)")
     # ---- run ----
     group = parser.add_argument_group("run")
     group.add_argument("--batch-size", type=integer(1), default=256, help="images (or captions) per forward pass")

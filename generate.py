@@ -69,11 +69,8 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # ---- data ----
     parser.add_argument("--captions", required=True,
-                        help="captions file: CC3M's TSV (caption, url), CC12M's TSV (url, caption), a TSV/CSV whose "
-                             "header has a `caption` column, or plain text with one caption per line; a caption's id "
-                             "is its row number (header excluded). TSVs have no quoting: a caption holding a tab "
-                             "reads whole beside a url (the url is one field), and is skipped and counted in a TSV "
-                             "of more columns")
+                        help="captions file: CC3M's or CC12M's TSV, a TSV/CSV with a `caption` header, or one caption "
+                             "a line; a caption's id is its row")
     parser.add_argument("--output", default="runs/synthetic",
                         help="output folder: the image tree (imagetree.py) or the tar shards (shards.py); a rerun "
                              "into it resumes")
@@ -82,13 +79,10 @@ def get_args_parser():
                         help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
                              "paper uses v1.5")
     parser.add_argument("--n", "--num-images", dest="n", type=integer(1, 100), default=10,
-                        help="images per caption (1-100: image names carry k in two digits), each from its own "
-                             "latent noise; 10 in the paper (StableRep trains on 6 of them per step). Under torchrun "
-                             "write --num-images: torchrun takes --n as an ambiguous abbreviation of its own flags")
+                        help="images per caption, each from its own latent noise (paper: 10; 1-100). Under torchrun "
+                             "write --num-images")
     parser.add_argument("--w", type=number(0, 100), default=2.0,
-                        help="classifier-free guidance scale, 0-100; 2 is StableRep's best (low w = diverse images "
-                             "of a caption, which the multi-positive loss wants), SimCLR peaks at 6-8; diffusers "
-                             "applies no guidance for w <= 1, and a huge w overflows float16 into black images")
+                        help="classifier-free guidance scale (paper: 2 for StableRep, 8 for SimCLR; 0-100)")
     parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
                         help="sampler: the paper's DDIM; dpm-solver++ (DPM-Solver++, 20-25 steps) is the fast "
                              "choice; `model` keeps the scheduler saved with the model (PNDM for v1.5)")
@@ -107,26 +101,18 @@ def get_args_parser():
                         help="base seed (0 .. 2**63-1): image k of caption i starts from noise seeded by (seed, i, k)")
     # ---- output files ----
     parser.add_argument("--output-format", default="files", choices=OUTPUT_FORMATS,
-                        help="files (the default, to look at and for small runs): a folder tree, one file per "
-                             "image (imagetree.py; n + 1 files per caption: 137M for CC12M's 12.4M captions); "
-                             "webdataset: one uncompressed tar per "
-                             "--captions-per-shard captions (shards.py; the paper-scale choice, read by pretrain.py "
-                             "at random offsets or streamed from object storage)")
+                        help="files: a folder tree, one file per image; webdataset: tar shards, the paper-scale choice "
+                             "(docs/RUNNING.md)")
     parser.add_argument("--captions-per-shard", type=integer(1), default=imagetree.CAPTIONS_PER_FOLDER,
-                        help="captions per tar (webdataset) or per folder (files): caption i goes to shard i // this. "
-                             "1000 makes 10,000 images, a few hundred MB of 256 px JPEGs, per tar: big enough for "
-                             "streaming reads and 1 file per 1000 captions (12,400 for CC12M), small enough that a "
-                             "process holds one or two shards' captions in memory; a killed process loses only the "
-                             "captions in flight")
+                        help="captions per tar (webdataset) or per folder (files): caption i goes to shard i // this "
+                             "(1000)")
     parser.add_argument("--format", default="jpg", choices=sorted(imagetree.PIL_FORMATS),
                         help="image file format; JPEG keeps 10 images x millions of captions on one disk")
     parser.add_argument("--quality", type=integer(1, 100), default=95,
                         help="JPEG/WebP quality, 1-100 (ignored by png)")
     parser.add_argument("--preview", type=integer(1, 100), nargs="?", const=8, default=0, metavar="ROWS",
-                        help="instead of the tree, write one PNG grid <output>/preview_w<w>.png of the first ROWS "
-                             "captions (rows, labelled with their id and caption in two lines, in DejaVu Sans or an "
-                             "installed font with the captions' characters, e.g. CJK) x their n images (columns, "
-                             "labelled k), to see what w does; ROWS (1-100) defaults to 8")
+                        help="write one PNG grid <output>/preview_w<w>.png of the first ROWS captions x their n images "
+                             "instead (ROWS: 8)")
     # ---- speed ----
     parser.add_argument("--batch-size", type=integer(1), default=32,
                         help="images per denoising batch, across captions and seeds (the UNet sees twice as many "
@@ -139,9 +125,8 @@ def get_args_parser():
                         help="threads that resize, encode and write images while the GPU goes on")
     # ---- distributed ----
     parser.add_argument("--shard", type=integer(0), default=0,
-                        help="this job's part of the captions (0 .. num-shards-1): a contiguous block of the output "
-                             "shards (tars or folders), so each job writes and resumes whole shards of its own; "
-                             "under torchrun each rank splits its part again")
+                        help="this job's part of the captions (0 .. num-shards - 1): a contiguous block of whole "
+                             "output shards")
     parser.add_argument("--num-shards", type=integer(1), default=1,
                         help="number of parts the captions are split into")
     return parser

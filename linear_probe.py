@@ -54,13 +54,11 @@ def get_args_parser():
                      help="one head per base lr, lr = base x batch / 256; the official sweep 0.001 ... 0.5, since "
                           "the best lr differs between encoders and one frozen pass trains them all")
     sgd.add_argument("--no-batchnorm", dest="batchnorm", action="store_false",
-                     help="drop the BatchNorm (no affine) in front of the heads; on by default since it makes one "
-                          "lr range fit features of any scale (the official probe's --use_bn; its README reports "
-                          "both, within 1 point of each other)")
+                     help="drop the BatchNorm (no affine) in front of the heads (the official probe's --use_bn is on "
+                          "by default)")
     sgd.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-                     help="TensorBoard curves of every head's training loss and held-out top-1, in "
-                          "<output stem>_tensorboard/ (default: on when the tensorboard package is installed); "
-                          "<output stem>.log.jsonl holds the same numbers")
+                     help="TensorBoard curves in <output stem>_tensorboard/ (default: on when installed); <output "
+                          "stem>.log.jsonl too")
     sgd.add_argument("--wandb", default=None, metavar="PROJECT", help="also log to this Weights & Biases project")
     sgd.add_argument("--eval-every", type=integer(1), default=10,
                      help="score every head on the held-out images every N epochs and after the last; 10, the "

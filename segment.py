@@ -57,10 +57,8 @@ def get_args_parser():
                        help="the four blocks (0-based) whose outputs feed the pyramid; default 3 5 7 11 for 12 "
                             "blocks, 7 11 15 23 for 24 (BEiT's and MAE's), depth/3-1 depth/2-1 2depth/3-1 depth-1")
     group.add_argument("--rel-pos-bias", action="store_true",
-                       help="add a relative position bias per block, zero at the start (the MAE paper's transfer "
-                            "setting, BEiT's table of (2g-1)^2 + 3 entries per head); off: the absolute position "
-                            "embedding alone, interpolated to the crop's grid (mmsegmentation's MAE config, which "
-                            "the default learning rate belongs to)")
+                       help="add a relative position bias per block (the MAE paper's transfer setting; off: "
+                            "mmsegmentation's MAE config)")
     group.add_argument("--drop-path", type=number(0, below=1), default=0.1,
                        help="stochastic depth, rising linearly to this over the blocks; 0.1, BEiT's and MAE's "
                             "for ViT-B (0.2 for ViT-L)")
@@ -81,9 +79,8 @@ def get_args_parser():
     group.add_argument("--batch-size", type=integer(2), default=16,
                        help="crops per iteration over all processes; 16 (8 GPUs x 2), the recipe's")
     group.add_argument("--lr", type=number(above=0), default=1e-4,
-                       help="peak learning rate of the head (the blocks get less, see --layer-decay); 1e-4, "
-                            "mmsegmentation's MAE ADE20k config and the authors' SynCLR config (BEiT used 7e-4; "
-                            "the MAE paper searched it per model)")
+                       help="peak learning rate of the head, the blocks less by --layer-decay (1e-4, mmsegmentation's "
+                            "MAE ADE20k config)")
     group.add_argument("--layer-decay", type=number(above=0, maximum=1), default=0.65,
                        help="layer-wise lr decay: block i (1-based) of n gets lr x decay^(n + 1 - i), the patch and "
                             "position embeddings decay^(n + 1), the pyramid and heads lr; 0.65, the recipe's")

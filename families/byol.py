@@ -4,7 +4,7 @@ AdamW recipe for a ViT, as the MoCo v3 paper trains its ViT BYOL. FIDELITY.md's 
 
     two views --ViT--projector--predictor--> q [N, 2, 256]
     two views --target ViT--target projector--> z' [N, 2, 256]  (no gradient; EMA of the online network)
-    L = ||q1 - z'2||^2 + ||q2 - z'1||^2 on unit vectors        (`loss`)
+    L = ||q1 - z'2||^2 + ||q2 - z'1||^2 on unit vectors        (`regression_loss`)
 """
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.1, "betas
           "crop_scale": (0.08, 1.0), "head_hidden_dim": 4096, "embed_dim": 256, "epochs": 300, "warmup_epochs": 40,
           "momentum": 0.996}
 
+
 # ---- views ----
 
 # BYOL's two views (BYOL paper, Table 6): colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2, blur p 1.0
@@ -29,8 +30,8 @@ RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.1, "betas
 VIEWS = (View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, interpolation="bicubic"),
          View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2, interpolation="bicubic"))
 
-# ---- networks ----
 
+# ---- networks ----
 
 def mlp(in_dim, hidden_dim, out_dim):
     """BYOL's projector and predictor (BYOL paper Sec. 3.3): Linear-BatchNorm-ReLU-Linear, with biases."""

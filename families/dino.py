@@ -4,7 +4,7 @@ FIDELITY.md's DINO section lists every item and the differences.
 
     2 global + L local crops --student ViT (stochastic depth)--DINOHead--> P_s [N, 2 + L, K]
     2 global crops --teacher ViT--teacher head--> centred, sharpened P_t [N, 2, K]  (no gradient; EMA of the student)
-    L = mean over pairs (g, v != g) of H(P_t(g), P_s(v))                            (`loss`)
+    L = mean over pairs (g, v != g) of H(P_t(g), P_s(v))                        (`distillation_loss`)
 """
 import torch
 import torch.nn as nn
@@ -62,7 +62,6 @@ def noise_per_crop(args):
 
 
 # ---- networks ----
-
 
 class WeightNormLinear(nn.Module):
     """A bias-free Linear with weight-normalised rows, W_k = g_k v_k / ||v_k|| (torch's weight_norm along dim 0,

@@ -3,7 +3,7 @@ ViT-B recipe: facebookresearch/mae, commit efb2a80 (models_mae.py, main_pretrain
 MAE section lists every item and the differences.
 
     image --patchify--> [N, L, p p 3]; keep a random 25% --ViT encoder--> latent --decoder--> pixels [N, L, p p 3]
-    L = mean squared error on the removed patches, each target standardised by its own pixels   (`loss`)
+    L = mean squared error on the removed patches, targets standardised per patch   (`reconstruction_loss`)
 """
 import torch
 import torch.nn as nn

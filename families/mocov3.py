@@ -4,7 +4,7 @@ main_moco.py, CONFIG.md). FIDELITY.md's MoCo v3 section lists every item and the
 
     two views --ViT (sin-cos positions, frozen patch projection)--projector--predictor--> q [N, 2, 256]
     two views --momentum ViT--momentum projector--> k [N, 2, 256]  (no gradient; EMA of the online network)
-    L = ctr(q1, k2) + ctr(q2, k1)                                    (symmetrised InfoNCE, `loss`)
+    L = ctr(q1, k2) + ctr(q2, k1)                                    (symmetrised InfoNCE, `contrastive_loss`)
 """
 import math
 
@@ -32,6 +32,7 @@ RECIPE = {"captions_per_gpu": 64, "base_lr": 1.5e-4, "weight_decay": 0.1, "betas
 # grayscale p 0.2, blur p 1.0 / 0.1, solarisation p 0 / 0.2, flip, torchvision's bilinear RandomResizedCrop
 VIEWS = (View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0),
          View(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2))
+
 
 # ---- networks ----
 

@@ -125,3 +125,23 @@ def test_worker_defaults_never_exceed_the_cores_the_process_may_use(monkeypatch)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
     assert pretrain.get_args_parser().get_default("workers") == 8  # the paper's machines: 8 per GPU
     assert linear_probe.get_args_parser().get_default("num_workers") == 4
+
+
+STAGES = ("generate.py", "pretrain.py", "linear_probe.py", "fewshot.py", "segment.py", "compositionality.py")
+CHECK_TORCH = ("import atexit, runpy, sys; atexit.register(lambda: print('torch loaded:', 'torch' in sys.modules)); "
+               "sys.argv = [sys.argv[1], *sys.argv[2:]]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", STAGES)
+def test_help_and_a_bad_flag_answer_before_torch_is_imported(script):
+    """Each stage script reads its command line (parse_command_line) before the imports that load torch: --help and
+    a refused flag never import it."""
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv, code in ((["--help"], 0), (["--seed", "-1"], 2)):
+        result = subprocess.run([sys.executable, "-c", CHECK_TORCH, script, *argv], cwd=repo, capture_output=True,
+                                text=True)
+        assert result.returncode == code, result.stderr
+        assert result.stdout.strip().endswith("torch loaded: False"), (script, argv, result.stdout[-200:])

@@ -147,6 +147,12 @@ def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tm
 
 # ---- the self-supervised families of the paper's first question: MoCo v3, BYOL, DINO, MAE ----
 
+def test_the_parser_offers_every_objective_of_the_table():
+    """--loss's choices are read before torch loads (OBJECTIVE_NAMES); the table below the imports has the same rows."""
+    assert pretrain.OBJECTIVE_NAMES == tuple(pretrain.OBJECTIVES)
+    assert set(pretrain.FAMILIES) <= set(pretrain.OBJECTIVES)
+
+
 def test_families_default_to_their_official_recipes():
     parse = pretrain.get_args_parser().parse_args
     recipes = {loss: vars(pretrain.fill_recipe(parse(["--data", "x", "--loss", loss]))) for loss in pretrain.FAMILIES}

@@ -17,6 +17,7 @@ import sys
 import torch
 import torchvision
 from PIL import Image
+from torchvision import datasets
 from tqdm import tqdm
 
 import augment
@@ -264,41 +265,36 @@ def _fairface(attribute):
     return open_split
 
 
-def _torchvision(name):
-    """A torchvision dataset class by name (torchvision is imported at the first call)."""
-    return getattr(torchvision.datasets, name)
-
-
 def _without_val(open_split):
     """For datasets with no validation split: None for "val" (the probe then holds out part of train)."""
     return lambda root, split, transform, download: None if split == "val" else open_split(root, split, transform,
                                                                                            download)
 
 
-def _pool(name):
+def _pool(dataset_class):
     """A dataset that ships as one pool, split by HeldOutSplit."""
     return _without_val(lambda root, split, transform, download: HeldOutSplit(
-        _torchvision(name)(root, transform=transform, download=download), split))
+        dataset_class(root, transform=transform, download=download), split))
 
 
 # name: (root, split in {"train", "val", "test"}, transform, download) -> dataset, or None when it has no such split
 TORCHVISION_DATASETS = {
-    "cifar10": _without_val(lambda root, split, t, d: _torchvision("CIFAR10")(root, train=split == "train",
+    "cifar10": _without_val(lambda root, split, t, d: datasets.CIFAR10(root, train=split == "train",
                                                                              transform=t, download=d)),
-    "cifar100": _without_val(lambda root, split, t, d: _torchvision("CIFAR100")(root, train=split == "train",
+    "cifar100": _without_val(lambda root, split, t, d: datasets.CIFAR100(root, train=split == "train",
                                                                                transform=t, download=d)),
-    "aircraft": lambda root, split, t, d: _torchvision("FGVCAircraft")(root, split=split, transform=t, download=d),
-    "cars": _without_val(lambda root, split, t, d: _torchvision("StanfordCars")(root, split=split, transform=t,
+    "aircraft": lambda root, split, t, d: datasets.FGVCAircraft(root, split=split, transform=t, download=d),
+    "cars": _without_val(lambda root, split, t, d: datasets.StanfordCars(root, split=split, transform=t,
                                                                                 download=d)),
-    "dtd": lambda root, split, t, d: _torchvision("DTD")(root, split=split, transform=t, download=d),
-    "flowers": lambda root, split, t, d: _torchvision("Flowers102")(root, split=split, transform=t, download=d),
-    "pets": _without_val(lambda root, split, t, d: _torchvision("OxfordIIITPet")(
+    "dtd": lambda root, split, t, d: datasets.DTD(root, split=split, transform=t, download=d),
+    "flowers": lambda root, split, t, d: datasets.Flowers102(root, split=split, transform=t, download=d),
+    "pets": _without_val(lambda root, split, t, d: datasets.OxfordIIITPet(
         root, split="trainval" if split == "train" else "test", transform=t, download=d)),
-    "sun397": _pool("SUN397"),
-    "caltech101": _pool("Caltech101"),
-    "food101": _without_val(lambda root, split, t, d: _torchvision("Food101")(root, split=split, transform=t,
+    "sun397": _pool(datasets.SUN397),
+    "caltech101": _pool(datasets.Caltech101),
+    "food101": _without_val(lambda root, split, t, d: datasets.Food101(root, split=split, transform=t,
                                                                               download=d)),
-    "voc2007": lambda root, split, t, d: VOCMultiLabel(_torchvision("VOCDetection")(
+    "voc2007": lambda root, split, t, d: VOCMultiLabel(datasets.VOCDetection(
         root, year="2007", image_set=split, transform=t, download=d)),
     "fairface": _fairface("race"),
     "fairface_gender": _fairface("gender"),

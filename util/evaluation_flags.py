@@ -21,10 +21,8 @@ def add_run_arguments(parser, results_name, seed_help):
     """--seed and --output, which both evaluation scripts take."""
     parser.add_argument("--seed", type=SEED, default=0, help=seed_help)
     parser.add_argument("--output", default=None,
-                        help=f"results file (JSON); default beside --checkpoint, named after what made the number: "
-                             f"{results_name}_<data>_<protocol>, then each setting that changes the number and is "
-                             "not its default (e.g. _seed-1), so results of other settings are kept (required with "
-                             "--random-init, which has no checkpoint to sit beside)")
+                        help="results file (JSON); default beside --checkpoint, named after the data, protocol and "
+                             "changed settings")
 
 
 def add_dataset_arguments(parser, folder_flags):
@@ -33,9 +31,8 @@ def add_dataset_arguments(parser, folder_flags):
     for flag, help_text in folder_flags.items():
         group.add_argument(flag, default=None, help=help_text)
     group.add_argument("--dataset", choices=EVAL_DATASETS + FAIRFACE_DATASETS, default=None,
-                       help="a dataset by name instead of image folders: the paper's 11 datasets (torchvision's), or "
-                            "FairFace under <data-root>/fairface (fairface: race, 7 classes; fairface_gender, "
-                            "fairface_age, fairface_race_gender: 2, 9, 14 classes)")
+                       help="a dataset by name instead of image folders: the paper's 11 (torchvision's) or FairFace "
+                            "under <data-root>/fairface")
     group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
