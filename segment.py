@@ -133,6 +133,7 @@ import torch.nn.functional as F
 import augment
 from util import checkpoints, distributed
 from util import evaluation as ev
+from util.resume import take_recorded_settings
 
 # ------------------------------------------------------------------------------------------------------------
 # model: ViT backbone -> pyramid -> UperNet
@@ -661,15 +662,8 @@ def read_resume_checkpoint(args):
         raise UserError(str(err)) from None
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "iteration" not in state:
         raise UserError(f"{found[-1]} is not a segment.py checkpoint")
-    given = set(getattr(args, "flags_given", None) or [])
-    for key, value in state["args"].items():
-        if key in RESUMABLE or not hasattr(args, key):
-            continue
-        current = getattr(args, key)
-        if key in given and (list(current) if isinstance(current, tuple) else current) != value:
-            raise UserError(f"{found[-1]} was trained with --{key.replace('_', '-')} {value}, not {current}: a "
-                            "resumed run keeps its recipe")
-        setattr(args, key, value)
+    take_recorded_settings(args, state["args"], found[-1], set(getattr(args, "flags_given", None) or []),
+                           resumable=set(), never_restored=RESUMABLE)
     return {"path": found[-1], "state": state}
 
 

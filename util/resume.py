@@ -46,15 +46,8 @@ def read_resume_checkpoint(args, parser, resumable_flags, never_restored):
     resumable = resumable_flags
     if any(dataindex.is_streamed(spec) for spec in recorded.get("data") or []):
         resumable = resumable_flags - {"workers"}  # a stream's steps are dealt to the workers in turn
-    for key, value in recorded.items():
-        if key in never_restored or not hasattr(args, key) or (key in resumable and key in given):
-            continue
-        if key in given and comparable_value(getattr(args, key)) != comparable_value(value):
-            flag = "--" + key.replace("_", "-")
-            raise UserError(f"{path} was trained with {flag} {shown_value(value)}, not "
-                            f"{shown_value(getattr(args, key))}: a resumed run keeps its recipe (drop {flag}, or start "
-                            "a new run with --init-from)")
-        setattr(args, key, value)
+    take_recorded_settings(args, recorded, path, given, resumable, never_restored,
+                           hint="drop {flag}, or start a new run with --init-from")
     streamed = [spec for spec in args.data or [] if dataindex.is_streamed(spec)]
     if streamed and "data" not in given:  # a URL or pipe: runs a command: only one typed by the user may run
         raise UserError(f"{path} records the streamed --data {streamed[0]!r}; a command or URL is run only from "
@@ -64,6 +57,22 @@ def read_resume_checkpoint(args, parser, resumable_flags, never_restored):
                         "(its --csv_path as --data and its --folder_list as --folder-list, or the same images in "
                         "another layout)")
     return {"path": path, "state": state, "recipe": recorded, "world_size": world_size, "official": official}
+
+
+def take_recorded_settings(args, recorded, path, given, resumable, never_restored, hint="drop {flag}"):
+    """args takes every setting `recorded` (a checkpoint's args) holds, except those of `never_restored` and those of
+    `resumable` that this command line gave (`given`); a setting given here that differs from the recorded one is a
+    UserError naming the checkpoint `path` (`hint`, with {flag}, says what to do). pretrain.py's and segment.py's
+    resume."""
+    for key, value in recorded.items():
+        if key in never_restored or not hasattr(args, key) or (key in resumable and key in given):
+            continue
+        if key in given and comparable_value(getattr(args, key)) != comparable_value(value):
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path} was trained with {flag} {shown_value(value)}, not "
+                            f"{shown_value(getattr(args, key))}: a resumed run keeps its recipe ("
+                            + hint.format(flag=flag) + ")")
+        setattr(args, key, value)
 
 
 def changed_from_defaults(args, parser):
