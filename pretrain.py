@@ -260,6 +260,7 @@ class Objective(NamedTuple):
     build: Optional[Callable] = None  # the model from args; None: StableRepModel with the head / text tower above
     recipe: dict = STABLEREP_RECIPE  # defaults of the flags that depend on --loss
     lr_divisor: Tuple[str, int] = ("crops", 512)  # lr = base-lr x crops (or images) per step / this
+    lr_schedule: Optional[Callable] = None  # lr(step, total_steps, warmup_steps, peak); None: cosine_lr
     views: Optional[tuple] = None  # an augment.View per crop (None: SimCLR's for all c)
     local_crops: Optional[Callable] = None  # args -> data.LocalCrops or None (DINO's small crops)
     noise: Optional[Callable] = None  # uniform draws per crop the model takes (args -> count)
@@ -283,7 +284,8 @@ OBJECTIVES = {
                       lr_divisor=("images", 256), views=byol.VIEWS, after_step=(byol.update_target_network,)),
     "dino": Objective(1, 2, head=False, text=False, terms=(dino.loss_term,), build=dino.build, recipe=dino.RECIPE,
                       lr_divisor=("images", 256), views=dino.VIEWS, local_crops=dino.local_crops,
-                      noise=dino.noise_per_crop, check=dino.check_args, exported=dino.teacher_encoder,
+                      noise=dino.noise_per_crop, check=dino.check_args, lr_schedule=dino.learning_rate,
+                      exported=dino.teacher_encoder,
                       before_step=(dino.schedules,), after_backward=(dino.clip_and_cancel_gradients,),
                       after_step=(dino.update_teacher,)),
     "mae": Objective(1, 1, head=False, text=False, terms=(mae.loss_term,), build=mae.build, recipe=mae.RECIPE,
@@ -446,6 +448,7 @@ def train(args, resumed, run_id):
     total_steps = sampler.steps_per_epoch * args.epochs
     warmup_steps = args.warmup_epochs * sampler.steps_per_epoch  # fractional, as the official epoch counter
     lr, lr_arithmetic = objective_lr(objective, args.base_lr, images_per_step, args.crops_per_image)
+    lr_schedule = objective.lr_schedule or cosine_lr
 
     # ---- model ----
     model_without_ddp, model = distributed.data_parallel(build_model(args, tokenizer).to(device), device)
@@ -498,7 +501,7 @@ def train(args, resumed, run_id):
     with checkpoints.interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args):
         for epoch, batch in itertools.chain([first_batch], batches):
             for group in optimizer.param_groups:
-                group["lr"] = cosine_lr(step, total_steps, warmup_steps, lr)
+                group["lr"] = lr_schedule(step, total_steps, warmup_steps, lr)
             position = StepPosition(step, sampler.steps_per_epoch, total_steps)
             for hook in objective.before_step:
                 hook(model_without_ddp, optimizer, position, args)

@@ -6,6 +6,8 @@ FIDELITY.md's DINO section lists every item and the differences.
     2 global crops --teacher ViT--teacher head--> centred, sharpened P_t [N, 2, K]  (no gradient; EMA of the student)
     L = mean over pairs (g, v != g) of H(P_t(g), P_s(v))                        (`distillation_loss`)
 """
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -212,6 +214,20 @@ def loss_term(out, batch, args):
 
 
 # ---- schedules, gradients and the teacher (hooks: hook(model, optimizer, position, args)) ----
+
+MIN_LR = 1e-6  # main_dino.py --min_lr: where the learning rate's cosine ends
+
+
+def learning_rate(step, total_steps, warmup_steps, peak_lr):
+    """main_dino.py's learning rate at `step` (utils.cosine_scheduler, per iteration): np.linspace(0, peak_lr, W)
+    over the W = warmup_steps first steps (the peak is reached at step W - 1), then from the peak at step W half a
+    cosine towards MIN_LR over the remaining total_steps - W steps. (StableRep's objectives take pretrain.cosine_lr.)"""
+    warmup = int(warmup_steps)
+    if step < warmup:
+        return peak_lr * step / (warmup - 1) if warmup > 1 else 0.0
+    progress = (step - warmup) / (total_steps - warmup)
+    return MIN_LR + 0.5 * (peak_lr - MIN_LR) * (1 + math.cos(math.pi * progress))
+
 
 def schedules(model, optimizer, position, args):
     """DINO, before each step: the teacher temperature (linear per epoch from its warmup value over the warmup

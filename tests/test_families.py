@@ -317,3 +317,17 @@ def test_mocov3_keys_are_gathered_so_two_processes_match_one(tmp_path):
     loss.backward()
     torch.testing.assert_close(sum(r["loss"] for r in results) / 2, loss, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(torch.cat([r["grad"] for r in results]) / 2, whole.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("total, warmup", [(100, 10), (37, 1), (20, 0)])
+def test_dino_learning_rate_is_main_dinos_cosine_scheduler(total, warmup):
+    """utils.cosine_scheduler(lr, min_lr 1e-6, ...) written out: np.linspace(0, lr, W) over the warmup iterations,
+    then final + (base - final) (1 + cos(pi i / len)) / 2 over the remaining ones."""
+    import numpy as np
+    peak = 5e-4 * 1024 / 256
+    warmup_part = np.linspace(0, peak, warmup)
+    iters = np.arange(total - warmup)
+    cosine_part = 1e-6 + 0.5 * (peak - 1e-6) * (1 + np.cos(np.pi * iters / len(iters)))
+    official = np.concatenate((warmup_part, cosine_part))
+    ours = [dino.learning_rate(step, total, warmup, peak) for step in range(total)]
+    np.testing.assert_allclose(ours, official, rtol=1e-12, atol=0)
