@@ -42,10 +42,14 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCHEDULERS = ("ddim", "dpm-solver++", "model")
 DTYPES = ("float32", "float16", "bfloat16")  # --dtype: torch's dtypes by name
 # what a rerun must share with the tree's settings.json; the rest of the file (versions, dtype, counts) is a record
-RECIPE_KEYS = ("model", "scheduler", "steps", "eta", "w", "n", "size", "stored_size", "format", "quality", "seed",
-               "captions_file", "caption_rows", "output_format", "captions_per_shard")
+RECIPE_KEYS = ("model", "scheduler", "steps", "eta", "w", "n", "size", "stored_size", "pixels", "format", "quality",
+               "seed", "captions_file", "caption_rows", "output_format", "captions_per_shard")
 # what an output written before a key existed holds (the folder tree, 1000 captions per folder)
-RECIPE_DEFAULTS = {"output_format": "files", "captions_per_shard": imagetree.CAPTIONS_PER_FOLDER}
+RECIPE_DEFAULTS = {"output_format": "files", "captions_per_shard": imagetree.CAPTIONS_PER_FOLDER, "pixels": "rounded"}
+# --pixels: how the decoder's [0, 1] floats become stored uint8 pixels, and the filter of the resize to --stored-size.
+# official: the official txt2img.py's, `Image.fromarray((255. * x).astype(np.uint8)).resize((s, s))`: truncated, and
+# Pillow's default filter for RGB (bicubic); rounded: rounded to the nearest level, and Lanczos
+PIXEL_RULES = {"official": ("truncate", Image.Resampling.BICUBIC), "rounded": ("round", Image.Resampling.LANCZOS)}
 OUTPUT_FORMATS = ("files", "webdataset")
 MANY_FILES = 1_000_000  # a files run writing more than this is told about shards (cluster inode quotas)
 TRUNCATED_FILE = "truncated.json"  # beside settings.json: the captions cut at the text encoder's token limit
@@ -97,6 +101,9 @@ def get_args_parser():
     parser.add_argument("--stored-size", type=pixel_size, default=256,
                         help="images are resized to this before saving (a multiple of 8, at most --size); 256 in the "
                              "paper (pre-training crops 224)")
+    parser.add_argument("--pixels", choices=list(PIXEL_RULES), default="official",
+                        help="official: truncated to uint8 and resized bicubically, as the official script stores "
+                             "them; rounded: rounded, Lanczos")
     parser.add_argument("--seed", type=SEED, default=0,
                         help="base seed (0 .. 2**63-1): image k of caption i starts from noise seeded by (seed, i, k)")
     # ---- output files ----
@@ -296,13 +303,21 @@ def generate_batch(pipe, prompts, items, captions, args):
                       generator=step_noise,  # per image, on the CPU: used by DDIM only when eta > 0
                       height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.w,
                       eta=args.eta, output_type="pt").images  # (B, 3, H, W) in [0, 1]
-        return (images.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(images, args.pixels).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def to_stored(pixels, stored_size):
+def to_uint8(images, rule):
+    """Decoded images in [0, 1] (any float dtype) -> uint8 by --pixels `rule`: 255 x, truncated (the official
+    script's numpy astype) or rounded to the nearest level."""
+    scaled = images.float().clamp(0, 1) * 255
+    return (scaled.floor() if PIXEL_RULES[rule][0] == "truncate" else scaled.round()).to(torch.uint8)
+
+
+def to_stored(pixels, stored_size, rule):
+    """A uint8 [H, W, 3] image as it is stored: resized to stored_size by --pixels `rule`'s filter."""
     image = Image.fromarray(pixels)
     if image.width != stored_size:
-        image = image.resize((stored_size, stored_size), Image.Resampling.LANCZOS)
+        image = image.resize((stored_size, stored_size), PIXEL_RULES[rule][1])
     return image
 
 
@@ -329,6 +344,7 @@ def settings_of(args, survey):
     return {
         "model": model, "model_revision": revision, "scheduler": args.scheduler, "steps": args.steps,
         "eta": args.eta, "w": args.w, "n": args.n, "size": args.size, "stored_size": args.stored_size,
+        "pixels": args.pixels,
         "format": args.format, "quality": args.quality, "seed": args.seed, "output_format": args.output_format,
         "captions_per_shard": args.captions_per_shard,
         "seed_rule": "sha256('stablerep/{seed}/{caption_id}/{k}/latents')[:8]",
@@ -458,8 +474,8 @@ class TreeOutput:
     def encode(self, caption_id, k, pixels):
         """On a writer thread: resize, encode and write the image file."""
         args = self.args
-        imagetree.write_image(args.output, caption_id, k, to_stored(pixels, args.stored_size), args.format,
-                              args.quality, args.captions_per_shard)
+        stored = to_stored(pixels, args.stored_size, args.pixels)
+        imagetree.write_image(args.output, caption_id, k, stored, args.format, args.quality, args.captions_per_shard)
 
     def put(self, caption_id, k, _):
         shard = caption_id // self.args.captions_per_shard
@@ -504,7 +520,7 @@ class TarOutput:
     def encode(self, caption_id, k, pixels):
         """On a writer thread: resize and encode the image; the bytes go into the tar in put()."""
         args = self.args
-        return imagetree.encode_image(to_stored(pixels, args.stored_size), args.format, args.quality)
+        return imagetree.encode_image(to_stored(pixels, args.stored_size, args.pixels), args.format, args.quality)
 
     def put(self, caption_id, k, data):
         args = self.args
@@ -638,7 +654,7 @@ def write_preview(args, device):
     grid, prompts = PreviewGrid(captions, args.n, args.stored_size), PromptCache(pipe, device)
     for batch in batches([(i, k) for i in captions for k in range(args.n)], args.batch_size):
         for (i, k), pixels in zip(batch, generate_batch(pipe, prompts, batch, captions, args)):
-            grid.paste(i, k, to_stored(pixels, args.stored_size))
+            grid.paste(i, k, to_stored(pixels, args.stored_size, args.pixels))
     path = os.path.join(args.output, f"preview_w{args.w:g}.png")
     with output_folder(args.output):
         atomic_write_bytes(path, imagetree.encode_image(grid.image, "png"))

@@ -73,6 +73,7 @@ def test_defaults_are_the_papers_recipe():
     assert (args.size, args.stored_size) == (512, 256)
     assert (args.w, args.n) == (2.0, 10)  # StableRep's w and images per caption
     assert args.preview == 0 and not args.compile
+    assert args.pixels == "official"  # stored as txt2img.py stores them: truncated, bicubic
 
 
 def test_flags_accept_their_edges():
@@ -135,6 +136,37 @@ def test_stored_size_jpeg_and_bfloat16(tiny_model, captions_file, tmp_path):
     assert image.format == "JPEG" and image.size == (16, 16)
     settings = imagetree.read_settings(str(out))
     assert (settings["dtype"], settings["quality"], settings["stored_size"]) == ("bfloat16", 80, 16)
+
+
+@pytest.mark.parametrize("size, stored", [(64, 32), (48, 48)])
+def test_stored_pixels_are_the_official_scripts(size, stored):
+    """--pixels official (the default) stores what txt2img.py stores: Image.fromarray((255. * x).astype(np.uint8))
+    resized with Pillow's default filter; --pixels rounded rounds to the nearest level and resizes with Lanczos."""
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(3))
+    x[0, :, :2] = torch.tensor([0.0, 1.0, 0.99999])[:, None, None]  # the edges of the range
+    official = [Image.fromarray((255. * image.permute(1, 2, 0).numpy()).astype(np.uint8)) for image in x]
+    official = [image.resize((stored, stored)) if stored != size else image for image in official]
+    ours = [generate.to_stored(pixels, stored, "official")
+            for pixels in generate.to_uint8(x, "official").permute(0, 2, 3, 1).numpy()]
+    for a, b in zip(ours, official):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    rounded = generate.to_uint8(x, "rounded").permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(rounded, np.round(x.permute(0, 2, 3, 1).numpy() * 255).astype(np.uint8))
+    assert generate.get_args_parser().get_default("pixels") == "official"
+    assert generate.recorded_value({}, "pixels") == "rounded"  # an output made before --pixels: rounded, Lanczos
+
+
+def test_ddim_timesteps_are_the_official_samplers():
+    """Stable Diffusion v1.5's scheduler config under DDIM (what --scheduler ddim builds from the model's own config):
+    50 steps at the timesteps of the official DDIMSampler's uniform discretisation, range(0, 1000, 20) + 1, from the
+    noisiest; the last step steps to alphas_cumprod[0] (its alphas_prev), not to 1."""
+    from diffusers import DDIMScheduler
+    sd15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                steps_offset=1, set_alpha_to_one=False, clip_sample=False)  # the model's scheduler_config.json
+    scheduler = DDIMScheduler(**sd15)
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist() == [t + 1 for t in range(0, 1000, 20)][::-1]
+    assert scheduler.final_alpha_cumprod == scheduler.alphas_cumprod[0]
 
 
 @pytest.mark.slow
