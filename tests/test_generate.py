@@ -328,6 +328,11 @@ def test_outputs_from_before_the_shard_settings_read_as_a_files_tree(reference, 
     with pytest.raises(generate.UserError, match="output_format 'files' -> 'webdataset'"):
         generate.check_settings(str(tmp_path), {**settings, "captions_per_shard": 1000,
                                                 "output_format": "webdataset"})
+    # an output made before --pixels rounded its pixels: it resumes with --pixels rounded, and says so otherwise
+    imagetree.write_settings(str(tmp_path), {key: value for key, value in settings.items() if key != "pixels"})
+    generate.check_settings(str(tmp_path), {**settings, "pixels": "rounded"})
+    with pytest.raises(generate.UserError, match="pixels 'rounded' -> 'official'"):
+        generate.check_settings(str(tmp_path), settings)
 
 
 def test_a_files_run_of_many_files_suggests_shards_once(reference, tiny_model, captions_file, monkeypatch, capsys):
