@@ -789,10 +789,13 @@ def main(args):
             if log and (iteration % args.log_every == 0 or iteration == args.iterations):
                 log.write(iteration, loss=loss.item(), decode_loss=decode_loss.item(), aux_loss=aux_loss.item(),
                           lr=lr, images=(iteration - start_iteration) * args.batch_size)
-            if iteration % args.save_every == 0 or iteration == args.iterations:
-                if is_main:
-                    save_checkpoint(model_without_ddp, optimizer, iteration, args)
-            if iteration % args.eval_every == 0 or iteration == args.iterations:
+            save_due = iteration % args.save_every == 0 or iteration == args.iterations
+            evaluation_due = iteration % args.eval_every == 0 or iteration == args.iterations
+            if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
+                distributed.average_batchnorm_statistics(model_without_ddp)
+            if save_due and is_main:
+                save_checkpoint(model_without_ddp, optimizer, iteration, args)
+            if evaluation_due:
                 model.eval()
                 with autocast:
                     scores = evaluate(model_without_ddp, val_set, names, args.crop_size, stride, args.test_scales,

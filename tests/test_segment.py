@@ -13,6 +13,8 @@ from PIL import Image
 
 import model as model_lib
 import segment
+from conftest import run_python
+from util import checkpoints
 from util.cli import run
 
 # the fixture's classes (ADE's labels: 0 "other" is ignored) and the colour each is painted with
@@ -204,6 +206,26 @@ def train_argv(ade, output, checkpoint, *extra):
     return ["--checkpoint", checkpoint, "--data", ade, "--output", output, "--crop-size", CROP, "--batch-size", 2,
             "--iterations", 4, "--warmup-iterations", 1, "--save-every", 2, "--keep", 3, "--eval-every", 3,
             "--num-workers", 0, "--log-every", 1, "--no-tensorboard", "--lr", "1e-3", *extra]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_report_the_number_of_the_checkpoint_they_save(tmp_path, ade, tiny_checkpoint):
+    """On CPU processes (gloo: no SyncBatchNorm) each rank's BatchNorm statistics drift apart; they are averaged
+    before saving and evaluating, so results.json's mIoU is what the saved checkpoint scores in one process."""
+    argv = [str(a) for a in train_argv(ade, tmp_path / "run", tiny_checkpoint, "--batch-size", 4, "--eval-every", 4)]
+    result = run_python("-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "segment.py", *argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reported = json.loads((tmp_path / "run" / "results.json").read_text())
+    state = torch.load(tmp_path / "run" / "checkpoint-00000004.pth", weights_only=True)
+    args = parse(*argv)
+    encoder = checkpoints.load_encoder(tiny_checkpoint, image_size=args.crop_size)
+    model = segment.build_segmenter(args, encoder)
+    model.load_state_dict(state["model"])
+    names = segment.class_names(ade)
+    scores = segment.evaluate(model.eval(), segment.ValImages(segment.list_split(ade, "val")), names, args.crop_size,
+                              round(args.crop_size * 2 / 3), args.test_scales, args.flip, torch.device("cpu"))
+    assert scores["mIoU"] == pytest.approx(reported["mIoU"], abs=1e-9)
+    assert scores["aAcc"] == pytest.approx(reported["aAcc"], abs=1e-9)
 
 
 @pytest.mark.slow

@@ -50,6 +50,20 @@ def data_parallel(module, device):
     return module, ddp
 
 
+@torch.no_grad()
+def average_batchnorm_statistics(module):
+    """Every process's BatchNorm running statistics replaced by their mean over the processes (a collective; nothing
+    with one process). SyncBatchNorm keeps them equal on GPUs; on CPU processes (gloo, plain BatchNorm) each would
+    otherwise evaluate and save its own."""
+    if world_size() == 1:
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and layer.track_running_stats:
+            for statistic in (layer.running_mean, layer.running_var):
+                torch.distributed.all_reduce(statistic)
+                statistic.div_(world_size())
+
+
 def world_size():
     return torch.distributed.get_world_size() if joined() else 1
 
