@@ -1,6 +1,7 @@
 """Every GPU measurement of the project in one run, as markdown rows for BENCHMARKS.md and a JSON file of every number.
 
     python bench/gpu_report.py --device cuda --output gpu_report.json   # one GPU, the sizes below
+    python bench/gpu_report.py --device cuda --quick --output gpu_report.json   # every section in under 10 minutes
     python bench/gpu_report.py --device cpu --tiny        # toy sizes on the CPU, as tests/test_gpu_report.py runs it
 
 Sections, in this order (--sections picks some):
@@ -47,12 +48,14 @@ then repeated the count given below, sides alternating; the median is reported, 
 call is timed with CUDA events after torch.cuda.synchronize (so the host's share inside the call counts too); on the
 CPU with time.perf_counter. Peak memory: torch.cuda.max_memory_allocated on a GPU; on the CPU the rise of the
 process's peak resident set (/proc), a rough figure. Each row is printed as soon as it is measured and the JSON file
-rewritten, so a run cut short keeps the rows it has; a section that fails prints its traceback and the next one runs
-(exit code 1 at the end). The full sizes have not been run yet (no GPU so far): an estimate for one H100 is 3-5
+rewritten, so a run cut short keeps the rows it has (SIGTERM or Ctrl-C mark it "stopped", exit code 130); a section
+that fails prints its traceback and the next one runs (exit code 1 at the end); --time-limit starts no section
+after its time. The full sizes have not been run yet (no GPU so far): an estimate for one H100 is 3-5
 minutes, model building included.
 """
 import argparse
 import os
+import signal
 import statistics
 import sys
 import time
@@ -67,6 +70,7 @@ from util.files import atomic_write_json
 SECTIONS = ("generation", "train", "loss", "loader", "evaluations", "parity", "families")
 CC3M_CAPTIONS = 3_318_333  # CC3M's training split, the captions the recipes' epochs count
 RECIPE_GPUS = 32  # the CC3M recipes' torchrun command: 4 nodes x 8 GPUs
+QUICK_TIME_LIMIT = 480  # seconds: --quick starts no section after 8 minutes, inside a lent GPU's 10
 
 # Every size and repeat count of the run: "full" is what the report means on a GPU, "tiny" the CPU smoke run.
 SIZES = {
@@ -81,6 +85,17 @@ SIZES = {
         # family_batch None: each CC3M recipe's own per-GPU batch; family_flags (not a flag): the tiny run's small
         # heads and decoder, on top of each family's recipe
         family_repeats=5, family_batch=None, family_flags=None),
+    # the run sized for a lent GPU's ten minutes (--quick: every section, each number measured fewer times; the same
+    # shapes as "full" but a generation batch of 8); not yet timed on a GPU
+    "quick": dict(
+        gen_size=512, gen_captions=2, gen_images=4,
+        ddim_steps=50, dpm_steps=25, gen_warmup_steps=2, gen_repeats=1,
+        train_model="vit_base", train_depth=None, image_size=224, captions=43, images_per_caption=6,
+        train_repeats=3,
+        world_size=32, loss_repeats=5,
+        loader_captions=43, stored_size=256, loader_repeats=1, augment_repeats=3,
+        seg_model="vit_base", seg_depth=None, seg_crop=512, seg_batch=2, eval_repeats=2, aro_captions=1024,
+        family_repeats=2, family_batch=None, family_flags=None),
     "tiny": dict(
         gen_size=32, gen_captions=2, gen_images=2,
         ddim_steps=3, dpm_steps=2, gen_warmup_steps=1, gen_repeats=1,
@@ -933,22 +948,30 @@ def family_row(report, args, device, amp, name):
 def get_args_parser():
     parser = argparse.ArgumentParser(
         "gpu_report.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    full, tiny = SIZES["full"], SIZES["tiny"]
+    full, quick, tiny = SIZES["full"], SIZES["quick"], SIZES["tiny"]
 
     def size_flag(group, flag, help_text, **kwargs):
         """A size or repeat count, None until resolve_sizes fills it from SIZES."""
         key = flag[2:].replace("-", "_")
         kwargs.setdefault("type", integer(1))
-        group.add_argument(flag, default=None, help=f"{help_text} (default {full[key]}; --tiny: {tiny[key]})",
+        group.add_argument(flag, default=None,
+                           help=f"{help_text} (default {full[key]}; --quick: {quick[key]}; --tiny: {tiny[key]})",
                            **kwargs)
 
     parser.add_argument("--device", default=None,
                         help="cuda, cuda:N or cpu (default: cuda when there is one); sections needing CUDA for a "
                              "part (float16 generation, bf16 autocast, host-to-device copies) say what they skip")
-    parser.add_argument("--tiny", action="store_true",
-                        help="toy sizes (demo/tiny_sd.py's pipeline at 32 px, a 2-block ViT-Ti at 32 px, small "
-                             "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
-                             "runs it so the script cannot rot. Its numbers are not for comparison")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--tiny", action="store_true",
+                         help="toy sizes (demo/tiny_sd.py's pipeline at 32 px, a 2-block ViT-Ti at 32 px, small "
+                              "batches, 1-2 repeats): runs on a CPU in well under a minute; tests/test_gpu_report.py "
+                              "runs it so the script cannot rot. Its numbers are not for comparison")
+    profile.add_argument("--quick", action="store_true",
+                         help="the full shapes, fewer repeats and a generation batch of 8, and --time-limit 480: "
+                              "every section within the ten minutes a lent GPU is held (BENCHMARKS.md's command)")
+    parser.add_argument("--time-limit", type=integer(0), default=None, metavar="SECONDS",
+                        help="start no section after this many seconds (skipped, said in the JSON); default: none, "
+                             "480 with --quick")
     parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
                         help="which sections to run, always in the order 1-7 (default: all; section 4's cores per "
                              "GPU needs section 2)")
@@ -1000,9 +1023,16 @@ def get_args_parser():
     return parser
 
 
+def stop_on_signal(signum, frame):
+    """SIGTERM ends the run as Ctrl-C does (main saves what it has)."""
+    raise KeyboardInterrupt
+
+
 def resolve_sizes(args):
-    """Fill every size flag left unset from SIZES (tiny or full)."""
-    sizes = SIZES["tiny" if args.tiny else "full"]
+    """Fill every size flag left unset from SIZES (tiny, quick or full), and --quick's time limit."""
+    sizes = SIZES["tiny" if args.tiny else "quick" if args.quick else "full"]
+    if args.quick and args.time_limit is None:
+        args.time_limit = QUICK_TIME_LIMIT
     for key, value in sizes.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
@@ -1027,7 +1057,8 @@ def main(args):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     header = {"machine": machine(device), "command": " ".join(["python", "bench/gpu_report.py", *sys.argv[1:]]),
-              "sizes": {key: getattr(args, key) for key in SIZES["full"]}, "tiny": args.tiny}
+              "sizes": {key: getattr(args, key) for key in SIZES["full"]}, "tiny": args.tiny, "quick": args.quick,
+              "time_limit": args.time_limit}
     report = Report(args.output, header)
     info = header["machine"]
     gpu = (f"{info['gpu']} ({info['gpu_memory_gib']:.0f} GiB, compute capability {info['gpu_capability']})"
@@ -1041,19 +1072,32 @@ def main(args):
                 "loader": section_loader, "evaluations": section_evaluations, "parity": section_parity,
                 "families": section_families}
     results, total = {}, time.perf_counter()
-    for section in SECTIONS:
-        if section not in args.sections:
-            report.skip(f"section {section}", "not in --sections")
-            continue
-        start = time.perf_counter()
-        try:
-            sections[section](report, args, device, results)
-        except Exception as error:  # one section's failure (out of memory, a bug) must not cost the others
-            report.fail(section, error)
-        finally:
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        print(f"\n(section {section}: {time.perf_counter() - start:.0f} s)", flush=True)
+    signal.signal(signal.SIGTERM, stop_on_signal)  # `timeout`, a lease ending: keep what was measured, say where
+    try:
+        for section in SECTIONS:
+            if section not in args.sections:
+                report.skip(f"section {section}", "not in --sections")
+                continue
+            elapsed = time.perf_counter() - total
+            if args.time_limit is not None and elapsed >= args.time_limit:
+                report.skip(f"section {section}", f"--time-limit {args.time_limit} s reached ({elapsed:.0f} s)")
+                continue
+            start = time.perf_counter()
+            try:
+                sections[section](report, args, device, results)
+            except Exception as error:  # one section's failure (out of memory, a bug) must not cost the others
+                report.fail(section, error)
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+            print(f"\n(section {section}: {time.perf_counter() - start:.0f} s)", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the JSON already holds every row measured; mark it stopped
+        report.data["stopped"] = f"interrupted during section {report.section or 'setup'}"
+        report.data["seconds"] = time.perf_counter() - total
+        report.save()
+        print(f"\ngpu_report.py: stopped after {report.data['seconds']:.0f} s; the rows measured so far are above"
+              + (f" and in {args.output}" if args.output else ""), file=sys.stderr)
+        sys.exit(130)
     report.data["complete"] = not report.data["failed"]
     report.data["seconds"] = time.perf_counter() - total
     report.save()

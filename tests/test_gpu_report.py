@@ -104,3 +104,48 @@ def test_help_names_every_size_with_both_defaults():
 @pytest.mark.slow
 def test_bad_flag_is_one_line_and_exit_code_2():
     assert_one_line_error(run_python("bench/gpu_report.py", "--tiny", "--gen-repeats", "0"), "--gen-repeats")
+
+
+def test_quick_is_the_full_shapes_and_a_time_limit_skips_the_sections_left(tmp_path):
+    """--quick measures what the full run measures (the same shapes but the generation batch) with fewer repeats,
+    inside 480 s; a section that would start after --time-limit is skipped and said, and the JSON is complete."""
+    quick, full = gpu_report.SIZES["quick"], gpu_report.SIZES["full"]
+    shapes = {key for key in full if not key.endswith("repeats") and not key.startswith("gen_")}
+    assert {key: quick[key] for key in shapes} == {key: full[key] for key in shapes}
+    assert all(quick[key] <= full[key] for key in full if key.endswith("repeats"))
+    args = gpu_report.get_args_parser().parse_args(["--quick"])
+    gpu_report.resolve_sizes(args)
+    assert args.time_limit == gpu_report.QUICK_TIME_LIMIT == 480 and args.gen_captions * args.gen_images == 8
+    output = tmp_path / "report.json"
+    args = gpu_report.get_args_parser().parse_args(["--device", "cpu", "--tiny", "--time-limit", "0", "--output",
+                                                    str(output)])
+    gpu_report.main(args)
+    report = json.loads(output.read_text())
+    assert report["complete"] and report["sections"] == {} and report["time_limit"] == 0
+    assert [entry["what"] for entry in report["skipped"]] == [f"section {name}" for name in gpu_report.SECTIONS]
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_the_rows_measured_and_says_it_stopped(tmp_path):
+    """`timeout` or a lease ending sends SIGTERM: the rows measured so far stay in the JSON, marked stopped."""
+    import signal
+    import subprocess
+    import time
+    output = tmp_path / "report.json"
+    process = subprocess.Popen([sys.executable, "bench/gpu_report.py", "--device", "cpu", "--tiny", "--output",
+                                str(output)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until the first row is in the JSON
+        try:
+            if json.loads(output.read_text())["sections"]:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["stopped"].startswith("interrupted during section") and not report["complete"]
+    assert report["sections"] and "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("gpu_report.py: stopped after")
