@@ -19,11 +19,12 @@ caption and perturbed ones; a case is right when the true caption has the highes
 Files as the benchmark distributes them: --aro-root holds visual_genome_relation.json, visual_genome_attribution.json
 and images/; --coco-root coco_karpathy_test.json and the images it names (val2014/...); --flickr-root
 flickr30k_test.json and the images it names. The word-order shufflings tag parts of speech with spaCy's
-en_core_web_sm, as the benchmark does (pip install spacy && python -m spacy download en_core_web_sm), and are drawn
-from --seed. Ties (an order-blind model scores a caption and its shufflings the same) go to the first option, as the
-benchmark's argmax gives them (--ties split: 1/k when k options share the top score). Zero-shot: each class folder's
-name (underscores as spaces) in every --templates prompt, the prompts' normalised embeddings averaged per class.
-Results go to compositionality.json beside the checkpoint (compositionality_ties-split.json with --ties split).
+en_core_web_sm (pip install spacy && python -m spacy download en_core_web_sm) and split words for the trigram ones with
+NLTK's Treebank-style tokenizer, both as the benchmark does, and are drawn from --seed. Ties (an
+order-blind model scores a caption and its shufflings the same) go to the first option, as the benchmark's argmax gives
+them (--ties split: 1/k when k options share the top score). Zero-shot: each class folder's name (underscores as
+spaces) in every --templates prompt, the prompts' normalised embeddings averaged per class. Results go to
+compositionality.json beside the checkpoint (compositionality_ties-split.json with --ties split).
 """
 import argparse
 import json
@@ -168,9 +169,13 @@ def pre_caption(caption, max_words):
 
 
 def word_tokens(text):
-    """Words and punctuation as NLTK's word_tokenize splits them for these captions: contractions apart ("do",
-    "n't"; "dog", "'s"), every punctuation mark a token."""
-    return re.findall(r"\w+(?=n't)|n't|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]", text)
+    """The words of a caption as the benchmark's trigram shufflings split it (nltk.word_tokenize): NLTK's
+    Treebank-style tokenizer, which keeps "t-shirt", "3.5", "10:30", "o'clock" and "1,000" whole and splits
+    contractions ("is", "n't"). word_tokenize first splits the text into sentences with Punkt, whose data is a
+    download; this is word_tokenize on the caption as one sentence (preserve_line=True), the same for a caption of one
+    sentence (FIDELITY.md: captions of two, and nltk's versions)."""
+    from nltk.tokenize import NLTKWordTokenizer  # here, not at the top: nltk takes 2 s to import, only Order uses it
+    return NLTKWordTokenizer().tokenize(text)
 
 
 NOUN_TAGS, ADJECTIVE_TAGS = ("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")
@@ -410,7 +415,10 @@ def main(args):
     # ---- ARO ----
     results = {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name, "text_heads": heads,
                "tie_rule": args.ties, "aro": {}, "args": vars(args)}
-    tagger = load_tagger() if any(s.endswith("_order") for s in subsets) else None
+    tagger = None
+    if any(s.endswith("_order") for s in subsets):
+        import nltk  # the Order subsets' word tokenizer (word_tokens), whose splits changed across its releases
+        tagger, results["word_tokenizer"] = load_tagger(), f"nltk {nltk.__version__} NLTKWordTokenizer"
     for subset in subsets:
         if subset.startswith("vg_"):
             cases = visual_genome_cases(roots[subset], subset)

@@ -169,6 +169,36 @@ def test_shufflings_move_the_benchmarks_words_and_keep_them_all():
     assert comp.pre_caption('A "Dog": on (the) grass!  ok.', 4) == "a dog on the"
 
 
+# the words of the issue that our regular expression split and NLTK keeps whole, as nltk 3.7 to 3.10 split them
+NLTK_WORDS = {
+    "A man in a t-shirt takes a close-up.": ["A", "man", "in", "a", "t-shirt", "takes", "a", "close-up", "."],
+    "a 3.5 inch screen at 10:30": ["a", "3.5", "inch", "screen", "at", "10:30"],
+    "a clock at ten o'clock": ["a", "clock", "at", "ten", "o'clock"],
+    "about 1,000 birds": ["about", "1,000", "birds"],
+    "the dog's bone isn't red.": ["the", "dog", "'s", "bone", "is", "n't", "red", "."],
+    'a "big" dog (brown)': ["a", "``", "big", "''", "dog", "(", "brown", ")"],
+}
+
+
+def test_words_are_nltks_and_need_no_download(monkeypatch):
+    """word_tokens is NLTK's tokenizer as the benchmark's nltk.word_tokenize runs it on a caption of one sentence,
+    with no NLTK data: word_tokenize itself first splits sentences with Punkt, whose data is a download."""
+    import nltk
+    monkeypatch.setattr(nltk.data, "path", [])  # no NLTK data anywhere: any lookup fails
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: pytest.fail("nltk.download was called"))
+    for caption, words in NLTK_WORDS.items():
+        assert comp.word_tokens(caption) == words == nltk.word_tokenize(caption, preserve_line=True) == \
+            nltk.tokenize.NLTKWordTokenizer().tokenize(caption)
+    with pytest.raises(LookupError):
+        nltk.word_tokenize("A dog. A cat.")  # the benchmark's call wants Punkt's data
+    assert comp.word_tokens("A dog. A cat.") == ["A", "dog.", "A", "cat", "."]  # Punkt would give "dog", "."
+    shuffled = comp.shufflings("A man in a t-shirt sits at 10:30", lexicon_tagger, np.random.default_rng(0))
+    trigrams = [["A", "man", "in"], ["a", "t-shirt", "sits"], ["at", "10:30"]]  # the benchmark's trigram boundaries
+    within = shuffled[2].split(" ")
+    assert [sorted(within[i:i + 3]) for i in range(0, len(within), 3)] == [sorted(t) for t in trigrams]
+    assert shuffled[3].split(" ") in [sum(order, []) for order in itertools.permutations(trigrams)]
+
+
 def order_blind(model):
     """The model with a text tower that sees each caption's tokens sorted: blind to word order by construction."""
     tower = model.text.forward
@@ -225,6 +255,8 @@ def test_runs_aro_and_zero_shot_end_to_end(tmp_path, aro, plus_checkpoint, digit
     assert saved["zero_shot"]["templates"] == list(comp.TEMPLATES) and 0 <= saved["zero_shot"]["top1"] <= 100
     assert saved["aro"] == results["aro"] and "ARO coco_order" in capsys.readouterr().out
     assert saved["tie_rule"] == "first" and saved["args"]["ties"] == "first"
+    import nltk
+    assert saved["word_tokenizer"] == f"nltk {nltk.__version__} NLTKWordTokenizer"
 
 
 def test_results_are_named_after_a_changed_tie_rule(tmp_path):
