@@ -19,11 +19,12 @@ caption and perturbed ones; a case is right when the true caption has the highes
 Files as the benchmark distributes them: --aro-root holds visual_genome_relation.json, visual_genome_attribution.json
 and images/; --coco-root coco_karpathy_test.json and the images it names (val2014/...); --flickr-root
 flickr30k_test.json and the images it names. The word-order shufflings tag parts of speech with spaCy's
-en_core_web_sm, as the benchmark does (pip install spacy && python -m spacy download en_core_web_sm), and are drawn
-from --seed. Ties (an order-blind model scores a caption and its shufflings the same) count as a fraction: 1/k when k
-options share the top score. Zero-shot: each class folder's name (underscores as spaces) in every --templates
-prompt, the prompts' normalised embeddings averaged per class. Results go to compositionality.json beside the
-checkpoint.
+en_core_web_sm (pip install spacy && python -m spacy download en_core_web_sm) and split words for the trigram ones with
+NLTK's Treebank-style tokenizer, both as the benchmark does, and are drawn from --seed. Ties (an
+order-blind model scores a caption and its shufflings the same) go to the first option, as the benchmark's argmax gives
+them (--ties split: 1/k when k options share the top score). Zero-shot: each class folder's name (underscores as
+spaces) in every --templates prompt, the prompts' normalised embeddings averaged per class. Results go to
+compositionality.json beside the checkpoint (compositionality_ties-split.json with --ties split).
 """
 import argparse
 import json
@@ -35,6 +36,7 @@ from util.cli import SEED, ArgumentParser, UserError, first_line, integer, parse
 from util.files import atomic_write_json, check_creatable
 
 SUBSETS = ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
+TIE_RULES = ("first", "split")  # the benchmark's argmax, and split credit
 DEFAULT_TOKENIZER = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # pretrain.py's default: CLIP's BPE
 # our prompt ensemble for zero-shot classification (--templates FILE replaces it, e.g. with CLIP's 80 for ImageNet)
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "a blurry photo of a {}.", "a close-up photo of a {}.",
@@ -92,6 +94,9 @@ def get_args_parser():
                        help="ARO subsets to run; default every one whose root is given")
     group.add_argument("--keep-symmetric", action="store_true",
                        help="count VG-Relation's symmetric relations too (the benchmark leaves them out)")
+    group.add_argument("--ties", choices=TIE_RULES, default="first",
+                       help="a tie at the top score: first, the benchmark's argmax (the first option wins); split, 1/k "
+                            "credit")
     group.add_argument("--max-words", type=integer(1), default=30,
                        help="COCO and Flickr captions are cut to this many words; 30, the benchmark's")
     group.add_argument("--zero-shot-dir", default=None,
@@ -105,7 +110,7 @@ def get_args_parser():
     group.add_argument("--num-workers", type=integer(0), default=4, help="data-loading processes")
     group.add_argument("--seed", type=SEED, default=0, help="the word-order shufflings of COCO and Flickr30k")
     group.add_argument("--output", default=None, help="results file (JSON); default compositionality.json beside "
-                       "--checkpoint")
+                       "--checkpoint, tagged with a changed --ties")
     return parser
 
 
@@ -164,9 +169,13 @@ def pre_caption(caption, max_words):
 
 
 def word_tokens(text):
-    """Words and punctuation as NLTK's word_tokenize splits them for these captions: contractions apart ("do",
-    "n't"; "dog", "'s"), every punctuation mark a token."""
-    return re.findall(r"\w+(?=n't)|n't|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]", text)
+    """The words of a caption as the benchmark's trigram shufflings split it (nltk.word_tokenize): NLTK's
+    Treebank-style tokenizer, which keeps "t-shirt", "3.5", "10:30", "o'clock" and "1,000" whole and splits
+    contractions ("is", "n't"). word_tokenize first splits the text into sentences with Punkt, whose data is a
+    download; this is word_tokenize on the caption as one sentence (preserve_line=True), the same for a caption of one
+    sentence (FIDELITY.md: captions of two, and nltk's versions)."""
+    from nltk.tokenize import NLTKWordTokenizer  # here, not at the top: nltk takes 2 s to import, only Order uses it
+    return NLTKWordTokenizer().tokenize(text)
 
 
 NOUN_TAGS, ADJECTIVE_TAGS = ("NN", "NNS", "NNP", "NNPS"), ("JJ", "JJR", "JJS")
@@ -231,12 +240,14 @@ def load_tagger():
 # ------------------------------------------------------------------------------------------------------------
 
 
-def credit(scores, answer):
-    """Per case, 1 when the answer alone has the top score, 1/k when k options tie at the top, else 0.
-    scores [cases, options]."""
-    top = scores.max(dim=1, keepdim=True).values
-    at_top = scores == top
-    return at_top[:, answer].float() / at_top.sum(1)
+def credit(scores, answer, ties="first"):
+    """Per case: 1 when the answer alone has the top score, 0 when it misses the top; a tie at the top goes to the first
+    option there with ties="first" (the benchmark's np.argmax: the false caption on VG, the true one on Order), 1/k of
+    a point to each of the k options with ties="split". scores [cases, options]."""
+    at_top = scores == scores.max(dim=1, keepdim=True).values
+    if ties == "split":
+        return at_top[:, answer].float() / at_top.sum(1)
+    return (at_top[:, answer] & ~at_top[:, :answer].any(1)).float()  # no option before the answer reaches the top
 
 
 def subset_accuracy(subset, cases, correct, keep_symmetric=False):
@@ -369,11 +380,18 @@ def read_templates(path):
     return templates
 
 
+def results_path(args):
+    """--output, or compositionality.json beside the checkpoint, with a tag for each changed setting that changes the
+    numbers (compositionality_ties-split.json), so a result of the benchmark's settings is never replaced."""
+    name = "_".join(["compositionality", *ev.changed_settings(args, get_args_parser(), ("ties",))]) + ".json"
+    return args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
+
+
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
     subsets, roots = chosen_subsets(args)
     templates = read_templates(args.templates)
-    output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "compositionality.json")
+    output = results_path(args)
     if os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; name the results file")
     check_creatable(os.path.dirname(os.path.abspath(output)), "--output")
@@ -396,15 +414,18 @@ def main(args):
 
     # ---- ARO ----
     results = {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name, "text_heads": heads,
-               "aro": {}, "args": vars(args)}
-    tagger = load_tagger() if any(s.endswith("_order") for s in subsets) else None
+               "tie_rule": args.ties, "aro": {}, "args": vars(args)}
+    tagger = None
+    if any(s.endswith("_order") for s in subsets):
+        import nltk  # the Order subsets' word tokenizer (word_tokens), whose splits changed across its releases
+        tagger, results["word_tokenizer"] = load_tagger(), f"nltk {nltk.__version__} NLTKWordTokenizer"
     for subset in subsets:
         if subset.startswith("vg_"):
             cases = visual_genome_cases(roots[subset], subset)
         else:
             cases = order_cases(roots[subset], subset, tagger, args.max_words, args.seed)
         scores = score_cases(model, tokenizer, cases, transform, args, device, subset)
-        correct = credit(scores, cases[0]["answer"])
+        correct = credit(scores, cases[0]["answer"], args.ties)
         results["aro"][subset] = {**subset_accuracy(subset, cases, correct, args.keep_symmetric),
                                   "ties": int((scores == scores.max(1, keepdim=True).values).sum(1).gt(1).sum())}
 
@@ -415,7 +436,7 @@ def main(args):
 
     # ---- save ----
     atomic_write_json(output, results)
-    print(f"image-text evaluations of {args.checkpoint}")
+    print(f"image-text evaluations of {args.checkpoint} (ARO ties: {args.ties})")
     for subset, row in results["aro"].items():
         print(f"  ARO {subset:<16} {row['accuracy']:6.2f}  ({row['cases_counted']} of {row['cases']} cases counted)")
     if "zero_shot" in results:

@@ -1,6 +1,8 @@
-"""compositionality.py: ARO's scoring against hand-computed values (a model blind to word order scores exactly 50% on
-the two-option VG subsets and 20% on the five-option Order subsets), the benchmark's perturbations and file layouts on
-a tiny fixture, zero-shot classification, every checkpoint kind with a text tower, and one-line errors."""
+"""compositionality.py: ARO's scoring against hand-computed values and the benchmark's own rule (np.argmax: a tie goes
+to the first option, so a model blind to word order scores 0% on the VG subsets, whose first option is the false
+caption, and 100% on the Order subsets, whose first is the true one; with --ties split exactly 50% and 20%), the
+benchmark's words (NLTK's tokenizer), perturbations and file layouts on a tiny fixture, zero-shot classification, every
+checkpoint kind with a text tower, and one-line errors."""
 import importlib.util
 import itertools
 import json
@@ -92,6 +94,7 @@ def args_for(*argv):
 def test_defaults_are_the_benchmarks():
     args = args_for("--checkpoint", "x")
     assert (args.max_words, args.keep_symmetric, comp.MIN_ATTRIBUTE_CASES) == (30, False, 25)
+    assert args.ties == "first"  # the benchmark's np.argmax
     assert comp.SUBSETS == ("vg_relation", "vg_attribution", "coco_order", "flickr30k_order")
     assert {"next to", "near", "with"} <= comp.SYMMETRIC_RELATIONS and "eating" not in comp.SYMMETRIC_RELATIONS
 
@@ -100,9 +103,9 @@ def test_defaults_are_the_benchmarks():
 
 def test_credit_splits_ties_and_accuracy_is_macro_where_the_benchmark_says():
     scores = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.7, 0.2], [0.3, 0.3]])
-    assert comp.credit(scores, 1).tolist() == [1.0, 0.5, 0.0, 0.5]
+    assert comp.credit(scores, 1, "split").tolist() == [1.0, 0.5, 0.0, 0.5]
     five = torch.tensor([[1.0, 1, 0, 1, 0], [2.0, 1, 1, 1, 1]])
-    assert comp.credit(five, 0).tolist() == [pytest.approx(1 / 3), 1.0]
+    assert comp.credit(five, 0, "split").tolist() == [pytest.approx(1 / 3), 1.0]
     cases = [{"group": g} for g in ["eating"] * 3 + ["on"] + ["near"] * 2]  # "near" is symmetric: left out
     correct = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0])
     relation = comp.subset_accuracy("vg_relation", cases, correct)
@@ -115,6 +118,29 @@ def test_credit_splits_ties_and_accuracy_is_macro_where_the_benchmark_says():
     assert attributes["accuracy"] == pytest.approx(20.0) and list(attributes["groups"]) == ["white_red"]
     order = comp.subset_accuracy("coco_order", [{}] * 4, torch.tensor([1.0, 0.2, 0.0, 1.0]))
     assert order["accuracy"] == pytest.approx(55.0)
+
+
+def benchmark_correct(scores, answer):
+    """The benchmark's rule (evaluate_scores in dataset_zoo/aro_datasets.py): the prediction is np.argmax over the
+    options, which takes the first of tied maxima; right when it is the true caption's index (1 on VG, whose options
+    are [false, true]; 0 on Order, whose options are [caption, four shufflings])."""
+    return torch.tensor(np.argmax(np.asarray(scores), axis=-1) == answer, dtype=torch.float32)
+
+
+def test_ties_go_to_the_first_option_as_the_benchmarks_argmax_gives_them():
+    scores = torch.tensor([[0.1, 0.9], [0.5, 0.5], [0.7, 0.2], [0.3, 0.3]])
+    assert comp.credit(scores, 1).tolist() == [1.0, 0.0, 0.0, 0.0]  # a VG tie goes to the false caption
+    five = torch.tensor([[1.0, 1, 0, 1, 0], [2.0, 1, 1, 1, 1], [0.0, 1, 0, 1, 0]])
+    assert comp.credit(five, 0).tolist() == [1.0, 1.0, 0.0]  # an Order tie goes to the true caption
+    assert comp.credit(five, 1).tolist() == [0.0, 0.0, 1.0] and comp.credit(five, 3).tolist() == [0.0, 0.0, 0.0]
+    rng = np.random.default_rng(0)
+    for options in (2, 5):  # scores from three values: most cases tie
+        scores = torch.tensor(rng.integers(0, 3, (500, options)), dtype=torch.float32)
+        for answer in range(options):
+            assert torch.equal(comp.credit(scores, answer, "first"), benchmark_correct(scores, answer))
+    order = torch.tensor(rng.integers(0, 3, (500, 5)), dtype=torch.float32)
+    assert comp.subset_accuracy("coco_order", [{}] * 500, comp.credit(order, 0))["accuracy"] == \
+        pytest.approx(100 * benchmark_correct(order, 0).mean().item())
 
 
 def test_shufflings_move_the_benchmarks_words_and_keep_them_all():
@@ -143,6 +169,36 @@ def test_shufflings_move_the_benchmarks_words_and_keep_them_all():
     assert comp.pre_caption('A "Dog": on (the) grass!  ok.', 4) == "a dog on the"
 
 
+# the words of the issue that our regular expression split and NLTK keeps whole, as nltk 3.7 to 3.10 split them
+NLTK_WORDS = {
+    "A man in a t-shirt takes a close-up.": ["A", "man", "in", "a", "t-shirt", "takes", "a", "close-up", "."],
+    "a 3.5 inch screen at 10:30": ["a", "3.5", "inch", "screen", "at", "10:30"],
+    "a clock at ten o'clock": ["a", "clock", "at", "ten", "o'clock"],
+    "about 1,000 birds": ["about", "1,000", "birds"],
+    "the dog's bone isn't red.": ["the", "dog", "'s", "bone", "is", "n't", "red", "."],
+    'a "big" dog (brown)': ["a", "``", "big", "''", "dog", "(", "brown", ")"],
+}
+
+
+def test_words_are_nltks_and_need_no_download(monkeypatch):
+    """word_tokens is NLTK's tokenizer as the benchmark's nltk.word_tokenize runs it on a caption of one sentence,
+    with no NLTK data: word_tokenize itself first splits sentences with Punkt, whose data is a download."""
+    import nltk
+    monkeypatch.setattr(nltk.data, "path", [])  # no NLTK data anywhere: any lookup fails
+    monkeypatch.setattr(nltk, "download", lambda *args, **kwargs: pytest.fail("nltk.download was called"))
+    for caption, words in NLTK_WORDS.items():
+        assert comp.word_tokens(caption) == words == nltk.word_tokenize(caption, preserve_line=True) == \
+            nltk.tokenize.NLTKWordTokenizer().tokenize(caption)
+    with pytest.raises(LookupError):
+        nltk.word_tokenize("A dog. A cat.")  # the benchmark's call wants Punkt's data
+    assert comp.word_tokens("A dog. A cat.") == ["A", "dog.", "A", "cat", "."]  # Punkt would give "dog", "."
+    shuffled = comp.shufflings("A man in a t-shirt sits at 10:30", lexicon_tagger, np.random.default_rng(0))
+    trigrams = [["A", "man", "in"], ["a", "t-shirt", "sits"], ["at", "10:30"]]  # the benchmark's trigram boundaries
+    within = shuffled[2].split(" ")
+    assert [sorted(within[i:i + 3]) for i in range(0, len(within), 3)] == [sorted(t) for t in trigrams]
+    assert shuffled[3].split(" ") in [sum(order, []) for order in itertools.permutations(trigrams)]
+
+
 def order_blind(model):
     """The model with a text tower that sees each caption's tokens sorted: blind to word order by construction."""
     tower = model.text.forward
@@ -151,8 +207,10 @@ def order_blind(model):
 
 
 @pytest.mark.slow
-def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro, plus_checkpoint,
-                                                                            tokenizer_folder):
+def test_an_order_blind_model_scores_as_the_benchmark_scores_ties_or_at_chance_when_split(aro, plus_checkpoint,
+                                                                                          tokenizer_folder):
+    """Every option of every case ties: the benchmark's rule gives VG's to the false caption (0%) and Order's to the
+    true one (100%); split credit gives chance (50% on two options, 20% on five)."""
     from util.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(tokenizer_folder)
     model, heads, _ = checkpoints.load_image_text_model(plus_checkpoint, eos_token_id=tokenizer.eos_token_id)
@@ -164,12 +222,20 @@ def test_an_order_blind_model_scores_half_on_two_options_and_a_fifth_on_five(aro
     for subset, expected in (("vg_relation", 50.0), ("vg_attribution", 50.0)):
         cases = comp.visual_genome_cases(aro, subset)
         scores = comp.score_cases(model, tokenizer, cases, transform, args, device, subset)
-        assert comp.subset_accuracy(subset, cases, comp.credit(scores, 1))["accuracy"] == pytest.approx(expected)
+        assert (scores == scores[:, :1]).all()  # every case a tie
+        assert comp.subset_accuracy(subset, cases, comp.credit(scores, 1, "split"))["accuracy"] == \
+            pytest.approx(expected)
+        first = comp.subset_accuracy(subset, cases, comp.credit(scores, 1))["accuracy"]
+        assert first == comp.subset_accuracy(subset, cases, benchmark_correct(scores, 1))["accuracy"] == 0.0
     cases = comp.order_cases(aro, "coco_order", lexicon_tagger, 30, seed=0)
     assert len(cases) == 4 and all(len(case["options"]) == 5 for case in cases)
     assert cases[0]["options"][0] == "a brown dog sits on the grass"  # pre_caption'd
     scores = comp.score_cases(model, tokenizer, cases, transform, args, device, "coco_order")
-    assert comp.subset_accuracy("coco_order", cases, comp.credit(scores, 0))["accuracy"] == pytest.approx(20.0)
+    assert (scores == scores[:, :1]).all()
+    assert comp.subset_accuracy("coco_order", cases, comp.credit(scores, 0, "split"))["accuracy"] == \
+        pytest.approx(20.0)
+    first = comp.subset_accuracy("coco_order", cases, comp.credit(scores, 0))["accuracy"]
+    assert first == comp.subset_accuracy("coco_order", cases, benchmark_correct(scores, 0))["accuracy"] == 100.0
 
 
 # ---- end to end ----
@@ -188,6 +254,21 @@ def test_runs_aro_and_zero_shot_end_to_end(tmp_path, aro, plus_checkpoint, digit
     assert saved["zero_shot"]["classes"] == 10 and saved["zero_shot"]["images"] == 450
     assert saved["zero_shot"]["templates"] == list(comp.TEMPLATES) and 0 <= saved["zero_shot"]["top1"] <= 100
     assert saved["aro"] == results["aro"] and "ARO coco_order" in capsys.readouterr().out
+    assert saved["tie_rule"] == "first" and saved["args"]["ties"] == "first"
+    import nltk
+    assert saved["word_tokenizer"] == f"nltk {nltk.__version__} NLTKWordTokenizer"
+
+
+def test_results_are_named_after_a_changed_tie_rule(tmp_path):
+    """The benchmark's rule keeps the name compositionality.json; split credit gets a file of its own."""
+    checkpoint = tmp_path / "run" / "checkpoint-00000010.pth"
+    assert comp.results_path(args_for("--checkpoint", checkpoint)) == str(tmp_path / "run" / "compositionality.json")
+    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "first")) == \
+        str(tmp_path / "run" / "compositionality.json")
+    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "split")) == \
+        str(tmp_path / "run" / "compositionality_ties-split.json")
+    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "split", "--output", tmp_path / "r.json")) \
+        == str(tmp_path / "r.json")
 
 
 def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_checkpoint, tokenizer_folder):
@@ -219,7 +300,7 @@ def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_che
 # ---- bad input: one line, exit code 2, nothing written ----
 
 @pytest.mark.parametrize("case", ["no text tower", "nothing to do", "no json", "subset without root",
-                                  "bad templates", "no spacy"])
+                                  "bad templates", "no spacy", "unknown tie rule"])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, aro, plus_checkpoint, tiny_checkpoint, case):
     if case == "no spacy" and importlib.util.find_spec("spacy"):
         pytest.skip("spaCy is installed here")
@@ -234,6 +315,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, aro, plus_ch
         "bad templates": (["--checkpoint", plus_checkpoint, "--zero-shot-dir", aro, "--templates",
                            tmp_path / "templates.txt"], "one {} for the class name"),
         "no spacy": (["--checkpoint", plus_checkpoint, "--coco-root", aro], "pip install spacy"),
+        "unknown tie rule": (["--checkpoint", plus_checkpoint, "--aro-root", aro, "--ties", "last"],
+                             "argument --ties: invalid choice: 'last'"),
     }[case]
     with pytest.raises(SystemExit) as info:
         run(comp.main, comp.get_args_parser(), [str(a) for a in [*argv, "--output", out, "--num-workers", 0]])
