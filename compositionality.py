@@ -126,6 +126,7 @@ import augment
 from util import checkpoints
 from util import evaluation as ev
 from util import tokenizer as tokenizer_lib
+from util.results import MADE_BY, check_output, default_name, jsonable
 
 # ------------------------------------------------------------------------------------------------------------
 # the benchmark's cases
@@ -380,21 +381,38 @@ def read_templates(path):
     return templates
 
 
-def results_path(args):
-    """--output, or compositionality.json beside the checkpoint, with a tag for each changed setting that changes the
-    numbers (compositionality_ties-split.json), so a result of the benchmark's settings is never replaced."""
-    name = "_".join(["compositionality", *ev.changed_settings(args, get_args_parser(), ("ties",))]) + ".json"
-    return args.output or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), name)
+def results_path(args, subsets):
+    """--output, or compositionality.json beside the checkpoint, named after what made the numbers
+    (util.results.default_name): the subsets unless all four, the zero-shot folder, each changed setting
+    (compositionality_ties-split.json), the checkpoint unless encoder.pth; so a result of other settings or
+    another checkpoint is never replaced."""
+    parts = [] if list(subsets) == list(SUBSETS) else list(subsets) or ["no-aro"]
+    if args.zero_shot_dir:
+        parts += ["zero-shot", ev.folder_name(args.zero_shot_dir)]
+    parts += ev.changed_settings(args, get_args_parser(), ("ties", "keep_symmetric", "max_words"))
+    return args.output or default_name("compositionality", parts, args.checkpoint)
+
+
+def made_by(args, subsets, roots):
+    """What made the numbers, as the results file records it (util.results)."""
+    return jsonable({
+        "script": "compositionality.py", "checkpoint": os.path.abspath(args.checkpoint),
+        "aro": {subset: os.path.abspath(roots[subset]) for subset in subsets},
+        "zero_shot": os.path.abspath(args.zero_shot_dir) if args.zero_shot_dir else None,
+        "settings": {key: getattr(args, key) for key in ("tokenizer", "text_heads", "image_size", "ties",
+                                                         "keep_symmetric", "max_words", "templates", "seed")}})
 
 
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
     subsets, roots = chosen_subsets(args)
     templates = read_templates(args.templates)
-    output = results_path(args)
+    output, recipe = results_path(args, subsets), made_by(args, subsets, roots)
     if os.path.isdir(output):
         raise UserError(f"--output {output} is a folder; name the results file")
     check_creatable(os.path.dirname(os.path.abspath(output)), "--output")
+    check_output(output, recipe, [args.checkpoint, args.templates, args.zero_shot_dir,
+                                  *(roots[subset] for subset in subsets)])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # ---- model and tokenizer ----
@@ -414,7 +432,7 @@ def main(args):
 
     # ---- ARO ----
     results = {"checkpoint": os.path.abspath(args.checkpoint), "tokenizer": tokenizer_name, "text_heads": heads,
-               "tie_rule": args.ties, "aro": {}, "args": vars(args)}
+               "tie_rule": args.ties, "aro": {}, "args": vars(args), MADE_BY: recipe}
     tagger = None
     if any(s.endswith("_order") for s in subsets):
         import nltk  # the Order subsets' word tokenizer (word_tokens), whose splits changed across its releases

@@ -15,6 +15,7 @@ import os
 from util import evaluation_flags
 from util.cli import ArgumentParser, UserError, integer, number, parse_command_line, run
 from util.files import atomic_write_json
+from util.results import MADE_BY
 
 
 def get_args_parser():
@@ -125,8 +126,11 @@ def result_tags(args):
 
 def main(args):
     # ---- arguments and output (checked here, written only at the end) ----
+    folders = [os.path.abspath(args.data_dir)] if args.data_dir else []
+    made_by = ev.made_by(args, "fewshot.py", args.dataset or folders,
+                         ("split", "ways", "shots", "queries", "episodes", "classifier", "C", "seed"))
     output = ev.results_path(args, "fewshot", args.dataset or ev.folder_name(args.data_dir or "folder"),
-                             result_tags(args))
+                             result_tags(args), made_by, folders)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -167,7 +171,8 @@ def main(args):
                "classifier": args.classifier, "ways": args.ways, "shots": args.shots, "queries": args.queries,
                "episodes": args.episodes, "accuracy": mean, "ci95": interval,
                "episode_accuracies": accuracies.tolist(), "feature_cache": {"dir": os.path.abspath(cache_dir),
-                                                                            "hit": cache_hit}, "args": vars(args)}
+                                                                            "hit": cache_hit}, "args": vars(args),
+               MADE_BY: made_by}
     atomic_write_json(output, results)
     print(f"{args.ways}-way {args.shots}-shot ({args.queries} queries, {args.episodes} episodes, {args.classifier})"
           f" of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")

@@ -23,6 +23,7 @@ from util import evaluation_flags
 from util.catalog import FAIRFACE_DATASETS
 from util.cli import ArgumentParser, UserError, integer, number, parse_command_line, run
 from util.files import atomic_write_json
+from util.results import MADE_BY
 from util.runlog import RunLog, check_loggers
 
 # the paper's metric per dataset (Kornblith et al.'s protocol); top-1 for the others
@@ -342,7 +343,10 @@ def main(args):
     if args.wd_range[0] > args.wd_range[1]:
         raise UserError(f"--wd-range {args.wd_range[0]:g} {args.wd_range[1]:g} needs MIN <= MAX")
     data_name = args.dataset or ev.folder_name(args.train_dir or "folders")
-    output = ev.results_path(args, "linear_probe", data_name, result_tags(args))
+    folders = [os.path.abspath(folder) for folder in (args.train_dir, args.val_dir) if folder]
+    made_by = ev.made_by(args, "linear_probe.py", args.dataset or folders,
+                         ("protocol", "metric", *RESULT_SETTINGS[args.protocol]))
+    output = ev.results_path(args, "linear_probe", data_name, result_tags(args), made_by, folders)
     cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(output)), "feature_cache")
 
     # ---- distributed ----
@@ -370,7 +374,7 @@ def main(args):
 
     # ---- probe ----
     results = {"protocol": args.protocol, "encoder": encoder_id, "data": data_id, "num_classes": num_classes,
-               "args": vars(args)}
+               "args": vars(args), MADE_BY: made_by}
     if args.protocol == "sgd":
         if metric != "top1":
             raise UserError(f"--protocol sgd reports top-1; {metric} is the lbfgs protocol's metric")

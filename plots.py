@@ -29,9 +29,24 @@ def main(args):
     log = find_log(args.run) if os.path.isdir(args.run) else args.run
     records = read_log(log)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(log)), "curves.png")
+    if os.path.lexists(output) and not is_figure(output):
+        raise UserError(f"--output {output} exists and is not a figure (a log, a checkpoint, a folder?): a plot never "
+                        "replaces anything else; choose another file")
     plot_curves(records, output, title=os.path.basename(os.path.dirname(os.path.abspath(log))))
     print(f"{len(records)} records of {log} -> {output}")
     return output
+
+
+FIGURE_MAGIC = (b"\x89PNG", b"%PDF", b"<?xml", b"<svg")  # what matplotlib writes as PNG, PDF or SVG
+
+
+def is_figure(path):
+    """Does `path` hold a figure (a PNG, PDF or SVG file, which a new plot may replace)?"""
+    try:
+        with open(path, "rb") as f:
+            return os.path.isfile(path) and f.read(8).startswith(FIGURE_MAGIC)
+    except OSError:
+        return False
 
 
 def find_log(folder):

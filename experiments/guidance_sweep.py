@@ -24,7 +24,9 @@ string each, e.g. --pretrain-args "--epochs 30"). Multi-node runs: run the recip
 the figure.
 """
 import argparse
+import glob
 import os
+import re
 import shlex
 import sys
 
@@ -123,18 +125,25 @@ class Sweep:
             self.probe(family, name)
 
     def results(self):
-        """{family: {"synthetic": {w: {"best", "last"}}, "real": {...} or None}} of the probes done."""
+        """{family: {"synthetic": {w: {"best", "last"}}, "real": {...} or None}} of every probe done in --output:
+        this launch's families and w's, and those of earlier launches (a sweep over fewer families or w's keeps
+        the others' rows)."""
         def accuracy(family, data_name):
             if not self.probe_done(family, data_name):
                 return None
             probe = read_json(os.path.join(self.run_folder(family, data_name), "linear_probe.json"))
             return {"best": probe["best"]["top1"], "last": probe["last"]["top1"]}
 
+        done = [os.path.basename(os.path.dirname(path)).rsplit("_", 1) for path in
+                glob.glob(os.path.join(glob.escape(self.out), "runs", "*_*", "linear_probe.json"))]
+        families = [family for family in FAMILIES if family in self.args.families or family in dict(done)]
+        ws = sorted({float(name[1:]) for _, name in done if re.fullmatch(r"w\d+(\.\d+)?", name)} | set(self.args.ws))
         table = {}
-        for family in self.args.families:
-            synthetic = {f"{w:g}": accuracy(family, w_name(w)) for w in self.args.ws}
+        for family in families:
+            synthetic = {f"{w:g}": accuracy(family, w_name(w)) for w in ws}
+            real = accuracy(family, "real")
             table[family] = {"synthetic": {w: a for w, a in synthetic.items() if a is not None},
-                             "real": accuracy(family, "real") if self.args.real else None}
+                             "real": real if self.args.real or real else None}
         return table
 
 
@@ -159,10 +168,11 @@ def main(args):
     table = sweep.results()
     atomic_write_json(os.path.join(sweep.out, "guidance_sweep.json"), {"imagenet_top1": table, "args": vars(args)})
     print("\nImageNet linear probe top-1 (best head and evaluation), by guidance scale w:")
-    print(f"| {'family':8s} | " + " | ".join(f"w = {w:g}" for w in args.ws) + " | real |")
+    ws = sorted({float(w) for row in table.values() for w in row["synthetic"]} | set(args.ws))
+    print(f"| {'family':8s} | " + " | ".join(f"w = {w:g}" for w in ws) + " | real |")
     for family, row in table.items():
         cells = [f"{row['synthetic'][f'{w:g}']['best']:.1f}" if f"{w:g}" in row["synthetic"] else "-"
-                 for w in args.ws]
+                 for w in ws]
         real = f"{row['real']['best']:.1f}" if row["real"] else "-"
         print(f"| {family:8s} | " + " | ".join(cells) + f" | {real} |")
     from plots import plot_guidance_sweep

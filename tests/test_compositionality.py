@@ -259,16 +259,23 @@ def test_runs_aro_and_zero_shot_end_to_end(tmp_path, aro, plus_checkpoint, digit
     assert saved["word_tokenizer"] == f"nltk {nltk.__version__} NLTKWordTokenizer"
 
 
-def test_results_are_named_after_a_changed_tie_rule(tmp_path):
-    """The benchmark's rule keeps the name compositionality.json; split credit gets a file of its own."""
-    checkpoint = tmp_path / "run" / "checkpoint-00000010.pth"
-    assert comp.results_path(args_for("--checkpoint", checkpoint)) == str(tmp_path / "run" / "compositionality.json")
-    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "first")) == \
-        str(tmp_path / "run" / "compositionality.json")
-    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "split")) == \
-        str(tmp_path / "run" / "compositionality_ties-split.json")
-    assert comp.results_path(args_for("--checkpoint", checkpoint, "--ties", "split", "--output", tmp_path / "r.json")) \
-        == str(tmp_path / "r.json")
+def test_results_are_named_after_what_made_them(tmp_path):
+    """The benchmark's rule on all four subsets of encoder.pth keeps the name compositionality.json; split credit,
+    fewer subsets, a zero-shot folder and another checkpoint of the run each get a file of their own."""
+    run = tmp_path / "run"
+    encoder, checkpoint = run / "encoder.pth", run / "checkpoint-00000010.pth"
+
+    def name(*argv):
+        args = args_for(*argv)
+        return os.path.basename(comp.results_path(args, args.subsets or comp.SUBSETS))
+    assert name("--checkpoint", encoder) == name("--checkpoint", encoder, "--ties", "first") == "compositionality.json"
+    assert name("--checkpoint", encoder, "--ties", "split") == "compositionality_ties-split.json"
+    assert name("--checkpoint", checkpoint) == "compositionality_checkpoint-00000010.json"
+    assert name("--checkpoint", encoder, "--subsets", "vg_relation") == "compositionality_vg_relation.json"
+    assert name("--checkpoint", encoder, "--zero-shot-dir", tmp_path / "flowers" / "test") == \
+        "compositionality_zero-shot_flowers_test.json"
+    args = args_for("--checkpoint", checkpoint, "--ties", "split", "--output", tmp_path / "r.json")
+    assert comp.results_path(args, comp.SUBSETS) == str(tmp_path / "r.json")
 
 
 def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_checkpoint, tokenizer_folder):

@@ -30,7 +30,7 @@ def test_results_are_named_after_the_episodes_classifier_and_changed_settings(tm
     def default_output(*argv):
         args = fewshot.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "encoder.pth"), "--dataset",
                                                      "flowers", *argv])
-        return os.path.basename(ev.results_path(args, "fewshot", "flowers", fewshot.result_tags(args)))
+        return os.path.basename(ev.results_path(args, "fewshot", "flowers", fewshot.result_tags(args), {}, []))
 
     assert default_output() == "fewshot_flowers_5way5shot_logistic.json"
     assert default_output("--classifier", "prototype", "--shots", "1") == "fewshot_flowers_5way1shot_prototype.json"

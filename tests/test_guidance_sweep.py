@@ -87,3 +87,18 @@ def test_table_and_figure_from_the_probes_without_running_anything(tmp_path, cap
     written = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
     assert written["imagenet_top1"] == table
     assert (tmp_path / "sweep" / "guidance_sweep.png").stat().st_size > 10_000
+
+
+def test_a_sweep_over_fewer_families_or_ws_keeps_the_others_rows(tmp_path, capsys):
+    """The table is every probe done in --output: a later launch for one family and one w rewrites it with the
+    others' rows kept."""
+    pytest.importorskip("matplotlib")
+    runs = tmp_path / "sweep" / "runs"
+    for family, base in (("dino", 50.0), ("mae", 30.0)):
+        for w in (2, 8):
+            plant(runs / f"{family}_w{w}", "linear_probe.json", probe_result(base + w))
+    _, table = run_sweep(tmp_path, capsys)
+    _, fewer = run_sweep(tmp_path, capsys, "--families", "dino", "--ws", "2")
+    assert fewer == table and set(fewer) == {"dino", "mae"} and set(fewer["mae"]["synthetic"]) == {"2", "8"}
+    written = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
+    assert written["imagenet_top1"] == table

@@ -197,7 +197,8 @@ def test_results_of_other_protocols_and_settings_get_names_of_their_own(tmp_path
     def default_output(*argv):
         args = linear_probe.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "encoder.pth"),
                                                           "--dataset", "flowers", *argv])
-        return os.path.basename(ev.results_path(args, "linear_probe", "flowers", linear_probe.result_tags(args)))
+        return os.path.basename(ev.results_path(args, "linear_probe", "flowers", linear_probe.result_tags(args), {},
+                                                []))
 
     assert default_output("--protocol", "sgd") == "linear_probe_flowers_sgd.json"
     assert default_output("--protocol", "lbfgs") == "linear_probe_flowers_lbfgs.json"

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 import augment
 from model import build_vit
+from util import results
 from util.catalog import VIT_SIZES, vit_name
 from util.checkpoints import load_encoder
 from util.cli import UserError, first_line, raised_message
@@ -32,23 +33,33 @@ from util.files import atomic_open, check_creatable
 # ------------------------------------------------------------------------------------------------------------
 
 
-def results_path(args, results_name, data_name, tags=()):
-    """Where the results go: --output, or beside the checkpoint as <results_name>_<data>_<tag>_....json, the tags
-    saying what made the number (the protocol, changed_settings), so a result of other settings is never replaced.
-    Checked, not created: a run that fails on its input leaves nothing behind. UserError for a folder given as the
-    file, or a place that cannot be written."""
+def results_path(args, results_name, data_name, tags, made_by, inputs):
+    """Where the results go: --output, or beside the checkpoint as <results_name>_<data>_<tag>_..._<checkpoint>.json
+    (util.results.default_name), the tags saying what made the number (the protocol, changed_settings), so a result
+    of other settings is never replaced. Checked, not created: a run that fails on its input leaves nothing behind.
+    UserError for a folder given as the file, a place that cannot be written, or a file that is one of `inputs` or
+    holds another result than `made_by`'s (util.results.check_output)."""
     if args.output is None:
         if args.random_init:
             raise UserError("--random-init has no checkpoint folder to write results beside: pass --output")
-        args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                   "_".join([results_name, data_name, *tags]) + ".json")
+        args.output = results.default_name(results_name, [data_name, *tags], args.checkpoint)
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; name the results file (e.g. {results_name}.json)")
     check_creatable(os.path.dirname(os.path.abspath(args.output)), "--output")
+    results.check_output(args.output, made_by, [args.checkpoint, args.cache_dir, *inputs])
     if args.cache_dir is not None and os.path.exists(args.cache_dir) and not os.path.isdir(args.cache_dir):
         raise UserError(f"--cache-dir {args.cache_dir} is a file, not a folder")
     check_creatable(args.cache_dir or os.path.dirname(os.path.abspath(args.output)), "--cache-dir")
     return args.output
+
+
+def made_by(args, script, data, settings):
+    """What made an evaluation's number, as its results file records it (util.results): the script, the encoder
+    (checkpoint, or a random init's model), the data and the settings that change the number."""
+    return results.jsonable({"script": script,
+                             "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
+                             "model": args.model, "image_size": args.image_size, "data": data,
+                             "settings": {key: getattr(args, key) for key in settings}})
 
 
 def changed_settings(args, parser, dests):
