@@ -29,7 +29,7 @@ import time
 
 from tqdm import tqdm
 
-from util.catalog import VIT_SIZES
+from util.catalog import VIT_SIZES, vit_name
 from util.cli import SEED, ArgumentParser, UserError, first_line, git_commit, integer, number, parse_command_line, run
 from util.files import atomic_write_json, check_creatable
 from util.runlog import RunLog, check_loggers
@@ -38,8 +38,10 @@ NUM_CLASSES = 150  # ADE20k's SceneParsing classes; label 0 ("other") is ignored
 IGNORE = 255  # the label of ignored pixels (ADE's 0 after reduce_zero_label, and crop padding)
 MULTI_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # BEiT's and mmsegmentation's test-time scales
 # flags a resumed run may change: they do not change what is trained
-RESUMABLE = {"num_workers", "save_every", "keep", "log_every", "tensorboard", "output", "resume", "flags_given",
-             "eval_every", "test_scales", "flip"}
+# flags a resumed run may change (else it keeps every recorded setting), and those about a launch alone
+RESUMABLE = {"num_workers", "save_every", "keep", "log_every", "tensorboard", "output", "eval_every", "test_scales",
+             "flip"}
+NEVER_RESTORED = {"resume", "flags_given"}
 
 
 def get_args_parser():
@@ -131,8 +133,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+from model import build_vit
 from util import checkpoints, distributed
 from util import evaluation as ev
+from util.checkpoints import check_recorded_settings
 from util.resume import take_recorded_settings
 
 # ------------------------------------------------------------------------------------------------------------
@@ -633,10 +637,17 @@ def evaluate(predict, dataset, names, crop_size, stride, scales, flip, device, n
 # ------------------------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(model, optimizer, iteration, args):
+def save_checkpoint(model, optimizer, iteration, args, encoder_id, evaluations, scores):
+    """The state that continues the run exactly, with what a resume needs besides: the encoder's architecture and
+    identity (so the --checkpoint file it started from is not needed again), the evaluations so far and the last
+    one's full scores (so results.json can be written from the last checkpoint)."""
+    encoder = model.backbone.encoder
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
              "args": {k: v for k, v in vars(args).items() if k != "flags_given"},
-             "rng": {"torch": torch.get_rng_state()}}
+             "rng": {"torch": torch.get_rng_state()},
+             "encoder": {"model": vit_name(encoder.width), "patch_size": encoder.config["patch_size"],
+                         "depth": encoder.config["depth"], "identity": encoder_id},
+             "evaluations": evaluations, "scores": scores}
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     checkpoints.save_checkpoint(checkpoints.checkpoint_path(args.output, iteration), state)
@@ -662,8 +673,12 @@ def read_resume_checkpoint(args):
         raise UserError(str(err)) from None
     if not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "iteration" not in state:
         raise UserError(f"{found[-1]} is not a segment.py checkpoint")
+    iteration = state["iteration"]
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise UserError(f"{found[-1]} cannot be resumed: its iteration {iteration!r} is damaged")
+    check_recorded_settings(state["args"], get_args_parser(), found[-1], NEVER_RESTORED)
     take_recorded_settings(args, state["args"], found[-1], set(getattr(args, "flags_given", None) or []),
-                           resumable=set(), never_restored=RESUMABLE)
+                           resumable=RESUMABLE, never_restored=NEVER_RESTORED)
     return {"path": found[-1], "state": state}
 
 
@@ -712,9 +727,15 @@ def main(args):
     names = class_names(args.data)
 
     # ---- model ----
-    encoder_args = argparse.Namespace(checkpoint=args.checkpoint, random_init=args.random_init, model=args.model,
-                                      image_size=args.crop_size, seed=args.seed)
-    encoder, encoder_id = ev.build_encoder(encoder_args, torch.device("cpu"))
+    recorded_encoder = resumed["state"].get("encoder") if resumed else None
+    if recorded_encoder:  # its weights are in the checkpoint: the architecture alone is built here
+        encoder = build_vit(recorded_encoder["model"], image_size=args.crop_size,
+                            patch_size=recorded_encoder["patch_size"], depth=recorded_encoder["depth"])
+        encoder_id = recorded_encoder["identity"]
+    else:
+        encoder_args = argparse.Namespace(checkpoint=args.checkpoint, random_init=args.random_init,
+                                          model=args.model, image_size=args.crop_size, seed=args.seed)
+        encoder, encoder_id = ev.build_encoder(encoder_args, torch.device("cpu"))
     for parameter in encoder.parameters():
         parameter.requires_grad_(True)  # fine-tuned end to end (build_encoder freezes it for the probes)
     torch.manual_seed(args.seed)
@@ -727,7 +748,7 @@ def main(args):
                                   betas=tuple(args.betas))
 
     # ---- resume ----
-    iteration = 0
+    iteration, evaluations, scores = 0, [], None
     if resumed:
         state = resumed["state"]
         try:
@@ -738,8 +759,9 @@ def main(args):
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        iteration = state["iteration"]
-    if iteration >= args.iterations:
+        iteration, evaluations, scores = state["iteration"], state.get("evaluations") or [], state.get("scores")
+    finished = iteration >= args.iterations
+    if finished and os.path.isfile(os.path.join(args.output, "results.json")):
         if is_main:
             print(f"{args.output}: the run finished at iteration {iteration}; nothing to do (results.json is there)")
         return distributed.leave()
@@ -756,7 +778,8 @@ def main(args):
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          generator=torch.Generator())  # its seed draw must not move torch's stream
     batches = ev.batches(loader)
-    batches = itertools.chain([next(batches)], batches)
+    if not finished:
+        batches = itertools.chain([next(batches)], batches)
 
     # ---- output: created only now that every input has been checked ----
     log = None
@@ -766,7 +789,21 @@ def main(args):
 
     # ---- loop ----
     val_set = ValImages(val_pairs)
-    evaluations, start_time, start_iteration = [], time.time(), iteration
+    start_time, start_iteration = time.time(), iteration
+
+    def evaluate_now():
+        """Score the model at this iteration (every process takes part), record it, log it."""
+        model.eval()
+        with autocast:
+            now = evaluate(model_without_ddp, val_set, names, args.crop_size, stride, args.test_scales, args.flip,
+                           device, args.num_workers)
+        model.train()
+        evaluations.append({"iteration": iteration, **{k: v for k, v in now.items() if k != "per_class_iou"}})
+        if log:
+            log.write(iteration, mIoU=now["mIoU"], aAcc=now["aAcc"], mAcc=now["mAcc"])
+            print(f"iteration {iteration}: mIoU {now['mIoU']:.2f}, pixel accuracy {now['aAcc']:.2f}")
+        return now
+
     model.train()
     try:
         while iteration < args.iterations:
@@ -793,19 +830,13 @@ def main(args):
             evaluation_due = iteration % args.eval_every == 0 or iteration == args.iterations
             if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
                 distributed.average_batchnorm_statistics(model_without_ddp)
+            if evaluation_due:  # before the checkpoint, which then holds it (a resume never loses an evaluation)
+                scores = evaluate_now()
             if save_due and is_main:
-                save_checkpoint(model_without_ddp, optimizer, iteration, args)
-            if evaluation_due:
-                model.eval()
-                with autocast:
-                    scores = evaluate(model_without_ddp, val_set, names, args.crop_size, stride, args.test_scales,
-                                      args.flip, device, args.num_workers)
-                model.train()
-                evaluations.append({"iteration": iteration, **{k: v for k, v in scores.items()
-                                                               if k != "per_class_iou"}})
-                if log:
-                    log.write(iteration, mIoU=scores["mIoU"], aAcc=scores["aAcc"], mAcc=scores["mAcc"])
-                    print(f"iteration {iteration}: mIoU {scores['mIoU']:.2f}, pixel accuracy {scores['aAcc']:.2f}")
+                save_checkpoint(model_without_ddp, optimizer, iteration, args, encoder_id, evaluations, scores)
+        # the final evaluation, unless the last checkpoint holds it (a run killed while writing results.json)
+        if not evaluations or evaluations[-1]["iteration"] != iteration:
+            scores = evaluate_now()
     except KeyboardInterrupt:
         if is_main:
             log.close()

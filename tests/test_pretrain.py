@@ -531,6 +531,30 @@ def official_run_checkpoint(path, epoch=1, epochs=3):
     return model, optimizer
 
 
+@pytest.mark.parametrize("damage, fragment", [
+    ({"epoch": -5}, "after epoch -5"), ({"epoch": 10 ** 9}, "after epoch 1000000000"),
+    ({"args.epochs": -3}, "--epochs -3"), ({"args.batch_size": "12"}, "--batch_size '12'"),
+    ({"args.n_img": 0}, "--n_img 0"), ({"args.world_size": 0}, "--world_size 0"),
+    ({"args.blr": math.nan, "args.lr": None}, "--blr nan"), ({"args.seed": 2 ** 70}, "--seed 1180591620717411303424"),
+    ({"args.beta1": "x"}, "--betas ['x', 0.98]"), ({"args.warmup_epochs": "1"}, "--warmup_epochs '1'")])
+def test_an_official_checkpoint_with_damaged_settings_is_one_line(damage, fragment, random_tree, tmp_path):
+    """Every recorded setting of an official checkpoint goes through pretrain.py's own flag checks (or, before its
+    arithmetic, a whole-number / finite-number check): one line naming the file, never a traceback or a run that
+    trains backwards."""
+    path = tmp_path / "official.pth"
+    official_run_checkpoint(path)
+    state = torch.load(path, weights_only=False)
+    for key, value in damage.items():
+        if key.startswith("args."):
+            setattr(state["args"], key[len("args."):], value)
+        else:
+            state[key] = value
+    torch.save(state, path)
+    with pytest.raises(pretrain.UserError) as raised:
+        read_resume(["--data", random_tree, "--resume", str(path), "--depth", "1", "--image-size", "32"])
+    assert str(path) in str(raised.value) and fragment in str(raised.value), str(raised.value)
+
+
 @pytest.mark.slow
 def test_an_official_run_continues_with_its_weights_moments_and_schedule(random_tree, tmp_path):
     path = tmp_path / "official.pth"
@@ -875,6 +899,8 @@ DAMAGE = {  # what hand-editing or a broken writer can leave in a checkpoint, an
     "no rng": (lambda state: state.pop("rng"), "its 'rng' is missing"),
     "string step": (lambda state: state.update(step="3"), "its 'step' is a str"),
     "string flag": (lambda state: state["args"].update(captions_per_gpu="four"), "records --captions-per-gpu 'four'"),
+    "number as text": (lambda state: state["args"].update(captions_per_gpu="12"), "records --captions-per-gpu '12'"),
+    "float for a whole number": (lambda state: state["args"].update(epochs=2.5), "records --epochs 2.5"),
     "moment shape": (lambda state: first_moments(state).update(exp_avg=torch.zeros(3)),
                      "optimiser state 'exp_avg' does not have the shape"),
     "nan weights": (lambda state: state["model"]["visual.pos_embed"].fill_(float("nan")), "non-finite weights"),
@@ -884,15 +910,15 @@ DAMAGE = {  # what hand-editing or a broken writer can leave in a checkpoint, an
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_is_one_line_naming_it(damage, finished_run, tmp_path):
-    """The first three are found when the checkpoint is read (checked in this process), the last two when it is
-    loaded into the model and optimiser (checked as the command, which must write nothing)."""
+    """Damage to the file's parts and recorded settings is found when it is read (checked in this process), the rest
+    when it is loaded into the model and optimiser (checked as the command, which must write nothing)."""
     state = torch.load(finished_run / "checkpoint-00000002.pth", weights_only=True)
     change, fragment = DAMAGE[damage]
     change(state)
     path = tmp_path / "damaged.pth"
     torch.save(state, path)
     argv = ["--resume", str(path), "--output", str(tmp_path / "out")]
-    if damage in ("no rng", "string step", "string flag"):
+    if damage in ("no rng", "string step", "string flag", "number as text", "float for a whole number"):
         with pytest.raises(pretrain.UserError, match="cannot be resumed") as raised:
             read_resume(argv)
         assert str(path) in str(raised.value) and fragment in str(raised.value)

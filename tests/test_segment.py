@@ -230,26 +230,58 @@ def test_two_cpu_processes_report_the_number_of_the_checkpoint_they_save(tmp_pat
 
 @pytest.mark.slow
 def test_trains_end_to_end_and_a_resumed_run_ends_with_the_same_weights(tmp_path, ade, tiny_checkpoint):
-    results = segment.main(parse(*train_argv(ade, tmp_path / "full", tiny_checkpoint)))
+    encoder_file = tmp_path / "encoder.pth"  # the run's own copy: the resume below must not need it
+    shutil.copy(tiny_checkpoint, encoder_file)
+    results = segment.main(parse(*train_argv(ade, tmp_path / "full", encoder_file)))
     saved = json.loads((tmp_path / "full" / "results.json").read_text())
     assert saved["iterations"] == 4 and [e["iteration"] for e in saved["evaluations"]] == [3, 4]
     assert 0 <= saved["mIoU"] <= 100 and saved["mIoU"] == results["mIoU"]
-    assert saved["encoder"]["checkpoint"] == tiny_checkpoint and saved["data"]["val_images"] == 3
+    assert saved["encoder"]["checkpoint"] == str(encoder_file) and saved["data"]["val_images"] == 3
     records = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     checkpoints = sorted(os.listdir(tmp_path / "full"))
     assert [c for c in checkpoints if c.startswith("checkpoint")] == ["checkpoint-00000002.pth",
                                                                       "checkpoint-00000004.pth"]
-    # a run stopped after iteration 2, resumed: the same crops, drop paths and dropouts, so the same weights
+    # a run stopped after iteration 2, resumed with no flag but --output: its own settings (--save-every 2, --keep 3,
+    # --eval-every 3), the same crops, drop paths and dropouts, so the same weights and the same evaluations; the
+    # encoder file it started from is gone (the checkpoint holds every weight)
+    encoder_file.unlink()
     (tmp_path / "resumed").mkdir()
     shutil.copy(tmp_path / "full" / "checkpoint-00000002.pth", tmp_path / "resumed")
-    args = parse("--output", tmp_path / "resumed", "--resume", "--num-workers", 0)
-    args.flags_given = ["output", "resume", "num_workers"]
+    args = parse("--output", tmp_path / "resumed", "--resume")
+    args.flags_given = ["output", "resume"]
     segment.main(args)
+    assert args.eval_every == 3 and args.save_every == 2 and args.keep == 3 and args.num_workers == 0
     full = torch.load(tmp_path / "full" / "checkpoint-00000004.pth", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "resumed" / "checkpoint-00000004.pth", weights_only=True)["model"]
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
+    assert os.path.exists(tmp_path / "resumed" / "checkpoint-00000002.pth")  # --keep 3 kept it
+    again = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert again["evaluations"] == saved["evaluations"] and again["mIoU"] == saved["mIoU"]
+    # killed after its last checkpoint, before results.json: the resume writes it from the checkpoint
+    (tmp_path / "resumed" / "results.json").unlink()
+    args = parse("--output", tmp_path / "resumed", "--resume")
+    args.flags_given = ["output", "resume"]
+    segment.main(args)
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["evaluations"] == saved["evaluations"]
+    segment.main(args)  # and then there is nothing left to do
+
+
+def test_damaged_recorded_settings_of_a_segmentation_checkpoint_are_one_line(tmp_path, ade, tiny_checkpoint):
+    """Every recorded setting goes through the flag's own type and range, as typed ones do."""
+    argv = [str(a) for a in train_argv(ade, tmp_path / "run", tiny_checkpoint)]
+    recorded = vars(parse(*argv))
+    for key, value, fragment in (("batch_size", 0, "--batch-size 0"), ("iterations", "many", "--iterations 'many'"),
+                                 ("crop_size", -16, "--crop-size -16"), ("lr", float("nan"), "--lr nan")):
+        (tmp_path / "run").mkdir(exist_ok=True)
+        torch.save({"model": {}, "optimizer": {}, "iteration": 2, "args": {**recorded, key: value},
+                    "rng": {"torch": torch.get_rng_state()}}, tmp_path / "run" / "checkpoint-00000002.pth")
+        args = parse("--output", tmp_path / "run", "--resume")
+        args.flags_given = ["output", "resume"]
+        with pytest.raises(segment.UserError, match="cannot be resumed") as raised:
+            segment.main(args)
+        assert fragment in str(raised.value)
 
 
 def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):

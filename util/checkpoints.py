@@ -234,10 +234,18 @@ def check_training_state(state, path, parser, never_restored):
     world_size = state.get("world_size", 1)
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
         raise UserError(f"{path} cannot be resumed: its world_size {world_size!r} is not a number of processes")
+    check_recorded_settings(state["args"], parser, path, never_restored)
+
+
+def check_recorded_settings(recorded, parser, path, skipped=()):
+    """UserError naming `path` unless every setting `recorded` (a checkpoint's args, or a recipe read from one) holds
+    for a flag of `parser` is a value the command line could give that flag: the same argparse types, ranges and
+    choices as a typed flag, and the same Python type (a "12" where a number belongs is damage). One place for
+    pretrain.py's, segment.py's and the official checkpoints' recorded settings; those in `skipped` are about a
+    launch, not checked."""
     for action in parser._actions:
-        value = state["args"].get(action.dest)
-        if action.option_strings and value is not None and action.dest not in never_restored \
-                and not _takes(action, value):
+        value = recorded.get(action.dest)
+        if action.option_strings and value is not None and action.dest not in skipped and not _takes(action, value):
             raise UserError(f"{path} cannot be resumed: it records {action.option_strings[0]} {value!r}, which the "
                             "flag does not take (a damaged checkpoint)")
 
@@ -259,8 +267,11 @@ def _takes(action, value):
             return False
         elif action.type is not None:
             try:
-                action.type(str(item))
+                parsed = action.type(str(item))
             except (argparse.ArgumentTypeError, ValueError):
+                return False
+            same_kind = type(parsed) is type(item) or (isinstance(parsed, float) and type(item) is int)
+            if not same_kind or parsed != item:
                 return False
     return True
 

@@ -6,6 +6,7 @@ An official checkpoint is {'model', 'optimizer', 'epoch', 'scaler', 'args': argp
 `visual.*` (timm's ViT names), `image_mlp.*` and, for StableRep+, the text tower's.
 """
 import argparse
+import math
 
 from util.checkpoints import check_finite, model_state_dict, our_name
 from util.cli import UserError, first_line
@@ -38,6 +39,17 @@ def official_recipe(namespace, path):
         what = f"--{changed[0]} {recorded[changed[0]]}" if changed else f"--model {recorded['model']}"
         raise UserError(f"{path} was trained with {what}, which pretrain.py does not have: start from its weights "
                         "with --init-from instead")
+    for key in ("batch_size", "n_img", "num_crop", "world_size", "epochs"):
+        value = recorded.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path} is an official checkpoint whose args record --{key} {value!r}, not a whole "
+                            "number of at least 1 (a damaged checkpoint)")
+    for key in ("blr", "lr", "warmup_epochs"):
+        value = recorded.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise UserError(f"{path} is an official checkpoint whose args record --{key} {value!r}, not a finite "
+                            "number of at least 0 (a damaged checkpoint)")
     world_size, crops = recorded.get("world_size", 1), recorded.get("num_crop", 1)
     images_per_step = recorded["batch_size"] * recorded["n_img"] * crops * world_size
     lr = recorded.get("lr") or recorded["blr"] * images_per_step / 512  # main_stablerep.py sets args.lr so

@@ -2,6 +2,7 @@
 or an official StableRep checkpoint's), and the checks that the launch can continue it."""
 from util import dataindex
 from util.checkpoints import (
+    check_recorded_settings,
     check_training_state,
     comparable_value,
     init_from,
@@ -36,6 +37,10 @@ def read_resume_checkpoint(args, parser, resumable_flags, never_restored):
     official = is_official_checkpoint(state)
     if official:
         recorded, world_size = official_recipe(state["args"], path)
+        check_recorded_settings(recorded, parser, path)
+        if not 0 <= state["epoch"] < recorded["epochs"]:
+            raise UserError(f"{path} is an official checkpoint after epoch {state['epoch']} of a run of "
+                            f"{recorded['epochs']} epochs (a damaged checkpoint)")
     elif not isinstance(state, dict) or not isinstance(state.get("args"), dict) or "step" not in state:
         raise UserError(f"{path} is neither a pretrain.py checkpoint nor an official StableRep one (an encoder alone "
                         "has no optimiser state to continue): start from its weights with --init-from instead")
