@@ -647,7 +647,8 @@ def test_resume_takes_the_recorded_recipe_and_refuses_another(random_tree, tmp_p
     first_log = (output / "log.jsonl").read_text()
     checkpoints = sorted(output.glob("checkpoint-*.pth"))
     assert [p.name for p in checkpoints] == ["checkpoint-00000004.pth", "checkpoint-00000006.pth"]
-    checkpoints[-1].unlink()  # as if killed between step 4 and the end
+    for name in (checkpoints[-1].name, "encoder.pth", "summary.json"):  # as if killed between step 4 and the end
+        (output / name).unlink()
     (output / "log.jsonl").write_text(first_log)
     # no --data, no recipe: all from the checkpoint; --log-every may change
     result = run_pretrain("--output", str(output), "--resume", "--log-every", "2")
@@ -956,6 +957,29 @@ def test_a_run_never_takes_over_another_runs_folder(finished_run, random_tree, t
     assert json.loads((copy / "summary.json").read_text())["steps"] == 3
     assert json.loads((copy / "run.json").read_text())["run_id"] == json.loads(
         (finished_run / "run.json").read_text())["run_id"]
+
+
+def test_resuming_an_older_checkpoint_never_overwrites_a_newer_state(finished_run, tmp_path):
+    """A run folder holding checkpoints 1-3 and its finish: --resume checkpoint-1 into it is one line and changes
+    nothing (it would overwrite checkpoints 2-3 and the finished encoder); into an empty folder it continues."""
+    output = tmp_path / "run"
+    shutil.copytree(finished_run, output)
+    before = {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()}
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--resume", str(output / "checkpoint-00000001.pth"), "--output", str(output)])
+    args.flags_given = ["resume", "output"]
+    resumed = resume.read_resume_checkpoint(args, parser, pretrain.RESUMABLE_FLAGS, pretrain.NEVER_RESTORED)
+    with pytest.raises(pretrain.UserError, match="holds checkpoint-00000003.pth, newer than .*step 1"):
+        checkpoints.check_output(args, resumed, pretrain.RUN_FILES)
+    for name in ("checkpoint-00000002.pth", "checkpoint-00000003.pth"):
+        (output / name).unlink()  # only the finish is newer now
+    with pytest.raises(pretrain.UserError, match=r"the finish of step 3 \(summary.json\)"):
+        checkpoints.check_output(args, resumed, pretrain.RUN_FILES)
+    assert {p.name: p.read_bytes() for p in output.iterdir() if p.is_file()} == {
+        name: data for name, data in before.items() if name not in ("checkpoint-00000002.pth",
+                                                                    "checkpoint-00000003.pth")}
+    args.output = str(tmp_path / "empty")
+    checkpoints.check_output(args, resumed, pretrain.RUN_FILES)
 
 
 @pytest.mark.slow

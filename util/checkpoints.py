@@ -105,6 +105,7 @@ def check_output(args, resumed, run_files):
         own_folder = os.path.samefile(os.path.dirname(os.path.abspath(resumed["path"])), output)
         recorded = _recorded_run_id(output)
         if own_folder or (recorded is not None and recorded == resumed["state"].get("run_id")):
+            check_nothing_newer(output, resumed)
             return run_id
         raise UserError(f"--output {output} holds another run ({', '.join(present[:3])}), not the one "
                         f"{resumed['path']} continues: choose an empty --output (or the checkpoint's own folder)")
@@ -112,6 +113,31 @@ def check_output(args, resumed, run_files):
         return _recorded_run_id(output) or run_id
     raise UserError(f"--output {output} already holds a run ({', '.join(present[:3])}): pass --resume to continue "
                     "it, or choose another --output")
+
+
+def check_nothing_newer(output, resumed):
+    """UserError when `output` holds a newer state than the checkpoint a launch resumes from (a later checkpoint,
+    or the finish of a longer run): continuing from the older one would overwrite it, and --keep delete it."""
+    step = resumed["state"].get("step")
+    if resumed["official"] or not isinstance(step, int):
+        return
+    newer = [path for path in list_checkpoints(output) if checkpoint_step(path) > step]
+    try:
+        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
+            finished_steps = json.load(f).get("steps")
+    except (OSError, ValueError, AttributeError):
+        finished_steps = None
+    if newer or (isinstance(finished_steps, int) and finished_steps > step):
+        what = os.path.basename(newer[-1]) if newer else f"the finish of step {finished_steps} (summary.json)"
+        raise UserError(f"--output {output} holds {what}, newer than {resumed['path']} (step {step}): resuming "
+                        "from it would overwrite that; resume the newest (--resume alone), or continue the older "
+                        "one into an empty --output")
+
+
+def checkpoint_step(path):
+    """checkpoint-00000012.pth -> 12 (-1 for a name of another form)."""
+    digits = os.path.basename(path)[len("checkpoint-"):-len(".pth")]
+    return int(digits) if digits.isdigit() else -1
 
 
 def _recorded_run_id(output):
