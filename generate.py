@@ -80,8 +80,8 @@ def get_args_parser():
                              "into it resumes")
     # ---- the paper's generation recipe ----
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
-                             "paper uses v1.5")
+                        help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained (a "
+                             "single .safetensors file: convert it, docs/RUNNING.md); the paper uses v1.5")
     parser.add_argument("--n", "--num-images", dest="n", type=integer(1, 100), default=10,
                         help="images per caption, each from its own latent noise (paper: 10; 1-100). Under torchrun "
                              "write --num-images")
@@ -155,6 +155,12 @@ def check_args(args):
     if args.shard >= args.num_shards:
         raise UserError(f"--shard must be in 0..{args.num_shards - 1} (--num-shards {args.num_shards}), "
                         f"got {args.shard}")
+    if os.path.isfile(args.model):  # v1-5-pruned-emaonly.safetensors, a .ckpt: diffusers needs its configs too
+        raise UserError(f"--model {args.model} is a single file; generate.py loads a folder in diffusers' layout (or "
+                        "a hub id): convert it once, online (diffusers fetches SD v1.5's configs), with `python -c "
+                        "\"from diffusers import StableDiffusionPipeline as P; P.from_single_file('"
+                        f"{args.model}').save_pretrained('sd15')\"` and pass --model sd15 (or `hf download "
+                        "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`)")
 
 
 def process_shard(args):

@@ -508,6 +508,8 @@ BAD_INPUTS = {
     "output a file": (["--output", "{tmp}/afile"], "cannot be written"),
     "preview output a file": (["--preview", "--output", "{tmp}/afile"], "cannot be written"),
     "model not loadable": (["--model", "{tmp}/no-such-model"], "offline"),
+    "model a single file": (["--model", "{tmp}/v1-5-pruned-emaonly.safetensors"],
+                            "is a single file; generate.py loads a folder in diffusers' layout"),
 }
 # every numeric flag: finite, signed and bounded at parse time
 BAD_NUMBERS = {
@@ -533,6 +535,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model, captions_fi
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "nocol.csv").write_text("url,text\nhttp://x/1.jpg,a cat\n")
     (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").write_bytes(b"weights in one file")
     before = listing(tmp_path)
     extra, message = {**BAD_INPUTS, **BAD_NUMBERS}[case]
     args = argv(tiny_model, captions_file, tmp_path / "tree") + [a.format(tmp=tmp_path) for a in extra]
