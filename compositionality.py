@@ -134,7 +134,8 @@ from util import tokenizer as tokenizer_lib
 
 def read_json_list(path, what):
     if not os.path.isfile(path):
-        raise UserError(f"{what}: no file {path}")
+        raise UserError(f"{what}: no file {path} (the benchmark's files, and where to get them: docs/RUNNING.md, "
+                        "Evaluation data)")
     try:
         with open(path, encoding="utf-8") as f:
             items = json.load(f)

@@ -505,7 +505,7 @@ def train(args, resumed, run_id):
               f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps:g} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
         print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
-                                   args.image_size, args.gpu_augment))
+                                   args.image_size, args.gpu_augment, on_gpu=device.type == "cuda"))
         if last_step < total_steps:
             print(f"--max-steps {args.max_steps}: stopping after step {last_step} of the {total_steps}-step schedule; "
                   f"lr (warmup to step {warmup_steps:g}, then cosine decay), momenta and temperatures are those of "
@@ -561,7 +561,8 @@ def train(args, resumed, run_id):
             step += 1
             loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
             if logged:
-                log.write(step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+                log.write(step, epoch=step / sampler.steps_per_epoch,  # epochs done, as the progress line says
+                          loss=loss_value, lr=optimizer.param_groups[0]["lr"],
                           images=(step - start_step) * images_per_step, corrupt_images=corrupt,
                           logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None),
                           **watched)

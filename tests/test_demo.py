@@ -86,3 +86,23 @@ def test_run_stage_echoes_the_command_and_turns_failure_into_a_user_error(tmp_pa
     assert "$ python pretrain.py --help" in capsys.readouterr().out
     with pytest.raises(UserError, match="stage 'broken' failed"):
         run_stage("broken", "pretrain.py", "--epochs", "0", "--output", str(tmp_path / "x"))
+
+
+def test_an_interrupted_demo_is_resumed_with_its_own_settings(tmp_path):
+    """demo.json records the demo's settings: a non-empty --output with one is resumed with --resume (each stage
+    resumes), refused without it (the message says --resume) or with other settings."""
+    from demo.__main__ import check_output, get_args_parser
+    parse = get_args_parser().parse_args
+    output = tmp_path / "demo"
+    output.mkdir()
+    (output / "synthetic").mkdir()  # what an interrupted demo leaves
+    args = parse(["--output", str(output), "--resume"])
+    with pytest.raises(UserError, match="holds no demo to resume"):
+        check_output(args)
+    (output / "demo.json").write_text(json.dumps({"captions": args.captions, "epochs": 200, "images_per_caption": 8,
+                                                  "episodes": 600, "seed": 0}))
+    check_output(args)  # the same settings: resumed
+    with pytest.raises(UserError, match=r"is not empty.*pass --resume"):
+        check_output(parse(["--output", str(output)]))
+    with pytest.raises(UserError, match="other settings .*--epochs 200"):
+        check_output(parse(["--output", str(output), "--resume", "--epochs", "50"]))
