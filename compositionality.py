@@ -135,7 +135,8 @@ from util.results import MADE_BY, check_output, default_name, jsonable
 
 def read_json_list(path, what):
     if not os.path.isfile(path):
-        raise UserError(f"{what}: no file {path}")
+        raise UserError(f"{what}: no file {path} (the benchmark's files, and where to get them: docs/RUNNING.md, "
+                        "Evaluation data)")
     try:
         with open(path, encoding="utf-8") as f:
             items = json.load(f)

@@ -582,18 +582,25 @@ def in_flight_bytes(workers, captions, images_per_caption, crops_per_image, imag
     return batches * batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device)
 
 
-def describe_loader(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device):
-    """One line for the start of a run: the workers, how they start, and the image bytes in flight."""
+def describe_loader(workers, captions, images_per_caption, crops_per_image, image_size, augment_on_device,
+                    on_gpu=False):
+    """One line for the start of a run: the workers, how they start, and the image bytes in flight (and, training
+    on a GPU without --gpu-augment, what that flag would hold instead)."""
     views = (captions, images_per_caption, crops_per_image, image_size)
-    flight = in_flight_bytes(workers, *views, augment_on_device) / 2 ** 30
+    flight = in_flight_bytes(workers, *views, augment_on_device)
     if not workers:
-        return f"loader: in the main process, {flight:.2f} GiB of images a batch"
+        return f"loader: in the main process, {_size(flight)} of images a batch"
     text = (f"loader: {workers} workers ({worker_start_method() or 'the platform default'}) x {PREFETCH_FACTOR} "
-            f"batches ahead of {batch_bytes(*views, augment_on_device) / 2 ** 20:.0f} MiB: {flight:.2f} GiB of images "
-            "in flight per process")
-    if not augment_on_device:
-        text += f" ({in_flight_bytes(workers, *views, True) / 2 ** 30:.2f} GiB as --gpu-augment's uint8 crops)"
+            f"batches ahead of {_size(batch_bytes(*views, augment_on_device))}: {_size(flight)} of images in flight "
+            "per process")
+    if on_gpu and not augment_on_device:
+        text += f" ({_size(in_flight_bytes(workers, *views, True))} as --gpu-augment's uint8 crops)"
     return text
+
+
+def _size(size):
+    """Bytes as GiB, or MiB below one GiB (never a '0.00 GiB')."""
+    return f"{size / 2 ** 30:.2f} GiB" if size >= 2 ** 30 else f"{size / 2 ** 20:.1f} MiB"
 
 
 def collate(items):

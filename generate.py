@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -80,8 +81,8 @@ def get_args_parser():
                              "into it resumes")
     # ---- the paper's generation recipe ----
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained; the "
-                             "paper uses v1.5")
+                        help="Stable Diffusion weights, a hub id or a local folder saved with save_pretrained (a "
+                             "single .safetensors file: convert it, docs/RUNNING.md); the paper uses v1.5")
     parser.add_argument("--n", "--num-images", dest="n", type=integer(1, 100), default=10,
                         help="images per caption, each from its own latent noise (paper: 10; 1-100). Under torchrun "
                              "write --num-images")
@@ -155,6 +156,12 @@ def check_args(args):
     if args.shard >= args.num_shards:
         raise UserError(f"--shard must be in 0..{args.num_shards - 1} (--num-shards {args.num_shards}), "
                         f"got {args.shard}")
+    if os.path.isfile(args.model):  # v1-5-pruned-emaonly.safetensors, a .ckpt: diffusers needs its configs too
+        raise UserError(f"--model {args.model} is a single file; generate.py loads a folder in diffusers' layout (or "
+                        "a hub id): convert it once, online (diffusers fetches SD v1.5's configs), with `python -c "
+                        "\"from diffusers import StableDiffusionPipeline as P; P.from_single_file('"
+                        f"{args.model}').save_pretrained('sd15')\"` and pass --model sd15 (or `hf download "
+                        "stable-diffusion-v1-5/stable-diffusion-v1-5 --local-dir sd15`)")
 
 
 def process_shard(args):
@@ -638,23 +645,80 @@ def preview_font(texts, size):
     return ImageFont.truetype(dejavu, size)
 
 
+# with the model, what decides an image's pixels
+PIXEL_KEYS = ("scheduler", "steps", "eta", "w", "size", "stored_size", "pixels", "seed")
+
+
+def stored_images(args, caption_ids):
+    """{(caption id, k): image} of these captions' images that --output already holds, made with the settings that
+    decide their pixels (settings.json's model and PIXEL_KEYS): a preview reads them rather than drawing them
+    again. {} when --output holds no such output."""
+    try:
+        recorded = imagetree.read_settings(args.output) if os.path.isdir(args.output) else None
+    except ValueError:
+        return {}
+    if not recorded or recorded_value(recorded, "model") != model_source(args.model)[0] or any(
+            recorded_value(recorded, key) != getattr(args, key) for key in PIXEL_KEYS):
+        return {}
+    image_format, per_shard = recorded.get("format", "jpg"), recorded_value(recorded, "captions_per_shard")
+    found = {}
+    for i in caption_ids:
+        for k in range(args.n):
+            try:
+                if recorded_value(recorded, "output_format") == "webdataset":
+                    data = _shard_image(os.path.join(args.output, shards.shard_name(i // per_shard)), i, k)
+                else:
+                    path = imagetree.image_path(args.output, i, k, image_format, per_shard)
+                    data = open(path, "rb").read() if os.path.isfile(path) else None
+                if data is not None:
+                    with Image.open(io.BytesIO(data)) as image:
+                        found[i, k] = image.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError):
+                continue  # not there, or damaged: drawn again
+    return found
+
+
+def _shard_image(path, caption_id, k):
+    """The encoded image k of a caption from one of generate.py's shards (by its index), or None."""
+    if not os.path.isfile(path):
+        return None
+    fd = shards.open_tar(path)
+    try:
+        table = shards.read_index(fd)
+        rows = [] if table is None else [row for row in table if row[0] == caption_id]
+        if not rows or 2 + k >= len(rows[0]) or not rows[0][2 + k]:
+            return None
+        return shards.read_member(fd, int(rows[0][2 + k]), key=caption_id, slot=k)
+    finally:
+        os.close(fd)
+
+
 def write_preview(args, device):
-    """--preview: one PNG grid of the first --preview usable captions x their n images; no tree. Returns its path."""
+    """--preview: one PNG grid of the first --preview usable captions x their n images; no tree. The images an
+    earlier run made with the same settings are read from --output, the others drawn. Returns its path."""
     # ---- data ----
     captions = read_captions(args.captions, max_captions=args.preview).captions
     check_creatable(args.output)
-    # ---- model ----
-    dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args, device, dtype)
-    print(describe_model(args, pipe, dtype, device))
-    long = long_captions(pipe.tokenizer, list(captions.items()))
-    if long:
-        print(truncation_note(long[0], pipe.tokenizer), file=sys.stderr)
-    # ---- the grid ----
-    grid, prompts = PreviewGrid(captions, args.n, args.stored_size), PromptCache(pipe, device)
-    for batch in batches([(i, k) for i in captions for k in range(args.n)], args.batch_size):
-        for (i, k), pixels in zip(batch, generate_batch(pipe, prompts, batch, captions, args)):
-            grid.paste(i, k, to_stored(pixels, args.stored_size, args.pixels))
+    grid = PreviewGrid(captions, args.n, args.stored_size)
+    stored = stored_images(args, list(captions))
+    for (i, k), image in stored.items():
+        grid.paste(i, k, image)
+    missing = [(i, k) for i in captions for k in range(args.n) if (i, k) not in stored]
+    if stored:
+        print(f"preview: {len(stored)} of {len(captions) * args.n} images read from {args.output}")
+    if missing:
+        # ---- model ----
+        dtype = resolve_dtype(args.dtype, device)
+        pipe = load_pipeline(args, device, dtype)
+        print(describe_model(args, pipe, dtype, device))
+        long = long_captions(pipe.tokenizer, list(captions.items()))
+        if long:
+            print(truncation_note(long[0], pipe.tokenizer), file=sys.stderr)
+        # ---- the grid ----
+        prompts = PromptCache(pipe, device)
+        for batch in batches(missing, args.batch_size):
+            for (i, k), pixels in zip(batch, generate_batch(pipe, prompts, batch, captions, args)):
+                grid.paste(i, k, to_stored(pixels, args.stored_size, args.pixels))
     path = os.path.join(args.output, f"preview_w{args.w:g}.png")
     with output_folder(args.output):
         atomic_write_bytes(path, imagetree.encode_image(grid.image, "png"))

@@ -89,6 +89,7 @@ if __name__ == "__main__":  # the command line is read before torch loads (2 s):
 import numpy as np
 import torch
 import torchvision
+from tqdm import tqdm
 
 import augment
 from util import distributed
@@ -278,20 +279,23 @@ def split_train_val(features, targets, fraction, seed):
     return features[train], targets[train], features[val], targets[val]
 
 
-def sweep_and_refit(train, val, test, num_classes, metric, args, device):
-    """Pick the L2 strength on (train, val), refit on train + val, score on test. Each arg: (features, targets)."""
+def sweep_and_refit(train, val, test, num_classes, metric, args, device, val_name="val"):
+    """Pick the L2 strength on (train, val), refit on train + val, score on test. Each arg: (features, targets);
+    `val_name` says what the validation images are (the dataset's val split, or a share of train held out)."""
     score = METRICS[metric]
     strengths = np.logspace(math.log10(args.wd_range[0]), math.log10(args.wd_range[1]), args.wd_steps)
     x_train, x_val = ev.standardise(train[0].to(device), val[0].to(device))
     y_train = train[1].to(device)
     sweep, init = [], None
-    for strength in sorted(strengths, reverse=True):  # strong to weak: each fit warm-starts the next
+    # strong to weak: each fit warm-starts the next; a bar, not a line per strength (the JSON holds every score)
+    for strength in tqdm(sorted(strengths, reverse=True), desc="L2 strength sweep", unit="fit", file=sys.stderr):
         init = ev.fit_logistic_regression(x_train, y_train, num_classes, float(strength), args.max_iter, init=init)
         sweep.append({"weight_decay": float(strength),
                       "val": score(ev.predict_logits(x_val, *init).cpu(), val[1])})
-        print(f"weight decay {strength:.3g}: val {metric} {sweep[-1]['val']:.2f}")
     sweep.sort(key=lambda row: row["weight_decay"])
     best = max(sweep, key=lambda row: row["val"])  # ties: the weakest regularisation that reaches the best
+    print(f"L2 strength {best['weight_decay']:.3g}, the best of {len(sweep)} from {sweep[0]['weight_decay']:g} to "
+          f"{sweep[-1]['weight_decay']:g} on {val_name} ({len(val[0])} images): {metric} {best['val']:.2f}")
     at_edge = len(sweep) > 2 and best["weight_decay"] in (sweep[0]["weight_decay"], sweep[-1]["weight_decay"])
     if at_edge:
         print(f"note: the best L2 strength {best['weight_decay']:.3g} is at the edge of --wd-range "
@@ -396,13 +400,17 @@ def main(args):
                 cache_dir, key, lambda: ev.extract_features(encoder, dataset, args.batch_size, args.num_workers,
                                                             device, desc=f"{split} features"))
             features[split] = (x, y)
+        val_name = "the val split"
         if "val" not in features:  # no validation split: hold out part of train to pick the L2 strength
             x_train, y_train, x_val, y_val = split_train_val(*features["train"], args.val_fraction, args.seed)
             features["train"], features["val"] = (x_train, y_train), (x_val, y_val)
+            val_name = f"{args.val_fraction:.0%} of train held out"
         results["feature_cache"] = {"dir": os.path.abspath(cache_dir), "hits": cache_hits}
         results.update(sweep_and_refit(features["train"], features["val"], features["test"], num_classes, metric,
-                                       args, device))
-        summary = [(f"val {metric} (best weight decay {results['best_weight_decay']:.3g})", results["best_val"]),
+                                       args, device, val_name))
+        results["val_images_from"] = val_name
+        summary = [(f"{metric} on {val_name} (best weight decay {results['best_weight_decay']:.3g})",
+                    results["best_val"]),
                    (f"test {metric}", results["test"])]
         if args.dataset in FAIRFACE_DATASETS:  # the fairness table: every class, then the worst
             names = ev.class_names(splits["train"])

@@ -1,6 +1,6 @@
 """Pictures of a run for a person to read: the loss and learning rate of a pretrain.py run against the step (from
-its log.jsonl), and the demo's summary figure. Needs matplotlib (requirements.txt installs it; the stages
-themselves never import it).
+its log.jsonl), a panel for each collapse signal a self-supervised family logs, and the demo's summary figure.
+Needs matplotlib (requirements.txt installs it; the stages themselves never import it).
 
     python plots.py runs/stablerep                      # -> runs/stablerep/curves.png
     python plots.py demo_output                         # the run inside: -> demo_output/pretrain/curves.png
@@ -114,12 +114,29 @@ def _curves(axes_loss, records):
     axes_loss.grid(alpha=0.3)
 
 
+# what the families log to watch for collapse (families/*.py `monitor`), each drawn in a panel of its own
+WATCHED = {"embedding_std": "embedding std (0: collapsed)", "momentum": "momentum",
+           "teacher_entropy": "teacher entropy (0 or ln K: collapsed)", "teacher_student_kl": "KL(teacher || student)",
+           "teacher_temperature": "teacher temperature", "masked_patch_loss": "loss on removed patches",
+           "visible_patch_loss": "loss on visible patches"}
+
+
 def plot_curves(records, path, title=None):
-    """One PNG: the loss and the learning rate of `records` (read_log's) against the step."""
+    """One PNG: the loss and the learning rate of `records` (read_log's) against the step, and below them a panel
+    for each collapse signal (WATCHED) the records hold."""
     plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(7, 4))
+    watched = [key for key in WATCHED if any(_is_number(r.get(key)) for r in records)]
+    figure, panels = plt.subplots(1 + len(watched), 1, figsize=(7, 4 + 2 * len(watched)), squeeze=False,
+                                  gridspec_kw={"height_ratios": [2] + [1] * len(watched)})
+    axes = panels[0][0]
     _curves(axes, records)
     axes.set_title(f"pretraining{': ' + title if title else ''}")
+    for (panel,), key in zip(panels[1:], watched):
+        shown = [r for r in records if _is_number(r.get(key))]
+        panel.plot([r["step"] for r in shown], [r[key] for r in shown], color="tab:green")
+        panel.set_ylabel(WATCHED[key], fontsize=8)
+        panel.set_xlabel("step")
+        panel.grid(alpha=0.3)
     figure.tight_layout()
     _save(figure, path)
     plt.close(figure)
@@ -145,7 +162,7 @@ def plot_demo(records, encoders, path):
     right.bar_label(bars, fmt="%.1f", fontsize=8, padding=3)
     right.set_xticks(list(positions), names)
     right.set_ylabel("accuracy on the held-out digits (%)")
-    right.set_ylim(min(probe + fewshot) - 15, 100)
+    right.set_ylim(0, 100)  # from zero: the gaps as large as they are
     right.legend(loc="lower right", fontsize=8)
     right.set_title("frozen encoders")
     figure.tight_layout()

@@ -42,7 +42,7 @@ INDEX_CACHE = "index-cache"  # --output's copy of the data index, when the data'
 # flags a resumed run may change: they do not change what is trained (the rest must stay as the checkpoint says)
 RESUMABLE_FLAGS = {"workers", "log_every", "save_every", "keep", "compile", "tensorboard", "wandb", "output",
                    "gpu_augment", "gpu_decode"}
-NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet"}  # about this launch, not the run
+NEVER_RESTORED = {"resume", "init_from", "flags_given", "quiet", "max_steps"}  # about this launch, not the run
 BY_LOSS = "default: the --loss recipe's"  # flags whose default depends on --loss (fill_recipe)
 
 
@@ -84,7 +84,8 @@ def get_args_parser():
     parser.add_argument("--image-size", type=integer(16), default=224,
                         help="crop size, a multiple of the patch size 16 (paper: 224)")
     parser.add_argument("--head-hidden-dim", type=integer(1), default=None,
-                        help=f"hidden width of the projection head (paper: 4096; {BY_LOSS})")
+                        help=f"hidden width of the projection head (paper: 4096; {BY_LOSS}, x width / 768 for a "
+                             "family's ViT-Ti)")
     parser.add_argument("--embed-dim", type=integer(1), default=None,
                         help=f"embedding the loss compares (paper: 256; {BY_LOSS})")
     parser.add_argument("--head-batchnorm", default="per-view", choices=["per-view", "joint"],
@@ -105,7 +106,8 @@ def get_args_parser():
                         help="MoCo v3, BYOL, DINO: the momentum network's start, raised to 1 along a half cosine")
     parser.add_argument("--frozen-patch-embed", action=argparse.BooleanOptionalAction, default=None,
                         help="MoCo v3: keep the random patch projection untrained (its --stop-grad-conv1: on)")
-    parser.add_argument("--out-dim", type=integer(1), default=None, help="DINO: prototypes K (65536)")
+    parser.add_argument("--out-dim", type=integer(1), default=None,
+                        help="DINO: prototypes K (65536; x width / 768 for a ViT-Ti)")
     parser.add_argument("--teacher-temperature", type=number(above=0), default=None,
                         help="DINO: the teacher's temperature after its warmup (0.04)")
     parser.add_argument("--warmup-teacher-temperature", type=number(above=0), default=None,
@@ -125,10 +127,11 @@ def get_args_parser():
     parser.add_argument("--local-crop-scale", type=number(above=0, maximum=1), nargs=2, default=None,
                         metavar=("MIN", "MAX"), help="DINO: area fraction of the local crops (0.05 0.4)")
     parser.add_argument("--local-crop-size", type=integer(16), default=None,
-                        help="DINO: local crop size in pixels, a multiple of 16 (96 at 224)")
+                        help="DINO: local crop size, a multiple of 16 (96; image-size x 96 / 224 where 96 won't fit)")
     parser.add_argument("--mask-ratio", type=number(above=0, below=1), default=None,
                         help="MAE: fraction of each image's patches removed before the encoder (0.75)")
-    parser.add_argument("--decoder-width", type=integer(1), default=None, help="MAE: decoder width (512)")
+    parser.add_argument("--decoder-width", type=integer(1), default=None,
+                        help="MAE: decoder width (512; x width / 768 for a ViT-Ti)")
     parser.add_argument("--decoder-depth", type=integer(1), default=None, help="MAE: decoder blocks (8)")
     parser.add_argument("--decoder-heads", type=integer(1), default=None, help="MAE: decoder attention heads (16)")
     parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
@@ -142,6 +145,9 @@ def get_args_parser():
                         help="passes over the captions (default: --schedule's, or the family's)")
     parser.add_argument("--warmup-epochs", type=number(0), default=None,
                         help="linear warmup, then cosine decay to 0 (default: --schedule's, or the family's)")
+    parser.add_argument("--max-steps", type=integer(1), default=None,
+                        help="stop after step N of the full schedule, to try a recipe small; lr, momenta and "
+                             "temperatures follow the uncapped run, so --resume continues it exactly (paper: no cap)")
     parser.add_argument("--captions-per-gpu", type=integer(1), default=None,
                         help=f"captions per GPU per step (paper: 43, x 6 images x 32 GPUs; {BY_LOSS})")
     parser.add_argument("--base-lr", type=number(0), default=None,
@@ -269,6 +275,7 @@ class Objective(NamedTuple):
     before_step: Tuple[Callable, ...] = ()  # hooks before the forward pass
     after_backward: Tuple[Callable, ...] = ()  # hooks on the (unscaled) gradients before the optimiser step
     after_step: Tuple[Callable, ...] = ()  # hooks after the optimiser step
+    monitor: Optional[Callable] = None  # (model, out, position, args) -> scalars for log.jsonl: collapse signals
 
 
 OBJECTIVES = {
@@ -279,17 +286,19 @@ OBJECTIVES = {
                             after_step=(clamp_logit_scale,)),
     "mocov3": Objective(1, 2, head=False, text=False, terms=(mocov3.loss_term,), build=mocov3.build,
                         recipe=mocov3.RECIPE, lr_divisor=("images", 256), views=mocov3.VIEWS,
-                        before_step=(mocov3.update_momentum_encoder,)),
+                        before_step=(mocov3.update_momentum_encoder,), monitor=mocov3.monitor),
     "byol": Objective(1, 2, head=False, text=False, terms=(byol.loss_term,), build=byol.build, recipe=byol.RECIPE,
-                      lr_divisor=("images", 256), views=byol.VIEWS, after_step=(byol.update_target_network,)),
+                      lr_divisor=("images", 256), views=byol.VIEWS, after_step=(byol.update_target_network,),
+                      monitor=byol.monitor),
     "dino": Objective(1, 2, head=False, text=False, terms=(dino.loss_term,), build=dino.build, recipe=dino.RECIPE,
                       lr_divisor=("images", 256), views=dino.VIEWS, local_crops=dino.local_crops,
                       noise=dino.noise_per_crop, check=dino.check_args, lr_schedule=dino.learning_rate,
                       exported=dino.teacher_encoder,
                       before_step=(dino.schedules,), after_backward=(dino.clip_and_cancel_gradients,),
-                      after_step=(dino.update_teacher,)),
+                      after_step=(dino.update_teacher,), monitor=dino.monitor),
     "mae": Objective(1, 1, head=False, text=False, terms=(mae.loss_term,), build=mae.build, recipe=mae.RECIPE,
-                     lr_divisor=("images", 256), views=mae.VIEWS, noise=mae.noise_per_crop, check=mae.check_args),
+                     lr_divisor=("images", 256), views=mae.VIEWS, noise=mae.noise_per_crop, check=mae.check_args,
+                     monitor=mae.monitor),
 }
 FAMILIES = ("mocov3", "byol", "dino", "mae")  # the paper's first question: each takes one image of a caption
 # flags that only some recipes name: None unless given, refused for an objective whose recipe does not name them
@@ -305,12 +314,31 @@ def fill_recipe(args):
     args.crops_per_image = args.crops_per_image or objective.crops_per_image
     for key, value in objective.recipe.items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, follow_size(key, value, args) if args.loss in FAMILIES else value)
     if args.loss not in FAMILIES:
         schedule_epochs, schedule_warmup = SCHEDULES[args.schedule]
         args.epochs = schedule_epochs if args.epochs is None else args.epochs
         args.warmup_epochs = schedule_warmup if args.warmup_epochs is None else args.warmup_epochs
     return args
+
+
+# a family's head and decoder widths that follow the encoder's width below ViT-S (the official codes keep them at
+# every size they publish, ViT-S to ViT-L): x width / 768, the ViT-B recipe's ratio; DINO's local crop size follows
+# --image-size where 96 pixels do not fit (96 / 224 of it, in whole patches)
+SIZE_FOLLOWS_WIDTH = ("head_hidden_dim", "out_dim", "decoder_width")
+SMALLEST_OFFICIAL_WIDTH, RECIPE_WIDTH, RECIPE_IMAGE_SIZE = VIT_SIZES["vit_small"][0], VIT_SIZES["vit_base"][0], 224
+
+
+def follow_size(key, value, args):
+    """The recipe's `value` of `key` for this --model and --image-size: the recipe's own at ViT-S and up (ViT-B/224,
+    the paper's, included) and wherever it fits; scaled down for a ViT-Ti, and DINO's local crops for small
+    images. Flags given on the command line are never changed (fill_recipe calls this for those left at None)."""
+    width = VIT_SIZES[args.model][0]
+    if key in SIZE_FOLLOWS_WIDTH and width < SMALLEST_OFFICIAL_WIDTH:
+        return max(16, round(value * width / RECIPE_WIDTH))
+    if key == "local_crop_size" and value >= args.image_size:
+        return max(16, 16 * round(args.image_size * value / RECIPE_IMAGE_SIZE / 16))
+    return value
 
 
 def check_args(args):
@@ -445,7 +473,8 @@ def train(args, resumed, run_id):
     # ---- data ----
     tokenizer = load_tokenizer(args.tokenizer) if objective.text else None
     dataset, sampler, loader = build_data(args, tokenizer, world_size, rank, device)
-    total_steps = sampler.steps_per_epoch * args.epochs
+    total_steps = sampler.steps_per_epoch * args.epochs  # the schedule's length, with or without --max-steps
+    last_step = min(total_steps, args.max_steps or total_steps)  # where this launch stops
     warmup_steps = args.warmup_epochs * sampler.steps_per_epoch  # fractional, as the official epoch counter
     lr, lr_arithmetic = objective_lr(objective, args.base_lr, images_per_step, args.crops_per_image)
     lr_schedule = objective.lr_schedule or cosine_lr
@@ -462,25 +491,31 @@ def train(args, resumed, run_id):
 
     # ---- resume, or initialise from other weights ----
     step = resume.restore(resumed, args, model_without_ddp, optimizer, scaler, sampler, is_main)
-    if step >= total_steps:  # trained to the end: only the finish may be missing (killed while writing it)
+    if step >= last_step:  # trained to the end (or the cap): only the finish may be missing (killed while writing it)
         if is_main:
             checkpoints.finish_trained_run(objective.exported(model_without_ddp), args, step, total_steps,
                                            images_per_step, resumed["state"].get("loss"))
         return distributed.leave()
     if is_main:
+        local = (f" (+ {args.captions_per_gpu * args.local_crops * world_size} local crops of {args.local_crop_size} "
+                 "px)" if args.loss == "dino" and args.local_crops else "")  # DINO's small crops, beside the views
         print(f"{len(dataset)} captions; {images_per_step} images a step = {args.captions_per_gpu} captions x "
-              f"{args.images_per_caption} images x {args.crops_per_image} crops x {world_size} process(es); "
+              f"{args.images_per_caption} images x {args.crops_per_image} crops x {world_size} process(es){local}; "
               f"lr = {lr_arithmetic}; {args.epochs} epochs = {total_steps} "
               f"steps ({sampler.steps_per_epoch} per epoch, {warmup_steps:g} warmup); {precision} on {device}"
               + (f"; resumed at step {step}" if step else ""))
         print(data.describe_loader(args.workers, args.captions_per_gpu, args.images_per_caption, args.crops_per_image,
-                                   args.image_size, args.gpu_augment))
+                                   args.image_size, args.gpu_augment, on_gpu=device.type == "cuda"))
+        if last_step < total_steps:
+            print(f"--max-steps {args.max_steps}: stopping after step {last_step} of the {total_steps}-step schedule; "
+                  f"lr (warmup to step {warmup_steps:g}, then cosine decay), momenta and temperatures are those of "
+                  "the whole run, so these steps are its first ones and --resume (without --max-steps) continues it")
         if warmup_steps >= total_steps:
             print(f"note: the warmup ({warmup_steps:g} steps) is as long as the whole run ({total_steps} steps): the "
                   "learning rate never decays; lower --warmup-epochs", file=sys.stderr)
 
     # ---- the first batch: data that cannot be read is refused before anything is written ----
-    batches = training_batches(loader, sampler, step, total_steps)
+    batches = training_batches(loader, sampler, step, last_step)
     with data_errors_as_one_line(args):
         first_batch = next(batches)
 
@@ -490,9 +525,10 @@ def train(args, resumed, run_id):
         atomic_write_json(os.path.join(args.output, "run.json"),
                           {"args": vars(args), "run_id": run_id, "git_commit": git_commit(), "world_size": world_size,
                            "torch": torch.__version__, "images_per_step": images_per_step, "lr": lr,
-                           "total_steps": total_steps, "resumed_from": resumed["path"] if resumed else None})
+                           "total_steps": total_steps, "max_steps": args.max_steps,
+                           "resumed_from": resumed["path"] if resumed else None})
         log = RunLog(args.output, step, tensorboard=args.tensorboard, wandb_project=args.wandb, config=vars(args),
-                     progress=None if args.quiet else Progress(total_steps, sampler.steps_per_epoch, step))
+                     progress=None if args.quiet else Progress(last_step, sampler.steps_per_epoch, step))
 
     # ---- loop ----
     start_time, start_step, last_saved = time.time(), step, step
@@ -506,7 +542,10 @@ def train(args, resumed, run_id):
             for hook in objective.before_step:
                 hook(model_without_ddp, optimizer, position, args)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = compute_loss(forward, batch, objective, args, device)
+                loss, out = compute_loss(forward, batch, objective, args, device)
+            logged = log is not None and ((step + 1) % args.log_every == 0 or step + 1 == last_step)
+            watched = objective.monitor(model_without_ddp, out, position, args) if logged and objective.monitor else {}
+            del out  # the outputs (DINO's: [N, 10, 65536]) are not kept through the next step
             if not torch.isfinite(loss):
                 raise UserError(f"loss is {loss.item()} at step {step} (epoch {epoch}); stopping")
             optimizer.zero_grad(set_to_none=True)
@@ -521,11 +560,13 @@ def train(args, resumed, run_id):
                 hook(model_without_ddp, optimizer, position, args)
             step += 1
             loss_value, corrupt = loss.item(), corrupt + batch["corrupt"]
-            if log and (step % args.log_every == 0 or step == total_steps):
-                log.write(step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
+            if logged:
+                log.write(step, epoch=step / sampler.steps_per_epoch,  # epochs done, as the progress line says
+                          loss=loss_value, lr=optimizer.param_groups[0]["lr"],
                           images=(step - start_step) * images_per_step, corrupt_images=corrupt,
-                          logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None))
-            if checkpoints.checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
+                          logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None),
+                          **watched)
+            if checkpoints.checkpoint_due(step, last_step, sampler.steps_per_epoch, args.save_every):
                 data_state = sampler.state_dict()  # streams: every rank's positions (a collective)
                 if is_main:
                     checkpoints.save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args,
@@ -543,15 +584,15 @@ def train(args, resumed, run_id):
     distributed.leave()
 
 
-def training_batches(loader, sampler, step, total_steps):
-    """(epoch, batch) from `step` to the end of the run, epoch after epoch."""
-    while step < total_steps:
+def training_batches(loader, sampler, step, last_step):
+    """(epoch, batch) from `step` to `last_step` (the run's end, or --max-steps), epoch after epoch."""
+    while step < last_step:
         epoch, step_in_epoch = divmod(step, sampler.steps_per_epoch)
         sampler.set_epoch(epoch, start_step=step_in_epoch)
         for batch in loader:
             yield epoch, batch
             step += 1
-            if step == total_steps:
+            if step == last_step:
                 return
 
 
@@ -644,7 +685,7 @@ def build_model(args, tokenizer=None):
 
 
 def compute_loss(model, batch, objective, args, device):
-    """The sum of the objective's loss terms on one batch from data.collate."""
+    """(the sum of the objective's loss terms on one batch from data.collate, the model's outputs)."""
     images = batch["images"].to(device, non_blocking=True)
     views = len(batch["image_labels"]) // len(batch["caption_labels"])  # m images x c crops of each caption
     if batch["jpegs"] is not None:  # --gpu-decode: the JPEGs decoded and cropped on the device, next to the rest
@@ -663,7 +704,7 @@ def compute_loss(model, batch, objective, args, device):
         if batch.get(key) is not None:
             inputs[key] = batch[key]
     out = model(images, **inputs)
-    return sum(term(out, batch, args) for term in objective.terms)
+    return sum(term(out, batch, args) for term in objective.terms), out
 
 
 def param_groups(model, weight_decay):

@@ -372,7 +372,8 @@ def list_split(root, split):
     for folder in (image_dir, label_dir):
         if not os.path.isdir(folder):
             raise UserError(f"--data {root}: no folder {folder} (expected ADEChallengeData2016's images/ and "
-                            "annotations/, each with training/ and validation/)")
+                            "annotations/, each with training/ and validation/; the zip, and where to get it: "
+                            "docs/RUNNING.md, Evaluation data)")
     images = sorted(glob.glob(os.path.join(image_dir, "*.jpg")))
     if not images:
         raise UserError(f"--data {root}: {image_dir} holds no .jpg image")

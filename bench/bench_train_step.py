@@ -111,7 +111,7 @@ def synchronize(device):
 def train_step(model, optimizer, batch, run_args, device, amp):
     """pretrain.py's loop body: autocast forward + loss, backward, AdamW step. Returns the loss."""
     with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-        loss = compute_loss(model, batch, OBJECTIVES[run_args.loss], run_args, device)
+        loss, _ = compute_loss(model, batch, OBJECTIVES[run_args.loss], run_args, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -152,7 +152,7 @@ def objective_step(model, optimizer, batch, run_args, device, amp, step):
     for hook in objective.before_step:
         hook(model, optimizer, position, run_args)
     with torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext():
-        loss = compute_loss(model, batch, objective, run_args, device)
+        loss, _ = compute_loss(model, batch, objective, run_args, device)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     for hook in objective.after_backward:

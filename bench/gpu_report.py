@@ -757,7 +757,7 @@ def section_parity(report, args, device, results):
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = compute_loss(model, batch, OBJECTIVES["stablerep"], run_args, device)
+            loss, _ = compute_loss(model, batch, OBJECTIVES["stablerep"], run_args, device)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()

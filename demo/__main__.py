@@ -1,6 +1,7 @@
 """The whole method end to end on a laptop CPU, offline, in a few minutes: every stage script, run as you would.
 
     python -m demo                       # from the repository root; --output demo_output
+    python -m demo --resume              # continue an interrupted demo in demo_output (each stage resumes)
 
 1. generate.py on demo/captions.tsv (CC3M-style captions we wrote) with a tiny Stable Diffusion whose weights are
    random: its images are structured noise, and the point is the stage itself (the real model is one
@@ -39,23 +40,50 @@ def get_args_parser():
     parser.add_argument("--images-per-caption", type=integer(2), default=8, help="m, positives per caption and step")
     parser.add_argument("--episodes", type=integer(1), default=600, help="few-shot episodes (600, the paper's)")
     parser.add_argument("--seed", type=integer(0, 2 ** 63 - 1), default=0, help="seed of the pretraining run")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted demo in --output (the same settings): each stage resumes")
     return parser
+
+
+SETTINGS = ("captions", "epochs", "images_per_caption", "episodes", "seed")  # what demo.json records
+
+
+def check_output(args):
+    """An empty (or new) --output; with --resume, one holding a demo of the same settings (demo.json)."""
+    if not (os.path.exists(args.output) and os.listdir(args.output)):
+        return
+    recorded_path = os.path.join(args.output, "demo.json")
+    if not args.resume:
+        hint = " (an interrupted demo: pass --resume)" if os.path.isfile(recorded_path) else ""
+        raise UserError(f"{args.output} is not empty: remove it or pass another --output{hint}")
+    try:
+        recorded = read_json(recorded_path)
+    except (OSError, ValueError):
+        raise UserError(f"{args.output} holds no demo to resume (no readable demo.json): choose another --output") \
+            from None
+    changed = [key for key in SETTINGS if recorded.get(key) != getattr(args, key)]
+    if changed:
+        raise UserError(f"{args.output} holds a demo with other settings (--{changed[0].replace('_', '-')} "
+                        f"{recorded.get(changed[0])}): resume it with those, or choose another --output")
 
 
 def main(args):
     if not os.path.isfile(args.captions):
         raise UserError(f"captions file {args.captions} does not exist")
-    if os.path.exists(args.output) and os.listdir(args.output):
-        raise UserError(f"{args.output} is not empty: remove it or pass another --output")
+    args.captions = os.path.abspath(args.captions)
+    check_output(args)
     check_writable_folder(args.output)
     out = os.path.abspath(args.output)
+    atomic_write_json(os.path.join(out, "demo.json"), {key: getattr(args, key) for key in SETTINGS})
     start = time.time()
 
     # ---- 1. synthetic images ----
     from demo.tiny_sd import save_tiny_pipeline
     print("==> a tiny Stable Diffusion with random weights (its images are noise; the real model is a download "
           "away)", flush=True)
-    tiny_model = save_tiny_pipeline(os.path.join(out, "tiny_sd"))
+    tiny_model = os.path.join(out, "tiny_sd")
+    if not os.path.isfile(os.path.join(tiny_model, "model_index.json")):  # a resumed demo keeps its own
+        save_tiny_pipeline(tiny_model)
     generate_args = ["--captions", args.captions, "--model", tiny_model, "--n", "4", "--size", "32",
                      "--stored-size", "32", "--steps", "10", "--batch-size", "16", "--writers", "1"]
     run_stage("generate.py: 4 images per caption", "generate.py", *generate_args,
@@ -78,7 +106,7 @@ def main(args):
               "--captions-per-gpu", "10", "--images-per-caption", str(args.images_per_caption),
               "--epochs", str(args.epochs), "--warmup-epochs", str(max(1, args.epochs // 10)),
               "--base-lr", f"{1e-3 * 512 / images_per_step:g}", "--workers", "2", "--seed", str(args.seed),
-              "--log-every", "5", "--save-every", str(args.epochs))
+              "--log-every", "5", "--save-every", str(args.epochs), *(["--resume"] if args.resume else []))
 
     # ---- 4. evaluation ----
     encoders = {"pretrained": ["--checkpoint", os.path.join(out, "pretrain", "encoder.pth")],

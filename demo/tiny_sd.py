@@ -105,9 +105,14 @@ def build_tiny_pipeline(image_size, work_folder, seed=0):
 
 def save_tiny_pipeline(folder, image_size=32):
     """Build the tiny random-weight pipeline and save it to `folder` (from_pretrained-ready); returns `folder`."""
+    from transformers.utils import logging as transformers_logging
     os.makedirs(folder, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tokenizer_sources:
-        build_tiny_pipeline(image_size, work_folder=tokenizer_sources).save_pretrained(folder)
+    transformers_logging.disable_progress_bar()  # its "Writing model shards" bar says nothing for one 7 MB shard
+    try:
+        with tempfile.TemporaryDirectory() as tokenizer_sources:
+            build_tiny_pipeline(image_size, work_folder=tokenizer_sources).save_pretrained(folder)
+    finally:
+        transformers_logging.enable_progress_bar()
     return folder
 
 

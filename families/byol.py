@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from augment import View
-from families.common import MomentumModel, cosine_schedule
+from families.common import MomentumModel, cosine_schedule, embedding_std
 from loss import at_least_float32, full_precision
 from model import build_vit
 
@@ -84,3 +84,11 @@ def loss_term(out, batch, args):
 def update_target_network(model, optimizer, position, args):
     """After the optimiser step: the target network moves towards the online one with this step's tau."""
     model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+# ---- what its users watch (pretrain.py writes it into log.jsonl every --log-every steps) ----
+
+def monitor(model, out, position, args):
+    """The momentum of this step, and the online network's output spread (0 when the representation collapses)."""
+    return {"momentum": cosine_schedule(args.momentum, 1.0, position.step, position.total_steps),
+            "embedding_std": embedding_std(out["online"])}

@@ -115,3 +115,12 @@ def cosine_schedule(start, end, step, total_steps):
     """From `start` at step 0 to `end` at total_steps along a half cosine: the momentum of MoCo v3
     (adjust_moco_momentum), BYOL (tau) and DINO (momentum_schedule), and DINO's weight decay (wd_schedule)."""
     return end + (start - end) * (1 + math.cos(math.pi * step / total_steps)) / 2
+
+
+@torch.no_grad()
+def embedding_std(embeddings):
+    """The collapse monitor of MoCo v3 and BYOL (the SimSiam paper's, Sec. 4.1; solo-learn logs it): the standard
+    deviation over the batch of the L2-normalised embeddings [N, ..., E], averaged over the E channels. A collapsed
+    network gives 0; embeddings spread uniformly on the sphere give about 1 / sqrt(E)."""
+    unit = torch.nn.functional.normalize(embeddings.detach().float().flatten(0, -2), dim=-1)
+    return unit.std(dim=0).mean().item()

@@ -260,3 +260,20 @@ def clip_and_cancel_gradients(model, optimizer, position, args):
 def update_teacher(model, optimizer, position, args):
     """DINO, after the optimiser step: the teacher moves towards the student with this step's momentum."""
     model.update_teacher(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+# ---- what its users watch (pretrain.py writes it into log.jsonl every --log-every steps) ----
+
+@torch.no_grad()
+def monitor(model, out, position, args):
+    """DINO's collapse signals (the DINO paper's Sec. 5.3, Fig. 7): the entropy of the centred, sharpened teacher
+    softmax h(P_t) (ln K: collapse to uniform; 0: collapse to one prototype) and the KL divergence of the student to
+    the teacher, KL = H(P_t, P_s) - h(P_t) (0 when both collapse alike); with the teacher temperature and momentum of
+    this step."""
+    teacher = torch.softmax((out["teacher"].detach().float() - out["center"]) / out["teacher_temperature"], dim=-1)
+    entropy = -(teacher * torch.log(teacher.clamp_min(1e-30))).sum(-1).mean().item()  # over images and global crops
+    cross = distillation_loss(out["student"].detach(), out["teacher"], out["center"], args.temperature,
+                              out["teacher_temperature"]).item()  # each teacher crop in (V - 1) pairs: mean H
+    return {"teacher_entropy": entropy, "teacher_student_kl": cross - entropy,
+            "teacher_temperature": out["teacher_temperature"],
+            "momentum": cosine_schedule(args.momentum, 1.0, position.step, position.total_steps)}

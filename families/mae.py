@@ -164,3 +164,16 @@ def loss_term(out, batch, args):
     """pretrain.py's term: the pixels of the removed patches (standardised per patch with --norm-pix-loss)."""
     return reconstruction_loss(out["pred"], out["patches"], out["mask"], args.norm_pix_loss)
 
+
+
+# ---- what its users watch (pretrain.py writes it into log.jsonl every --log-every steps) ----
+
+@torch.no_grad()
+def monitor(model, out, position, args):
+    """The loss on the removed patches (the training loss) beside the same error on the visible ones, which the
+    decoder sees through the encoder: a model that only copies what it sees lowers the second, not the first."""
+    visible = 1 - out["mask"]
+    return {"masked_patch_loss": reconstruction_loss(out["pred"], out["patches"], out["mask"],
+                                                     args.norm_pix_loss).item(),
+            "visible_patch_loss": reconstruction_loss(out["pred"], out["patches"], visible,
+                                                      args.norm_pix_loss).item()}

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from augment import View
-from families.common import MomentumModel, cosine_schedule, fix_position_embedding, xavier_init
+from families.common import MomentumModel, cosine_schedule, embedding_std, fix_position_embedding, xavier_init
 from loss import at_least_float32, full_precision
 from model import build_vit
 from util.distributed import all_gather_no_grad, rank
@@ -126,3 +126,11 @@ def update_momentum_encoder(model, optimizer, position, args):
     """MoCo v3, before the forward pass (moco/builder.py does it inside forward): the momentum encoder moves towards
     the base encoder with this step's momentum."""
     model.update_momentum(cosine_schedule(args.momentum, 1.0, position.step, position.total_steps))
+
+
+# ---- what its users watch (pretrain.py writes it into log.jsonl every --log-every steps) ----
+
+def monitor(model, out, position, args):
+    """The momentum of this step, and the online network's output spread (0 when the representation collapses)."""
+    return {"momentum": cosine_schedule(args.momentum, 1.0, position.step, position.total_steps),
+            "embedding_std": embedding_std(out["online"])}

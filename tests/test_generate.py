@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -441,6 +442,27 @@ def test_dpm_solver_run_writes_images(tiny_model, captions_file, tmp_path):
     assert imagetree.read_settings(str(out))["scheduler"] == "dpm-solver++"
 
 
+@pytest.mark.parametrize("made", ["reference", "reference_shards"])
+def test_a_preview_of_an_output_reads_its_images(made, request, reference, tiny_model, captions_file, tmp_path,
+                                                 monkeypatch):
+    """--preview into an output made with the same settings (a tree or shards) reads its images and never loads
+    the model; with other settings (another w) it draws them."""
+    out = tmp_path / "made"
+    shutil.copytree(request.getfixturevalue(made), out)
+    monkeypatch.setattr(generate, "load_pipeline", lambda *a: pytest.fail("the model was loaded"))
+    path = generate_in_process(*argv(tiny_model, captions_file, out, "--preview", "2"))
+    grid = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    layout, tree = generate.PreviewGrid({0: "", 2: ""}, N, 32), pixels(reference)
+    for row, caption_id in enumerate((0, 2)):
+        top = layout.top(row) + layout.caption
+        for k in range(N):
+            tile = grid[top:top + 32, layout.left(k):layout.left(k) + 32]
+            # the stored pixels (the shards were made in batches of 5: within a level of the tree's, as elsewhere)
+            assert np.abs(tile - tree[imagetree.image_name(caption_id, k, "png")]).max() <= (made != "reference")
+    assert generate.stored_images(generate.get_args_parser().parse_args(
+        argv(tiny_model, captions_file, out, "--preview", "2", "--w", "3")), [0, 2]) == {}
+
+
 def test_preview_is_one_labelled_png_grid_and_no_tree(reference, tiny_model, captions_file, tmp_path):
     out = tmp_path / "preview"
     path = generate_in_process(*argv(tiny_model, captions_file, out, "--preview", "2"))
@@ -508,6 +530,8 @@ BAD_INPUTS = {
     "output a file": (["--output", "{tmp}/afile"], "cannot be written"),
     "preview output a file": (["--preview", "--output", "{tmp}/afile"], "cannot be written"),
     "model not loadable": (["--model", "{tmp}/no-such-model"], "offline"),
+    "model a single file": (["--model", "{tmp}/v1-5-pruned-emaonly.safetensors"],
+                            "is a single file; generate.py loads a folder in diffusers' layout"),
 }
 # every numeric flag: finite, signed and bounded at parse time
 BAD_NUMBERS = {
@@ -533,6 +557,7 @@ def test_bad_input_one_line_exit_2_nothing_written(case, tiny_model, captions_fi
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "nocol.csv").write_text("url,text\nhttp://x/1.jpg,a cat\n")
     (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "v1-5-pruned-emaonly.safetensors").write_bytes(b"weights in one file")
     before = listing(tmp_path)
     extra, message = {**BAD_INPUTS, **BAD_NUMBERS}[case]
     args = argv(tiny_model, captions_file, tmp_path / "tree") + [a.format(tmp=tmp_path) for a in extra]

@@ -73,3 +73,25 @@ def test_a_damaged_log_is_plotted_from_its_good_records_or_is_one_line(tmp_path,
     with pytest.raises(SystemExit) as info:
         run(plots.main, plots.get_args_parser(), [str(folder)])
     assert info.value.code == 2 and "is not a file" in capsys.readouterr().err
+
+
+def test_collapse_signals_get_a_panel_each(tmp_path, monkeypatch):
+    """A DINO run's log.jsonl (pretrain.py writes its families' monitor): a panel per signal under the loss."""
+    lines = [json.dumps({"step": s, "loss": 9.0, "lr": 1e-3, "teacher_entropy": 11.0 - 0.1 * s,
+                         "teacher_student_kl": 0.5, "teacher_temperature": 0.04, "momentum": 0.996})
+             for s in range(1, 20)]
+    (tmp_path / "log.jsonl").write_text("\n".join(lines) + "\n")
+    drawn = []
+    original = plots.plot_curves
+
+    def spy(records, path, title=None):
+        plt = plots._pyplot()
+        before = set(plt.get_fignums())
+        real_subplots = plt.subplots
+        monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(a) or real_subplots(*a, **k))
+        original(records, path, title)
+        assert set(plt.get_fignums()) == before
+    monkeypatch.setattr(plots, "plot_curves", spy)
+    plots.main(plots.get_args_parser().parse_args([str(tmp_path)]))
+    assert drawn == [(5, 1)]  # loss and lr, then 4 signals
+    assert is_png(tmp_path / "curves.png", 10_000)

@@ -124,7 +124,7 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     losses = []
     for _ in range(40):
-        value = pretrain.compute_loss(model, batch, pretrain.OBJECTIVES[loss], args, torch.device("cpu"))
+        value, _ = pretrain.compute_loss(model, batch, pretrain.OBJECTIVES[loss], args, torch.device("cpu"))
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
@@ -238,7 +238,8 @@ def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
                           (["--loss", "mae", "--crops-per-image", "2"], "takes 1 crop(s)"),
                           (["--loss", "dino", "--init-from", "x.pth"], "starts from random weights"),
                           (["--loss", "dino", "--local-crop-size", "24"], "not a multiple of the patch size"),
-                          (["--loss", "dino"], "--local-crop-size 96 is not smaller than --image-size 32"),
+                          (["--loss", "dino", "--local-crop-size", "96"],
+                           "--local-crop-size 96 is not smaller than --image-size 32"),
                           (["--loss", "byol", "--gpu-augment", "--gpu-decode"], "leave --gpu-decode off")):
         assert_one_line_error(run_pretrain(*out, *argv, check=False), message)
     assert not (tmp_path / "o").exists()

@@ -99,11 +99,12 @@ SLURM = os.path.join(REPO, "slurm")
 
 
 def slurm_commands():
-    """The python and torchrun command of every slurm/*.sbatch file, without the `srun` that starts it on each
-    node."""
+    """The python and torchrun command of every slurm/*.sbatch file, without the `srun` (and its options) that
+    starts it on each node, nor the `&` that leaves the job's shell free for its signal."""
     for name in sorted(os.listdir(SLURM)):
         with open(os.path.join(SLURM, name), encoding="utf-8") as f:
-            yield from _commands(re.sub(r"^(\s*)srun\s+", r"\1", f.read(), flags=re.M), f"slurm/{name}")
+            script = re.sub(r"^(\s*)srun(\s+--[\w-]+(=\S+)?)*\s+", r"\1", f.read(), flags=re.M)
+            yield from _commands(re.sub(r"\s+&$", "", script, flags=re.M), f"slurm/{name}")
 
 
 COMMANDS = list(readme_commands()) + list(docstring_commands()) + list(recipe_commands()) + list(slurm_commands())
@@ -139,6 +140,26 @@ def test_slurm_files_are_valid_bash_and_set_what_they_use():
     pretrain = open(os.path.join(SLURM, "pretrain_multinode.sbatch"), encoding="utf-8").read()
     assert 'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in pretrain
     assert "--nnodes \"$SLURM_NNODES\"" in pretrain and "#SBATCH --ntasks-per-node=1" in pretrain
+
+
+def test_slurm_jobs_survive_their_cluster():
+    """What a cluster needs (issue 29): the environment activated; srun given the CPUs (SLURM 22.05 and later no
+    longer pass --cpus-per-task to the step); every node ended when one fails; a signal before the time limit that
+    requeues the job, whose command runs in the background so that the shell can take the signal; the log appended
+    to, not truncated, by the requeued job."""
+    for name in os.listdir(SLURM):
+        with open(os.path.join(SLURM, name), encoding="utf-8") as f:
+            script = f.read()
+        directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, re.M))
+        assert directives.get("open-mode") == "append" and "requeue" in directives, name
+        assert re.fullmatch(r"B:USR1@\d+", directives.get("signal", "")), name
+        assert re.search(r"^trap '.*scontrol requeue .*' USR1$", script, re.M), name
+        assert re.search(r"^srun --kill-on-bad-exit=1 ", script, re.M), name
+        assert re.search(r"&\nwait \$!", script), name  # a trap runs between commands only
+        assert 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"' in script, name
+        assert 'source "$VENV/bin/activate"' in script, name
+        code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+        assert not re.search(r"--nproc(?![-_])", code), name  # ambiguous to torchrun
 
 
 def test_readme_blocks_set_the_variables_they_use():

@@ -16,6 +16,8 @@ def test_progress_line_holds_step_epoch_loss_lr_speed_and_time_left():
     # the corrupt-image count appears once it moves; fields not measured yet are left out
     assert runlog.progress_line(3000, 3000, 300, None, None, None, 0, corrupt=3) == \
         "step 3000/3000 (100%)  epoch 10.00/10  0s left  corrupt images 3"
+    # below 10 images/s, two significant digits: a slow CPU run is not "0 images/s"
+    assert "  0.42 images/s  " in runlog.progress_line(1, 10, 10, 1.0, 1e-3, 0.4213, 60)
     assert [runlog.duration(s) for s in (0.4, 45, 725, 3 * 3600 + 4 * 60 + 59, 2 * 86400 + 5 * 3600, -3)] == \
         ["0s", "45s", "12m05s", "3h04m", "2d05h", "0s"]
 

@@ -33,7 +33,8 @@ def add_dataset_arguments(parser, folder_flags):
     group.add_argument("--dataset", choices=EVAL_DATASETS + FAIRFACE_DATASETS, default=None,
                        help="a dataset by name instead of image folders: the paper's 11 (torchvision's) or FairFace "
                             "under <data-root>/fairface")
-    group.add_argument("--data-root", default="data", help="where --dataset lives (or is downloaded to)")
+    group.add_argument("--data-root", default="data",
+                       help="where --dataset lives, or is downloaded to with --download (default: data)")
     group.add_argument("--download", action="store_true", help="download --dataset if absent (off: never "
                        "touch the network unless asked)")
     group.add_argument("--num-workers", type=integer(0), default=min(4, available_cpus()),

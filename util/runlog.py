@@ -142,7 +142,7 @@ def progress_line(step, total_steps, steps_per_epoch, loss, lr, images_per_s, se
     if lr is not None:
         parts.append(f"lr {lr:.2e}")
     if images_per_s is not None:
-        parts.append(f"{images_per_s:.0f} images/s")
+        parts.append(f"{images_per_s:.0f} images/s" if images_per_s >= 10 else f"{images_per_s:.2g} images/s")
     parts.append(f"{duration(seconds_left)} left")
     if corrupt:
         parts.append(f"corrupt images {corrupt}")
