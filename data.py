@@ -39,6 +39,7 @@ from augment import (
     decode_rgb,
 )
 from util import dataindex
+from util.checkpoints import quiet_worker
 from util.jpeg import JPEG_MAGIC, DeviceJpegs, jpeg_size
 from util.streams import read_stream
 
@@ -565,7 +566,7 @@ def loader_options(workers, pin_memory):
     if not workers:
         return {"num_workers": 0, "pin_memory": pin_memory}
     return {"num_workers": workers, "pin_memory": pin_memory, "multiprocessing_context": worker_start_method(),
-            "prefetch_factor": PREFETCH_FACTOR}
+            "prefetch_factor": PREFETCH_FACTOR, "worker_init_fn": quiet_worker}  # a preemption: no worker traceback
 
 
 def batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device):

@@ -498,7 +498,8 @@ def train(args, resumed, run_id):
     start_time, start_step, last_saved = time.time(), step, step
     loss_value, corrupt = float("nan"), 0
     model.train()
-    with checkpoints.interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args):
+    with checkpoints.interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args), \
+            checkpoints.stop_at_step_boundary() as preemption:
         for epoch, batch in itertools.chain([first_batch], batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule(step, total_steps, warmup_steps, lr)
@@ -525,12 +526,21 @@ def train(args, resumed, run_id):
                 log.write(step, epoch=epoch, loss=loss_value, lr=optimizer.param_groups[0]["lr"],
                           images=(step - start_step) * images_per_step, corrupt_images=corrupt,
                           logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None))
-            if checkpoints.checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
+            stopping = step < total_steps and preemption.due(device)  # SIGTERM or SIGUSR1: save, then stop
+            if stopping or checkpoints.checkpoint_due(step, total_steps, sampler.steps_per_epoch, args.save_every):
                 data_state = sampler.state_dict()  # streams: every rank's positions (a collective)
                 if is_main:
                     checkpoints.save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args,
                                                     run_id, loss_value, data_state)
                 last_saved = step
+            if stopping:
+                if is_main:
+                    log.close()
+                    print(f"\npretrain.py: {preemption.name()} at step {step}: saved "
+                          f"{checkpoints.checkpoint_path(args.output, step)}; rerun the same command with --resume to "
+                          "continue", file=sys.stderr)
+                distributed.leave()
+                sys.exit(130)
 
         # ---- finish: a step like the others, repeated by --resume until it is done ----
         if is_main:

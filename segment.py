@@ -754,6 +754,7 @@ def main(args):
     sampler = CropSampler(len(train_pairs), args.batch_size, rank, world_size, args.seed, iteration)
     loader = torch.utils.data.DataLoader(TrainCrops(train_pairs, args.crop_size), batch_sampler=sampler,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=checkpoints.quiet_worker,  # a preemption: no worker traceback
                                          generator=torch.Generator())  # its seed draw must not move torch's stream
     batches = ev.batches(loader)
     batches = itertools.chain([next(batches)], batches)
@@ -768,50 +769,60 @@ def main(args):
     val_set = ValImages(val_pairs)
     evaluations, start_time, start_iteration = [], time.time(), iteration
     model.train()
-    try:
-        while iteration < args.iterations:
-            images, labels = next(batches)
-            lr = poly_lr(iteration, args.iterations, args.warmup_iterations, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            with autocast:
-                logits, aux_logits = model(images.to(device, non_blocking=True))
-            labels = labels.to(device, non_blocking=True)
-            decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
-            aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE)
-            loss = decode_loss + args.aux_weight * aux_loss
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at iteration {iteration}; stopping")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            if log and (iteration % args.log_every == 0 or iteration == args.iterations):
-                log.write(iteration, loss=loss.item(), decode_loss=decode_loss.item(), aux_loss=aux_loss.item(),
-                          lr=lr, images=(iteration - start_iteration) * args.batch_size)
-            save_due = iteration % args.save_every == 0 or iteration == args.iterations
-            evaluation_due = iteration % args.eval_every == 0 or iteration == args.iterations
-            if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
-                distributed.average_batchnorm_statistics(model_without_ddp)
-            if save_due and is_main:
-                save_checkpoint(model_without_ddp, optimizer, iteration, args)
-            if evaluation_due:
-                model.eval()
+    with checkpoints.stop_at_step_boundary() as preemption:  # SIGTERM or SIGUSR1: save at the next iteration, stop
+        try:
+            while iteration < args.iterations:
+                images, labels = next(batches)
+                lr = poly_lr(iteration, args.iterations, args.warmup_iterations, args.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
                 with autocast:
-                    scores = evaluate(model_without_ddp, val_set, names, args.crop_size, stride, args.test_scales,
-                                      args.flip, device, args.num_workers)
-                model.train()
-                evaluations.append({"iteration": iteration, **{k: v for k, v in scores.items()
-                                                               if k != "per_class_iou"}})
-                if log:
-                    log.write(iteration, mIoU=scores["mIoU"], aAcc=scores["aAcc"], mAcc=scores["mAcc"])
-                    print(f"iteration {iteration}: mIoU {scores['mIoU']:.2f}, pixel accuracy {scores['aAcc']:.2f}")
-    except KeyboardInterrupt:
-        if is_main:
-            log.close()
-            print(f"\nsegment.py: stopped at iteration {iteration}; rerun with --resume --output {args.output} to "
-                  "continue from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+                    logits, aux_logits = model(images.to(device, non_blocking=True))
+                labels = labels.to(device, non_blocking=True)
+                decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+                aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE)
+                loss = decode_loss + args.aux_weight * aux_loss
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss is {loss.item()} at iteration {iteration}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                if log and (iteration % args.log_every == 0 or iteration == args.iterations):
+                    log.write(iteration, loss=loss.item(), decode_loss=decode_loss.item(), aux_loss=aux_loss.item(),
+                              lr=lr, images=(iteration - start_iteration) * args.batch_size)
+                stopping = iteration < args.iterations and preemption.due(device)
+                save_due = iteration % args.save_every == 0 or iteration == args.iterations or stopping
+                evaluation_due = iteration % args.eval_every == 0 or iteration == args.iterations
+                if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
+                    distributed.average_batchnorm_statistics(model_without_ddp)
+                if save_due and is_main:
+                    save_checkpoint(model_without_ddp, optimizer, iteration, args)
+                if evaluation_due:
+                    model.eval()
+                    with autocast:
+                        scores = evaluate(model_without_ddp, val_set, names, args.crop_size, stride, args.test_scales,
+                                          args.flip, device, args.num_workers)
+                    model.train()
+                    evaluations.append({"iteration": iteration, **{k: v for k, v in scores.items()
+                                                                   if k != "per_class_iou"}})
+                    if log:
+                        log.write(iteration, mIoU=scores["mIoU"], aAcc=scores["aAcc"], mAcc=scores["mAcc"])
+                        print(f"iteration {iteration}: mIoU {scores['mIoU']:.2f}, pixel accuracy {scores['aAcc']:.2f}")
+                if stopping:
+                    if is_main:
+                        log.close()
+                        print(f"\nsegment.py: {preemption.name()} at iteration {iteration}: saved "
+                              f"{checkpoints.checkpoint_path(args.output, iteration)}; rerun with --resume --output "
+                              f"{args.output} to continue", file=sys.stderr)
+                    distributed.leave()
+                    sys.exit(130)
+        except KeyboardInterrupt:
+            if is_main:
+                log.close()
+                print(f"\nsegment.py: stopped at iteration {iteration}; rerun with --resume --output {args.output} to "
+                      "continue from the last checkpoint", file=sys.stderr)
+            sys.exit(130)
 
     # ---- save ----
     results = None

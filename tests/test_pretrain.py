@@ -765,6 +765,53 @@ def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     assert len(lines) == 1 and "rerun the same command with --resume" in lines[0], stderr
 
 
+def test_a_preemption_signal_stops_at_the_next_step_boundary():
+    """SIGTERM or SIGUSR1 only raise a flag the loop reads between steps (so it saves first); a second SIGTERM stops
+    at once; a signal arriving while a checkpoint is written reaches the flag once the file is whole; the handlers
+    come back afterwards; a DataLoader worker ignores both."""
+    before = {sig: signal.getsignal(sig) for sig in checkpoints.PREEMPTION_SIGNALS}
+    with checkpoints.stop_at_step_boundary() as preemption:
+        assert not preemption.due()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.due() and preemption.name() == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert {sig: signal.getsignal(sig) for sig in checkpoints.PREEMPTION_SIGNALS} == before
+    with checkpoints.stop_at_step_boundary() as preemption:
+        with checkpoints.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert preemption.received is None  # deferred while the file is written
+        assert preemption.name() == "SIGTERM"
+    try:
+        checkpoints.quiet_worker(0)
+        for sig in checkpoints.PREEMPTION_SIGNALS:
+            assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_saves_a_checkpoint_and_stops_quietly(random_tree, tmp_path, signum):
+    """SIGTERM to the whole process group (`timeout`, scancel) or SLURM's SIGUSR1 warning: a checkpoint at the next
+    step although --save-every is far away, one line, no worker traceback; --resume continues from it."""
+    output = tmp_path / "run"
+    argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "1000")
+    argv[argv.index("--workers") + 1] = "2"
+    process = start_python("pretrain.py", *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    log = output / "log.jsonl"
+    signal_when(process, lambda: log.is_file() and log.read_text().count("\n") >= 2, signal.SIGCONT)
+    os.killpg(process.pid, signum) if signum == signal.SIGTERM else process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "--resume" in lines[0], stderr
+    saved = checkpoints.list_checkpoints(str(output))
+    assert len(saved) == 1 and f"saved {saved[0]};" in lines[0]
+
+
 @pytest.mark.slow
 def test_warmup_longer_than_the_run_is_noted(random_tree, tmp_path):
     result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--epochs", "1", "--warmup-epochs", "5"))

@@ -50,6 +50,8 @@ def docstring_commands():
 
 def _commands(text, where):
     for line in text.replace("\\\n", " ").splitlines():
+        line = re.sub(r"^(\s*)exec\s+", r"\1", line)  # `exec python ...` (an sbatch file's python takes signals)
+        line = re.sub(r"\s&\s*$", "", line)  # started in the background (an sbatch file that forwards a signal)
         if not re.match(r"\s*(python \S+\.py|python -m demo|torchrun )", line):
             continue
         line = re.sub(r"\$\{?(\w+)\}?", "1", line)  # shell variables ($I, $HEAD) -> a value

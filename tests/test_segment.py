@@ -252,6 +252,25 @@ def test_trains_end_to_end_and_a_resumed_run_ends_with_the_same_weights(tmp_path
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=0, msg=key)
 
 
+def test_a_preemption_signal_saves_at_the_next_iteration_and_stops_with_one_line(tmp_path, ade, tiny_checkpoint,
+                                                                                monkeypatch, capsys):
+    """SIGUSR1 (SLURM's warning) or SIGTERM during iteration 1: checkpoint 1 although --save-every is 2, exit 130."""
+    import signal
+    schedule = segment.poly_lr
+
+    def preempted(iteration, *rest):
+        if iteration == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return schedule(iteration, *rest)
+
+    monkeypatch.setattr(segment, "poly_lr", preempted)
+    with pytest.raises(SystemExit) as stop:
+        segment.main(parse(*train_argv(ade, tmp_path / "run", tiny_checkpoint)))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 130 and lines[-1].startswith("segment.py: SIGUSR1 at iteration 1: saved "), lines
+    assert sorted(os.listdir(tmp_path / "run")).count("checkpoint-00000001.pth") == 1
+
+
 def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
     """Ours (pretrain.py's and encoder.pth), the official code's (DDP names, Namespace args) and a timm state dict."""
     state = tiny_encoder.state_dict()
