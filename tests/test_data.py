@@ -447,7 +447,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, on_device, 
 def test_workers_start_by_fork_on_linux_and_in_flight_is_bounded(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     assert data.loader_options(4, True) == {"num_workers": 4, "pin_memory": True, "multiprocessing_context": "fork",
-                                            "prefetch_factor": 2}
+                                            "prefetch_factor": 2, "worker_init_fn": data.quiet_worker}
     assert data.loader_options(0, False) == {"num_workers": 0, "pin_memory": False}  # no workers, no start method
     monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe there: the platform's own default (spawn)
     assert data.loader_options(4, False)["multiprocessing_context"] is None
