@@ -615,9 +615,12 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(f"--data mixes streamed URLs ({streamed[0]}) with local data: stream all or none")
         if not args.stream_captions:
             raise UserError("streamed --data needs --stream-captions N (the captions of an epoch)")
-        dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
-                                          world_size=world_size, workers=args.workers,
-                                          shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
+        try:
+            dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
+                                              world_size=world_size, workers=args.workers,
+                                              shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
+        except ValueError as err:  # a brace pattern of too many names, or unbalanced braces
+            raise UserError(str(err)) from None
         sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
         loader = data.StreamLoader(dataset, **data.loader_options(args.workers, device.type == "cuda"))
     else:  # random access through the cached index, built once by each node's first process

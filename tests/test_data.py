@@ -529,6 +529,17 @@ def test_a_streamed_run_resumes_at_the_shard_and_sample_where_it_stopped(even_sh
     assert resumed.samples_read == 8 and single.samples_read == 16
 
 
+def test_a_stream_whose_shards_are_mostly_missing_stops_with_one_error(even_shards, capsys):
+    """`pipe:cat .../{00000..00099}.tar` with 4 real shards: one UnreadableData once the stream has finished
+    MISSING_PROBE shards, most of them empty, and no note per missing shard (each one a `cat` error) before it."""
+    mostly_missing = even_shards.replace("{00000..00003}", "{00000..00099}")
+    stream = data.CaptionShardStream([mostly_missing], 16, 2, 2, 1, 16, seed=0, shuffle_buffer=2, mix=1)
+    with pytest.raises(data.UnreadableData, match=r"of the first 16 shards stream 0 opened gave no sample .*"
+                                                  "most shards --data names are missing"):
+        stream_epoch(stream, 0)
+    assert "note:" not in capsys.readouterr().err
+
+
 def test_a_stream_shorter_than_its_epoch_says_how_many_passes(even_shards, capsys):
     stream = data.CaptionShardStream([even_shards], 40, 4, 2, 1, 16, seed=0, shuffle_buffer=4)
     batches, _ = stream_epoch(stream, 0)

@@ -290,6 +290,21 @@ def test_rows_swallowed_by_an_unbalanced_quote_are_never_merged_silently(tmp_pat
                                  "unbalanced quote)"]
 
 
+def test_brace_patterns_are_counted_before_they_are_expanded():
+    """The count agrees with braceexpand's own expansion; a pattern of 10^12 names is refused at once (it used to be
+    expanded into a list: a MemoryError after minutes)."""
+    from braceexpand import braceexpand
+    for pattern in ("s/{00000..00099}.tar", "x{a,b{1..3},c}y{1..2}", "{a..g..2}", "{4..1}", "{2..-1}", "{1..10..3}",
+                    "p{1,{2,3}}", "plain", "{}", "{a}", "{1\\{2,3}", "{,x}", "{07..10}", "{x,{}}", "{{a,b}}"):
+        assert dataindex.count_expanded(pattern) == len(list(braceexpand(pattern))), pattern
+    huge = "pipe:cat /data/{000000000000..999999999999}.tar"
+    assert dataindex.count_expanded(huge) == 10 ** 12
+    with pytest.raises(ValueError, match=r"expands to 1,000,000,000,000 names, over the bound of 1,000,000"):
+        dataindex.expand(huge)
+    with pytest.raises(ValueError, match="Unbalanced braces"):
+        dataindex.expand("s/{{1..3}.tar")
+
+
 def test_a_byte_order_mark_before_a_headerless_csv_is_dropped(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes(codecs.BOM_UTF8 + b"imgs/0.png,a cat\nimgs/1.png,a dog\n")

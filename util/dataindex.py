@@ -57,12 +57,64 @@ def is_streamed(spec):
     return spec.startswith(STREAM_SCHEMES)
 
 
-def expand(spec):
+MAX_EXPANDED = 1_000_000  # names a brace pattern may give (CC12M at 1000 captions a shard: 12,423)
+
+
+def expand(spec, limit=MAX_EXPANDED):
     """The paths of a brace pattern ("shards/{00000..00099}.tar"), by the braceexpand package webdataset itself
     uses. Only the braces: webdataset's own expand_urls also splits at "::" and substitutes `${NAME}` from the
-    environment (a traceback when the variable is unset), which a path or command must not undergo."""
+    environment (a traceback when the variable is unset), which a path or command must not undergo. The names are
+    counted first (count_expanded): a pattern of more than `limit` is a ValueError, never a list of 10^12."""
     from braceexpand import braceexpand
+    count = count_expanded(spec)
+    if count > limit:
+        raise ValueError(f"{spec} expands to {count:,} names, over the bound of {limit:,}: narrow the brace pattern")
     return list(braceexpand(spec))
+
+
+def count_expanded(pattern):
+    """How many names braceexpand(pattern) gives, computed from the ranges' lengths without expanding them (the
+    same grammar: products of literals, ranges and comma sequences, backslash escapes, nesting)."""
+    import braceexpand as be
+    count, start, pos, depth = 1, 0, 0, 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            depth += 1
+            if depth == 1:
+                start = pos
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _count_expression(pattern[start + 1:pos], be)
+        pos += 1
+    if depth != 0:
+        raise be.UnbalancedBracesError(f"Unbalanced braces: '{pattern}'")
+    return count
+
+
+def _count_expression(expr, be):
+    numbers = be.int_range_re.match(expr)
+    if numbers:
+        first, last, step = int(numbers.group(1)), int(numbers.group(2)), int(numbers.group(3) or 1) or 1
+        return abs(last - first) // step + 1
+    if be.char_range_re.match(expr):
+        return sum(1 for _ in be.make_char_range(*be.char_range_re.match(expr).groups()))
+    items, start, pos, depth = [], 0, 0, 0  # a comma sequence at this level, else a literal brace pair
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
+        if expr[pos] == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not items:
+        return count_expanded(expr)
+    return sum(count_expanded(item) for item in [*items, expr[start:]])
 
 
 def _uint(maximum):
