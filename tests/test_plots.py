@@ -73,3 +73,19 @@ def test_a_damaged_log_is_plotted_from_its_good_records_or_is_one_line(tmp_path,
     with pytest.raises(SystemExit) as info:
         run(plots.main, plots.get_args_parser(), [str(folder)])
     assert info.value.code == 2 and "is not a file" in capsys.readouterr().err
+
+
+def test_a_step_past_a_floats_range_is_a_damaged_line_and_a_folder_is_no_output(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    huge = "1" + "0" * 400  # 10^400: JSON reads it as an integer no float holds
+    log.write_text(f'{{"step": 1, "loss": 2.0, "lr": 0.1}}\n{{"step": {huge}, "loss": 1.0}}\n'
+                   f'{{"step": 2, "loss": {huge}}}\n{{"step": 3, "loss": 1.0, "lr": {huge}}}\n'
+                   '{"step": 4, "loss": 0.5, "lr": 0.1}\n')
+    records = plots.read_log(str(log))
+    assert [r["step"] for r in records] == [1, 4] and "3 damaged line(s) skipped" in capsys.readouterr().err
+    plots.plot_curves(records, str(tmp_path / "curves.png"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as info:
+        run(plots.main, plots.get_args_parser(), [str(log), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "is a folder: name the PNG" in err

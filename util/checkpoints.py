@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 
 import torch
 
@@ -400,10 +401,17 @@ def load_checkpoint_file(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's remarks on a foreign pickle's protocol: not lines for the user
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line(err)})") from None
+        reason = first_line(err)
+        if "weights_only" in reason or "Weights only" in reason:  # torch advises unsafe loading: we never do
+            reason = ("it holds Python objects other than tensors and plain data; checkpoints are only read "
+                      "weights-only, so that no file can run code")
+        elif len(reason) < 12:  # torch's bare codes ("101") for bytes that are no torch.save file at all
+            reason = f"not a file torch.save wrote: {reason}"
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
 
 
 def _tensors_of(checkpoint):
