@@ -418,7 +418,7 @@ def box_scale(height, width, long_side, short_side):
 
 def rescale(image, labels, factor):
     """Bilinear for the image (OpenCV's INTER_LINEAR, no antialiasing: mmcv's), nearest for the labels."""
-    size = (int(image.shape[1] * factor + 0.5), int(image.shape[2] * factor + 0.5))
+    size = (max(1, int(image.shape[1] * factor + 0.5)), max(1, int(image.shape[2] * factor + 0.5)))  # 1x2000: 1
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
     if labels is not None:
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
@@ -688,8 +688,29 @@ def check_args(args):
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "segment_ade20k")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a file, not a folder")
+    data, output = os.path.realpath(args.data), os.path.realpath(args.output)
+    if output == data or output.startswith(data.rstrip(os.sep) + os.sep):
+        raise UserError(f"--output {args.output} is inside --data {args.data}: the run's files would mix with the "
+                        "dataset's; write it elsewhere")
     check_creatable(args.output)
     check_loggers(args.tensorboard, None)
+
+
+def check_readable(pairs):
+    """Every (image, annotation) pair's header, before anything is written: a file that is not an image, or a label
+    map whose size is not its image's, is one line now rather than at the first evaluation, after checkpoints
+    exist. (A JPEG cut short after its header shows only when decoded: that is still one line, when read.)"""
+    from PIL import Image
+    for image_path, label_path in pairs:
+        try:
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                sizes = image.size, label.size
+        except augment.DECODE_ERRORS as err:
+            raise UserError(f"cannot read image {image_path} or its annotation ({first_line(err)}); remove or "
+                            "replace the file") from None
+        if sizes[0] != sizes[1]:
+            raise UserError(f"{label_path}: a {sizes[1][0]}x{sizes[1][1]} label map for a {sizes[0][0]}x"
+                            f"{sizes[0][1]} image")
 
 
 def main(args):
@@ -704,12 +725,17 @@ def main(args):
     world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} does not split over {world_size} processes")
+    if args.batch_size // world_size < 2 and device.type != "cuda":  # SyncBatchNorm (GPUs only) would pool them
+        raise UserError(f"--batch-size {args.batch_size} over {world_size} CPU processes is 1 image each: the "
+                        "pyramid pooling's BatchNorm needs at least 2 per process on CPUs (its 1x1 map has one value "
+                        f"per channel); give --batch-size {2 * world_size} or more")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     # ---- data ----
     train_pairs, val_pairs = list_split(args.data, "train"), list_split(args.data, "val")
     names = class_names(args.data)
+    check_readable(val_pairs)  # read at the first evaluation, long after the first checkpoint: checked now
 
     # ---- model ----
     encoder_args = argparse.Namespace(checkpoint=args.checkpoint, random_init=args.random_init, model=args.model,
