@@ -278,6 +278,15 @@ def test_every_flag_the_objective_does_not_read_is_refused_when_typed(loss):
         pretrain.check_family_flags(recorded)
 
 
+def test_the_findings_scripts_head_flags_are_those_each_objective_reads():
+    from experiments.findings import HEAD_FLAGS_READ, digit_pretrain_flags
+    for loss, objective in pretrain.OBJECTIVES.items():
+        head = {"head_hidden_dim", "embed_dim", "head_batchnorm"} & pretrain.flags_read(objective)
+        assert {flag[2:].replace("-", "_") for flag in HEAD_FLAGS_READ.get(loss, ())} == head, loss
+        pretrain.check_family_flags(parse_command_line(pretrain.get_args_parser(),
+                                                       ["--data", "x", "--loss", loss, *digit_pretrain_flags(loss)]))
+
+
 @pytest.mark.slow
 def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
     out = ["--data", random_tree, "--output", str(tmp_path / "o")]
