@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import reprlib
 
 from util.cli import SEED, ArgumentParser, UserError, first_line, integer, parse_command_line, run
 from util.files import atomic_write_json, check_creatable
@@ -142,9 +143,49 @@ def read_json_list(path, what):
             items = json.load(f)
     except (ValueError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not JSON ({first_line(err)})") from None
+    except RecursionError:  # arrays or objects nested thousands deep: no benchmark file is
+        raise UserError(f"{path} is nested too deep to be one of the benchmark's files") from None
     if not isinstance(items, list) or not items:
         raise UserError(f"{path} holds no list of cases")
     return items
+
+
+def text_field(value, where):
+    """A caption as the benchmark files hold it: a non-blank string of valid Unicode (JSON's \\ud800 escapes can
+    give lone surrogates, which no tokenizer encodes); one line naming `where` otherwise."""
+    if not isinstance(value, str):
+        raise UserError(f"{where} is {type(value).__name__} {reprlib.repr(value)}, not a caption")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where} holds a lone surrogate (\\ud800-\\udfff): not text") from None
+    if not value.strip():
+        raise UserError(f"{where} is blank")
+    return value
+
+
+def image_inside(root, relative, where):
+    """root/relative for a path a benchmark file names, which must stay inside root: one line for an absolute
+    path, one leaving it through `..`, or one that is not a string."""
+    if not isinstance(relative, str) or not relative or "\0" in relative:
+        raise UserError(f"{where} is not an image path")
+    normal = os.path.normpath(relative)
+    if os.path.isabs(relative) or normal == ".." or normal.startswith(".." + os.sep):
+        raise UserError(f"{where} {relative!r} leaves {root}")
+    return os.path.join(root, normal)
+
+
+def crop_box(item, where):
+    """(x, y, w, h) of a Visual Genome case: finite numbers, x and y >= 0, w and h > 0 (the part inside the image
+    is checked when it is read: CaseImages)."""
+    try:
+        box = tuple(item[key] for key in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+    except KeyError as err:
+        raise UserError(f"{where} lacks {first_line(err)}") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in box) \
+            or box[0] < 0 or box[1] < 0 or box[2] <= 0 or box[3] <= 0:
+        raise UserError(f"{where}: its box (x, y, w, h) {box!r} is not a region of an image")
+    return tuple(float(v) for v in box)
 
 
 def visual_genome_cases(root, subset):
@@ -153,13 +194,19 @@ def visual_genome_cases(root, subset):
     name = {"vg_relation": "visual_genome_relation.json", "vg_attribution": "visual_genome_attribution.json"}[subset]
     cases = []
     for number, item in enumerate(read_json_list(os.path.join(root, name), f"--aro-root {root}")):
+        where = f"{os.path.join(root, name)}: case {number}"
+        if not isinstance(item, dict):
+            raise UserError(f"{where} is not an object")
         try:
-            box = tuple(float(item[key]) for key in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
-            group = item["relation_name"] if subset == "vg_relation" else "_".join(item["attributes"][:2])
-            cases.append({"image": (os.path.join(root, "images", item["image_path"]), box),
-                          "options": [item["false_caption"], item["true_caption"]], "answer": 1, "group": group})
+            box = crop_box(item, where)
+            group = item["relation_name"] if subset == "vg_relation" else "_".join(
+                text_field(a, f"{where}'s attribute") for a in item["attributes"][:2])
+            text_field(group, f"{where}'s relation_name")
+            image = image_inside(os.path.join(root, "images"), item["image_path"], f"{where}'s image_path")
+            options = [text_field(item[key], f"{where}'s {key}") for key in ("false_caption", "true_caption")]
+            cases.append({"image": (image, box), "options": options, "answer": 1, "group": group})
         except (KeyError, TypeError, ValueError) as err:
-            raise UserError(f"{os.path.join(root, name)}: case {number} lacks {first_line(err)}") from None
+            raise UserError(f"{where} lacks {first_line(err)}") from None
     return cases
 
 
@@ -218,10 +265,13 @@ def order_cases(root, subset, tagger, max_words, seed):
     for number, item in enumerate(read_json_list(os.path.join(root, name), f"{flag} {root}")):
         if not isinstance(item, dict) or "image" not in item or not isinstance(item.get("caption"), list):
             raise UserError(f"{os.path.join(root, name)}: entry {number} has no image and caption list")
-        for caption in item["caption"]:
+        where = f"{os.path.join(root, name)}: entry {number}"
+        image = image_inside(root, item["image"], f"{where}'s image")
+        for k, caption in enumerate(item["caption"]):
+            text_field(caption, f"{where}'s caption {k}")
             rng = np.random.default_rng([seed, len(cases)])
             options = [caption] + shufflings(caption, tagger, rng)
-            cases.append({"image": (os.path.join(root, item["image"]), None),
+            cases.append({"image": (image, None),
                           "options": [pre_caption(text, max_words) for text in options], "answer": 0})
     return cases
 
@@ -287,7 +337,10 @@ class CaseImages:
         image = ev.load_image(path).convert("RGB")
         if box is not None:  # the benchmark crops Visual Genome images to the relation's box
             x, y, w, h = box
-            image = image.crop((x, y, x + w, y + h))
+            if x >= image.width or y >= image.height:  # nothing of the image in it: a black crop, never scored
+                raise ev.UnreadableImage(f"{path}: the case's box {box} lies outside the {image.width}x"
+                                         f"{image.height} image")
+            image = image.crop((x, y, min(x + w, image.width), min(y + h, image.height)))  # the part inside
         return self.transform(image), 0
 
 

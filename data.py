@@ -39,6 +39,7 @@ from augment import (
     decode_rgb,
 )
 from util import dataindex
+from util.checkpoints import quiet_worker
 from util.jpeg import JPEG_MAGIC, DeviceJpegs, jpeg_size
 from util.streams import read_stream
 
@@ -260,6 +261,9 @@ class CaptionImagesDataset(_CaptionItems, torch.utils.data.Dataset):
 # ---- streamed shards ----
 
 
+MISSING_PROBE = 16  # shards a stream finishes before it judges whether most of its shards are missing
+
+
 class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
     """Captions streamed from tar shards that open only as streams (webdataset's URLs: `pipe:` commands, http(s),
     gs, ...), each sample a caption with its images (shards.py's layout or img2dataset's `<key>.jpg`).
@@ -304,6 +308,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         self.epoch, self.start_step = 0, 0
         self.positions = {}  # stream q -> its position after its last batch seen by this process (StreamLoader)
         self.samples_read = 0  # samples read from tars by this copy (in-process: the resume test counts them)
+        self.failures = []  # (url, reason) of shards that failed before their first sample, not yet said
         queue = world_size * self.streams
         self.notes = [] if len(self.shards) >= queue else [  # what the user should know before the run
             f"{len(self.shards)} streamed shards for {queue} streams ({world_size} process(es) x {self.streams} "
@@ -359,7 +364,8 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         """[entry, its kept samples from the `taken`-th on, taken]: an open shard of the stream; `skipped` sees the
         samples passed over."""
         shard, part, parts = entry
-        samples = (sample for sample in read_stream(self.shards[shard][1], shard) if sample.ordinal % parts == part)
+        samples = (sample for sample in read_stream(self.shards[shard][1], shard, failures=self.failures)
+                   if sample.ordinal % parts == part)
         for _ in range(taken):
             skipped(next(samples))
             self.samples_read += 1
@@ -373,6 +379,7 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         if position is None:
             position = {"epoch": self.epoch, "pass": 0, "next": 0, "read": 0, "open": [], "buffer": [], "draws": 0}
         passes, next_shard, draws = position["pass"], position["next"], position["draws"]
+        done, empty = 0, 0  # shards this stream finished in this run, and those of them that gave no sample
         read_this_pass = position["read"]
         open_shards, buffer = self._restore(mine, position)
         try:
@@ -387,13 +394,17 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
                     draws += 1
                     sample = next(open_shards[j][1], None)
                     if sample is None:  # that shard is done
-                        open_shards.pop(j)[1].close()
+                        entry, samples, taken = open_shards.pop(j)
+                        samples.close()
+                        done, empty = done + 1, empty + (taken == 0)
+                        self._check_missing(q, done, empty)
                         continue
                     open_shards[j][2] += 1
                     buffer.append(sample)
                     read_this_pass += 1
                     self.samples_read += 1
                 if not buffer:  # every shard of this stream read: another pass over them
+                    self._say_failures()
                     if not read_this_pass:
                         raise UnreadableData(f"no sample could be read from {self.shards[mine[0][0]][1]} ...")
                     passes, next_shard, read_this_pass = passes + 1, 0, 0
@@ -412,6 +423,22 @@ class CaptionShardStream(_CaptionItems, torch.utils.data.IterableDataset):
         finally:
             for _, samples, _ in open_shards:
                 samples.close()
+
+    def _check_missing(self, q, done, empty):
+        """Once MISSING_PROBE shards are done: a stream whose shards mostly gave no sample (a brace pattern naming
+        shards that are not there) stops the run with one line; otherwise the failures are said as notes."""
+        if done < MISSING_PROBE:
+            return
+        if empty * 2 > done:
+            url, reason = self.failures[0] if self.failures else (self.shards[0][1], "no sample")
+            raise UnreadableData(f"{empty} of the first {done} shards stream {q} opened gave no sample (the first: "
+                                 f"{url}: {reason}): most shards --data names are missing or unreadable")
+        self._say_failures()
+
+    def _say_failures(self):
+        for url, reason in self.failures:
+            print(f"note: {url}: {reason}; no sample read from it", file=sys.stderr)
+        self.failures.clear()
 
     def _restore(self, mine, position):
         """(open shards, buffer) of a position: the open shards reopened and read up to where they stood, and the
@@ -565,7 +592,7 @@ def loader_options(workers, pin_memory):
     if not workers:
         return {"num_workers": 0, "pin_memory": pin_memory}
     return {"num_workers": workers, "pin_memory": pin_memory, "multiprocessing_context": worker_start_method(),
-            "prefetch_factor": PREFETCH_FACTOR}
+            "prefetch_factor": PREFETCH_FACTOR, "worker_init_fn": quiet_worker}  # a preemption: no worker traceback
 
 
 def batch_bytes(captions, images_per_caption, crops_per_image, image_size, augment_on_device):

@@ -141,6 +141,7 @@ def main(args):
     # ---- data ----
     if ev.uses_named_dataset(args, ["--data-dir"]):
         dataset = ev.open_torchvision_split(args.dataset, args.data_root, args.split, transform, args.download)
+        ev.fairface_notes(dataset)
         if dataset is None:
             raise UserError(f"{args.dataset} has no {args.split} split")
         if args.dataset == "voc2007":

@@ -736,9 +736,12 @@ class Tally:
     truncated: int = 0
 
 
-def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, total_images=None, show_progress=True):
+def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, total_images=None, show_progress=True,
+                 preemption=None):
     """Generate the missing images of the shards that `captions_by_shard` yields as (shard, [(id, text)]) into
-    `output` (TreeOutput or TarOutput), in batches that run across shard boundaries; returns a Tally.
+    `output` (TreeOutput or TarOutput), in batches that run across shard boundaries; returns a Tally. Once
+    `preemption` (checkpoints.stop_at_step_boundary) has received SIGTERM or SIGUSR1, no batch is started: those
+    in flight are written and the open shards closed (a tar shard's temporary file is resumed by the next run).
 
     A shard is locked (shard_lock) before it begins: one that another process holds is skipped and its holder
     named, one finished meanwhile is left alone, so processes started on the same output share the work. When a
@@ -800,6 +803,8 @@ def write_shards(pipe, prompts, captions_by_shard, output, args, rows=None, tota
 
     try:
         for batch in batches(items(), args.batch_size):
+            if preemption is not None and preemption.received:  # SIGTERM or SIGUSR1: write what is made, then stop
+                break
             pairs = [(i, k) for i, k, _ in batch]
             pixels = generate_batch(pipe, prompts, pairs, {i: text for i, _, text in batch}, args)
             pending.extend((i, k, pool.submit(output.encode, i, k, image)) for (i, k), image in zip(pairs, pixels))
@@ -884,9 +889,20 @@ def write_dataset(args):
             rows_to_do = sum(min(args.captions_per_shard, survey.rows - s * args.captions_per_shard) for s in todo)
 
             # ---- generation loop ----
-            tally = write_shards(pipe, prompts, shard_captions(args.captions, todo, args.captions_per_shard), output,
-                                 args, rows=survey.rows, total_images=rows_to_do * args.n,
-                                 show_progress=main_process)
+            from util.checkpoints import stop_at_step_boundary
+            try:
+                with stop_at_step_boundary() as preemption:
+                    tally = write_shards(pipe, prompts, shard_captions(args.captions, todo, args.captions_per_shard),
+                                         output, args, rows=survey.rows, total_images=rows_to_do * args.n,
+                                         show_progress=main_process, preemption=preemption)
+                stop = preemption.name()
+            except KeyboardInterrupt:  # Ctrl-C, or a second SIGTERM: the shards' temporary files stay, whole
+                stop, tally = "interrupted", None
+            if stop:
+                made = f" after {tally.made} images ({tally.finished} shards finished)" if tally else ""
+                print(f"\ngenerate.py: {stop}: stopped{made}; the images written are kept: rerun the same command "
+                      "to continue", file=sys.stderr)
+                sys.exit(130)
 
     # ---- summary ----
     made, finished, held, truncated = summed(dataclasses.astuple(tally), group)

@@ -310,7 +310,8 @@ def sweep_and_refit(train, val, test, num_classes, metric, args, device, val_nam
                "test_images": len(test[0])}
     if test[1].ndim == 1:  # single-label: each class's accuracy and the worst of them (FairFace's fairness number)
         per_class = per_class_accuracy(test_scores, test[1], num_classes)
-        results.update(test_per_class=per_class, test_worst_class=min(v for v in per_class if v is not None))
+        scored = [v for v in per_class if v is not None]  # classes the test split has
+        results.update(test_per_class=per_class, test_worst_class=min(scored), test_worst_class_of=len(scored))
     return results
 
 
@@ -325,6 +326,8 @@ def open_splits(args, transform_for):
         splits = {split: ev.open_torchvision_split(args.dataset, args.data_root, split, transform_for(split),
                                                    args.download) for split in ("train", "val", "test")}
         identity = {"dataset": args.dataset, "root": os.path.abspath(args.data_root)}
+        if distributed.is_main_process():
+            ev.fairface_notes(*splits.values())
         return splits, len(ev.class_names(splits["train"])), identity
     train = ev.open_image_folder(args.train_dir, transform_for("train"))
     test = ev.open_image_folder(args.val_dir, transform_for("test"))
@@ -416,7 +419,8 @@ def main(args):
             names = ev.class_names(splits["train"])
             summary += [(f"test accuracy: {name}", value) for name, value in zip(names, results["test_per_class"])
                         if value is not None]
-            summary.append(("test worst-class accuracy", results["test_worst_class"]))
+            summary.append((f"test worst-class accuracy (of {results['test_worst_class_of']} classes)",
+                            results["test_worst_class"]))
 
     # ---- save ----
     if distributed.is_main_process():

@@ -8,6 +8,7 @@ Needs matplotlib (requirements.txt installs it; the stages themselves never impo
 """
 import argparse
 import glob
+import math
 import os
 import sys
 
@@ -27,11 +28,14 @@ def get_args_parser():
 
 def main(args):
     log = find_log(args.run) if os.path.isdir(args.run) else args.run
-    records = read_log(log)
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(log)), "curves.png")
+    if os.path.isdir(output):
+        raise UserError(f"--output {output} is a folder: name the PNG to write, e.g. "
+                        f"{os.path.join(output, 'curves.png')}")
     if os.path.lexists(output) and not is_figure(output):
-        raise UserError(f"--output {output} exists and is not a figure (a log, a checkpoint, a folder?): a plot never "
-                        "replaces anything else; choose another file")
+        raise UserError(f"--output {output} exists and is not a figure (a log, a checkpoint?): a plot never replaces "
+                        "anything else; choose another file")
+    records = read_log(log)
     plot_curves(records, output, title=os.path.basename(os.path.dirname(os.path.abspath(log))))
     print(f"{len(records)} records of {log} -> {output}")
     return output
@@ -74,6 +78,8 @@ def read_log(path):
                         f"{path} does not exist (expected a pretrain.py output folder or its log.jsonl)")
     records, damaged = read_records(path)
     records = [record for record in records if _is_number(record.get("loss"))]
+    plottable = [record for record in records if _plottable(record)]
+    damaged, records = damaged + len(records) - len(plottable), plottable
     if damaged:
         print(f"note: {path}: {damaged} damaged line(s) skipped", file=sys.stderr)
     if not records:
@@ -83,6 +89,20 @@ def read_log(path):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plottable(record):
+    """A step, a loss and (if any) a learning rate a float can hold: JSON's integers have no bound (a step of 10^400
+    is a damaged record, not a point)."""
+    values = [record.get("step"), record["loss"]]
+    if not all(_is_number(value) for value in values):
+        return False
+    values += [record["lr"]] if _is_number(record.get("lr")) else []  # any other learning rate is left out
+    try:
+        as_floats = [float(value) for value in values]  # OverflowError: an integer past a float's range
+    except OverflowError:
+        return False
+    return math.isfinite(as_floats[0])
 
 
 def _pyplot():

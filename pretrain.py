@@ -265,6 +265,7 @@ class Objective(NamedTuple):
     terms: Tuple[Callable, ...]  # summed into the loss
     build: Optional[Callable] = None  # the model from args; None: StableRepModel with the head / text tower above
     recipe: dict = STABLEREP_RECIPE  # defaults of the flags that depend on --loss
+    reads: Tuple[str, ...] = ()  # the objective-dependent flags it reads beyond its recipe's (OBJECTIVE_FLAGS)
     lr_divisor: Tuple[str, int] = ("crops", 512)  # lr = base-lr x crops (or images) per step / this
     lr_schedule: Optional[Callable] = None  # lr(step, total_steps, warmup_steps, peak); None: cosine_lr
     views: Optional[tuple] = None  # an augment.View per crop (None: SimCLR's for all c)
@@ -278,18 +279,23 @@ class Objective(NamedTuple):
     monitor: Optional[Callable] = None  # (model, out, position, args) -> scalars for log.jsonl: collapse signals
 
 
+HEAD_FLAGS = ("head_batchnorm",)  # a projection head's, beside the recipe's head_hidden_dim and embed_dim
+TEXT_FLAGS = ("text_width", "text_layers", "text_heads", "context_length", "tokenizer")  # the text tower's
+# StableRep's recipe without what CLIP does not read (no projection head, a learnt logit scale for a temperature)
+CLIP_RECIPE = {k: v for k, v in STABLEREP_RECIPE.items() if k not in ("temperature", "head_hidden_dim", "embed_dim")}
 OBJECTIVES = {
-    "stablerep": Objective(6, 1, head=True, text=False, terms=(caption_positives,)),
-    "simclr": Objective(1, 2, head=True, text=False, terms=(crop_positives,)),
-    "clip": Objective(1, 1, head=False, text=True, terms=(image_text,), after_step=(clamp_logit_scale,)),
+    "stablerep": Objective(6, 1, head=True, text=False, terms=(caption_positives,), reads=HEAD_FLAGS),
+    "simclr": Objective(1, 2, head=True, text=False, terms=(crop_positives,), reads=HEAD_FLAGS),
+    "clip": Objective(1, 1, head=False, text=True, terms=(image_text,), recipe=CLIP_RECIPE, reads=TEXT_FLAGS,
+                      after_step=(clamp_logit_scale,)),
     "stablerep+": Objective(6, 1, head=True, text=True, terms=(caption_positives, image_text),
-                            after_step=(clamp_logit_scale,)),
+                            reads=HEAD_FLAGS + TEXT_FLAGS, after_step=(clamp_logit_scale,)),
     "mocov3": Objective(1, 2, head=False, text=False, terms=(mocov3.loss_term,), build=mocov3.build,
-                        recipe=mocov3.RECIPE, lr_divisor=("images", 256), views=mocov3.VIEWS,
+                        recipe=mocov3.RECIPE, reads=HEAD_FLAGS, lr_divisor=("images", 256), views=mocov3.VIEWS,
                         before_step=(mocov3.update_momentum_encoder,), monitor=mocov3.monitor),
     "byol": Objective(1, 2, head=False, text=False, terms=(byol.loss_term,), build=byol.build, recipe=byol.RECIPE,
-                      lr_divisor=("images", 256), views=byol.VIEWS, after_step=(byol.update_target_network,),
-                      monitor=byol.monitor),
+                      reads=HEAD_FLAGS, lr_divisor=("images", 256), views=byol.VIEWS,
+                      after_step=(byol.update_target_network,), monitor=byol.monitor),
     "dino": Objective(1, 2, head=False, text=False, terms=(dino.loss_term,), build=dino.build, recipe=dino.RECIPE,
                       lr_divisor=("images", 256), views=dino.VIEWS, local_crops=dino.local_crops,
                       noise=dino.noise_per_crop, check=dino.check_args, lr_schedule=dino.learning_rate,
@@ -301,9 +307,17 @@ OBJECTIVES = {
                      monitor=mae.monitor),
 }
 FAMILIES = ("mocov3", "byol", "dino", "mae")  # the paper's first question: each takes one image of a caption
-# flags that only some recipes name: None unless given, refused for an objective whose recipe does not name them
-RECIPE_ONLY = ({key for objective in OBJECTIVES.values() for key in objective.recipe} - set(STABLEREP_RECIPE)
-               - {"epochs", "warmup_epochs"})
+COMMON_RECIPE = {"captions_per_gpu", "base_lr", "weight_decay", "betas", "crop_scale", "epochs", "warmup_epochs",
+                 "schedule"}  # every objective reads these (--schedule: check_family_flags)
+
+
+def flags_read(objective):
+    """The objective-dependent flags an objective reads: its recipe's and its `reads`."""
+    return (set(objective.recipe) - COMMON_RECIPE) | set(objective.reads)
+
+
+# flags that only some objectives read: given for another objective, they are refused (check_family_flags)
+OBJECTIVE_FLAGS = set().union(*(flags_read(objective) for objective in OBJECTIVES.values()))
 
 
 def fill_recipe(args):
@@ -376,12 +390,19 @@ def check_args(args):
 
 
 def check_family_flags(args):
-    """A flag that only other objectives' recipes name would do nothing: one line. --schedule names StableRep's."""
-    recipe = OBJECTIVES[args.loss].recipe
-    for key in sorted(RECIPE_ONLY - set(recipe)):
-        if getattr(args, key) is not None:
-            owners = "/".join(name for name, objective in OBJECTIVES.items() if key in objective.recipe)
-            raise UserError(f"--{key.replace('_', '-')} is {owners}'s: it does nothing for --loss {args.loss}")
+    """A flag typed on the command line that only other objectives read would do nothing: one line naming it (and,
+    for a resumed run, where its --loss comes from). Settings a checkpoint recorded are never blamed: only the flags
+    of this command line (args.flags_given; without it, those that differ from their defaults). --schedule names
+    StableRep's."""
+    unread = OBJECTIVE_FLAGS - flags_read(OBJECTIVES[args.loss])
+    given = getattr(args, "flags_given", None)
+    if given is None:  # main called directly: the values that are not the defaults
+        defaults = vars(get_args_parser().parse_args(["--data", "x"]))
+        given = {key for key in unread if getattr(args, key) != defaults[key]}
+    for key in sorted(unread & set(given)):
+        owners = "/".join(name for name, objective in OBJECTIVES.items() if key in flags_read(objective))
+        where = " (the loss the resumed checkpoint records)" if args.resume and "loss" not in given else ""
+        raise UserError(f"--{key.replace('_', '-')} is {owners}'s: it does nothing for --loss {args.loss}{where}")
     if args.loss in FAMILIES and args.schedule is not None:
         raise UserError(f"--schedule names the official StableRep README's schedules; --loss {args.loss} takes "
                         "--epochs and --warmup-epochs")
@@ -534,7 +555,8 @@ def train(args, resumed, run_id):
     start_time, start_step, last_saved = time.time(), step, step
     loss_value, corrupt = float("nan"), 0
     model.train()
-    with checkpoints.interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args):
+    with checkpoints.interrupts_as_one_line(lambda: step, lambda: last_saved, log), data_errors_as_one_line(args), \
+            checkpoints.stop_at_step_boundary() as preemption:
         for epoch, batch in itertools.chain([first_batch], batches):
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule(step, total_steps, warmup_steps, lr)
@@ -566,12 +588,21 @@ def train(args, resumed, run_id):
                           images=(step - start_step) * images_per_step, corrupt_images=corrupt,
                           logit_scale=(model_without_ddp.logit_scale.exp().item() if objective.text else None),
                           **watched)
-            if checkpoints.checkpoint_due(step, last_step, sampler.steps_per_epoch, args.save_every):
+            stopping = step < last_step and preemption.due(device)  # SIGTERM or SIGUSR1: save, then stop
+            if stopping or checkpoints.checkpoint_due(step, last_step, sampler.steps_per_epoch, args.save_every):
                 data_state = sampler.state_dict()  # streams: every rank's positions (a collective)
                 if is_main:
                     checkpoints.save_training_state(model_without_ddp, optimizer, scaler, step, world_size, args,
                                                     run_id, loss_value, data_state)
                 last_saved = step
+            if stopping:
+                if is_main:
+                    log.close()
+                    print(f"\npretrain.py: {preemption.name()} at step {step}: saved "
+                          f"{checkpoints.checkpoint_path(args.output, step)}; rerun the same command with --resume to "
+                          "continue", file=sys.stderr)
+                distributed.leave()
+                sys.exit(130)
 
         # ---- finish: a step like the others, repeated by --resume until it is done ----
         if is_main:
@@ -624,9 +655,12 @@ def build_data(args, tokenizer, world_size, rank, device):
             raise UserError(f"--data mixes streamed URLs ({streamed[0]}) with local data: stream all or none")
         if not args.stream_captions:
             raise UserError("streamed --data needs --stream-captions N (the captions of an epoch)")
-        dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
-                                          world_size=world_size, workers=args.workers,
-                                          shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
+        try:
+            dataset = data.CaptionShardStream(args.data, args.stream_captions, args.captions_per_gpu, rank=rank,
+                                              world_size=world_size, workers=args.workers,
+                                              shuffle_buffer=args.shuffle_buffer, mix=args.stream_mix, **views)
+        except ValueError as err:  # a brace pattern of too many names, or unbalanced braces
+            raise UserError(str(err)) from None
         sampler = dataset  # its own epoch schedule (set_epoch, steps_per_epoch); fresh workers copy it each epoch
         loader = data.StreamLoader(dataset, **data.loader_options(args.workers, device.type == "cuda"))
     else:  # random access through the cached index, built once by each node's first process

@@ -423,7 +423,7 @@ def box_scale(height, width, long_side, short_side):
 
 def rescale(image, labels, factor):
     """Bilinear for the image (OpenCV's INTER_LINEAR, no antialiasing: mmcv's), nearest for the labels."""
-    size = (int(image.shape[1] * factor + 0.5), int(image.shape[2] * factor + 0.5))
+    size = (max(1, int(image.shape[1] * factor + 0.5)), max(1, int(image.shape[2] * factor + 0.5)))  # 1x2000: 1
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0].clamp_(0, 1)
     if labels is not None:
         labels = F.interpolate(labels[None, None].float(), size=size, mode="nearest")[0, 0].long()
@@ -704,8 +704,29 @@ def check_args(args):
         args.output = os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "segment_ade20k")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a file, not a folder")
+    data, output = os.path.realpath(args.data), os.path.realpath(args.output)
+    if output == data or output.startswith(data.rstrip(os.sep) + os.sep):
+        raise UserError(f"--output {args.output} is inside --data {args.data}: the run's files would mix with the "
+                        "dataset's; write it elsewhere")
     check_creatable(args.output)
     check_loggers(args.tensorboard, None)
+
+
+def check_readable(pairs):
+    """Every (image, annotation) pair's header, before anything is written: a file that is not an image, or a label
+    map whose size is not its image's, is one line now rather than at the first evaluation, after checkpoints
+    exist. (A JPEG cut short after its header shows only when decoded: that is still one line, when read.)"""
+    from PIL import Image
+    for image_path, label_path in pairs:
+        try:
+            with Image.open(image_path) as image, Image.open(label_path) as label:
+                sizes = image.size, label.size
+        except augment.DECODE_ERRORS as err:
+            raise UserError(f"cannot read image {image_path} or its annotation ({first_line(err)}); remove or "
+                            "replace the file") from None
+        if sizes[0] != sizes[1]:
+            raise UserError(f"{label_path}: a {sizes[1][0]}x{sizes[1][1]} label map for a {sizes[0][0]}x"
+                            f"{sizes[0][1]} image")
 
 
 def main(args):
@@ -720,12 +741,17 @@ def main(args):
     world_size, rank, is_main = distributed.world_size(), distributed.rank(), distributed.is_main_process()
     if args.batch_size % world_size:
         raise UserError(f"--batch-size {args.batch_size} does not split over {world_size} processes")
+    if args.batch_size // world_size < 2 and device.type != "cuda":  # SyncBatchNorm (GPUs only) would pool them
+        raise UserError(f"--batch-size {args.batch_size} over {world_size} CPU processes is 1 image each: the "
+                        "pyramid pooling's BatchNorm needs at least 2 per process on CPUs (its 1x1 map has one value "
+                        f"per channel); give --batch-size {2 * world_size} or more")
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     # ---- data ----
     train_pairs, val_pairs = list_split(args.data, "train"), list_split(args.data, "val")
     names = class_names(args.data)
+    check_readable(val_pairs)  # read at the first evaluation, long after the first checkpoint: checked now
 
     # ---- model ----
     recorded_encoder = resumed["state"].get("encoder") if resumed else None
@@ -777,6 +803,7 @@ def main(args):
     sampler = CropSampler(len(train_pairs), args.batch_size, rank, world_size, args.seed, iteration)
     loader = torch.utils.data.DataLoader(TrainCrops(train_pairs, args.crop_size), batch_sampler=sampler,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         worker_init_fn=checkpoints.quiet_worker,  # a preemption: no worker traceback
                                          generator=torch.Generator())  # its seed draw must not move torch's stream
     batches = ev.batches(loader)
     if not finished:
@@ -806,44 +833,58 @@ def main(args):
         return now
 
     model.train()
-    try:
-        while iteration < args.iterations:
-            images, labels = next(batches)
-            lr = poly_lr(iteration, args.iterations, args.warmup_iterations, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            with autocast:
-                logits, aux_logits = model(images.to(device, non_blocking=True))
-            labels = labels.to(device, non_blocking=True)
-            decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
-            aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE)
-            loss = decode_loss + args.aux_weight * aux_loss
-            if not torch.isfinite(loss):
-                raise UserError(f"loss is {loss.item()} at iteration {iteration}; stopping")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            iteration += 1
-            if log and (iteration % args.log_every == 0 or iteration == args.iterations):
-                log.write(iteration, loss=loss.item(), decode_loss=decode_loss.item(), aux_loss=aux_loss.item(),
-                          lr=lr, images=(iteration - start_iteration) * args.batch_size)
-            save_due = iteration % args.save_every == 0 or iteration == args.iterations
-            evaluation_due = iteration % args.eval_every == 0 or iteration == args.iterations
-            if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
-                distributed.average_batchnorm_statistics(model_without_ddp)
-            if evaluation_due:  # before the checkpoint, which then holds it (a resume never loses an evaluation)
+    with checkpoints.stop_at_step_boundary() as preemption:  # SIGTERM or SIGUSR1: save at the next iteration, stop
+        try:
+            if 0 < iteration < args.iterations and iteration % args.eval_every == 0 and (
+                    not evaluations or evaluations[-1]["iteration"] != iteration):
+                scores = evaluate_now()  # due when a preempted run stopped: done now, never lost
+            while iteration < args.iterations:
+                images, labels = next(batches)
+                lr = poly_lr(iteration, args.iterations, args.warmup_iterations, args.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group["lr_scale"]
+                with autocast:
+                    logits, aux_logits = model(images.to(device, non_blocking=True))
+                labels = labels.to(device, non_blocking=True)
+                decode_loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+                aux_loss = F.cross_entropy(aux_logits.float(), labels, ignore_index=IGNORE)
+                loss = decode_loss + args.aux_weight * aux_loss
+                if not torch.isfinite(loss):
+                    raise UserError(f"loss is {loss.item()} at iteration {iteration}; stopping")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                iteration += 1
+                if log and (iteration % args.log_every == 0 or iteration == args.iterations):
+                    log.write(iteration, loss=loss.item(), decode_loss=decode_loss.item(), aux_loss=aux_loss.item(),
+                              lr=lr, images=(iteration - start_iteration) * args.batch_size)
+                stopping = iteration < args.iterations and preemption.due(device)
+                save_due = iteration % args.save_every == 0 or iteration == args.iterations or stopping
+                # an evaluation due when stopping is left to the resume (it runs first there)
+                evaluation_due = (iteration % args.eval_every == 0 or iteration == args.iterations) and not stopping
+                if save_due or evaluation_due:  # what is saved and scored has the same statistics on every process
+                    distributed.average_batchnorm_statistics(model_without_ddp)
+                if evaluation_due:  # before the checkpoint, which then holds it (a resume never loses one)
+                    scores = evaluate_now()
+                if save_due and is_main:
+                    save_checkpoint(model_without_ddp, optimizer, iteration, args, encoder_id, evaluations, scores)
+                if stopping:
+                    if is_main:
+                        log.close()
+                        print(f"\nsegment.py: {preemption.name()} at iteration {iteration}: saved "
+                              f"{checkpoints.checkpoint_path(args.output, iteration)}; rerun with --resume --output "
+                              f"{args.output} to continue", file=sys.stderr)
+                    distributed.leave()
+                    sys.exit(130)
+            # the final evaluation, unless the last checkpoint holds it (a run killed while writing results.json)
+            if not evaluations or evaluations[-1]["iteration"] != iteration:
                 scores = evaluate_now()
-            if save_due and is_main:
-                save_checkpoint(model_without_ddp, optimizer, iteration, args, encoder_id, evaluations, scores)
-        # the final evaluation, unless the last checkpoint holds it (a run killed while writing results.json)
-        if not evaluations or evaluations[-1]["iteration"] != iteration:
-            scores = evaluate_now()
-    except KeyboardInterrupt:
-        if is_main:
-            log.close()
-            print(f"\nsegment.py: stopped at iteration {iteration}; rerun with --resume --output {args.output} to "
-                  "continue from the last checkpoint", file=sys.stderr)
-        sys.exit(130)
+        except KeyboardInterrupt:
+            if is_main:
+                log.close()
+                print(f"\nsegment.py: stopped at iteration {iteration}; rerun with --resume --output {args.output} to "
+                      "continue from the last checkpoint", file=sys.stderr)
+            sys.exit(130)
 
     # ---- save ----
     results = None

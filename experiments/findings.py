@@ -71,6 +71,23 @@ FAMILY_FLAGS = {"mocov3": ["--head-batchnorm", "per-view"], "byol": ["--head-bat
                          "--local-crop-scale", "0.2", "0.5"],
                 "mae": ["--decoder-width", "128", "--decoder-depth", "2", "--decoder-heads", "4"]}
 TEXT_FLAGS = ["--context-length", "48", "--text-width", "128", "--text-layers", "2", "--text-heads", "4"]
+# the projection head's flags of DIGIT_PRETRAIN_FLAGS each objective reads (pretrain.py refuses the others)
+HEAD_FLAGS_READ = {"stablerep": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
+                   "simclr": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
+                   "stablerep+": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
+                   "mocov3": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
+                   "byol": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
+                   "dino": ("--head-hidden-dim", "--embed-dim")}
+
+
+def digit_pretrain_flags(loss):
+    """DIGIT_PRETRAIN_FLAGS without the head flags `loss` does not read."""
+    head = ("--head-hidden-dim", "--embed-dim", "--head-batchnorm")
+    flags, kept = list(DIGIT_PRETRAIN_FLAGS), HEAD_FLAGS_READ.get(loss, ())
+    for flag in head:
+        if flag in flags and flag not in kept:
+            del flags[flags.index(flag):flags.index(flag) + 2]
+    return flags
 
 
 def get_args_parser():
@@ -123,7 +140,7 @@ def pretrain(config, seed, args, tree, tokenizer, folder):
     base_lr = args.base_lr
     if loss in FAMILIES:  # the same lr by the families' rule: base x images / 256 = args.base_lr x 80 / 512
         base_lr = args.base_lr * IMAGES_PER_STEP / 512 * 256 / (captions * m)
-    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, *DIGIT_PRETRAIN_FLAGS,
+    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, *digit_pretrain_flags(loss),
                *FAMILY_FLAGS.get(loss, []),
                "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
                "--base-lr", f"{base_lr:g}", "--epochs", str(epochs),

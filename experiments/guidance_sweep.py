@@ -59,13 +59,24 @@ def get_args_parser():
     # stages
     parser.add_argument("--nproc-per-node", type=integer(1), default=1,
                         help="GPUs of this machine: each stage runs under torchrun with this many processes")
-    parser.add_argument("--generate-args", default="", help="extra flags for generate.py, one string")
-    parser.add_argument("--pretrain-args", default="", help="extra flags for pretrain.py, one string")
-    parser.add_argument("--probe-args", default="", help="extra flags for linear_probe.py, one string")
+    parser.add_argument("--generate-args", type=shell_words, default="", help="extra flags for generate.py, one string")
+    parser.add_argument("--pretrain-args", type=shell_words, default="", help="extra flags for pretrain.py, one string")
+    parser.add_argument("--probe-args", type=shell_words, default="",
+                        help="extra flags for linear_probe.py, one string")
     parser.add_argument("--output", default="runs/guidance_sweep", help="folder for the images, runs and results")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands the sweep would run now (none for the steps already done)")
     return parser
+
+
+def shell_words(text):
+    """An argparse `type`: flags as one string, split as the shell would (an unclosed quote stops at parse time,
+    before any folder is made)."""
+    try:
+        shlex.split(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} cannot be split into flags: {err}") from None
+    return text
 
 
 def w_name(w):

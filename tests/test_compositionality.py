@@ -304,6 +304,52 @@ def test_an_official_stablerep_plus_checkpoint_scores_as_ours(tmp_path, plus_che
         torch.testing.assert_close(b.image_projection(b.visual(images)), a.image_projection(a.visual(images)))
 
 
+# ---- damaged or hostile benchmark files: one line each ----
+
+VG_CASE = {"image_path": "vg1.jpg", "bbox_x": 4, "bbox_y": 2, "bbox_w": 40, "bbox_h": 30, "relation_name": "on",
+           "true_caption": "the cat is on the road", "false_caption": "the road is on the cat"}
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"true_caption": 7}, "true_caption is int 7, not a caption"),
+    ({"false_caption": None}, "false_caption is NoneType"),
+    ({"true_caption": ["a", "b"]}, "true_caption is list"),
+    ({"true_caption": "a \ud800 cat"}, "holds a lone surrogate"),
+    ({"true_caption": "   "}, "true_caption is blank"),
+    ({"bbox_w": 0}, "is not a region of an image"),
+    ({"bbox_x": -3}, "is not a region of an image"),
+    ({"bbox_h": float("nan")}, "is not a region of an image"),
+    ({"bbox_y": "2"}, "is not a region of an image"),
+    ({"image_path": "../../../etc/passwd"}, "image_path '../../../etc/passwd' leaves"),
+    ({"image_path": "/etc/passwd"}, "image_path '/etc/passwd' leaves"),
+    ({"relation_name": 3}, "relation_name is int"),
+])
+def test_a_damaged_visual_genome_case_is_one_line(tmp_path, damage, message):
+    (tmp_path / "visual_genome_relation.json").write_text(json.dumps([VG_CASE, {**VG_CASE, **damage}]))
+    with pytest.raises(comp.UserError, match=f"case 1.*{message}"):
+        comp.visual_genome_cases(str(tmp_path), "vg_relation")
+
+
+def test_deep_nesting_coco_captions_and_boxes_outside_the_image_are_one_line(tmp_path):
+    (tmp_path / "visual_genome_relation.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(comp.UserError, match="nested too deep"):
+        comp.visual_genome_cases(str(tmp_path), "vg_relation")
+    for captions, message in (([3], "caption 0 is int"), (["a dog", ""], "caption 1 is blank"),
+                              ([None], "caption 0 is NoneType")):
+        (tmp_path / "coco_karpathy_test.json").write_text(json.dumps([{"image": "a.jpg", "caption": captions}]))
+        with pytest.raises(comp.UserError, match=f"entry 0's {message}"):
+            comp.order_cases(str(tmp_path), "coco_order", lexicon_tagger, 30, 0)
+    (tmp_path / "coco_karpathy_test.json").write_text(json.dumps([{"image": "../x.jpg", "caption": ["a dog"]}]))
+    with pytest.raises(comp.UserError, match="entry 0's image '../x.jpg' leaves"):
+        comp.order_cases(str(tmp_path), "coco_order", lexicon_tagger, 30, 0)
+    Image.new("RGB", (64, 48)).save(tmp_path / "vg.jpg")
+    images = comp.CaseImages([(str(tmp_path / "vg.jpg"), (70.0, 2.0, 10.0, 10.0)),
+                              (str(tmp_path / "vg.jpg"), (50.0, 40.0, 30.0, 30.0))], lambda image: image.size)
+    with pytest.raises(comp.ev.UnreadableImage, match="lies outside the 64x48 image"):
+        images[0]
+    assert images[1] == ((14, 8), 0)  # a box partly outside: the part inside
+
+
 # ---- bad input: one line, exit code 2, nothing written ----
 
 @pytest.mark.parametrize("case", ["no text tower", "nothing to do", "no json", "subset without root",

@@ -447,7 +447,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, damage, on_device, 
 def test_workers_start_by_fork_on_linux_and_in_flight_is_bounded(monkeypatch):
     monkeypatch.setattr(sys, "platform", "linux")
     assert data.loader_options(4, True) == {"num_workers": 4, "pin_memory": True, "multiprocessing_context": "fork",
-                                            "prefetch_factor": 2}
+                                            "prefetch_factor": 2, "worker_init_fn": data.quiet_worker}
     assert data.loader_options(0, False) == {"num_workers": 0, "pin_memory": False}  # no workers, no start method
     monkeypatch.setattr(sys, "platform", "darwin")  # fork is unsafe there: the platform's own default (spawn)
     assert data.loader_options(4, False)["multiprocessing_context"] is None
@@ -527,6 +527,17 @@ def test_a_streamed_run_resumes_at_the_shard_and_sample_where_it_stopped(even_sh
     resumed = data.CaptionShardStream([even_shards], 16, 2, 2, 1, 16, seed=1, shuffle_buffer=1, mix=1)
     stream_epoch(resumed, 0, 5, states[4])
     assert resumed.samples_read == 8 and single.samples_read == 16
+
+
+def test_a_stream_whose_shards_are_mostly_missing_stops_with_one_error(even_shards, capsys):
+    """`pipe:cat .../{00000..00099}.tar` with 4 real shards: one UnreadableData once the stream has finished
+    MISSING_PROBE shards, most of them empty, and no note per missing shard (each one a `cat` error) before it."""
+    mostly_missing = even_shards.replace("{00000..00003}", "{00000..00099}")
+    stream = data.CaptionShardStream([mostly_missing], 16, 2, 2, 1, 16, seed=0, shuffle_buffer=2, mix=1)
+    with pytest.raises(data.UnreadableData, match=r"of the first 16 shards stream 0 opened gave no sample .*"
+                                                  "most shards --data names are missing"):
+        stream_epoch(stream, 0)
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_a_stream_shorter_than_its_epoch_says_how_many_passes(even_shards, capsys):

@@ -1,6 +1,7 @@
 """The readers of pretrain.py: generate.py's tar shards, img2dataset's webdataset and files output, the official CSV
 layout (streamed shards: tests/test_data.py); the cached flat index, rebuilt when damaged; corrupt, truncated and
 mislabelled tar members; data counted twice through links; the notes on what was skipped."""
+import codecs
 import csv
 import io
 import json
@@ -268,6 +269,50 @@ def test_csv_is_parsed_as_the_official_reader_parses_it(tmp_path):
     with open(path, "rb") as f:
         assert [dataindex.read_csv_record(f, int(offset)) for offset in table["offset"]] == official
     assert official[5][1] == 'a 5" tall vase' and official[9][1] == 'a "quoted" caption\non two lines'
+
+
+def test_rows_swallowed_by_an_unbalanced_quote_are_never_merged_silently(tmp_path):
+    """`imgs/4.png,"a photo of object 4` opens a quote that takes the next rows into one caption: that record is
+    skipped and a note names its lines; a quoted caption on two lines whose second line is no row stays one row."""
+    lines = [f"imgs/{i}.png,a photo of object {i}" for i in range(12)]
+    lines[4] = 'imgs/4.png,"a photo of object 4'
+    lines[9] = 'imgs/9.png,object 9"'  # where the quote closes
+    lines.insert(1, 'imgs/x.png,"a caption\non two lines"')
+    path = tmp_path / "train.csv"
+    path.write_text("\n".join(lines) + "\n")
+    table, metadata = dataindex.build_csv(str(path), [str(tmp_path)])
+    with open(path, "rb") as f:
+        read = [dataindex.read_csv_record(f, int(offset)) for offset in table["offset"]]
+    assert [fields[0] for fields in read] == ["imgs/0.png", "imgs/x.png", "imgs/1.png", "imgs/2.png", "imgs/3.png",
+                                              "imgs/10.png", "imgs/11.png"]
+    assert metadata["notes"] == [f"{path}: 7 rows read, 1 skipped (the first at line 7: a quote opened on line 7 "
+                                 "swallows 5 line(s) that look like rows of their own (lines 8-12): fix the "
+                                 "unbalanced quote)"]
+
+
+def test_brace_patterns_are_counted_before_they_are_expanded():
+    """The count agrees with braceexpand's own expansion; a pattern of 10^12 names is refused at once (it used to be
+    expanded into a list: a MemoryError after minutes)."""
+    from braceexpand import braceexpand
+    for pattern in ("s/{00000..00099}.tar", "x{a,b{1..3},c}y{1..2}", "{a..g..2}", "{4..1}", "{2..-1}", "{1..10..3}",
+                    "p{1,{2,3}}", "plain", "{}", "{a}", "{1\\{2,3}", "{,x}", "{07..10}", "{x,{}}", "{{a,b}}"):
+        assert dataindex.count_expanded(pattern) == len(list(braceexpand(pattern))), pattern
+    huge = "pipe:cat /data/{000000000000..999999999999}.tar"
+    assert dataindex.count_expanded(huge) == 10 ** 12
+    with pytest.raises(ValueError, match=r"expands to 1,000,000,000,000 names, over the bound of 1,000,000"):
+        dataindex.expand(huge)
+    with pytest.raises(ValueError, match="Unbalanced braces"):
+        dataindex.expand("s/{{1..3}.tar")
+
+
+def test_a_byte_order_mark_before_a_headerless_csv_is_dropped(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(codecs.BOM_UTF8 + b"imgs/0.png,a cat\nimgs/1.png,a dog\n")
+    table, metadata = dataindex.build_csv(str(path), [str(tmp_path)])
+    with open(path, "rb") as f:
+        assert [dataindex.read_csv_record(f, int(o)) for o in table["offset"]] == [["imgs/0.png", "a cat"],
+                                                                                  ["imgs/1.png", "a dog"]]
+    assert metadata["notes"] == [f"{path}: 2 rows read, 0 skipped"]
 
 
 def test_an_index_that_disagrees_with_its_members_gives_corrupt_images_not_wrong_labels(tmp_path):

@@ -618,6 +618,28 @@ def test_an_unreadable_settings_json_is_one_line(damage, tiny_model, captions_fi
     assert listing(tmp_path) == before
 
 
+def test_a_preemption_signal_writes_what_is_made_and_stops_with_one_line(reference, tiny_model, captions_file,
+                                                                         tmp_path, monkeypatch, capsys):
+    """SIGUSR1 (SLURM's warning) or SIGTERM: no new batch, the images made are written (the shard's temporary tar
+    stays whole), one line, exit 130; the same command then finishes the same images."""
+    out, make = tmp_path / "shards", generate.generate_batch
+    args = argv(tiny_model, captions_file, out, "--output-format", "webdataset", "--batch-size", "3")
+
+    def preempted(*a, **k):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return make(*a, **k)
+
+    monkeypatch.setattr(generate, "generate_batch", preempted)
+    with pytest.raises(SystemExit) as stop:
+        generate_in_process(*args)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "img/s" not in line]
+    assert stop.value.code == 130 and err[-1].startswith("generate.py: SIGUSR1: stopped after 3 images"), err
+    assert not shards.list_shards(str(out)) and (out / ".tmp-00000.tar").exists()
+    monkeypatch.setattr(generate, "generate_batch", make)
+    assert generate_in_process(*args) == len(VALID_IDS) * N - 3
+    assert_same_as_tree(reference, out)
+
+
 def test_a_failing_first_write_leaves_no_output_folder(tiny_model, captions_file, tmp_path, capsys, monkeypatch):
     def disk_full(root, settings):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.path.join(root, imagetree.SETTINGS_FILE))

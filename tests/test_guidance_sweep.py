@@ -102,3 +102,15 @@ def test_a_sweep_over_fewer_families_or_ws_keeps_the_others_rows(tmp_path, capsy
     assert fewer == table and set(fewer) == {"dino", "mae"} and set(fewer["mae"]["synthetic"]) == {"2", "8"}
     written = json.loads((tmp_path / "sweep" / "guidance_sweep.json").read_text())
     assert written["imagenet_top1"] == table
+
+
+def test_extra_flags_with_an_unclosed_quote_stop_at_parse_time(tmp_path, capsys):
+    """--pretrain-args '--epochs "30' was a traceback from shlex after the output folder was made."""
+    from util.cli import run
+    argv = ["--captions", str(tmp_path / "c.tsv"), "--imagenet", str(tmp_path / "i"), "--output",
+            str(tmp_path / "sweep"), "--pretrain-args", '--epochs "30']
+    with pytest.raises(SystemExit) as stop:
+        run(sweep.main, sweep.get_args_parser(), argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and "--pretrain-args" in err[0] and "closing quotation" in err[0]
+    assert not (tmp_path / "sweep").exists()

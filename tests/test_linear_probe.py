@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from conftest import assert_one_line_error, run_python
 from demo.digits import load_digit_images, split_digits, write_image_folder
 from linear_probe import LinearHeads
 from util import evaluation as ev
-from util.cli import run
+from util.cli import UserError, run
 
 
 def probe(*argv):
@@ -317,6 +318,43 @@ def test_fairface_reads_each_attribute_from_its_csv(tmp_path):
     image, label = both[1]
     assert image.size == (32, 32) and label == both.classes.index("Black Male")
     assert open_torchvision_split("fairface_age", str(root), "val", None, False) is None  # train holds val out
+
+
+def test_fairface_damage_is_one_line_and_doubtful_data_is_noted(tmp_path, capsys):
+    """Paths leaving the folder, a header-only CSV, a header lacking a column: one line each. A BOM before the header
+    reads; duplicate rows are scored once, validation images also in training and absent races are noted, and the
+    notes say over how many classes the figures are taken."""
+    from util.evaluation import FairFace, fairface_notes, open_torchvision_split
+    root = write_fairface(tmp_path / "data", per_race_train=2, per_race_val=1)
+    folder = root / "fairface"
+    train, val = folder / "fairface_label_train.csv", folder / "fairface_label_val.csv"
+    original = train.read_text()
+    for damage, message in ((lambda t: t.replace("train/1.jpg", "../../secret.jpg"), "line 2: file "
+                             "'../../secret.jpg' is not a path inside"),
+                            (lambda t: t.replace("train/1.jpg", "/etc/passwd"), "is not a path inside"),
+                            (lambda t: t.splitlines()[0] + "\n", "has a header and no rows"),
+                            (lambda t: t.replace("race,", "ethnicity,", 1), "its header lacks the column(s) race")):
+        train.write_text(damage(original))
+        with pytest.raises(UserError, match=re.escape(message)) as error:
+            open_torchvision_split("fairface", str(root), "train", None, False)
+        assert "--download" not in str(error.value) and "\n" not in str(error.value)
+    lines = original.splitlines()
+    train.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines + [lines[1]]).encode() + b"\n")  # a BOM, a duplicate row
+    dataset = FairFace(str(folder), "train", "race", None)
+    assert len(dataset) == 14 and dataset.notes == [f"{train}: 1 duplicate row(s) of a file already listed dropped "
+                                                    "(the first at line 16)"]
+    val_lines = [line for line in val.read_text().splitlines() if ",Indian," not in line]
+    val.write_text("\n".join(val_lines + [lines[1]]) + "\n")  # no Indian face; a training image
+    dataset = FairFace(str(folder), "test", "race", None)
+    assert dataset.notes == [f"{val}: 1 validation image(s) are also in training (the first: train/1.jpg): the test "
+                             "accuracy is not on unseen faces",
+                             f"{val}: no image of Indian: the mean and the worst class are over the 6 classes it has"]
+    fairface_notes(dataset)
+    assert capsys.readouterr().err.count("note: ") == 2
+    (folder / "fairface_label_train.csv").unlink()
+    with pytest.raises(UserError, match="get it from github.com/joojs/fairface") as error:
+        open_torchvision_split("fairface", str(root), "train", None, False)
+    assert "--download" not in str(error.value)
 
 
 @pytest.mark.parametrize("case", ["absent", "download", "unknown race"])

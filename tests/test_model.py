@@ -168,6 +168,17 @@ def test_file_that_is_not_a_checkpoint_is_named(tmp_path):
         load_encoder(str(tmp_path / "empty.pth"))
 
 
+def test_a_pickle_of_objects_never_advises_unsafe_loading(tmp_path, recwarn):
+    """torch's own message says to retry with weights_only=False (which runs the file's code): ours never does."""
+    import pickle
+    path = tmp_path / "objects.pth"
+    path.write_bytes(pickle.dumps({"model": pickle.Pickler}, protocol=4))  # a class: code, not weights
+    with pytest.raises(ValueError, match="other than tensors and plain data") as error:
+        load_encoder(str(path))
+    assert "weights_only" not in str(error.value) and "False" not in str(error.value)
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's remark is not shown
+
+
 def test_checkpoint_of_another_architecture_is_named(tmp_path, trained_tiny):
     path = tmp_path / "tiny.pth"
     torch.save(trained_tiny.state_dict(), path)

@@ -95,3 +95,19 @@ def test_collapse_signals_get_a_panel_each(tmp_path, monkeypatch):
     plots.main(plots.get_args_parser().parse_args([str(tmp_path)]))
     assert drawn == [(5, 1)]  # loss and lr, then 4 signals
     assert is_png(tmp_path / "curves.png", 10_000)
+
+
+def test_a_step_past_a_floats_range_is_a_damaged_line_and_a_folder_is_no_output(tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    huge = "1" + "0" * 400  # 10^400: JSON reads it as an integer no float holds
+    log.write_text(f'{{"step": 1, "loss": 2.0, "lr": 0.1}}\n{{"step": {huge}, "loss": 1.0}}\n'
+                   f'{{"step": 2, "loss": {huge}}}\n{{"step": 3, "loss": 1.0, "lr": {huge}}}\n'
+                   '{"step": 4, "loss": 0.5, "lr": 0.1}\n')
+    records = plots.read_log(str(log))
+    assert [r["step"] for r in records] == [1, 4] and "3 damaged line(s) skipped" in capsys.readouterr().err
+    plots.plot_curves(records, str(tmp_path / "curves.png"))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit) as info:
+        run(plots.main, plots.get_args_parser(), [str(log), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1 and "is a folder: name the PNG" in err

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -28,11 +29,21 @@ from families import dino
 from families.common import cosine_schedule
 from util import checkpoints, files, resume
 from util.checkpoints import load_encoder
+from util.cli import UserError, parse_command_line
 from util.official import continue_official
 
-TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--head-hidden-dim", "64", "--embed-dim", "32",
-        "--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40",
-        "--workers", "0", "--log-every", "1"]
+ENCODER_TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--workers", "0", "--log-every", "1"]
+HEAD_TINY = ["--head-hidden-dim", "64", "--embed-dim", "32"]
+TEXT_TINY = ["--text-width", "32", "--text-layers", "1", "--text-heads", "2", "--context-length", "40"]
+
+
+def tiny(loss="stablerep"):
+    """The small model's flags for `loss`: only those it reads (any other is refused)."""
+    read = pretrain.flags_read(pretrain.OBJECTIVES[loss])
+    return [*ENCODER_TINY, *(HEAD_TINY if "embed_dim" in read else []), *(TEXT_TINY if "text_width" in read else [])]
+
+
+TINY = tiny()  # StableRep's (the default --loss)
 # the families' own parts, as small (DINO: 2 local crops of 16 px, one patch each)
 FAMILY_TINY = {"dino": ["--out-dim", "64", "--local-crops", "2", "--local-crop-size", "16"],
                "mae": ["--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2"]}
@@ -111,8 +122,8 @@ def test_the_learning_rate_is_the_official_schedule_at_every_step():
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
 def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree, tiny_tokenizer):
-    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss, *TINY,
-                                                                       *FAMILY_TINY.get(loss, [])]))
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", random_tree, "--loss", loss,
+                                                                       *tiny(loss), *FAMILY_TINY.get(loss, [])]))
     m, c = pretrain.OBJECTIVES[loss].images_per_caption, pretrain.OBJECTIVES[loss].crops_per_image
     m = min(m, 3)
     tokenizer = tiny_tokenizer if loss in ("clip", "stablerep+") else None
@@ -137,8 +148,9 @@ def test_each_objective_drives_its_loss_down_on_a_fixed_batch(loss, random_tree,
 def test_each_objective_runs_the_script(loss, generated_tree, tiny_sd_folder, tmp_path):
     """(The self-supervised families run the script in test_each_family_resumes_exactly_and_runs_on_two_processes.)"""
     m = {"stablerep": ["--images-per-caption", "2"], "stablerep+": ["--images-per-caption", "2"]}.get(loss, [])
-    run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, "--tokenizer",
-                 tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4", *m, *TINY, *FAMILY_TINY.get(loss, []))
+    text = ["--tokenizer", tiny_sd_folder] if pretrain.OBJECTIVES[loss].text else []
+    run_pretrain("--data", generated_tree, "--output", str(tmp_path), "--loss", loss, *text, "--epochs", "1",
+                 "--captions-per-gpu", "4", *m, *tiny(loss), *FAMILY_TINY.get(loss, []))
     summary = (tmp_path / "summary.json").read_text()
     assert '"steps": 3' in summary
     encoder = load_encoder(str(tmp_path / "encoder.pth"))
@@ -210,7 +222,7 @@ def test_schedules_are_the_official_formulas():
 
 
 def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
-    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", "dino", *TINY,
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", "dino", *tiny("dino"),
                                                                        *FAMILY_TINY["dino"]]))
     model = pretrain.build_model(args)
     for parameter in model.parameters():
@@ -228,9 +240,56 @@ def test_dino_clips_each_gradient_on_its_own_and_freezes_the_last_layer_early():
     assert model.head.last_layer.weight_v.grad is not None
 
 
+@pytest.mark.parametrize("loss", list(pretrain.OBJECTIVES))
+def test_every_flag_the_objective_does_not_read_is_refused_when_typed(loss):
+    """Each objective-dependent flag typed for an objective that does not read it: one line naming it; one it reads
+    passes; a resumed run's recorded settings (a flag the user never typed) are never blamed."""
+    parser = pretrain.get_args_parser()
+    read = pretrain.flags_read(pretrain.OBJECTIVES[loss])
+    for key in sorted(pretrain.OBJECTIVE_FLAGS):
+        action = next(a for a in parser._actions if a.dest == key)
+        flag = action.option_strings[0]
+        if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+            argv = [flag]
+        elif action.choices:
+            argv = [flag, action.choices[-1]]
+        elif action.nargs == 2:
+            argv = [flag, "0.2", "0.5"]
+        else:  # a value the flag takes
+            argv = [flag, "x"]
+            for text in ("2", "16", "0.5") if action.type else ():
+                try:
+                    argv = [flag, str(action.type(text))]
+                    break
+                except argparse.ArgumentTypeError:
+                    pass
+        args = parse_command_line(parser, ["--data", "x", "--loss", loss, *argv])
+        if key in read:
+            pretrain.check_family_flags(args)
+        else:
+            with pytest.raises(UserError, match=f"{flag} is .*: it does nothing for --loss {re.escape(loss)}$"):
+                pretrain.check_family_flags(args)
+    recorded = parse_command_line(parser, ["--data", "x", "--resume", "r.pth", "--output", "o"])
+    vars(recorded).update(vars(pretrain.fill_recipe(parser.parse_args(["--data", "x", "--loss", loss]))),
+                          resume="r.pth", flags_given=["resume", "output"])
+    pretrain.check_family_flags(recorded)  # a run's own settings, whatever its loss
+    recorded.flags_given.append("temperature" if "temperature" not in read else "decoder_width")  # one it ignores
+    with pytest.raises(UserError, match="the loss the resumed checkpoint records"):
+        pretrain.check_family_flags(recorded)
+
+
+def test_the_findings_scripts_head_flags_are_those_each_objective_reads():
+    from experiments.findings import HEAD_FLAGS_READ, digit_pretrain_flags
+    for loss, objective in pretrain.OBJECTIVES.items():
+        head = {"head_hidden_dim", "embed_dim", "head_batchnorm"} & pretrain.flags_read(objective)
+        assert {flag[2:].replace("-", "_") for flag in HEAD_FLAGS_READ.get(loss, ())} == head, loss
+        pretrain.check_family_flags(parse_command_line(pretrain.get_args_parser(),
+                                                       ["--data", "x", "--loss", loss, *digit_pretrain_flags(loss)]))
+
+
 @pytest.mark.slow
 def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
-    out = ["--data", random_tree, "--output", str(tmp_path / "o"), *TINY]
+    out = ["--data", random_tree, "--output", str(tmp_path / "o")]
     for argv, message in ((["--mask-ratio", "0.5"], "--mask-ratio is mae's: it does nothing for --loss stablerep"),
                           (["--loss", "dino", "--momentum", "0.9", "--decoder-depth", "2"], "--decoder-depth is mae's"),
                           (["--loss", "byol", "--schedule", "cc12m-1x"], "--schedule names the official StableRep"),
@@ -240,8 +299,11 @@ def test_family_flags_are_refused_where_they_do_nothing(random_tree, tmp_path):
                           (["--loss", "dino", "--local-crop-size", "24"], "not a multiple of the patch size"),
                           (["--loss", "dino", "--local-crop-size", "96"],
                            "--local-crop-size 96 is not smaller than --image-size 32"),
-                          (["--loss", "byol", "--gpu-augment", "--gpu-decode"], "leave --gpu-decode off")):
-        assert_one_line_error(run_pretrain(*out, *argv, check=False), message)
+                          (["--loss", "byol", "--gpu-augment", "--gpu-decode"], "leave --gpu-decode off"),
+                          (["--loss", "byol", "--temperature", "0.2"], "--temperature is stablerep/simclr/"),
+                          (["--loss", "dino", "--context-length", "40"], "--context-length is clip/stablerep+'s")):
+        loss = argv[argv.index("--loss") + 1] if "--loss" in argv else "stablerep"
+        assert_one_line_error(run_pretrain(*out, *tiny(loss), *argv, check=False), message)
     assert not (tmp_path / "o").exists()
 
 
@@ -260,7 +322,7 @@ def test_each_family_resumes_exactly_and_runs_on_two_processes(loss, random_tree
     is all-reduced and every random draw of a sample (MAE's mask, stochastic depth) travels with it. MoCo v3 and
     BYOL have BatchNorm in their MLPs, per rank by design on CPU (SyncBatchNorm on GPUs); their losses match across
     ranks (MoCo v3's keys are gathered: tests/test_loss.py). The encoder loads in both probes."""
-    common = ["--data", random_tree, "--loss", loss, *TINY, *FAMILY_TINY.get(loss, []), "--epochs", "2",
+    common = ["--data", random_tree, "--loss", loss, *tiny(loss), *FAMILY_TINY.get(loss, []), "--epochs", "2",
               "--warmup-epochs", "1", "--save-every", "3", "--no-tensorboard", "--base-lr", "0.05"]
     if loss == "dino":  # every schedule moves within the run: teacher temperature, last layer frozen in epoch 0
         common += ["--warmup-teacher-temperature", "0.03", "--warmup-teacher-temperature-epochs", "2"]
@@ -480,7 +542,7 @@ def official_checkpoint(path, loss, tokenizer=None, logit_scale=None):
     """A checkpoint in the official code's format: {'model', 'optimizer', 'epoch', 'scaler', 'args': Namespace},
     DDP's `module.` prefix, the text tower (StableRep+) under CLIP's names with [in, out] projection matrices."""
     import argparse
-    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *TINY]))
+    args = pretrain.fill_recipe(pretrain.get_args_parser().parse_args(["--data", "x", "--loss", loss, *tiny(loss)]))
     torch.manual_seed(1)
     model = pretrain.build_model(args, tokenizer)
     state = {}
@@ -614,7 +676,7 @@ def test_init_from_official_stablerep_plus_and_the_logit_scale_is_clamped_after_
     official = official_checkpoint(path, "stablerep+", tiny_tokenizer, logit_scale=6.0)  # above ln 100
     run_pretrain("--data", random_tree, "--output", str(tmp_path / "run"), "--init-from", str(path), "--loss",
                  "stablerep+", "--tokenizer", tiny_sd_folder, "--epochs", "1", "--captions-per-gpu", "4",
-                 "--images-per-caption", "2", "--base-lr", "1e-9", *TINY)
+                 "--images-per-caption", "2", "--base-lr", "1e-9", *tiny("stablerep+"))
     trained = torch.load(sorted((tmp_path / "run").glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
     assert trained["logit_scale"].item() == pytest.approx(4.6052)  # the official cap, after the optimiser step
     torch.testing.assert_close(trained["text.blocks.0.attn.qkv.weight"],
@@ -628,7 +690,7 @@ def test_cpu_autocast_run(precision, random_tree, tiny_sd_folder, tmp_path):
     the float32 losses) exercised without a GPU."""
     result = run_pretrain("--data", random_tree, "--output", str(tmp_path), "--loss", "stablerep+", "--tokenizer",
                           tiny_sd_folder, "--precision", precision, "--epochs", "2", "--captions-per-gpu", "4",
-                          "--images-per-caption", "2", *TINY)
+                          "--images-per-caption", "2", *tiny("stablerep+"))
     assert f"{precision} on cpu" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 6 and math.isfinite(summary["final_loss"])
@@ -740,8 +802,8 @@ def test_nothing_is_written_for_bad_input_and_repeated_data_is_refused(random_tr
 @pytest.mark.slow
 def test_an_empty_tokenizer_is_refused(random_tree, tmp_path):
     """transformers returns an empty tokenizer (two tokens) for a hub id it cannot find offline."""
-    result = run_pretrain(*small_run(random_tree, tmp_path / "run", "--loss", "clip", "--tokenizer",
-                                     "nobody/no-such-model"), check=False)
+    result = run_pretrain("--data", random_tree, "--output", tmp_path / "run", "--captions-per-gpu", "4",
+                          *tiny("clip"), "--loss", "clip", "--tokenizer", "nobody/no-such-model", check=False)
     assert_one_line_error(result, "usable CLIP tokenizer")
     assert not (tmp_path / "run").exists()
 
@@ -789,6 +851,53 @@ def test_ctrl_c_is_one_line_and_resume_continues(random_tree, tmp_path):
     lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
     assert process.returncode == 130 and "Traceback" not in stderr, stderr
     assert len(lines) == 1 and "rerun the same command with --resume" in lines[0], stderr
+
+
+def test_a_preemption_signal_stops_at_the_next_step_boundary():
+    """SIGTERM or SIGUSR1 only raise a flag the loop reads between steps (so it saves first); a second SIGTERM stops
+    at once; a signal arriving while a checkpoint is written reaches the flag once the file is whole; the handlers
+    come back afterwards; a DataLoader worker ignores both."""
+    before = {sig: signal.getsignal(sig) for sig in checkpoints.PREEMPTION_SIGNALS}
+    with checkpoints.stop_at_step_boundary() as preemption:
+        assert not preemption.due()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert preemption.due() and preemption.name() == "SIGUSR1"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+    assert {sig: signal.getsignal(sig) for sig in checkpoints.PREEMPTION_SIGNALS} == before
+    with checkpoints.stop_at_step_boundary() as preemption:
+        with checkpoints.interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert preemption.received is None  # deferred while the file is written
+        assert preemption.name() == "SIGTERM"
+    try:
+        checkpoints.quiet_worker(0)
+        for sig in checkpoints.PREEMPTION_SIGNALS:
+            assert signal.getsignal(sig) is signal.SIG_IGN
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_saves_a_checkpoint_and_stops_quietly(random_tree, tmp_path, signum):
+    """SIGTERM to the whole process group (`timeout`, scancel) or SLURM's SIGUSR1 warning: a checkpoint at the next
+    step although --save-every is far away, one line, no worker traceback; --resume continues from it."""
+    output = tmp_path / "run"
+    argv = small_run(random_tree, output, "--epochs", "40", "--save-every", "1000")
+    argv[argv.index("--workers") + 1] = "2"
+    process = start_python("pretrain.py", *argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    log = output / "log.jsonl"
+    signal_when(process, lambda: log.is_file() and log.read_text().count("\n") >= 2, signal.SIGCONT)
+    os.killpg(process.pid, signum) if signum == signal.SIGTERM else process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    lines = [line for line in stderr.splitlines() if line.strip() and "step/s" not in line and "%|" not in line]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert len(lines) == 1 and signal.Signals(signum).name in lines[0] and "--resume" in lines[0], stderr
+    saved = checkpoints.list_checkpoints(str(output))
+    assert len(saved) == 1 and f"saved {saved[0]};" in lines[0]
 
 
 @pytest.mark.slow

@@ -50,6 +50,8 @@ def docstring_commands():
 
 def _commands(text, where):
     for line in text.replace("\\\n", " ").splitlines():
+        line = re.sub(r"^(\s*)exec\s+", r"\1", line)  # `exec python ...` (an sbatch file's python takes signals)
+        line = re.sub(r"\s&\s*$", "", line)  # started in the background (an sbatch file that forwards a signal)
         if not re.match(r"\s*(python \S+\.py|python -m demo|torchrun )", line):
             continue
         line = re.sub(r"\$\{?(\w+)\}?", "1", line)  # shell variables ($I, $HEAD) -> a value
@@ -145,17 +147,19 @@ def test_slurm_files_are_valid_bash_and_set_what_they_use():
 def test_slurm_jobs_survive_their_cluster():
     """What a cluster needs (issue 29): the environment activated; srun given the CPUs (SLURM 22.05 and later no
     longer pass --cpus-per-task to the step); every node ended when one fails; a signal before the time limit that
-    requeues the job, whose command runs in the background so that the shell can take the signal; the log appended
-    to, not truncated, by the requeued job."""
+    the script passes on to the run (which saves and stops) before it requeues the job, the command in the background
+    so that the shell can take the signal; the log appended to, not truncated, by the requeued job."""
     for name in os.listdir(SLURM):
         with open(os.path.join(SLURM, name), encoding="utf-8") as f:
             script = f.read()
         directives = dict(re.findall(r"^#SBATCH --([\w-]+)(?:=(\S+))?$", script, re.M))
         assert directives.get("open-mode") == "append" and "requeue" in directives, name
         assert re.fullmatch(r"B:USR1@\d+", directives.get("signal", "")), name
-        assert re.search(r"^trap '.*scontrol requeue .*' USR1$", script, re.M), name
+        # the warning passed on to the run as SIGTERM (it saves and exits with one line), then the job requeued
+        assert re.search(r"""^trap '.*kill -TERM "\$RUN"' USR1$""", script, re.M), name
+        assert re.search(r"^\s+scontrol requeue ", script, re.M), name
         assert re.search(r"^srun --kill-on-bad-exit=1 ", script, re.M), name
-        assert re.search(r"&\nwait \$!", script), name  # a trap runs between commands only
+        assert re.search(r"&\nRUN=\$!", script) and 'wait "$RUN"' in script, name  # a trap runs between commands
         assert 'export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"' in script, name
         assert 'source "$VENV/bin/activate"' in script, name
         code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))

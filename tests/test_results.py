@@ -87,11 +87,11 @@ def test_plots_never_replace_a_log_a_checkpoint_or_a_folder(tmp_path, capsys):
     log.write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.5}) + "\n")
     checkpoint = run_folder / "checkpoint-00000002.pth"
     checkpoint.write_bytes(b"PK\x03\x04")
-    for target in (log, checkpoint, run_folder):
+    for target, reason in ((log, "is not a figure"), (checkpoint, "is not a figure"), (run_folder, "is a folder")):
         before = {path: path.read_bytes() for path in (log, checkpoint)}
         with pytest.raises(SystemExit):
             run(plots.main, plots.get_args_parser(), [str(run_folder), "--output", str(target)])
-        one_line(capsys.readouterr().err, "is not a figure")
+        one_line(capsys.readouterr().err, reason)
         assert {path: path.read_bytes() for path in (log, checkpoint)} == before
     figure = run(plots.main, plots.get_args_parser(), [str(run_folder)])
     assert run(plots.main, plots.get_args_parser(), [str(run_folder), "--output", figure]) == figure  # its own

@@ -284,6 +284,38 @@ def test_damaged_recorded_settings_of_a_segmentation_checkpoint_are_one_line(tmp
         assert fragment in str(raised.value)
 
 
+def test_a_preemption_signal_saves_at_the_next_iteration_and_stops_with_one_line(tmp_path, ade, tiny_checkpoint,
+                                                                                monkeypatch, capsys):
+    """SIGUSR1 (SLURM's warning) or SIGTERM during iteration 1: checkpoint 1 although --save-every is 2, exit 130."""
+    import signal
+    schedule = segment.poly_lr
+
+    def preempted(iteration, *rest):
+        if iteration == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return schedule(iteration, *rest)
+
+    monkeypatch.setattr(segment, "poly_lr", preempted)
+    with pytest.raises(SystemExit) as stop:
+        segment.main(parse(*train_argv(ade, tmp_path / "run", tiny_checkpoint)))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert stop.value.code == 130 and lines[-1].startswith("segment.py: SIGUSR1 at iteration 1: saved "), lines
+    assert sorted(os.listdir(tmp_path / "run")).count("checkpoint-00000001.pth") == 1
+
+
+def test_images_of_extreme_aspect_are_cropped_and_scored(tmp_path):
+    """A 1 x 2000 (or 2000 x 1) image rescaled by a factor that rounds a side to 0 pixels: kept at 1."""
+    for height, width in ((1, 2000), (2000, 1)):
+        folder = tmp_path / f"{height}x{width}"
+        folder.mkdir()
+        Image.fromarray(np.zeros((height, width, 3), dtype=np.uint8)).save(folder / "a.jpg")
+        Image.fromarray(np.ones((height, width), dtype=np.uint8)).save(folder / "a.png")
+        image, labels = segment.TrainCrops([(str(folder / "a.jpg"), str(folder / "a.png"))], 32)[(0, 0)]
+        assert image.shape == (3, 32, 32) and labels.shape == (32, 32)
+        scaled, _ = segment.rescale(torch.zeros(3, height, width), None, 0.01)
+        assert min(scaled.shape[1:]) == 1
+
+
 def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
     """Ours (pretrain.py's and encoder.pth), the official code's (DDP names, Namespace args) and a timm state dict."""
     state = tiny_encoder.state_dict()
@@ -308,8 +340,9 @@ def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
 
 @pytest.mark.parametrize("case", ["no data", "not ade", "no annotation", "no checkpoint", "random init no output",
                                   "taps past the depth", "crop not 16", "batch 1", "existing run",
-                                  "unreadable images"])
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_checkpoint, case):
+                                  "unreadable images", "unreadable validation images", "output inside data",
+                                  "1 image per cpu process"])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_checkpoint, case, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     broken = shutil.copytree(ade, inputs / "broken")
@@ -317,6 +350,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_ch
     damaged = shutil.copytree(ade, inputs / "damaged")
     for image in (damaged / "images" / "training").iterdir():
         image.write_bytes(image.read_bytes()[:20])  # found only when the first batch is read
+    damaged_val = shutil.copytree(ade, inputs / "damaged_val")
+    next((damaged_val / "images" / "validation").iterdir()).write_bytes(b"not a jpeg")  # scored only at evaluation
+    inside = shutil.copytree(ade, inputs / "inside")
     (inputs / "run").mkdir()
     (inputs / "run" / "checkpoint-00000002.pth").write_bytes(b"")
     out = tmp_path / "out"
@@ -334,7 +370,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, ade, tiny_ch
                          "already holds checkpoints"),
         "unreadable images": (["--checkpoint", tiny_checkpoint, "--data", damaged, "--output", out, "--crop-size",
                                CROP, "--num-workers", "0"], "training"),
+        "unreadable validation images": (["--checkpoint", tiny_checkpoint, "--data", damaged_val, "--output", out,
+                                          "--crop-size", CROP, "--num-workers", "0"], "validation"),
+        "output inside data": (["--checkpoint", tiny_checkpoint, "--data", inside, "--output", inside / "run",
+                                "--crop-size", CROP], "is inside --data"),
+        "1 image per cpu process": (base + ["--batch-size", "2"], "is 1 image each"),
     }[case]
+    if case == "1 image per cpu process":  # as under torchrun with 2 gloo processes
+        monkeypatch.setattr(segment.distributed, "world_size", lambda: 2)
     with pytest.raises(SystemExit) as info:
         run(segment.main, segment.get_args_parser(), [str(a) for a in argv])
     assert info.value.code == 2

@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import warnings
 
 import torch
 
@@ -201,8 +202,58 @@ def interrupts_deferred():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        if received:
+        for signum in received:  # delivered now to whoever handled it before (a preemption flag, or Ctrl-C)
+            handler = previous[signum]
+            if not callable(handler):
+                raise KeyboardInterrupt
+            handler(signum, None)
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what `timeout`, scancel and preemption send; SLURM's warning
+
+
+class stop_at_step_boundary:
+    """Within the block, SIGTERM (`timeout`, scancel, a cluster's preemption, torchrun stopping its workers) or
+    SIGUSR1 (SLURM's advance warning: `#SBATCH --signal=B:USR1@120`) asks the loop to stop at its next step
+    boundary: `due(device)` turns true there on every process (under torchrun a max all-reduce, so all stop at the
+    same step), the loop saves a checkpoint and ends with one line. A second SIGTERM stops at once, as Ctrl-C does
+    (KeyboardInterrupt). A signal the process was started to ignore stays ignored. DataLoader workers ignore both
+    (quiet_worker): their parent ends them."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {sig: signal.signal(sig, self._note) for sig in PREEMPTION_SIGNALS
+                         if signal.getsignal(sig) is not signal.SIG_IGN}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _note(self, signum, frame):
+        if self.received is not None and signum == signal.SIGTERM:
             raise KeyboardInterrupt
+        self.received = self.received or signum
+
+    def name(self):
+        return signal.Signals(self.received).name if self.received else None
+
+    def due(self, device=None):
+        """Has any process been asked to stop? (A collective under torchrun: every rank calls it each step.)"""
+        asked = self.received is not None
+        if distributed.world_size() > 1:
+            flag = torch.tensor([int(asked)], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        return asked
+
+
+def quiet_worker(worker_id=None):
+    """A DataLoader worker's init: SIGTERM and SIGUSR1 sent to the whole process group leave it serving batches,
+    so the training loop reaches its step boundary and saves; it ends with its parent (torch's watchdog), with no
+    traceback."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class stop_on_sigterm:
@@ -387,10 +438,17 @@ def load_checkpoint_file(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's remarks on a foreign pickle's protocol: not lines for the user
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({first_line(err)})") from None
+        reason = first_line(err)
+        if "weights_only" in reason or "Weights only" in reason:  # torch advises unsafe loading: we never do
+            reason = ("it holds Python objects other than tensors and plain data; checkpoints are only read "
+                      "weights-only, so that no file can run code")
+        elif len(reason) < 12:  # torch's bare codes ("101") for bytes that are no torch.save file at all
+            reason = f"not a file torch.save wrote: {reason}"
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({reason})") from None
 
 
 def _tensors_of(checkpoint):

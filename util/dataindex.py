@@ -30,6 +30,7 @@ allocation: every size read from a file is bounded by the file's own (shards.py)
 truncated tail is left out, a member whose header is not the one the index names is a corrupt image, and the same
 file given twice (through a link too) is refused.
 """
+import codecs
 import collections
 import csv
 import hashlib
@@ -44,7 +45,7 @@ from util import imagetree, shards
 from util.cli import first_line
 from util.files import atomic_open, atomic_write_json
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: CSV records that swallowed rows are skipped, a BOM is dropped (older caches rebuilt)
 CACHE_FOLDER = ".stablerep-index"
 CSV_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # the official reader's test, case-sensitive as there
 STREAM_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://", "sftp://", "scp://")
@@ -56,12 +57,64 @@ def is_streamed(spec):
     return spec.startswith(STREAM_SCHEMES)
 
 
-def expand(spec):
+MAX_EXPANDED = 1_000_000  # names a brace pattern may give (CC12M at 1000 captions a shard: 12,423)
+
+
+def expand(spec, limit=MAX_EXPANDED):
     """The paths of a brace pattern ("shards/{00000..00099}.tar"), by the braceexpand package webdataset itself
     uses. Only the braces: webdataset's own expand_urls also splits at "::" and substitutes `${NAME}` from the
-    environment (a traceback when the variable is unset), which a path or command must not undergo."""
+    environment (a traceback when the variable is unset), which a path or command must not undergo. The names are
+    counted first (count_expanded): a pattern of more than `limit` is a ValueError, never a list of 10^12."""
     from braceexpand import braceexpand
+    count = count_expanded(spec)
+    if count > limit:
+        raise ValueError(f"{spec} expands to {count:,} names, over the bound of {limit:,}: narrow the brace pattern")
     return list(braceexpand(spec))
+
+
+def count_expanded(pattern):
+    """How many names braceexpand(pattern) gives, computed from the ranges' lengths without expanding them (the
+    same grammar: products of literals, ranges and comma sequences, backslash escapes, nesting)."""
+    import braceexpand as be
+    count, start, pos, depth = 1, 0, 0, 0
+    while pos < len(pattern):
+        if pattern[pos] == "\\":
+            pos += 2
+            continue
+        if pattern[pos] == "{":
+            depth += 1
+            if depth == 1:
+                start = pos
+        elif pattern[pos] == "}":
+            depth -= 1
+            if depth == 0:
+                count *= _count_expression(pattern[start + 1:pos], be)
+        pos += 1
+    if depth != 0:
+        raise be.UnbalancedBracesError(f"Unbalanced braces: '{pattern}'")
+    return count
+
+
+def _count_expression(expr, be):
+    numbers = be.int_range_re.match(expr)
+    if numbers:
+        first, last, step = int(numbers.group(1)), int(numbers.group(2)), int(numbers.group(3) or 1) or 1
+        return abs(last - first) // step + 1
+    if be.char_range_re.match(expr):
+        return sum(1 for _ in be.make_char_range(*be.char_range_re.match(expr).groups()))
+    items, start, pos, depth = [], 0, 0, 0  # a comma sequence at this level, else a literal brace pair
+    while pos < len(expr):
+        if expr[pos] == "\\":
+            pos += 2
+            continue
+        depth += {"{": 1, "}": -1}.get(expr[pos], 0)
+        if expr[pos] == "," and depth == 0:
+            items.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0 or not items:
+        return count_expanded(expr)
+    return sum(count_expanded(item) for item in [*items, expr[start:]])
 
 
 def _uint(maximum):
@@ -261,15 +314,18 @@ def _csv_rows(f):
     file `f` from where it stands, parsed by Python's csv.reader as the official reader parses the file: a quote
     opens a quoted field only at the start of a field (`a 5" tall vase` is one plain field) and a quoted field may
     hold newlines. Fields are None for a record csv refuses (a field over its 128 KiB limit: a quote that never
-    closes), after which it reads on from the next line."""
-    starts = collections.deque()  # byte offsets of the lines csv has taken and not yet placed in a record
+    closes), after which it reads on from the next line. A UTF-8 byte order mark at the start of the file is dropped
+    (else the first path would begin with it). The fifth value lists the record's later lines (numbers) that look
+    like rows of their own (`path.png,...`): a quote that opened by mistake swallowed them (_csv_skip_reason)."""
+    starts = collections.deque()  # (byte offset, text) of the lines csv has taken and not yet placed in a record
 
     def lines():
         offset = f.tell()
         for line in f:
-            starts.append(offset)
+            text = line[len(codecs.BOM_UTF8):] if offset == 0 and line.startswith(codecs.BOM_UTF8) else line
+            starts.append((offset, text))
             offset += len(line)
-            yield line.decode("utf-8", errors="replace")
+            yield text.decode("utf-8", errors="replace")
 
     reader, consumed = csv.reader(lines()), 0
     for number in itertools.count():
@@ -279,11 +335,17 @@ def _csv_rows(f):
             return
         except csv.Error:
             fields = None
-        offset = starts[0]
-        for _ in range(reader.line_num - consumed):
-            starts.popleft()
-        yield number, consumed + 1, offset, fields
+        offset = starts[0][0]
+        taken = [starts.popleft()[1] for _ in range(reader.line_num - consumed)]
+        swallowed = [consumed + 1 + i for i, text in enumerate(taken) if i and _looks_like_a_row(text)]
+        yield number, consumed + 1, offset, fields, swallowed
         consumed = reader.line_num
+
+
+def _looks_like_a_row(line):
+    """Does a line start as a row of the official CSV does (`path.png,`)?"""
+    path, comma, _ = line.partition(b",")
+    return bool(comma) and path.decode("utf-8", errors="replace").endswith(CSV_IMAGE_SUFFIXES)
 
 
 def read_csv_record(f, offset):
@@ -292,10 +354,15 @@ def read_csv_record(f, offset):
     return next(_csv_rows(f))[3] or []
 
 
-def _csv_skip_reason(fields):
-    """Why the official reader would not train on a record (None: it would)."""
+def _csv_skip_reason(fields, line=None, swallowed=()):
+    """Why the official reader would not train on a record (None: it would), or why we do not: a record whose
+    quoted field swallowed lines that look like rows of their own (an unbalanced quote) is never trained on as one
+    caption."""
     if fields is None:
         return "a field over csv's 128 KiB limit (a quote that never closes)"
+    if swallowed:
+        return (f"a quote opened on line {line} swallows {len(swallowed)} line(s) that look like rows of their own "
+                f"(lines {swallowed[0]}-{swallowed[-1]}): fix the unbalanced quote")
     if len(fields) < 2:
         return "fewer than two fields"
     if not fields[0].endswith(CSV_IMAGE_SUFFIXES):
@@ -308,21 +375,24 @@ def build_csv(path, roots):
     metadata's note counts the records read and skipped and names the first skipped line."""
     if not os.path.isfile(path):
         raise ValueError(f"CSV file {path} does not exist")
-    rows, offsets, skipped, first = [], [], 0, None
+    rows, offsets, skipped, first, merged = [], [], 0, None, []  # merged: records of swallowed rows, each said
     with open(path, "rb") as f:
         shards.advise(f.fileno(), "sequential")
-        for number, line, offset, fields in _csv_rows(f):
-            reason = _csv_skip_reason(fields)
+        for number, line, offset, fields, swallowed in _csv_rows(f):
+            reason = _csv_skip_reason(fields, line, swallowed)
             if reason is None:
                 rows.append(number)
                 offsets.append(offset)
             else:
                 skipped += 1
                 first = first or f"line {line}: {reason}"
+                if swallowed:
+                    merged.append(f"line {line}: {reason}")
     if not rows:
         raise ValueError(f"{path} has no row of (image path ending in .png/.jpg/.jpeg, caption)")
     table = _table({"key": np.array(rows, dtype=_uint(rows[-1])), "offset": np.array(offsets, dtype=np.uint64)})
     notes = [f"{path}: {len(rows)} rows read, {skipped} skipped" + (f" (the first at {first})" if skipped else "")]
+    notes += [f"{path}: skipped the record at {where}" for where in merged if where != first]
     return table, {"containers": [os.path.abspath(path)], "roots": [os.path.abspath(root) for root in roots],
                    "notes": notes}
 

@@ -240,18 +240,34 @@ class FairFace:
                             for gender in FAIRFACE_CLASSES["gender"]]
         else:
             self.classes = list(FAIRFACE_CLASSES[attribute])
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        missing = {"file", "race", "gender", "age"} - set(rows[0] if rows else [])
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {', '.join(sorted(missing))}")
-        self.samples = []
-        for line, row in enumerate(rows, start=2):
+        self.notes = []  # what the user should know about the split (printed by the scripts: fairface_notes)
+        rows = _fairface_rows(path, root)
+        self.samples, lines = [], {}  # lines: a file's first line
+        for line, file, row in rows:
             value = f"{row['race']} {row['gender']}" if attribute == "race_gender" else row[attribute]
             if value not in self.classes:
                 raise ValueError(f"{path}, line {line}: {attribute} {value!r} is not one of FairFace's")
-            self.samples.append((os.path.join(root, row["file"]), self.classes.index(value)))
+            if file in lines:
+                continue  # a duplicate row: counted in the note below, never scored twice
+            lines[file] = line
+            self.samples.append((os.path.join(root, file), self.classes.index(value)))
+        if len(rows) > len(self.samples):
+            duplicate = next(line for line, file, _ in rows if lines[file] != line)
+            self.notes.append(f"{path}: {len(rows) - len(self.samples)} duplicate row(s) of a file already listed "
+                              f"dropped (the first at line {duplicate})")
+        train_csv = os.path.join(root, "fairface_label_train.csv")
+        if split == "test" and os.path.isfile(train_csv):
+            overlap = sorted(set(lines) & {file for _, file, _ in _fairface_rows(train_csv, root)})
+            if overlap:
+                self.notes.append(f"{path}: {len(overlap)} validation image(s) are also in training (the first: "
+                                  f"{overlap[0]}): the test accuracy is not on unseen faces")
         self.targets = [label for _, label in self.samples]
+        absent = [name for label, name in enumerate(self.classes) if label not in set(self.targets)]
+        if absent:
+            self.notes.append(f"{path}: no image of {', '.join(absent)}: "
+                              + ("the probe cannot learn them" if split == "train" else
+                                 f"the mean and the worst class are over the {len(self.classes) - len(absent)} "
+                                 "classes it has"))
         self.transform = transform
 
     def __len__(self):
@@ -263,6 +279,33 @@ class FairFace:
             raise UnreadableImage(f"{path}: no such file")
         image = load_image(path)
         return (self.transform(image) if self.transform else image), label
+
+
+def _fairface_rows(path, root):
+    """[(line, file relative to root, row)] of a FairFace CSV; one line naming the file and the line for a header
+    without FairFace's columns, a CSV of no rows, or a `file` that leaves the FairFace folder (absolute, `..`)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte order mark before the header
+        reader = csv.DictReader(f)
+        missing = {"file", "race", "gender", "age"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: its header lacks the column(s) {', '.join(sorted(missing))}")
+        rows = []
+        for row in reader:
+            file = row["file"] or ""
+            normal = os.path.normpath(file)
+            if os.path.isabs(file) or normal == ".." or normal.startswith(".." + os.sep) or not file:
+                raise ValueError(f"{path}, line {reader.line_num}: file {file!r} is not a path inside {root}")
+            rows.append((reader.line_num, normal, row))
+    if not rows:
+        raise ValueError(f"{path} has a header and no rows")
+    return rows
+
+
+def fairface_notes(*splits):
+    """Print the notes of FairFace splits (duplicates, training images in validation, absent classes) once."""
+    for dataset in splits:
+        for note in getattr(dataset, "notes", ()):
+            print(f"note: {note}", file=sys.stderr)
 
 
 def _fairface(attribute):
@@ -314,6 +357,9 @@ TORCHVISION_DATASETS = {
 }
 
 
+FAIRFACE_NAMES = tuple(name for name in TORCHVISION_DATASETS if name.startswith("fairface"))
+
+
 def uses_named_dataset(args, folder_flags):
     """True when the data is --dataset, False when it is the script's image folders (`folder_flags`, e.g.
     ["--train-dir", "--val-dir"]); UserError when both are given, or neither in full."""
@@ -333,6 +379,9 @@ def open_torchvision_split(name, root, split, transform, download):
         # torchvision's hint names its own argument (download=True); ours is the --download flag
         reason = re.sub(r"\.?\s*You can use download=True to download it\.?", "", first_line(err))
         hint = "" if download else f"; add --download to fetch it into --data-root {root}"
+        if name in FAIRFACE_NAMES:  # no download exists: say where it comes from, when it is absent
+            hint = (f"; get it from github.com/joojs/fairface and unpack it under {os.path.join(root, 'fairface')}"
+                    if isinstance(err, FileNotFoundError) else "")
         raise UserError(f"{name} {split} split under {root}: {reason}{hint}") from None
 
 

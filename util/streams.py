@@ -23,14 +23,15 @@ class StreamedSample(NamedTuple):
     text: bytes  # the .txt member, b"" when absent
 
 
-def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_SAMPLE):
+def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_SAMPLE, failures=None):
     """The samples of the tar at `url` (any URL webdataset's gopen opens: `pipe:`, http(s), gs, a local path; a
     .tar.gz too), in order: a generator of StreamedSample, members grouped by key as webdataset groups them.
     Only image and .txt members are read, and no more than `max_sample` bytes of them per sample. A member whose
     header claims more than `max_member` bytes ends the shard, its sample dropped, with a note (a stream can only
     be skipped by reading it, and the claim may be a damaged header's 1 TiB or a gzip member inflating 1000x); a
     truncated or unreadable stream ends early with a note too. Closing the generator stops the command behind a
-    `pipe:` URL."""
+    `pipe:` URL. With a list `failures`, a stream that fails before its first sample (a missing shard) is appended
+    to it as (url, reason) instead of a note: the caller says it (CaptionShardStream counts them)."""
     import tarfile
 
     from webdataset.gopen import gopen
@@ -66,7 +67,10 @@ def read_stream(url, shard, max_member=MAX_STREAM_MEMBER, max_sample=MAX_STREAM_
                 yield StreamedSample(shard, ordinal, current, images, text)
         complete = True
     except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        print(f"note: {url}: {first_line(err)}; the samples before it are used", file=sys.stderr)
+        if failures is not None and not ordinal and not images:
+            failures.append((url, first_line(err)))
+        else:
+            print(f"note: {url}: {first_line(err)}; the samples before it are used", file=sys.stderr)
     finally:
         _close_quietly(stream, complete)
 
