@@ -72,7 +72,8 @@ def test_lbfgs_protocol_on_digits_then_reuses_cached_features(tmp_path, digit_fo
     assert (saved["train_images"], saved["val_images"], saved["test_images"]) == (1078, 269, 450)  # 20% held out
     assert saved["test"] > 70  # an untrained 2-block ViT on 32-pixel digits; chance is 10
     assert saved["feature_cache"]["hits"] == {"train": False, "test": False}
-    second = probe(*argv, "--metric", "mean_per_class")
+    # another metric: a result of its own (probe.json holds the top-1 one), from the same cached features
+    second = probe(*argv, "--metric", "mean_per_class", "--output", tmp_path / "probe_mean_per_class.json")
     assert second["feature_cache"]["hits"] == {"train": True, "test": True}
     assert second["metric"] == "mean_per_class" and abs(second["test"] - first["test"]) < 3
 

@@ -26,7 +26,7 @@ def test_check_output_refuses_inputs_other_files_and_other_settings_and_lets_a_r
     check_output(str(target), recipe, [])  # nothing there yet
     target.write_text(json.dumps({MADE_BY: {"script": "x.py", "settings": {"seed": 0, "scales": [1.0, 2.0]}}}))
     check_output(str(target), recipe, [])  # its own, read back from JSON: may be replaced
-    with pytest.raises(UserError, match=r"results of other settings \(settings .*seed': 1"):
+    with pytest.raises(UserError, match=r"results of other settings \(settings.seed 0 there, 1 here\)"):
         check_output(str(target), {**recipe, "settings": {"seed": 1, "scales": (1.0, 2.0)}}, [])
     with pytest.raises(UserError, match="is an input of this run"):
         check_output(str(target), recipe, [str(target)])

@@ -39,11 +39,21 @@ def check_output(path, made_by, inputs, flag="--output"):
     recorded = existing.get(MADE_BY) if isinstance(existing, dict) else None
     if recorded != jsonable(made_by):
         differ = ("it records no settings (an earlier version's results)" if recorded is None else
-                  "; ".join(f"{key} {recorded.get(key)!r} there, {value!r} here"
-                            for key, value in jsonable(made_by).items() if recorded.get(key) != value)
+                  "; ".join(f"{key} {there!r} there, {here!r} here"
+                            for key, there, here in _differences(recorded, jsonable(made_by)))
                   if isinstance(recorded, dict) else "its settings are unreadable")
         raise UserError(f"{flag} {path} holds the results of other settings ({differ}); choose another --output, or "
                         "move that file away")
+
+
+def _differences(recorded, made_by, prefix=""):
+    """(key, recorded value, this run's value) of every setting that differs, nested dicts key by key."""
+    for key in sorted(set(recorded) | set(made_by)):
+        there, here = recorded.get(key), made_by.get(key)
+        if isinstance(there, dict) and isinstance(here, dict):
+            yield from _differences(there, here, f"{prefix}{key}.")
+        elif there != here:
+            yield f"{prefix}{key}", there, here
 
 
 def jsonable(value):
