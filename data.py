@@ -39,7 +39,7 @@ from augment import (
     decode_rgb,
 )
 from util import dataindex
-from util.checkpoints import quiet_worker
+from util.checkpoints import end_quiet_workers_at_exit, quiet_worker
 from util.jpeg import JPEG_MAGIC, DeviceJpegs, jpeg_size
 from util.streams import read_stream
 
@@ -591,6 +591,7 @@ def loader_options(workers, pin_memory):
     batches are in flight (in_flight_bytes)."""
     if not workers:
         return {"num_workers": 0, "pin_memory": pin_memory}
+    end_quiet_workers_at_exit()  # they ignore SIGTERM: this process ends them with SIGKILL at its exit
     return {"num_workers": workers, "pin_memory": pin_memory, "multiprocessing_context": worker_start_method(),
             "prefetch_factor": PREFETCH_FACTOR, "worker_init_fn": quiet_worker}  # a preemption: no worker traceback
 

@@ -801,6 +801,7 @@ def main(args):
 
     # ---- the first batch: images that cannot be read are refused before anything is written ----
     sampler = CropSampler(len(train_pairs), args.batch_size, rank, world_size, args.seed, iteration)
+    checkpoints.end_quiet_workers_at_exit()  # its workers ignore SIGTERM (quiet_worker)
     loader = torch.utils.data.DataLoader(TrainCrops(train_pairs, args.crop_size), batch_sampler=sampler,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          worker_init_fn=checkpoints.quiet_worker,  # a preemption: no worker traceback

@@ -6,10 +6,12 @@ Reading checkpoints of every kind (ours, the official StableRep code's, timm's) 
 `load_checkpoint_file`, `encoder_state_dict`, `model_state_dict`, `load_encoder`, `load_image_text_model`.
 """
 import argparse
+import atexit
 import contextlib
 import glob
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -251,9 +253,29 @@ class stop_at_step_boundary:
 def quiet_worker(worker_id=None):
     """A DataLoader worker's init: SIGTERM and SIGUSR1 sent to the whole process group leave it serving batches,
     so the training loop reaches its step boundary and saves; it ends with its parent (torch's watchdog), with no
-    traceback."""
+    traceback. (The parent ends such workers with SIGKILL at exit: end_quiet_workers_at_exit.)"""
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+_ENDING_REGISTERED = []
+
+
+def end_quiet_workers_at_exit():
+    """In the process that starts quiet_worker loaders: at exit, its daemonic children (the loader workers still
+    alive after an error or a stop) end by SIGKILL. multiprocessing's own exit handler sends them SIGTERM, which they
+    ignore, and then waits for them forever; this runs before it (atexit runs the last registered first)."""
+    if not _ENDING_REGISTERED:
+        atexit.register(_kill_daemonic_children)
+        _ENDING_REGISTERED.append(True)
+
+
+def _kill_daemonic_children():
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the kill as a worker's failure
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 class stop_on_sigterm:
