@@ -1,6 +1,8 @@
 """pretrain.py: the four objectives learn, torchrun with gloo, exact resume after a kill, every bad input."""
 import argparse
+import contextlib
 import glob
+import io
 import json
 import math
 import os
@@ -9,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -29,7 +32,7 @@ from families import dino
 from families.common import cosine_schedule
 from util import checkpoints, files, resume
 from util.checkpoints import load_encoder
-from util.cli import UserError, parse_command_line
+from util.cli import UserError, parse_command_line, run
 from util.official import continue_official
 
 ENCODER_TINY = ["--model", "vit_tiny", "--depth", "2", "--image-size", "32", "--workers", "0", "--log-every", "1"]
@@ -57,10 +60,35 @@ def read_resume(argv):
                                          pretrain.NEVER_RESTORED)
 
 def run_pretrain(*args, check=True):
+    """pretrain.py's command: as a subprocess, or, for one that is to be refused (check=False) and starts no loader
+    workers, in this process (a refusal then costs a fraction of a second, not the subprocess's imports)."""
+    if not check and not workers_started(args):
+        return pretrain_in_process(*args)
     result = run_python("pretrain.py", *args)
     if check:
         assert result.returncode == 0, result.stderr
     return result
+
+
+def workers_started(args):
+    """Does the command start loader workers (whose output a process of its own keeps)?"""
+    argv = [str(a) for a in args]
+    return "--workers" not in argv or argv[len(argv) - 1 - argv[::-1].index("--workers") + 1] != "0"
+
+
+def pretrain_in_process(*args):
+    """pretrain.py's command in this process, through util.cli.run as `python pretrain.py` runs it: its exit code and
+    what it printed (a traceback included), as run_python returns them."""
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run(pretrain.main, pretrain.get_args_parser(), [str(a) for a in args])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except Exception:  # what a subprocess would print as a traceback
+            traceback.print_exc()
+            code = 1
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def test_defaults_are_the_papers_recipe():
