@@ -125,11 +125,7 @@ def check_nothing_newer(output, resumed):
     if resumed["official"] or not isinstance(step, int):
         return
     newer = [path for path in list_checkpoints(output) if checkpoint_step(path) > step]
-    try:
-        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
-            finished_steps = json.load(f).get("steps")
-    except (OSError, ValueError, AttributeError):
-        finished_steps = None
+    finished_steps = _finished_steps(output)
     if newer or (isinstance(finished_steps, int) and finished_steps > step):
         what = os.path.basename(newer[-1]) if newer else f"the finish of step {finished_steps} (summary.json)"
         raise UserError(f"--output {output} holds {what}, newer than {resumed['path']} (step {step}): resuming "
@@ -166,13 +162,17 @@ def finish(visual, args, summary):
 
 def finished(output, steps):
     """Has the run in `output` written its finish for `steps` (summary.json saying so, and encoder.pth)?"""
+    return _finished_steps(output) == steps and os.path.isfile(os.path.join(output, "encoder.pth"))
+
+
+def _finished_steps(output):
+    """The steps summary.json of `output` says the run finished at, or None (no file, a damaged one)."""
     try:
         with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
             summary = json.load(f)
     except (OSError, ValueError):
-        return False
-    return isinstance(summary, dict) and summary.get("steps") == steps and os.path.isfile(
-        os.path.join(output, "encoder.pth"))
+        return None
+    return summary.get("steps") if isinstance(summary, dict) else None
 
 
 def finish_trained_run(encoder, args, step, total_steps, images_per_step, final_loss):
