@@ -85,17 +85,6 @@ SIZES = {
         # family_batch None: each CC3M recipe's own per-GPU batch; family_flags (not a flag): the tiny run's small
         # heads and decoder, on top of each family's recipe
         family_repeats=5, family_batch=None, family_flags=None),
-    # the run sized for a lent GPU's ten minutes (--quick: every section, each number measured fewer times; the same
-    # shapes as "full" but a generation batch of 8); not yet timed on a GPU
-    "quick": dict(
-        gen_size=512, gen_captions=2, gen_images=4,
-        ddim_steps=50, dpm_steps=25, gen_warmup_steps=2, gen_repeats=1,
-        train_model="vit_base", train_depth=None, image_size=224, captions=43, images_per_caption=6,
-        train_repeats=3,
-        world_size=32, loss_repeats=5,
-        loader_captions=43, stored_size=256, loader_repeats=1, augment_repeats=3,
-        seg_model="vit_base", seg_depth=None, seg_crop=512, seg_batch=2, eval_repeats=2, aro_captions=1024,
-        family_repeats=2, family_batch=None, family_flags=None),
     "tiny": dict(
         gen_size=32, gen_captions=2, gen_images=2,
         ddim_steps=3, dpm_steps=2, gen_warmup_steps=1, gen_repeats=1,
@@ -108,6 +97,11 @@ SIZES = {
         family_flags=("--head-hidden-dim", "64", "--embed-dim", "32", "--out-dim", "64", "--local-crop-size", "16",
                       "--decoder-width", "32", "--decoder-depth", "1", "--decoder-heads", "2")),
 }
+
+# the run sized for a lent GPU's ten minutes (--quick): "full"'s shapes, each number measured fewer times, and a
+# generation batch of 8; not yet timed on a GPU
+SIZES["quick"] = {**SIZES["full"], "gen_captions": 2, "gen_repeats": 1, "train_repeats": 3, "loss_repeats": 5,
+                  "loader_repeats": 1, "augment_repeats": 3, "eval_repeats": 2, "family_repeats": 2}
 
 # Stable Diffusion v1.5's published configs (unet/, vae/ and text_encoder/config.json of
 # stable-diffusion-v1-5/stable-diffusion-v1-5); the parameter counts below are v1.5's and are checked.
