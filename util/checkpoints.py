@@ -141,12 +141,17 @@ def checkpoint_step(path):
 
 def _recorded_run_id(output):
     """The run id run.json of `output` records, or None (no file, a damaged one, a run from before run ids)."""
+    return _json_field(os.path.join(output, "run.json"), "run_id")
+
+
+def _json_field(path, key):
+    """`key` of the JSON object in the file `path`, or None (no file, not JSON, not an object, no such key)."""
     try:
-        with open(os.path.join(output, "run.json"), encoding="utf-8") as f:
-            recorded = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
     except (OSError, ValueError):
         return None
-    return recorded.get("run_id") if isinstance(recorded, dict) else None
+    return content.get(key) if isinstance(content, dict) else None
 
 
 def summary_of(steps, images_per_step, steps_this_run, seconds, final_loss, corrupt):
@@ -167,12 +172,7 @@ def finished(output, steps):
 
 def _finished_steps(output):
     """The steps summary.json of `output` says the run finished at, or None (no file, a damaged one)."""
-    try:
-        with open(os.path.join(output, "summary.json"), encoding="utf-8") as f:
-            summary = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return summary.get("steps") if isinstance(summary, dict) else None
+    return _json_field(os.path.join(output, "summary.json"), "steps")
 
 
 def finish_trained_run(encoder, args, step, total_steps, images_per_step, final_loss):
