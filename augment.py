@@ -54,14 +54,16 @@ SOLARIZE_THRESHOLD = 128 / 255  # PIL's ImageOps.solarize: levels >= 128 are inv
 
 class View(NamedTuple):
     """One crop's recipe: ColorJitter strengths (brightness, contrast, saturation, hue) applied with jitter_p,
-    grayscale, Gaussian blur (sigma U(0.1, 2)) and solarisation probabilities, and the RandomResizedCrop's
-    resampling filter. The defaults are SimCLR's (StableRep's); every view also flips with p 0.5 and normalises."""
+    grayscale, Gaussian blur (sigma U(blur_sigma), pixels) and solarisation probabilities, and the
+    RandomResizedCrop's resampling filter. The defaults are SimCLR's (StableRep's); every view also flips with p 0.5
+    and normalises."""
     jitter: tuple = JITTER_STRENGTH
     jitter_p: float = JITTER_P
     gray_p: float = GRAYSCALE_P
     blur_p: float = BLUR_P
     solarize_p: float = 0.0
     interpolation: str = "bilinear"
+    blur_sigma: tuple = BLUR_SIGMA
 
 
 class ColorParams(NamedTuple):
@@ -87,7 +89,8 @@ def sample_color_params(view=View()):
     u = torch.rand(9).tolist()
     factors = [1 + strength * (2 * v - 1) for strength, v in zip(view.jitter[:3], u[1:4])]  # e.g. [0.6, 1.4]
     factors.append(view.jitter[3] * (2 * u[4] - 1))  # hue shift in [-0.1, 0.1] turns
-    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[7] if u[6] < view.blur_p else 0.0
+    low, high = view.blur_sigma
+    sigma = low + (high - low) * u[7] if u[6] < view.blur_p else 0.0
     solarize = float(torch.rand(())) < view.solarize_p if view.solarize_p > 0 else False
     return ColorParams(jitter=torch.tensor([u[0] < view.jitter_p]), order=torch.randperm(4)[None],
                        factors=torch.tensor([factors]), gray=torch.tensor([u[5] < view.gray_p]),

@@ -176,7 +176,7 @@ def main(args):
                MADE_BY: made_by}
     atomic_write_json(output, results)
     print(f"{args.ways}-way {args.shots}-shot ({args.queries} queries, {args.episodes} episodes, {args.classifier})"
-          f" of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
+          f" of {ev.encoder_name(encoder_id)} on {data_id['dataset']}")
     print(f"  accuracy  {mean:6.2f} +- {interval:.2f} (95% interval)")
     print(f"results: {output}")
     return results

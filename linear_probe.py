@@ -426,7 +426,7 @@ def main(args):
     if distributed.is_main_process():
         atomic_write_json(output, results)
         width = max(len(name) for name, _ in summary)
-        print(f"linear probe ({args.protocol}) of {encoder_id['checkpoint'] or 'random init'} on {data_id['dataset']}")
+        print(f"linear probe ({args.protocol}) of {ev.encoder_name(encoder_id)} on {data_id['dataset']}")
         for name, value in summary:
             print(f"  {name:<{width}}  {value:6.2f}")
         print(f"results: {output}")

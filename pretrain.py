@@ -66,6 +66,12 @@ def get_args_parser():
                         help=f"c, augmented crops of each image (paper: 1; SimCLR: 2; {BY_LOSS})")
     parser.add_argument("--crop-scale", type=number(above=0, maximum=1), nargs=2, default=None,
                         metavar=("MIN", "MAX"), help=f"RandomResizedCrop's area fraction (paper: 0.08 1; {BY_LOSS})")
+    parser.add_argument("--blur-sigma", type=number(0), nargs=2, default=[0.1, 2.0],
+                        metavar=("MIN", "MAX"), help="Gaussian blur's sigma range in pixels (paper: 0.1 2, at 224 px; "
+                                                     "scale it with --image-size for small images)")
+    parser.add_argument("--color-augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="colour jitter, grayscale and solarisation of every view (paper: on; off leaves crops, "
+                             "flips and blur, for a miniature whose captions name colours)")
     parser.add_argument("--downsample-prob", type=number(0, 1), default=0.0,
                         help="probability of resizing the image down to --downsample-res and back (official "
                              "README command: 0.05; default 0, FIDELITY.md says why)")
@@ -81,8 +87,10 @@ def get_args_parser():
     parser.add_argument("--model", default="vit_base", choices=list(VIT_SIZES), help="encoder (paper: vit_base)")
     parser.add_argument("--depth", type=integer(1), default=None,
                         help="transformer blocks, to shrink the encoder for quick runs (default: the size's own)")
-    parser.add_argument("--image-size", type=integer(16), default=224,
-                        help="crop size, a multiple of the patch size 16 (paper: 224)")
+    parser.add_argument("--image-size", type=integer(1), default=224,
+                        help="crop size, a multiple of --patch-size (paper: 224)")
+    parser.add_argument("--patch-size", type=integer(1), default=16,
+                        help="side of the ViT's square patches in pixels (paper: 16; a 32 px miniature takes 8)")
     parser.add_argument("--head-hidden-dim", type=integer(1), default=None,
                         help=f"hidden width of the projection head (paper: 4096; {BY_LOSS}, x width / 768 for a "
                              "family's ViT-Ti)")
@@ -192,6 +200,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
+import augment
 import data
 import loss as loss_lib
 import model as model_lib
@@ -351,7 +360,8 @@ def follow_size(key, value, args):
     if key in SIZE_FOLLOWS_WIDTH and width < SMALLEST_OFFICIAL_WIDTH:
         return max(16, round(value * width / RECIPE_WIDTH))
     if key == "local_crop_size" and value >= args.image_size:
-        return max(16, 16 * round(args.image_size * value / RECIPE_IMAGE_SIZE / 16))
+        patch = args.patch_size
+        return max(patch, patch * round(args.image_size * value / RECIPE_IMAGE_SIZE / patch))
     return value
 
 
@@ -369,8 +379,9 @@ def check_args(args):
         raise UserError("a contrastive batch needs at least two images per GPU")
     if args.crop_scale[0] > args.crop_scale[1]:
         raise UserError(f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g} must satisfy MIN <= MAX")
-    if args.image_size % 16:
-        raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size 16")
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of the patch size {args.patch_size} "
+                        "(--patch-size)")
     if args.gpu_decode and not args.gpu_augment:
         raise UserError("--gpu-decode goes with --gpu-augment (the device then crops and augments what it decodes)")
     if objective.text and args.text_width % args.text_heads:
@@ -698,8 +709,16 @@ def family_crops(args):
     crops = {}
     if objective.views:
         crops["views"] = objective.views
+    changes = {} if args.color_augment else {"jitter_p": 0.0, "gray_p": 0.0, "solarize_p": 0.0}
+    if tuple(args.blur_sigma) != augment.BLUR_SIGMA:
+        changes["blur_sigma"] = tuple(args.blur_sigma)
+    if changes:  # --blur-sigma, --no-color-augment: every view changed alike, the local crops' too
+        crops["views"] = tuple(view._replace(**changes)
+                               for view in crops.get("views") or (augment.View(),) * args.crops_per_image)
     if objective.local_crops:
         crops["local"] = objective.local_crops(args)
+        if crops["local"] is not None and changes:
+            crops["local"] = crops["local"]._replace(view=crops["local"].view._replace(**changes))
     if objective.noise:
         crops["noise_per_crop"] = objective.noise(args)
     return crops
@@ -711,7 +730,8 @@ def build_model(args, tokenizer=None):
     objective = OBJECTIVES[fill_recipe(args).loss]
     if objective.build:
         return objective.build(args)
-    visual = model_lib.build_vit(args.model, image_size=args.image_size, depth=args.depth)
+    visual = model_lib.build_vit(args.model, image_size=args.image_size, patch_size=args.patch_size,
+                                  depth=args.depth)
     image_mlp = model_lib.ProjectionHead(visual.width, args.head_hidden_dim, args.embed_dim) if objective.head else None
     text = (model_lib.TextTransformer(len(tokenizer), tokenizer.eos_token_id, args.context_length, args.text_width,
                                       args.text_layers, args.text_heads) if objective.text else None)

@@ -760,7 +760,7 @@ def main(args):
                             patch_size=recorded_encoder["patch_size"], depth=recorded_encoder["depth"])
         encoder_id = recorded_encoder["identity"]
     else:
-        encoder_args = argparse.Namespace(checkpoint=args.checkpoint, random_init=args.random_init,
+        encoder_args = argparse.Namespace(checkpoint=args.checkpoint, random_init=args.random_init, raw_pixels=False,
                                           model=args.model, image_size=args.crop_size, seed=args.seed)
         encoder, encoder_id = ev.build_encoder(encoder_args, torch.device("cpu"))
     for parameter in encoder.parameters():

@@ -41,7 +41,7 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 def build(args):
     """BYOL's online network (encoder, projector, predictor) and its target copy."""
-    visual = build_vit(args.model, image_size=args.image_size, depth=args.depth)
+    visual = build_vit(args.model, image_size=args.image_size, patch_size=args.patch_size, depth=args.depth)
     projector = mlp(visual.width, args.head_hidden_dim, args.embed_dim)
     predictor = mlp(args.embed_dim, args.head_hidden_dim, args.embed_dim)
     return MomentumModel(visual, projector, predictor, args.head_batchnorm == "per-view")

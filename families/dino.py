@@ -35,8 +35,9 @@ RECIPE = {"captions_per_gpu": 64, "base_lr": 5e-4, "weight_decay": 0.04, "weight
 
 def check_args(args):
     """What DINO's flags cannot take together (pretrain.py's check_args calls it)."""
-    if args.local_crops and args.local_crop_size % 16:
-        raise UserError(f"--local-crop-size {args.local_crop_size} is not a multiple of the patch size 16")
+    if args.local_crops and args.local_crop_size % args.patch_size:
+        raise UserError(f"--local-crop-size {args.local_crop_size} is not a multiple of the patch size "
+                        f"{args.patch_size} (--patch-size)")
     if args.local_crops and args.local_crop_size >= args.image_size:
         raise UserError(f"--local-crop-size {args.local_crop_size} is not smaller than --image-size "
                         f"{args.image_size}: local crops are the small ones (DINO: 96 at 224)")
@@ -157,7 +158,8 @@ class DINOModel(nn.Module):
 def build(args):
     """DINO's student (ViT with stochastic depth, DINOHead) and teacher; the teacher temperature starts at its
     warmup value (set each step by `schedules`)."""
-    visual = build_vit(args.model, image_size=args.image_size, depth=args.depth, drop_path_rate=args.drop_path)
+    visual = build_vit(args.model, image_size=args.image_size, patch_size=args.patch_size, depth=args.depth,
+                       drop_path_rate=args.drop_path)
     head = DINOHead(visual.width, args.out_dim, args.head_hidden_dim, args.embed_dim)
     return DINOModel(visual, head, teacher_temperature=args.warmup_teacher_temperature)
 

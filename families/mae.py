@@ -114,7 +114,7 @@ class MAEModel(nn.Module):
 
 def build(args):
     """MAE's encoder (sin-cos position embedding, xavier init) and its lightweight decoder."""
-    visual = init_vit(build_vit(args.model, image_size=args.image_size, depth=args.depth))
+    visual = init_vit(build_vit(args.model, image_size=args.image_size, patch_size=args.patch_size, depth=args.depth))
     decoder = MAEDecoder(visual.width, visual.patch_embed.grid_size, visual.config["patch_size"],
                          args.decoder_width, args.decoder_depth, args.decoder_heads)
     return MAEModel(visual, decoder, args.mask_ratio)
@@ -122,7 +122,7 @@ def build(args):
 
 def noise_per_crop(args):
     """The mask's uniform draws per crop, drawn by the loader: one per patch."""
-    return (args.image_size // 16) ** 2
+    return (args.image_size // args.patch_size) ** 2
 
 
 # ---- loss ----

@@ -70,7 +70,7 @@ def mlp(layers, in_dim, hidden_dim, out_dim):
 def build(args):
     """MoCo v3's ViT (sin-cos position embedding, xavier init, frozen random patch projection), a 3-layer
     projector and a 2-layer predictor (moco/builder.py MoCo_ViT), and their momentum copies."""
-    visual = init_vit(build_vit(args.model, image_size=args.image_size, depth=args.depth),
+    visual = init_vit(build_vit(args.model, image_size=args.image_size, patch_size=args.patch_size, depth=args.depth),
                       frozen_patch_embed=args.frozen_patch_embed)
     projector = mlp(3, visual.width, args.head_hidden_dim, args.embed_dim)
     predictor = mlp(2, args.embed_dim, args.head_hidden_dim, args.embed_dim)

@@ -17,8 +17,8 @@ timm = pytest.importorskip("timm")
 
 
 def encoder_args(**overrides):
-    return argparse.Namespace(**{"checkpoint": None, "random_init": False, "model": None, "image_size": None,
-                                 "seed": 0, **overrides})
+    return argparse.Namespace(**{"checkpoint": None, "random_init": False, "raw_pixels": False, "model": None,
+                                 "image_size": None, "seed": 0, **overrides})
 
 
 @pytest.fixture(scope="module")

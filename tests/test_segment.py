@@ -328,7 +328,8 @@ def test_every_checkpoint_kind_loads(tmp_path, tiny_encoder):
     for kind, content in kinds.items():
         path = tmp_path / f"{kind}.pth"
         torch.save(content, path)
-        encoder_args = argparse.Namespace(checkpoint=str(path), random_init=False, model=None, image_size=64, seed=0)
+        encoder_args = argparse.Namespace(checkpoint=str(path), random_init=False, raw_pixels=False, model=None,
+                                          image_size=64, seed=0)
         encoder, identity = ev.build_encoder(encoder_args, torch.device("cpu"))
         assert identity["model"] == "vit_tiny" and encoder.patch_embed.grid_size == 4  # interpolated to 64 px
         torch.testing.assert_close(encoder.blocks[1].mlp.fc1.weight, state["blocks.1.mlp.fc1.weight"])

@@ -40,8 +40,9 @@ def results_path(args, results_name, data_name, tags, made_by, inputs):
     UserError for a folder given as the file, a place that cannot be written, or a file that is one of `inputs` or
     holds another result than `made_by`'s (util.results.check_output)."""
     if args.output is None:
-        if args.random_init:
-            raise UserError("--random-init has no checkpoint folder to write results beside: pass --output")
+        if args.random_init or args.raw_pixels:
+            flag = "--random-init" if args.random_init else "--raw-pixels"
+            raise UserError(f"{flag} has no checkpoint folder to write results beside: pass --output")
         args.output = results.default_name(results_name, [data_name, *tags], args.checkpoint)
     if os.path.isdir(args.output):
         raise UserError(f"--output {args.output} is a folder; name the results file (e.g. {results_name}.json)")
@@ -56,9 +57,10 @@ def results_path(args, results_name, data_name, tags, made_by, inputs):
 def made_by(args, script, data, settings):
     """What made an evaluation's number, as its results file records it (util.results): the script, the encoder
     (checkpoint, or a random init's model), the data and the settings that change the number."""
+    encoder = {"raw_pixels": True} if args.raw_pixels else {}  # the key only where it is set: older files match
     return results.jsonable({"script": script,
                              "checkpoint": os.path.abspath(args.checkpoint) if args.checkpoint else None,
-                             "model": args.model, "image_size": args.image_size, "data": data,
+                             "model": args.model, "image_size": args.image_size, **encoder, "data": data,
                              "settings": {key: getattr(args, key) for key in settings}})
 
 
@@ -86,11 +88,28 @@ def folder_name(path):
     return "_".join(part for part in parts[-2:] if part)
 
 
+class RawPixels(torch.nn.Module):
+    """The `--raw-pixels` encoder: the normalised image itself as the feature, [B, 3, S, S] -> [B, 3 S S]."""
+
+    def forward(self, images):
+        return images.flatten(1)
+
+
+def encoder_name(identity):
+    """What a results line calls the encoder: the checkpoint's path, "random init" or "raw pixels"."""
+    return identity["checkpoint"] or ("raw pixels" if identity.get("raw_pixels") else "random init")
+
+
 def build_encoder(args, device):
     """The frozen encoder named by the arguments, in eval mode on `device`, and a dict that identifies it.
 
     The identity (checkpoint path, size, modification time, architecture, input size) keys the feature cache
     and is written into the results."""
+    if args.raw_pixels:
+        if args.image_size is None:
+            raise UserError("--raw-pixels needs --image-size (the side every image is resized and cropped to)")
+        return RawPixels().to(device), {"checkpoint": None, "raw_pixels": True, "model": "raw pixels",
+                                        "image_size": args.image_size}
     if args.random_init:
         if args.model is None:
             raise UserError("--random-init needs --model (one of " + ", ".join(VIT_SIZES) + ")")

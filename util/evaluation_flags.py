@@ -9,6 +9,8 @@ def add_encoder_arguments(parser):
     source = group.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="encoder to evaluate: a pretrain.py checkpoint, an official StableRep "
                         "checkpoint, or a timm ViT state dict")
+    source.add_argument("--raw-pixels", action="store_true", help="evaluate the pixels themselves (each image "
+                        "flattened after the evaluation transform, at --image-size): the floor under every encoder")
     source.add_argument("--random-init", action="store_true", help="evaluate an untrained --model (timm's "
                         "initialisation, seeded by --seed): the baseline a trained encoder must beat")
     group.add_argument("--model", choices=list(VIT_SIZES), default=None, help="architecture; default what the "
