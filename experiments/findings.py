@@ -1,38 +1,47 @@
-"""The paper's findings in miniature: SimCLR, StableRep (m = 2, 4, 8), CLIP and StableRep+ at equal budget, and the
-self-supervised families of its first question (MoCo v3, BYOL, DINO, MAE).
+"""The paper's findings in miniature, on 2 CPU cores: every objective pretrained at equal budget on the images of a
+procedural text-to-image stand-in (demo/shapes.py), then scored where learning has to win.
 
-Every objective is pretrained on the same handwritten-digits caption tree (80 captions: each digit's training
-images dealt into 8 captions of the same text, about 17 images each; images of one digit under another caption
-are negatives, as near-duplicate captions are in real data) with the same images per step (80) and the same
-number of steps, then scored on held-out digits by linear_probe.py (L-BFGS protocol, trained on the training
-digits) and fewshot.py (5-way 5-shot episodes). A random-init encoder of the same architecture is the floor.
+Data (demo/shapes.py): 1536 captions from a grammar ("a red star left of a small blue ring on a striped
+background"), each rendered n = 10 times at guidance w = 2 into generate.py's folder tree; the same captions'
+renderings at w = 0 and 8 (RQ5), one world rendering per caption as the "real" images (RQ1), and the w = 2 images
+filed under random captions (`broken`: a generator whose images do not match their captions). The evaluation
+images are world renderings of 2000 other captions, labelled by the large object's shape (8 classes), under
+position, size, rotation, colour, background, clutter and noise nuisances: linear_probe.py (L-BFGS, trained on
+1000 of them, tested on the other 1000) and fewshot.py (5-way 5-shot episodes on the test 1000).
 
-    config        loss         captions x images x crops per step
-    simclr        simclr       40 x 1 x 2    (two crops of one image are the only positives)
-    stablerep_m2  stablerep    40 x 2 x 1
-    stablerep_m4  stablerep    20 x 4 x 1
-    stablerep_m8  stablerep    10 x 8 x 1
-    clip          clip         80 x 1 x 1    (image-text contrastive, a small character-level text tower)
-    stablerep+    stablerep+   10 x 8 x 1    (multi-positive image loss + image-text loss)
-    mocov3        mocov3       40 x 1 x 2    (its two views, momentum encoder, InfoNCE)
-    byol          byol         40 x 1 x 2    (its two views, target network, regression)
-    dino          dino         40 x 1 x 2    (two global crops, 4 local crops of 16 px, teacher)
-    mae           mae          80 x 1 x 1    (75% of the 4 patches of a 32 px image removed, 1 kept)
-    random_init   -            no training
+Every trained config runs --steps steps of 96 images with a ViT-Ti of 4 blocks and 8 px patches (16 patches of a
+32 px image, so MAE keeps 4 at 75% masking) and the same lr (the families' rule, base x images / 256, is given the
+base that makes it equal to the StableRep rule's). Gaussian blur is scaled to the image size (the recipes' 0.1-2 px
+at 224 px is 0.014-0.29 px at 32 px). The caption-grouped objectives (StableRep, StableRep+, CLIP) train without
+colour jitter: their positives are other renderings of one caption, whose colours the caption names; the
+single-image families keep their own colour augmentations, without which two crops of an image match by colour.
 
-The families run their own recipes (weight decay, momentum, DINO's schedules, their views) at the digits' scale
-(FAMILY_FLAGS: smaller heads and decoder, DINO's local crops at 16 px), at the same learning rate as the others:
-their rule, lr = base x images / 256, is given the base that makes it equal to the StableRep rule's lr here.
+    config          loss        data            captions x images x crops per step
+    stablerep       stablerep   synthetic w=2   16 x 6 x 1   (Eq. 2-4: the 6 renderings of a caption are positives)
+    broken          stablerep   scrambled w=2   16 x 6 x 1   (the same images filed under random captions)
+    simclr          simclr      synthetic w=2   48 x 1 x 2   (two crops of one image are the only positives)
+    mocov3 / byol / dino        synthetic w=2   48 x 1 x 2   (their own views, heads, momentum, schedules)
+    mae             mae         synthetic w=2   96 x 1 x 1   (75% of the 16 patches removed)
+    raw_pixels      -           -               the 3072 pixels themselves (the floor under every encoder)
+    random_init     -           -               the untrained ViT of the same shape
+  and, in --study (RQ1-RQ5; not in --quick):
+    stablerep_m2 / _m3          synthetic w=2   48 x 2 x 1, 32 x 3 x 1          RQ2, more positives
+    clip, stablerep+            synthetic w=2   96 x 1 x 1, 16 x 6 x 1          RQ3, RQ4, language
+    stablerep_w0 / _w8          synthetic w=0/8 16 x 6 x 1                      RQ5, guidance
+    simclr_w8                   synthetic w=8   48 x 1 x 2                      RQ5 (the paper's SimCLR best is w=8)
+    <family>_real               real            as the family                   RQ1, synthetic vs real
 
-Epochs in pretrain.py are passes over the 80 captions, so a config with fewer captions a step takes more steps
-per epoch; --epochs is chosen per config so that every config runs exactly --steps steps. Every stage script is
-run as a subprocess, as a user would run it; each seed repeats pretraining and evaluation. The table reports
-mean and standard deviation over seeds; it is printed and written to <output>/findings.json.
+    python experiments/findings.py --quick --output runs/findings_quick   # one seed, the core configs (<= 15 min)
+    python experiments/findings.py --output runs/findings                 # three seeds, the core configs
+    python experiments/findings.py --study --seeds 1 --output runs/findings   # adds RQ1-RQ5's configs
 
-    python experiments/findings.py                                     # every config, 3 seeds
-    python experiments/findings.py --configs simclr stablerep_m8 --seeds 1 --steps 40
+Each stage script runs as a subprocess, as a user would run it; runs finished in --output are reused, so an
+interrupted sweep continues and --study adds to a finished core run. <output>/findings.json holds, per config, the
+linear probe and few-shot accuracy of each seed with mean and standard deviation and the run's last logged
+collapse signals; <output>/findings.png draws the table.
 """
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -41,145 +50,160 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from demo.digits import load_digit_images, split_digits, write_caption_tree, write_image_folder  # noqa: E402
-from demo.stages import DIGIT_ENCODER_FLAGS, DIGIT_PRETRAIN_FLAGS, probe_and_fewshot, run_stage  # noqa: E402
+from demo import shapes  # noqa: E402
+from demo.stages import probe_and_fewshot, run_stage  # noqa: E402
 from util.cli import UserError, run  # noqa: E402
 from util.files import atomic_write_json, check_writable_folder  # noqa: E402
 
-IMAGES_PER_STEP = 80  # every config sees 80 images (crops) a step
-CAPTIONS_PER_DIGIT = 8  # 10 digits x 8 = 80 captions in the tree
-# name: (--loss, captions per step, images per caption m, crops per image c); captions x m x c = 80
-CONFIGS = {
-    "simclr": ("simclr", 40, 1, 2),
-    "stablerep_m2": ("stablerep", 40, 2, 1),
-    "stablerep_m4": ("stablerep", 20, 4, 1),
-    "stablerep_m8": ("stablerep", 10, 8, 1),
-    "clip": ("clip", 80, 1, 1),
-    "stablerep+": ("stablerep+", 10, 8, 1),
-    "mocov3": ("mocov3", 40, 1, 2),
-    "byol": ("byol", 40, 1, 2),
-    "dino": ("dino", 40, 1, 2),
-    "mae": ("mae", 80, 1, 1),
-    "random_init": (None, 0, 0, 0),
+CAPTIONS = 1536  # pretraining captions: every config's captions a step divides it (whole epochs)
+IMAGES_PER_CAPTION = 10  # n, as the paper generates
+PROBE_CAPTIONS = 1000  # world renderings the linear probe trains on; as many more are the test images
+IMAGES_PER_STEP = 96
+ENCODER = ["--model", "vit_tiny", "--image-size", "32", "--patch-size", "8", "--depth", "4"]
+BLUR = ["--blur-sigma", "0.014", "0.29"]  # the recipes' 0.1-2 px at 224, at 32 px
+HEAD = ["--head-hidden-dim", "512", "--embed-dim", "128"]
+CAPTION_VIEWS = ["--crop-scale", "0.6", "1", "--no-color-augment"]
+CAPTION_GROUPED = [*HEAD, "--head-batchnorm", "joint", *CAPTION_VIEWS]
+TEXT = ["--context-length", "48", "--text-width", "128", "--text-layers", "2", "--text-heads", "4"]
+FAMILY = {"simclr": [*HEAD, "--head-batchnorm", "joint", "--crop-scale", "0.3", "1"],
+          "mocov3": [*HEAD, "--head-batchnorm", "per-view", "--crop-scale", "0.3", "1"],
+          "byol": [*HEAD, "--head-batchnorm", "per-view", "--crop-scale", "0.3", "1"],
+          "dino": ["--head-hidden-dim", "512", "--embed-dim", "128", "--out-dim", "1024", "--local-crops", "4",
+                   "--local-crop-size", "16", "--local-crop-scale", "0.2", "0.5", "--crop-scale", "0.4", "1"],
+          "mae": ["--decoder-width", "128", "--decoder-depth", "2", "--decoder-heads", "4"]}
+FAMILIES = ("mocov3", "byol", "dino", "mae")  # their lr rule divides by 256, StableRep's by 512
+
+
+def config(loss, data, captions, m, crops, flags=()):
+    return {"loss": loss, "data": data, "captions": captions, "m": m, "crops": crops, "flags": list(flags)}
+
+
+CORE = {
+    "stablerep": config("stablerep", "w2", 16, 6, 1, CAPTION_GROUPED),
+    "broken": config("stablerep", "scrambled_w2", 16, 6, 1, CAPTION_GROUPED),
+    "simclr": config("simclr", "w2", 48, 1, 2, FAMILY["simclr"]),
+    "mocov3": config("mocov3", "w2", 48, 1, 2, FAMILY["mocov3"]),
+    "byol": config("byol", "w2", 48, 1, 2, FAMILY["byol"]),
+    "dino": config("dino", "w2", 48, 1, 2, FAMILY["dino"]),
+    "mae": config("mae", "w2", 96, 1, 1, FAMILY["mae"]),
+    "raw_pixels": None,
+    "random_init": None,
 }
-FAMILIES = ("mocov3", "byol", "dino", "mae")
-# the families at the digits' scale: per-view BatchNorm in MoCo v3's and BYOL's MLPs (their official batches; 40
-# images a view here), DINO's head to 4096 prototypes and 4 local crops of 16 px (one patch) at 0.2-0.5 of a 32 px
-# image, MAE's decoder 128 wide
-FAMILY_FLAGS = {"mocov3": ["--head-batchnorm", "per-view"], "byol": ["--head-batchnorm", "per-view"],
-                "dino": ["--out-dim", "4096", "--local-crops", "4", "--local-crop-size", "16",
-                         "--local-crop-scale", "0.2", "0.5"],
-                "mae": ["--decoder-width", "128", "--decoder-depth", "2", "--decoder-heads", "4"]}
-TEXT_FLAGS = ["--context-length", "48", "--text-width", "128", "--text-layers", "2", "--text-heads", "4"]
-# the projection head's flags of DIGIT_PRETRAIN_FLAGS each objective reads (pretrain.py refuses the others)
-HEAD_FLAGS_READ = {"stablerep": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
-                   "simclr": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
-                   "stablerep+": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
-                   "mocov3": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
-                   "byol": ("--head-hidden-dim", "--embed-dim", "--head-batchnorm"),
-                   "dino": ("--head-hidden-dim", "--embed-dim")}
-
-
-def digit_pretrain_flags(loss):
-    """DIGIT_PRETRAIN_FLAGS without the head flags `loss` does not read."""
-    head = ("--head-hidden-dim", "--embed-dim", "--head-batchnorm")
-    flags, kept = list(DIGIT_PRETRAIN_FLAGS), HEAD_FLAGS_READ.get(loss, ())
-    for flag in head:
-        if flag in flags and flag not in kept:
-            del flags[flags.index(flag):flags.index(flag) + 2]
-    return flags
+STUDY = {
+    "stablerep_m2": config("stablerep", "w2", 48, 2, 1, CAPTION_GROUPED),
+    "stablerep_m3": config("stablerep", "w2", 32, 3, 1, CAPTION_GROUPED),
+    "clip": config("clip", "w2", 96, 1, 1, [*CAPTION_VIEWS, *TEXT]),
+    "stablerep+": config("stablerep+", "w2", 16, 6, 1, [*CAPTION_GROUPED, *TEXT]),
+    "stablerep_w0": config("stablerep", "w0", 16, 6, 1, CAPTION_GROUPED),
+    "stablerep_w8": config("stablerep", "w8", 16, 6, 1, CAPTION_GROUPED),
+    "simclr_w8": config("simclr", "w8", 48, 1, 2, FAMILY["simclr"]),
+    **{f"{name}_real": {**CORE[name], "data": "real"} for name in ("simclr", "mocov3", "byol", "dino", "mae")},
+}
+CONFIGS = {**CORE, **STUDY}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("findings.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    # experiment
-    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS),
-                        help="configs to run (default: all, see the table above)")
-    parser.add_argument("--steps", type=int, default=160,
-                        help="training steps of every config (a multiple of 8, so that every config's epochs are "
-                             "whole: 80 captions / 10 captions a step = 8 steps an epoch for m = 8); 160 steps x "
-                             "80 images = 12800 images seen, about 150 passes over the 1347 training digits")
+    parser.add_argument("--quick", action="store_true",
+                        help="one seed of the core configs (at most 15 minutes on 2 cores); sets --seeds 1")
+    parser.add_argument("--study", action="store_true", help="add the configs of RQ1-RQ5 (see the table above)")
+    parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=None,
+                        help="exactly these configs instead (default: the core ones, plus the study's with --study)")
     parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds 0 .. N-1; each seeds pretraining (weights, caption order, crops), the probe's "
-                             "validation split and the few-shot episodes")
-    # model
-    parser.add_argument("--depth", type=int, default=None,
-                        help="transformer blocks of the ViT-Ti (default: its own 12); fewer make a CPU run "
-                             "faster. The random-init floor gets the same depth (saved as a state dict, since the "
-                             "probe scripts' --random-init builds the full depth)")
-    parser.add_argument("--base-lr", type=float, default=6.4e-3,
-                        help="pretrain.py's base lr (lr = base x images per step / 512, the official rule); 6.4e-3 "
-                             "gives lr = 1e-3 at 80 images a step, what the digits demo trains well with")
-    parser.add_argument("--warmup-fraction", type=float, default=0.1,
-                        help="share of the steps spent in linear warmup (then cosine decay to 0)")
-    # evaluation
-    parser.add_argument("--probe-wd-steps", type=int, default=45,
-                        help="L2 strengths the linear probe sweeps (linear_probe.py --wd-steps; 45, the paper's); "
-                             "each is one L-BFGS fit, so fewer make a CPU run faster")
-    parser.add_argument("--episodes", type=int, default=600,
-                        help="few-shot episodes per encoder (600, the paper's; 5-way 5-shot, 15 queries)")
-    # run
-    parser.add_argument("--workers", type=int, default=2,
-                        help="data-loading processes of every stage script (2: a laptop's cores)")
+                        help="seeds 0 .. N-1 (3); each seeds pretraining and the evaluations; --quick: 1")
+    parser.add_argument("--steps", type=int, default=192,
+                        help="training steps of every config, a multiple of 96 (whole epochs for every config); 192 "
+                             "x 96 images: each image of the w = 2 tree seen about 1.2 times")
+    parser.add_argument("--base-lr", type=float, default=1e-2,
+                        help="pretrain.py's base lr (lr = base x images a step / 512 = 1.9e-3 at 96 images)")
+    parser.add_argument("--probe-wd-steps", type=int, default=15,
+                        help="L2 strengths the linear probe sweeps (the paper's 45 cost 3x more for the same pick)")
+    parser.add_argument("--episodes", type=int, default=600, help="few-shot episodes (600, the paper's)")
+    parser.add_argument("--workers", type=int, default=2, help="data-loading processes of every stage (2)")
     parser.add_argument("--output", default="runs/findings",
-                        help="folder for the data, every run and findings.json; runs already finished there "
-                             "(their result files exist) are reused, so an interrupted sweep continues")
+                        help="folder for the data, every run, findings.json and findings.png; finished runs there "
+                             "are reused")
     return parser
 
 
-def pretrain(config, seed, args, tree, tokenizer, folder):
+# ---- data ----
+
+def build_data(out, datasets):
+    """The trees and probe folders `datasets` names (w0, w2, w8, scrambled_w2, real), those not yet there."""
+    scenes = shapes.sample_scenes(CAPTIONS, seed=0)
+    probe = shapes.sample_scenes(2 * PROBE_CAPTIONS, seed=1, exclude=scenes)
+    for name in ("probe_train", "probe_test", *datasets):
+        root, done = os.path.join(out, "data", name), os.path.join(out, "data", name + ".done")
+        if os.path.isfile(done):
+            continue
+        started = time.time()
+        if name == "probe_train":
+            shapes.write_labelled(probe[:PROBE_CAPTIONS], root, seed=1)
+        elif name == "probe_test":
+            shapes.write_labelled(probe[PROBE_CAPTIONS:], root, seed=2)
+        elif name == "real":
+            shapes.write_real(scenes, root)
+        else:
+            w = float(name.rsplit("_w", 1)[-1] if "_w" in name else name[1:])
+            shapes.write_synthetic(scenes, root, n=IMAGES_PER_CAPTION, w=w, scrambled=name.startswith("scrambled"))
+        open(done, "w").close()
+        print(f"data: {name} in {time.time() - started:.0f}s", flush=True)
+
+
+# ---- runs ----
+
+def pretrain(name, seed, args, out, folder):
     """Pretrain one config for exactly args.steps steps; returns the encoder checkpoint."""
-    loss, captions, m, crops = CONFIGS[config]
+    spec = CONFIGS[name]
     encoder = os.path.join(folder, "encoder.pth")
     if os.path.isfile(encoder):
-        print(f"\n==> {config} seed {seed}: reusing {encoder}", flush=True)
+        print(f"\n==> {name} seed {seed}: reusing {encoder}", flush=True)
         return encoder
-    steps_per_epoch = 80 // captions  # the tree has 80 captions; every config's captions divide it
+    steps_per_epoch = CAPTIONS // spec["captions"]
     epochs = args.steps // steps_per_epoch
+    images = spec["captions"] * spec["m"] * spec["crops"]
     base_lr = args.base_lr
-    if loss in FAMILIES:  # the same lr by the families' rule: base x images / 256 = args.base_lr x 80 / 512
-        base_lr = args.base_lr * IMAGES_PER_STEP / 512 * 256 / (captions * m)
-    command = ["pretrain.py", "--data", tree, "--output", folder, "--loss", loss, *digit_pretrain_flags(loss),
-               *FAMILY_FLAGS.get(loss, []),
-               "--captions-per-gpu", str(captions), "--images-per-caption", str(m), "--crops-per-image", str(crops),
-               "--base-lr", f"{base_lr:g}", "--epochs", str(epochs),
-               "--warmup-epochs", f"{args.warmup_fraction * epochs:g}", "--workers", str(args.workers),
-               "--seed", str(seed), "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
-    if args.depth is not None:
-        command += ["--depth", str(args.depth)]
-    if loss in ("clip", "stablerep+"):
-        command += ["--tokenizer", tokenizer, *TEXT_FLAGS]
-    run_stage(f"{config} seed {seed}: {captions} captions x {m} images x {crops} crops = {IMAGES_PER_STEP} images a "
-              f"step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
+    if spec["loss"] in FAMILIES:  # the same lr by their rule: base x images / 256 = args.base_lr x 96 / 512
+        base_lr = args.base_lr * IMAGES_PER_STEP / 512 * 256 / (spec["captions"] * spec["m"])
+    command = ["pretrain.py", "--data", os.path.join(out, "data", spec["data"]), "--output", folder,
+               "--loss", spec["loss"], *ENCODER, *BLUR, *spec["flags"],
+               "--captions-per-gpu", str(spec["captions"]), "--images-per-caption", str(spec["m"]),
+               "--crops-per-image", str(spec["crops"]), "--base-lr", f"{base_lr:g}", "--epochs", str(epochs),
+               "--warmup-epochs", f"{0.1 * epochs:g}", "--workers", str(args.workers), "--seed", str(seed),
+               "--log-every", str(max(1, args.steps // 8)), "--save-every", str(args.steps)]
+    if spec["loss"] in ("clip", "stablerep+"):
+        command += ["--tokenizer", os.path.join(out, "data", "tokenizer")]
+    run_stage(f"{name} seed {seed}: {spec['captions']} captions x {spec['m']} images x {spec['crops']} crops = "
+              f"{images} images a step, {epochs} epochs x {steps_per_epoch} steps = {args.steps} steps", *command)
     return encoder
 
 
-def evaluate(name, encoder_flags, seed, args, train_folder, test_folder, folder):
-    """Linear probe and few-shot accuracy of one encoder; results files already there are reused."""
-    workers = ["--num-workers", str(args.workers), "--seed", str(seed)]
-    return probe_and_fewshot(f"{name} seed {seed}", encoder_flags, train_folder, test_folder, folder,
-                             probe_flags=[*workers, "--wd-steps", str(args.probe_wd_steps)],
-                             fewshot_flags=[*workers, "--episodes", str(args.episodes)])
-
-
-def random_init_flags(seed, depth, folder):
-    """Probe flags for an untrained ViT-Ti of the trained configs' depth, seeded by `seed`.
-
-    At the full depth the probes' own --random-init builds it; a shallower one is built here as the probes build
-    theirs (seed, then build_vit) and saved as a plain state dict, whose depth load_encoder reads from the keys."""
-    if depth is None:
-        return ["--random-init", *DIGIT_ENCODER_FLAGS, "--seed", str(seed)]
-    import torch
-
-    from model import build_vit
-
+def random_init_checkpoint(seed, folder):
+    """An untrained ViT of the trained configs' shape, seeded by `seed`, saved as a state dict (the probes'
+    --random-init builds a full-depth one)."""
     path = os.path.join(folder, "encoder.pth")
     if not os.path.isfile(path):
+        import torch
+
+        from model import build_vit
+
         os.makedirs(folder, exist_ok=True)
         torch.manual_seed(seed)
-        torch.save(build_vit("vit_tiny", image_size=32, depth=depth).state_dict(), path)
-    return ["--checkpoint", path]
+        torch.save(build_vit("vit_tiny", image_size=32, patch_size=8, depth=4).state_dict(), path)
+    return path
+
+
+def last_signals(folder):
+    """The run's last logged record without step, epoch and lr: its loss and collapse signals ({} if none)."""
+    path = os.path.join(folder, "log.jsonl")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    records = [r for r in records if "loss" in r]
+    return {key: value for key, value in (records[-1] if records else {}).items()
+            if key not in ("step", "epoch", "lr", "time", "images_per_second")}
 
 
 def mean_std(values):
@@ -187,62 +211,89 @@ def mean_std(values):
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def draw_table(table, path, title):
+    """findings.png: linear probe and few-shot accuracy per config, mean and standard deviation over seeds."""
+    from plots import _pyplot, _save
+
+    plt = _pyplot()
+    names = list(table)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+    for ax, key, label in ((axes[0], "linear_probe", "linear probe top-1 (%)"),
+                           (axes[1], "fewshot", "5-way 5-shot (%)")):
+        means = [table[n][f"{key}_mean"] for n in names]
+        ax.barh(range(len(names)), means, xerr=[table[n][f"{key}_std"] for n in names],
+                color=["grey" if n in ("raw_pixels", "random_init", "broken") else "C0" for n in names])
+        ax.axvline(table["raw_pixels"][f"{key}_mean"] if "raw_pixels" in table else 0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
+
 def main(args):
-    if args.steps < 8 or args.steps % 8:
-        raise UserError(f"--steps must be a positive multiple of 8 (whole epochs for every config), got {args.steps}")
-    if min(args.seeds, args.episodes, args.probe_wd_steps) < 1 or args.workers < 0 or (args.depth or 1) < 1:
-        raise UserError("--seeds, --episodes, --probe-wd-steps and --depth must be at least 1, --workers at least 0")
-    if not 0.0 <= args.warmup_fraction < 1.0:
-        raise UserError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+    if args.quick:
+        args.seeds = 1
+    names = args.configs or [*CORE, *(STUDY if args.study else ())]
+    if args.steps < 96 or args.steps % 96:
+        raise UserError(f"--steps must be a positive multiple of 96 (whole epochs for every config), got {args.steps}")
+    if min(args.seeds, args.episodes, args.probe_wd_steps) < 1 or args.workers < 0:
+        raise UserError("--seeds, --episodes and --probe-wd-steps must be at least 1, --workers at least 0")
     check_writable_folder(args.output)
     out = os.path.abspath(args.output)
     start = time.time()
-    print(f"{IMAGES_PER_STEP} images a step x {args.steps} steps = {IMAGES_PER_STEP * args.steps} images seen per "
-          f"config; lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 512 = {args.base_lr * IMAGES_PER_STEP / 512:g}; "
-          f"{len(args.configs)} configs x {args.seeds} seeds", flush=True)
+    print(f"{len(names)} configs x {args.seeds} seed(s), {args.steps} steps x {IMAGES_PER_STEP} images each; "
+          f"lr = {args.base_lr:g} x {IMAGES_PER_STEP} / 512 = {args.base_lr * IMAGES_PER_STEP / 512:.3g}", flush=True)
 
-    # ---- data ----
-    tree, tokenizer = os.path.join(out, "digits_tree"), os.path.join(out, "tiny_sd")
-    train_folder, test_folder = os.path.join(out, "digits", "train"), os.path.join(out, "digits", "test")
-    if not os.path.isfile(os.path.join(out, "data_ready")):
-        train, held_out = split_digits(load_digit_images(size=32))
-        write_caption_tree(train, tree, captions_per_digit=CAPTIONS_PER_DIGIT)
-        write_image_folder(train, train_folder)
-        write_image_folder(held_out, test_folder)
-        from demo.tiny_sd import save_tiny_pipeline  # its character-level tokenizer feeds the text tower
-        save_tiny_pipeline(tokenizer)
-        open(os.path.join(out, "data_ready"), "w").close()
+    build_data(out, sorted({CONFIGS[name]["data"] for name in names if CONFIGS[name]}))
+    if any(CONFIGS[name] and CONFIGS[name]["loss"] in ("clip", "stablerep+") for name in names):
+        tokenizer = os.path.join(out, "data", "tokenizer")
+        if not os.path.isdir(tokenizer):
+            from demo.tiny_sd import save_tiny_pipeline  # its character-level tokenizer feeds the text tower
+            save_tiny_pipeline(tokenizer)
+    train, test = os.path.join(out, "data", "probe_train"), os.path.join(out, "data", "probe_test")
 
-    # ---- pretraining and evaluation ----
-    results = {config: [] for config in args.configs}
-    for seed in range(args.seeds):  # seeds outermost: a sweep cut short still has every config at seed 0
-        for config in args.configs:
-            folder = os.path.join(out, config, f"seed{seed}")
-            if config == "random_init":
-                encoder_flags = random_init_flags(seed, args.depth, folder)
+    results, signals = {name: [] for name in names}, {name: [] for name in names}
+    for seed in range(args.seeds):  # seeds outermost: a sweep cut short has every config at seed 0
+        for name in names:
+            folder = os.path.join(out, name, f"seed{seed}")
+            if name == "raw_pixels":
+                encoder = ["--raw-pixels", "--image-size", "32"]
+            elif name == "random_init":
+                encoder = ["--checkpoint", random_init_checkpoint(seed, folder)]
             else:
-                encoder_flags = ["--checkpoint", pretrain(config, seed, args, tree, tokenizer, folder)]
-            results[config].append(evaluate(config, encoder_flags, seed, args, train_folder, test_folder, folder))
+                encoder = ["--checkpoint", pretrain(name, seed, args, out, folder)]
+                signals[name].append(last_signals(folder))
+            workers = ["--num-workers", str(args.workers), "--seed", str(seed)]
+            results[name].append(probe_and_fewshot(
+                f"{name} seed {seed}", encoder, train, test, folder,
+                probe_flags=[*workers, "--wd-steps", str(args.probe_wd_steps)],
+                fewshot_flags=[*workers, "--episodes", str(args.episodes)]))
 
-    # ---- summary ----
     table = {}
-    for config, runs in results.items():
+    for name, runs in results.items():
         probe_mean, probe_std = mean_std([r["linear_probe_top1"] for r in runs])
         shot_mean, shot_std = mean_std([r["fewshot_5way_5shot"] for r in runs])
-        table[config] = {"linear_probe_mean": probe_mean, "linear_probe_std": probe_std,
-                         "fewshot_mean": shot_mean, "fewshot_std": shot_std, "seeds": runs}
-    summary = {"table": table, "args": vars(args), "images_per_step": IMAGES_PER_STEP,
+        table[name] = {"linear_probe_mean": probe_mean, "linear_probe_std": probe_std, "fewshot_mean": shot_mean,
+                       "fewshot_std": shot_std, "seeds": runs, "last_logged": signals[name],
+                       "setup": CONFIGS[name]}
+    summary = {"table": table, "args": vars(args), "images_per_step": IMAGES_PER_STEP, "captions": CAPTIONS,
+               "evaluation": "large object's shape, 8 classes, world renderings of held-out captions",
                "seconds": time.time() - start}
     atomic_write_json(os.path.join(out, "findings.json"), summary)
-    depth = f"depth {args.depth}" if args.depth else "12 blocks"
-    print(f"\nheld-out digits, ViT-Ti/16 ({depth}) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, "
-          f"{args.seeds} seed(s), mean +- std over seeds:")
-    print(f"| {'config':12s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
-    print(f"| {'-' * 12} | {'-' * 18} | {'-' * 14} |")
-    for config, row in table.items():
-        print(f"| {config:12s} | {row['linear_probe_mean']:11.2f} +- {row['linear_probe_std']:4.2f} | "
+    title = (f"shapes miniature: ViT-Ti/8 (4 blocks) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, "
+             f"{args.seeds} seed(s), mean +- std")
+    draw_table(table, os.path.join(out, "findings.png"), title)
+    print(f"\n{title}; held-out captions, the large object's shape (8 classes):")
+    print(f"| {'config':14s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
+    print(f"| {'-' * 14} | {'-' * 18} | {'-' * 14} |")
+    for name, row in table.items():
+        print(f"| {name:14s} | {row['linear_probe_mean']:11.2f} +- {row['linear_probe_std']:4.2f} | "
               f"{row['fewshot_mean']:7.2f} +- {row['fewshot_std']:4.2f} |")
-    print(f"\n{summary['seconds']:.0f}s; numbers in {os.path.join(out, 'findings.json')}")
+    print(f"\n{summary['seconds']:.0f}s; {os.path.join(out, 'findings.json')}, {os.path.join(out, 'findings.png')}")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,21 @@ def test_random_init_is_seeded_and_needs_a_model():
         ev.build_encoder(encoder_args(random_init=True), torch.device("cpu"))
 
 
+def test_raw_pixels_are_the_transformed_image_flattened(tmp_path):
+    encoder, identity = ev.build_encoder(encoder_args(raw_pixels=True, image_size=16), torch.device("cpu"))
+    images = torch.randn(2, 3, 16, 16)
+    assert torch.equal(encoder(images), images.reshape(2, 3 * 16 * 16))
+    assert identity == {"checkpoint": None, "raw_pixels": True, "model": "raw pixels", "image_size": 16}
+    assert ev.encoder_name(identity) == "raw pixels"
+    with pytest.raises(UserError, match="--raw-pixels needs --image-size"):
+        ev.build_encoder(encoder_args(raw_pixels=True), torch.device("cpu"))
+    args = encoder_args(raw_pixels=True, image_size=16, output=None, cache_dir=None)
+    with pytest.raises(UserError, match="--raw-pixels has no checkpoint folder"):
+        ev.results_path(args, "fewshot", "digits", [], {}, [])
+    made = ev.made_by(encoder_args(raw_pixels=True, image_size=16), "fewshot.py", "digits", ())
+    assert made["raw_pixels"] is True and "raw_pixels" not in ev.made_by(encoder_args(), "fewshot.py", "d", ())
+
+
 def test_bad_checkpoints_become_one_line_user_errors(tmp_path, tiny_checkpoint):
     with pytest.raises(UserError, match="does not exist"):
         ev.build_encoder(encoder_args(checkpoint=str(tmp_path / "missing.pth")), torch.device("cpu"))

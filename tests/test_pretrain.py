@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import augment
 import pretrain
 from conftest import (
     assert_one_line_error,
@@ -306,13 +307,15 @@ def test_every_flag_the_objective_does_not_read_is_refused_when_typed(loss):
         pretrain.check_family_flags(recorded)
 
 
-def test_the_findings_scripts_head_flags_are_those_each_objective_reads():
-    from experiments.findings import HEAD_FLAGS_READ, digit_pretrain_flags
-    for loss, objective in pretrain.OBJECTIVES.items():
-        head = {"head_hidden_dim", "embed_dim", "head_batchnorm"} & pretrain.flags_read(objective)
-        assert {flag[2:].replace("-", "_") for flag in HEAD_FLAGS_READ.get(loss, ())} == head, loss
-        pretrain.check_family_flags(parse_command_line(pretrain.get_args_parser(),
-                                                       ["--data", "x", "--loss", loss, *digit_pretrain_flags(loss)]))
+def test_every_findings_config_is_a_command_line_pretrain_accepts():
+    from experiments.findings import BLUR, CONFIGS, ENCODER
+    for name, spec in CONFIGS.items():
+        if spec is None:  # raw pixels, random init: nothing trained
+            continue
+        args = parse_command_line(pretrain.get_args_parser(), ["--data", "x", "--loss", spec["loss"], *ENCODER, *BLUR,
+                                                               *spec["flags"]])
+        pretrain.check_family_flags(args)  # a flag the objective does not read is refused here
+        assert args.image_size % args.patch_size == 0, name
 
 
 @pytest.mark.slow
@@ -1186,3 +1189,26 @@ def test_inputs_are_checked_before_anything_is_written(random_tree, tmp_path):
     before = sorted(p.name for p in run_dir.iterdir())
     assert_one_line_error(run_pretrain("--output", str(run_dir), "--resume", check=False), "log.jsonl is not a file")
     assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_patch_size_blur_and_colour_flags_reach_the_model_and_the_views():
+    parser = pretrain.get_args_parser()
+
+    def parsed(*flags):
+        return parse_command_line(parser, ["--data", "x", "--model", "vit_tiny", "--image-size", "32", *flags])
+
+    assert pretrain.build_model(parsed("--patch-size", "8", "--depth", "1")).visual.patch_embed.grid_size == 4
+    mae_args = pretrain.fill_recipe(parsed("--loss", "mae", "--patch-size", "8"))
+    assert pretrain.family_crops(mae_args)["noise_per_crop"] == 16  # one mask draw per 8 px patch
+    with pytest.raises(UserError, match="not a multiple of the patch size 12"):
+        pretrain.check_args(parsed("--patch-size", "12"))
+    assert pretrain.family_crops(pretrain.fill_recipe(parsed())) == {}  # StableRep's data path: the paper's views
+    views = pretrain.family_crops(pretrain.fill_recipe(parsed("--no-color-augment", "--blur-sigma", "0.01", "0.3")))
+    assert [(v.jitter_p, v.gray_p, v.blur_sigma) for v in views["views"]] == [(0.0, 0.0, (0.01, 0.3))]
+    dino_crops = pretrain.family_crops(pretrain.fill_recipe(parsed("--loss", "dino", "--patch-size", "8",
+                                                                   "--local-crop-size", "16", "--no-color-augment")))
+    assert all(v.jitter_p == 0 and v.solarize_p == 0 for v in dino_crops["views"])
+    assert dino_crops["local"].view.jitter_p == 0 and dino_crops["local"].size == 16
+    torch.manual_seed(0)
+    params = augment.sample_color_params(augment.View(blur_p=1.0, blur_sigma=(0.5, 0.5)))
+    assert params.sigma.item() == 0.5
