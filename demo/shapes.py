@@ -1,20 +1,22 @@
 """A procedural text-to-image stand-in for the CPU miniature: captions from a grammar, each rendered many times from
 its own seeds, with a guidance-like knob `w`.
 
-    scenes = sample_scenes(2000, seed=0)          # distinct captions: shape, colour, relation, small object, background
-    scenes[0].caption                             # "a red star left of a small blue ring on a striped background"
+    scenes = sample_scenes(2000, seed=0)          # distinct captions: shape, relation, small object, background
+    scenes[0].caption                             # "a star left of a small blue ring on a striped background"
     write_synthetic(scenes, "syn_w2", n=10, w=2)  # generate.py's folder tree (or tar shards): 10 images a caption
     write_real(scenes, "real")                    # one "photo" a caption, the same layout
     write_labelled(scenes, "probe/test")          # an ImageFolder by the large object's shape, for the probes
 
-A scene is what a caption says: a large object (one of 10 shapes in one of 8 colours), a relation (left of, right
-of, above, below) to a small object, and a background (plain, striped or checkered). A rendering draws the
-nuisances the caption leaves open (positions within the relation's half, sizes, rotation, colour tints, background
-phase and noise, two clutter strokes) from its own seed, at 4x the size and downsampled (anti-aliased edges).
+A scene is what a caption says: a large object (one of 8 shapes), a relation (left of, right of, above, below) to a
+small object (a shape in one of 8 colours), and a background (plain, striped or checkered). A rendering draws what
+the caption leaves open (the large object's colour, positions within the relation's half, sizes, rotation, tints,
+background phase and noise, a clutter stroke) from its own seed, at 4x the size and downsampled (anti-aliased
+edges). The large object's colour is left open on purpose: renderings of one caption then differ in colour as
+crops of one photo do only under colour jitter, the invariance the paper credits to several images per caption.
 
 The knob plays the part of classifier-free guidance (Sec. 2 of the paper: a higher w follows the text more closely
 and gives less diverse images):
-    fidelity(w)  = 1 - 0.6 exp(-w / 2)   chance that each of the caption's six words is honoured (else a random one)
+    fidelity(w)  = 1 - 0.6 exp(-w / 2)   chance that each of the caption's five words is honoured (else a random one)
     diversity(w) = 1 / (1 + w / 3)       nuisances drawn this far from the caption's own typical rendering (its
                                          "mode", seeded by the caption) towards a fresh draw from the world's spread
 A "real" image (`w=None`) is a draw from the world: every word honoured, full diversity, one image per caption.
@@ -55,7 +57,6 @@ def diversity(w):
 @dataclasses.dataclass(frozen=True)
 class Scene:
     shape: str
-    colour: str
     relation: str
     small_shape: str
     small_colour: str
@@ -63,9 +64,9 @@ class Scene:
 
     @property
     def caption(self):
-        article = "an" if self.colour[0] in "aeiou" else "a"
-        return (f"{article} {self.colour} {self.shape} {self.relation} a small {self.small_colour} {self.small_shape} "
-                f"on a {self.background} background")
+        article = "an" if self.shape[0] in "aeiou" else "a"
+        return (f"{article} {self.shape} {self.relation} a small {self.small_colour} {self.small_shape} on a "
+                f"{self.background} background")
 
     @property
     def label(self):
@@ -73,12 +74,12 @@ class Scene:
         return SHAPES.index(self.shape)
 
 
-WORDS = {"shape": SHAPES, "colour": tuple(COLOURS), "relation": RELATIONS, "small_shape": SHAPES,
+WORDS = {"shape": SHAPES, "relation": RELATIONS, "small_shape": SHAPES,
          "small_colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
 
 
 def sample_scenes(count, seed=0, exclude=()):
-    """`count` distinct scenes (of 10 x 8 x 4 x 10 x 8 x 6 = 153,600), none of `exclude`, from a seeded generator."""
+    """`count` distinct scenes (of 8 x 4 x 8 x 8 x 6 = 12,288), none of `exclude`, from a seeded generator."""
     rng, scenes, seen = np.random.default_rng(seed), [], set(exclude)
     while len(scenes) < count:
         scene = Scene(**{key: values[rng.integers(len(values))] for key, values in WORDS.items()})
@@ -92,7 +93,7 @@ def sample_scenes(count, seed=0, exclude=()):
 
 def draw_nuisances(rng):
     """One draw of everything a caption leaves open, as numbers in [0, 1) (mapped to pixels in `render`)."""
-    return rng.random(16)
+    return rng.random(17)
 
 
 def mode_of(scene, seed):
@@ -188,7 +189,8 @@ def render(scene, rng, w=None, size=32, mode=None):
         main = big / 2 + side * (big * 0.02 + (big / 2 - radius - big * 0.02) * a)  # within its half
         across = radius + (big - 2 * radius) * b
         centres.append((main, across) if along[0] == 0 else (across, main))
-    for (shape, colour), (cx, cy), radius, spin in (((scene.shape, scene.colour), centres[0], large_radius, u[11]),
+    large_colour = tuple(COLOURS)[min(int(u[16] * len(COLOURS)), len(COLOURS) - 1)]  # the caption leaves it open
+    for (shape, colour), (cx, cy), radius, spin in (((scene.shape, large_colour), centres[0], large_radius, u[11]),
                                                     ((scene.small_shape, scene.small_colour), centres[1],
                                                      small_radius, u[12])):
         fill = Image.new("RGB", (big, big), tinted(COLOURS[colour], (spin, u[13], u[14]), 30))
@@ -239,11 +241,11 @@ def write_real(scenes, root, seed=0, size=32):
     return root
 
 
-def write_labelled(scenes, root, seed=0, size=32):
-    """One world rendering of each scene as root/<shape>/<index>.png (torchvision's ImageFolder), labelled by the
-    large object's shape; returns `root`."""
+def write_labelled(scenes, root, seed=0, size=32, by="shape"):
+    """One world rendering of each scene as root/<label>/<index>.png (torchvision's ImageFolder), labelled by the
+    caption word `by` (a field of Scene: the large object's shape by default); returns `root`."""
     for index, scene in enumerate(scenes):
-        folder = os.path.join(root, scene.shape)
+        folder = os.path.join(root, getattr(scene, by))
         os.makedirs(folder, exist_ok=True)
         render(scene, image_rng(seed, index, 0), None, size).save(os.path.join(folder, f"{index:05d}.png"))
     return root

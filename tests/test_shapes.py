@@ -20,9 +20,9 @@ def test_scenes_are_distinct_captions_of_the_grammar():
     assert scenes == shapes.sample_scenes(300, seed=0) and scenes != shapes.sample_scenes(300, seed=1)
     others = shapes.sample_scenes(100, seed=1, exclude=scenes)
     assert not set(others) & set(scenes)
-    scene = shapes.Scene("star", "orange", "left of", "ring", "blue", "striped")
-    assert scene.caption == "an orange star left of a small blue ring on a striped background"
-    assert scene.label == shapes.SHAPES.index("star")
+    scene = shapes.Scene("arrow", "left of", "ring", "blue", "striped")
+    assert scene.caption == "an arrow left of a small blue ring on a striped background"
+    assert scene.label == shapes.SHAPES.index("arrow")
 
 
 def test_a_rendering_is_a_function_of_seed_caption_image_and_w():
