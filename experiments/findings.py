@@ -1,7 +1,7 @@
 """The paper's findings in miniature, on 2 CPU cores: every objective pretrained at equal budget on the images of a
-procedural text-to-image stand-in (demo/shapes.py), then scored where learning has to win.
+procedural text-to-image stand-in (demo/shapes.py), then scored on a task raw pixels do badly on.
 
-Data (demo/shapes.py): 1536 captions from a grammar ("a red star left of a small blue ring on a striped
+Data (demo/shapes.py): 1536 captions from a grammar ("a star left of a small blue ring on a striped
 background"), each rendered n = 10 times at guidance w = 2 into generate.py's folder tree; the same captions'
 renderings at w = 0 and 8 (RQ5), one world rendering per caption as the "real" images (RQ1), and the w = 2 images
 filed under random captions (`broken`: a generator whose images do not match their captions). The evaluation
@@ -13,8 +13,9 @@ Every trained config runs --steps steps of 96 images with a ViT-Ti of 4 blocks a
 32 px image, so MAE keeps 4 at 75% masking) and the same lr (the families' rule, base x images / 256, is given the
 base that makes it equal to the StableRep rule's). Gaussian blur is scaled to the image size (the recipes' 0.1-2 px
 at 224 px is 0.014-0.29 px at 32 px). The caption-grouped objectives (StableRep, StableRep+, CLIP) train without
-colour jitter: their positives are other renderings of one caption, whose colours the caption names; the
-single-image families keep their own colour augmentations, without which two crops of an image match by colour.
+colour jitter: their positives are other renderings of one caption, which already differ in the colours the
+caption leaves open (BENCHMARKS.md measures the jitter's cost at 32 px); the single-image families keep their own
+colour augmentations, without which two crops of one image match by colour alone.
 
     config          loss        data            captions x images x crops per step
     stablerep       stablerep   synthetic w=2   16 x 6 x 1   (Eq. 2-4: the 6 renderings of a caption are positives)
