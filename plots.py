@@ -213,5 +213,27 @@ def plot_guidance_sweep(table, path):
     plt.close(figure)
 
 
+def plot_findings(table, path, title):
+    """experiments/findings.py's figure: linear probe and few-shot accuracy per config, mean and standard deviation
+    over seeds, the raw pixels' level dashed. `table`: {config: {"linear_probe_mean", "linear_probe_std",
+    "fewshot_mean", "fewshot_std"}}."""
+    plt = _pyplot()
+    names = list(table)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
+    for ax, key, label in ((axes[0], "linear_probe", "linear probe top-1 (%)"),
+                           (axes[1], "fewshot", "5-way 5-shot (%)")):
+        means = [table[n][f"{key}_mean"] for n in names]
+        ax.barh(range(len(names)), means, xerr=[table[n][f"{key}_std"] for n in names],
+                color=["grey" if n in ("raw_pixels", "random_init", "broken") else "C0" for n in names])
+        ax.axvline(table["raw_pixels"][f"{key}_mean"] if "raw_pixels" in table else 0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel(label)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(len(names)), names)
+    axes[0].invert_yaxis()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
+
 if __name__ == "__main__":
     run(main, get_args_parser())

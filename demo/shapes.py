@@ -149,7 +149,7 @@ def shape_mask(shape, size, cx, cy, radius, angle):
     return mask
 
 
-def tinted(rgb, u, amount=45):
+def tinted(rgb, u, amount):
     """`rgb` shifted by up to +-amount per channel by three draws `u` in [0, 1)."""
     return tuple(int(np.clip(c + amount * (2 * x - 1), 0, 255)) for c, x in zip(rgb, u))
 

@@ -42,7 +42,6 @@ linear probe and few-shot accuracy of each seed with mean and standard deviation
 collapse signals; <output>/findings.png draws the table.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -55,12 +54,14 @@ from demo import shapes  # noqa: E402
 from demo.stages import probe_and_fewshot, run_stage  # noqa: E402
 from util.cli import UserError, run  # noqa: E402
 from util.files import atomic_write_json, check_writable_folder  # noqa: E402
+from util.runlog import read_records  # noqa: E402
 
 CAPTIONS = 1536  # pretraining captions: every config's captions a step divides it (whole epochs)
 IMAGES_PER_CAPTION = 10  # n, as the paper generates
 PROBE_CAPTIONS = 1000  # world renderings the linear probe trains on; as many more are the test images
 IMAGES_PER_STEP = 96
-ENCODER = ["--model", "vit_tiny", "--image-size", "32", "--patch-size", "8", "--depth", "4"]
+MODEL, IMAGE_SIZE, PATCH_SIZE, DEPTH = "vit_tiny", 32, 8, 4  # 16 patches a 32 px image
+ENCODER = ["--model", MODEL, "--image-size", str(IMAGE_SIZE), "--patch-size", str(PATCH_SIZE), "--depth", str(DEPTH)]
 BLUR = ["--blur-sigma", "0.014", "0.29"]  # the recipes' 0.1-2 px at 224, at 32 px
 HEAD = ["--head-hidden-dim", "512", "--embed-dim", "128"]
 CAPTION_VIEWS = ["--crop-scale", "0.6", "1", "--no-color-augment"]
@@ -191,7 +192,7 @@ def random_init_checkpoint(seed, folder):
 
         os.makedirs(folder, exist_ok=True)
         torch.manual_seed(seed)
-        torch.save(build_vit("vit_tiny", image_size=32, patch_size=8, depth=4).state_dict(), path)
+        torch.save(build_vit(MODEL, image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, depth=DEPTH).state_dict(), path)
     return path
 
 
@@ -200,9 +201,7 @@ def last_signals(folder):
     path = os.path.join(folder, "log.jsonl")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    records = [r for r in records if "loss" in r]
+    records = [r for r in read_records(path)[0] if "loss" in r]
     return {key: value for key, value in (records[-1] if records else {}).items()
             if key not in ("step", "epoch", "lr", "time", "images_per_second")}
 
@@ -210,29 +209,6 @@ def last_signals(folder):
 def mean_std(values):
     """Mean and sample standard deviation (0 for a single seed)."""
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def draw_table(table, path, title):
-    """findings.png: linear probe and few-shot accuracy per config, mean and standard deviation over seeds."""
-    from plots import _pyplot, _save
-
-    plt = _pyplot()
-    names = list(table)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 0.35 * len(names) + 1.5), sharey=True)
-    for ax, key, label in ((axes[0], "linear_probe", "linear probe top-1 (%)"),
-                           (axes[1], "fewshot", "5-way 5-shot (%)")):
-        means = [table[n][f"{key}_mean"] for n in names]
-        ax.barh(range(len(names)), means, xerr=[table[n][f"{key}_std"] for n in names],
-                color=["grey" if n in ("raw_pixels", "random_init", "broken") else "C0" for n in names])
-        ax.axvline(table["raw_pixels"][f"{key}_mean"] if "raw_pixels" in table else 0, color="k", lw=0.8, ls="--")
-        ax.set_xlabel(label)
-        ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(names)), names)
-    axes[0].invert_yaxis()
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    _save(figure, path)
-    plt.close(figure)
 
 
 def main(args):
@@ -262,7 +238,7 @@ def main(args):
         for name in names:
             folder = os.path.join(out, name, f"seed{seed}")
             if name == "raw_pixels":
-                encoder = ["--raw-pixels", "--image-size", "32"]
+                encoder = ["--raw-pixels", "--image-size", str(IMAGE_SIZE)]
             elif name == "random_init":
                 encoder = ["--checkpoint", random_init_checkpoint(seed, folder)]
             else:
@@ -287,7 +263,9 @@ def main(args):
     atomic_write_json(os.path.join(out, "findings.json"), summary)
     title = (f"shapes miniature: ViT-Ti/8 (4 blocks) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, "
              f"{args.seeds} seed(s), mean +- std")
-    draw_table(table, os.path.join(out, "findings.png"), title)
+    from plots import plot_findings
+
+    plot_findings(table, os.path.join(out, "findings.png"), title)
     print(f"\n{title}; held-out captions, the large object's shape (8 classes):")
     print(f"| {'config':14s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
     print(f"| {'-' * 14} | {'-' * 18} | {'-' * 14} |")
