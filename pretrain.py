@@ -71,7 +71,7 @@ def get_args_parser():
                                                      "scale it with --image-size for small images)")
     parser.add_argument("--color-augment", action=argparse.BooleanOptionalAction, default=True,
                         help="colour jitter, grayscale and solarisation of every view (paper: on; off leaves crops, "
-                             "flips and blur, for a miniature whose captions name colours)")
+                             "flips and blur: the CPU miniature's caption-grouped objectives)")
     parser.add_argument("--downsample-prob", type=number(0, 1), default=0.0,
                         help="probability of resizing the image down to --downsample-res and back (official "
                              "README command: 0.05; default 0, FIDELITY.md says why)")
