@@ -1,18 +1,21 @@
 """A procedural text-to-image stand-in for the CPU miniature: captions from a grammar, each rendered many times from
 its own seeds, with a guidance-like knob `w`.
 
-    scenes = sample_scenes(2000, seed=0)          # distinct captions: shape, relation, small object, background
-    scenes[0].caption                             # "a star left of a small blue ring on a striped background"
+    scenes = sample_scenes(2000, seed=0)          # distinct captions of three objects and two relations
+    scenes[0].caption                             # "a star below a small ring and left of a small cross"
     write_synthetic(scenes, "syn_w2", n=10, w=2)  # generate.py's folder tree (or tar shards): 10 images a caption
     write_real(scenes, "real")                    # one "photo" a caption, the same layout
     write_labelled(scenes, "probe/test")          # an ImageFolder by the large object's shape, for the probes
 
-A scene is what a caption says: a large object (one of 8 shapes), a relation (left of, right of, above, below) to a
-small object (a shape in one of 8 colours), and a background (plain, striped or checkered). A rendering draws what
-the caption leaves open (the large object's colour, positions within the relation's half, sizes, rotation, tints,
-background phase and noise, a clutter stroke) from its own seed, at 4x the size and downsampled (anti-aliased
-edges). The large object's colour is left open on purpose: renderings of one caption then differ in colour as
-crops of one photo do only under colour jitter, the invariance the paper credits to several images per caption.
+A scene is what a caption says: a large object (one of 10 shapes), a small object above or below it and one left or
+right of it (each one of the 10 shapes), 4000 captions in all. Its words are shapes and places only. Everything else
+is left open and drawn per rendering from its own seed: the three objects' colours, the background (plain, striped
+or checkered, in one of 6 tones), positions within the relations' bands, sizes, rotations, tints, noise and a clutter
+stroke. The image is drawn at 4x the size and downsampled (anti-aliased edges). Colour and background stay out of
+the captions on purpose: a word that a linear read of the pixels gives is a cue a batch of captions is told apart by
+long before the shapes are (BENCHMARKS.md measures StableRep learning the background, and not the shapes, when the
+captions named it), while renderings of one caption that share only their shapes teach the invariance the paper
+credits to several images per caption.
 
 The knob plays the part of classifier-free guidance (Sec. 2 of the paper: a higher w follows the text more closely
 and gives less diverse images):
@@ -34,13 +37,13 @@ from PIL import Image, ImageDraw
 
 from util import imagetree, shards
 
-SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "arrow", "crescent")
+SHAPES = ("circle", "square", "triangle", "cross", "star", "ring", "arrow", "crescent", "diamond", "hexagon")
 COLOURS = {"red": (220, 40, 40), "orange": (240, 140, 30), "yellow": (230, 220, 50), "green": (50, 180, 70),
            "cyan": (50, 200, 210), "blue": (50, 80, 230), "purple": (150, 60, 200), "white": (235, 235, 235)}
 BACKGROUNDS = {"black": ((20, 20, 20), None), "grey": ((110, 110, 110), None), "navy": ((20, 30, 80), None),
                "brown": ((90, 60, 30), None), "striped": ((60, 60, 60), "stripes"),
                "checkered": ((60, 60, 60), "checks")}
-RELATIONS = ("left of", "right of", "above", "below")
+VERTICAL, HORIZONTAL = ("above", "below"), ("left of", "right of")
 SUPERSAMPLE = 4  # drawn at 4x the size, then downsampled: anti-aliased edges
 
 
@@ -56,17 +59,19 @@ def diversity(w):
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
+    """What a caption says: the large object's shape, where it is relative to a small object above or below it
+    (`vertical`) and to one left or right of it (`horizontal`), and those two objects' shapes."""
     shape: str
-    relation: str
-    small_shape: str
-    small_colour: str
-    background: str
+    vertical: str
+    vertical_shape: str
+    horizontal: str
+    horizontal_shape: str
 
     @property
     def caption(self):
         article = "an" if self.shape[0] in "aeiou" else "a"
-        return (f"{article} {self.shape} {self.relation} a small {self.small_colour} {self.small_shape} on a "
-                f"{self.background} background")
+        return (f"{article} {self.shape} {self.vertical} a small {self.vertical_shape} and {self.horizontal} a "
+                f"small {self.horizontal_shape}")
 
     @property
     def label(self):
@@ -74,13 +79,15 @@ class Scene:
         return SHAPES.index(self.shape)
 
 
-WORDS = {"shape": SHAPES, "relation": RELATIONS, "small_shape": SHAPES,
-         "small_colour": tuple(COLOURS), "background": tuple(BACKGROUNDS)}
+WORDS = {"shape": SHAPES, "vertical": VERTICAL, "vertical_shape": SHAPES, "horizontal": HORIZONTAL,
+         "horizontal_shape": SHAPES}
 
 
 def sample_scenes(count, seed=0, exclude=()):
-    """`count` distinct scenes (of 8 x 4 x 8 x 8 x 6 = 12,288), none of `exclude`, from a seeded generator."""
+    """`count` distinct scenes (of 10 x 2 x 10 x 2 x 10 = 4000), none of `exclude`, from a seeded generator."""
     rng, scenes, seen = np.random.default_rng(seed), [], set(exclude)
+    if count > math.prod(len(values) for values in WORDS.values()) - len(seen):
+        raise ValueError(f"the grammar has fewer than {count} scenes outside the {len(seen)} excluded")
     while len(scenes) < count:
         scene = Scene(**{key: values[rng.integers(len(values))] for key, values in WORDS.items()})
         if scene not in seen:
@@ -91,9 +98,21 @@ def sample_scenes(count, seed=0, exclude=()):
 
 # ---- nuisances: what the caption leaves open ----
 
+NUISANCES = {  # name: slice of the nuisance vector, numbers in [0, 1) mapped to pixels in `render`
+    "background": slice(0, 1), "background_tint": slice(1, 4), "texture": slice(4, 6), "noise": slice(6, 7),
+    "colours": slice(7, 10), "tints": slice(10, 13), "spins": slice(13, 16), "radii": slice(16, 19),
+    "large_position": slice(19, 21), "vertical_position": slice(21, 23), "horizontal_position": slice(23, 25)}
+NUISANCE_COUNT = 25
+
+
 def draw_nuisances(rng):
-    """One draw of everything a caption leaves open, as numbers in [0, 1) (mapped to pixels in `render`)."""
-    return rng.random(17)
+    """One draw of everything a caption leaves open, as NUISANCE_COUNT numbers in [0, 1)."""
+    return rng.random(NUISANCE_COUNT)
+
+
+def named(vector):
+    """A nuisance vector as {name: its numbers}, by NUISANCES."""
+    return {name: vector[part] for name, part in NUISANCES.items()}
 
 
 def mode_of(scene, seed):
@@ -154,6 +173,42 @@ def tinted(rgb, u, amount):
     return tuple(int(np.clip(c + amount * (2 * x - 1), 0, 255)) for c, x in zip(rgb, u))
 
 
+def pick(values, u):
+    """The element of `values` that a draw u in [0, 1) falls on."""
+    return values[min(int(u * len(values)), len(values) - 1)]
+
+
+def layout(scene, u, big):
+    """`u`: named nuisances. Centres and radii of the large object and the small ones above/below and left/right of
+    it, on a big x big canvas: the large object anywhere that leaves room for the small ones on the sides the
+    relations name, each small object in the band between the large one and the canvas's edge, beside the large
+    one's extent (the two never overlap)."""
+    large_radius = big * (0.2 + 0.08 * u["radii"][0])
+    small_radii = big * (0.07 + 0.03 * u["radii"][1:])
+    margin = 0.02 * big
+    sx = 1 if scene.horizontal == "right of" else -1  # the side of the canvas the large object keeps to
+    sy = 1 if scene.vertical == "below" else -1
+
+    def large_centre(side, small_radius, v):  # room for the small object and the margins on its side
+        start = margin + 2 * small_radius + margin + large_radius  # from the small object's edge of the canvas
+        offset = start + (big - margin - large_radius - start) * v
+        return offset if side == 1 else big - offset
+
+    rv, rh = small_radii
+    cx, cy = large_centre(sx, rh, u["large_position"][0]), large_centre(sy, rv, u["large_position"][1])
+
+    def band(centre, side, radius, v):  # from the canvas's edge to the large object's edge, on the small one's side
+        near, far = centre - side * (large_radius + margin + radius), big / 2 - side * (big / 2 - margin - radius)
+        return far + (near - far) * v
+
+    def beside(centre, radius, v):  # within the large object's extent, on the other axis
+        return centre - large_radius + radius + (2 * (large_radius - radius)) * v
+
+    vertical = (beside(cx, rv, u["vertical_position"][0]), band(cy, sy, rv, u["vertical_position"][1]))
+    horizontal = (band(cx, sx, rh, u["horizontal_position"][0]), beside(cy, rh, u["horizontal_position"][1]))
+    return [((cx, cy), large_radius), (vertical, rv), (horizontal, rh)]
+
+
 def render(scene, rng, w=None, size=32, mode=None):
     """One rendering of `scene` as an RGB PIL image of size x size: the world's (w None: every word honoured, full
     diversity) or the stand-in model's at guidance `w` (words kept with fidelity(w), nuisances diversity(w) of the
@@ -163,44 +218,35 @@ def render(scene, rng, w=None, size=32, mode=None):
         words = {key: (getattr(scene, key) if keep else values[rng.integers(len(values))])
                  for keep, (key, values) in zip(kept, WORDS.items())}
         scene = Scene(**words)
-        u = mode + diversity(w) * (draw_nuisances(rng) - mode)
+        vector = mode + diversity(w) * (draw_nuisances(rng) - mode)
     else:
-        u = draw_nuisances(rng)
+        vector = draw_nuisances(rng)
+    u = named(vector)
     big = size * SUPERSAMPLE
-    base, texture = BACKGROUNDS[scene.background]
+    base, texture = BACKGROUNDS[pick(tuple(BACKGROUNDS), u["background"][0])]
     canvas = np.empty((big, big, 3), dtype=np.float32)
-    canvas[:] = tinted(base, u[0:3], 25)
+    canvas[:] = tinted(base, u["background_tint"], 25)
     if texture is not None:
-        period = big / (3 + 3 * u[3])
+        period = big / (3 + 3 * u["texture"][0])
         ys, xs = np.mgrid[0:big, 0:big]
         if texture == "stripes":
-            theta = math.pi * u[4]
+            theta = math.pi * u["texture"][1]
             on = ((xs * math.cos(theta) + ys * math.sin(theta)) // (period / 2)) % 2 == 0
         else:
             on = ((xs // (period / 2) + ys // (period / 2)) % 2) == 0
         canvas[on] += 40
     image = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
-
-    # the relation decides the halves: the large object in one, the small one in the other
-    along = {"left of": (0, -1), "right of": (0, 1), "above": (1, -1), "below": (1, 1)}[scene.relation]
-    large_radius, small_radius = big * (0.26 + 0.08 * u[5]), big * (0.08 + 0.03 * u[6])
-    centres = []
-    for radius, side, (a, b) in ((large_radius, along[1], u[7:9]), (small_radius, -along[1], u[9:11])):
-        main = big / 2 + side * (big * 0.02 + (big / 2 - radius - big * 0.02) * a)  # within its half
-        across = radius + (big - 2 * radius) * b
-        centres.append((main, across) if along[0] == 0 else (across, main))
-    large_colour = tuple(COLOURS)[min(int(u[16] * len(COLOURS)), len(COLOURS) - 1)]  # the caption leaves it open
-    for (shape, colour), (cx, cy), radius, spin in (((scene.shape, large_colour), centres[0], large_radius, u[11]),
-                                                    ((scene.small_shape, scene.small_colour), centres[1],
-                                                     small_radius, u[12])):
-        fill = Image.new("RGB", (big, big), tinted(COLOURS[colour], (spin, u[13], u[14]), 30))
-        image.paste(fill, mask=shape_mask(shape, big, cx, cy, radius, (spin - 0.5) * math.radians(50)))
-    draw = ImageDraw.Draw(image)  # clutter: two thin strokes of random colour, from the draw itself
-    for _ in range(1):
-        x0, y0, x1, y1 = (rng.random(4) * big).tolist()
-        draw.line((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=SUPERSAMPLE)
+    shapes_drawn = (scene.shape, scene.vertical_shape, scene.horizontal_shape)
+    for i, (shape, ((cx, cy), radius)) in enumerate(zip(shapes_drawn, layout(scene, u, big))):
+        colour = COLOURS[pick(tuple(COLOURS), u["colours"][i])]  # colours are left open by the caption
+        tint = tinted(colour, np.roll(u["tints"], i), 30)
+        fill = Image.new("RGB", (big, big), tint)
+        image.paste(fill, mask=shape_mask(shape, big, cx, cy, radius, (u["spins"][i] - 0.5) * math.radians(50)))
+    draw = ImageDraw.Draw(image)  # clutter: a thin stroke of random colour, from the draw itself
+    x0, y0, x1, y1 = (rng.random(4) * big).tolist()
+    draw.line((x0, y0, x1, y1), fill=tuple(int(c) for c in rng.integers(0, 256, 3)), width=SUPERSAMPLE)
     image = image.resize((size, size), Image.Resampling.BOX)
-    noise = rng.normal(0.0, 6.0 * (0.5 + u[15]), (size, size, 3))
+    noise = rng.normal(0.0, 6.0 * (0.5 + u["noise"][0]), (size, size, 3))
     return Image.fromarray((np.asarray(image, dtype=np.float32) + noise).clip(0, 255).astype(np.uint8))
 
 

@@ -20,9 +20,24 @@ def test_scenes_are_distinct_captions_of_the_grammar():
     assert scenes == shapes.sample_scenes(300, seed=0) and scenes != shapes.sample_scenes(300, seed=1)
     others = shapes.sample_scenes(100, seed=1, exclude=scenes)
     assert not set(others) & set(scenes)
-    scene = shapes.Scene("arrow", "left of", "ring", "blue", "striped")
-    assert scene.caption == "an arrow left of a small blue ring on a striped background"
+    scene = shapes.Scene("arrow", "below", "ring", "left of", "star")
+    assert scene.caption == "an arrow below a small ring and left of a small star"
     assert scene.label == shapes.SHAPES.index("arrow")
+
+
+def test_the_layout_puts_the_small_objects_where_the_caption_says_inside_the_canvas_and_apart():
+    rng = np.random.default_rng(0)
+    for scene in shapes.sample_scenes(200, seed=5):
+        u = shapes.named(shapes.draw_nuisances(rng))
+        (large, big_r), (vertical, vertical_r), (horizontal, horizontal_r) = shapes.layout(scene, u, 128)
+        below, right = scene.vertical == "below", scene.horizontal == "right of"
+        assert (large[1] > vertical[1]) == below and (large[0] > horizontal[0]) == right  # image y grows downwards
+        for (x, y), r in ((large, big_r), (vertical, vertical_r), (horizontal, horizontal_r)):
+            assert r <= x <= 128 - r and r <= y <= 128 - r
+        circles = [(large, big_r), (vertical, vertical_r), (horizontal, horizontal_r)]
+        for i, (a, ra) in enumerate(circles):
+            for b, rb in circles[i + 1:]:
+                assert max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= ra + rb  # apart along one axis at least
 
 
 def test_a_rendering_is_a_function_of_seed_caption_image_and_w():
