@@ -183,8 +183,8 @@ def layout(scene, u, big):
     it, on a big x big canvas: the large object anywhere that leaves room for the small ones on the sides the
     relations name, each small object in the band between the large one and the canvas's edge, beside the large
     one's extent (the two never overlap)."""
-    large_radius = big * (0.2 + 0.08 * u["radii"][0])
-    small_radii = big * (0.07 + 0.03 * u["radii"][1:])
+    large_radius = big * (0.26 + 0.06 * u["radii"][0])
+    small_radii = big * (0.07 + 0.02 * u["radii"][1:])
     margin = 0.02 * big
     sx = 1 if scene.horizontal == "right of" else -1  # the side of the canvas the large object keeps to
     sy = 1 if scene.vertical == "below" else -1

@@ -1,13 +1,13 @@
 """The paper's findings in miniature, on 2 CPU cores: every objective pretrained at equal budget on the images of a
 procedural text-to-image stand-in (demo/shapes.py), then scored on a task raw pixels do badly on.
 
-Data (demo/shapes.py): 1536 captions from a grammar ("a star left of a small blue ring on a striped
-background"), each rendered n = 10 times at guidance w = 2 into generate.py's folder tree; the same captions'
-renderings at w = 0 and 8 (RQ5), one world rendering per caption as the "real" images (RQ1), and the w = 2 images
-filed under random captions (`broken`: a generator whose images do not match their captions). The evaluation
-images are world renderings of 2000 other captions, labelled by the large object's shape (8 classes), under
-position, size, rotation, colour, background, clutter and noise nuisances: linear_probe.py (L-BFGS, trained on
-1000 of them, tested on the other 1000) and fewshot.py (5-way 5-shot episodes on the test 1000).
+Data (demo/shapes.py): 1536 captions from a grammar of shapes and places ("a star below a small ring and left of a
+small cross"; 4000 in all), each rendered n = 10 times at guidance w = 2 into generate.py's folder tree; the same
+captions' renderings at w = 0 and 8 (RQ5), one world rendering per caption as the "real" images (RQ1), and the w = 2
+images filed under random captions (`broken`: a generator whose images do not match their captions). The evaluation
+images are world renderings of 2000 other captions, labelled by the large object's shape (10 classes), under the
+nuisances no caption names (position, size, rotation, colours, background, clutter, noise): linear_probe.py
+(L-BFGS, trained on 1000 of them, tested on the other 1000) and fewshot.py (5-way 5-shot episodes on the test 1000).
 
 Every trained config runs --steps steps of 96 images with a ViT-Ti of 4 blocks and 8 px patches (16 patches of a
 32 px image, so MAE keeps 4 at 75% masking) and the same lr (the families' rule, base x images / 256, is given the
@@ -203,7 +203,7 @@ def last_signals(folder):
         return {}
     records = [r for r in read_records(path)[0] if "loss" in r]
     return {key: value for key, value in (records[-1] if records else {}).items()
-            if key not in ("step", "epoch", "lr", "time", "images_per_second")}
+            if key not in ("step", "epoch", "lr", "images_per_s", "corrupt_images")}
 
 
 def mean_std(values):
@@ -258,7 +258,8 @@ def main(args):
                        "fewshot_std": shot_std, "seeds": runs, "last_logged": signals[name],
                        "setup": CONFIGS[name]}
     summary = {"table": table, "args": vars(args), "images_per_step": IMAGES_PER_STEP, "captions": CAPTIONS,
-               "evaluation": "large object's shape, 8 classes, world renderings of held-out captions",
+               "evaluation": f"large object's shape, {len(shapes.SHAPES)} classes, world renderings of held-out "
+                             "captions",
                "seconds": time.time() - start}
     atomic_write_json(os.path.join(out, "findings.json"), summary)
     title = (f"shapes miniature: ViT-Ti/8 (4 blocks) at 32 px, {args.steps} steps x {IMAGES_PER_STEP} images, "
@@ -266,7 +267,7 @@ def main(args):
     from plots import plot_findings
 
     plot_findings(table, os.path.join(out, "findings.png"), title)
-    print(f"\n{title}; held-out captions, the large object's shape (8 classes):")
+    print(f"\n{title}; held-out captions, the large object's shape ({len(shapes.SHAPES)} classes):")
     print(f"| {'config':14s} | {'linear probe top-1':>18s} | {'5-way 5-shot':>14s} |")
     print(f"| {'-' * 14} | {'-' * 18} | {'-' * 14} |")
     for name, row in table.items():
