@@ -287,11 +287,11 @@ def write_real(scenes, root, seed=0, size=32):
     return root
 
 
-def write_labelled(scenes, root, seed=0, size=32, by="shape"):
-    """One world rendering of each scene as root/<label>/<index>.png (torchvision's ImageFolder), labelled by the
-    caption word `by` (a field of Scene: the large object's shape by default); returns `root`."""
+def write_labelled(scenes, root, seed=0, size=32):
+    """One world rendering of each scene as root/<shape>/<index>.png (torchvision's ImageFolder), labelled by the
+    large object's shape; returns `root`."""
     for index, scene in enumerate(scenes):
-        folder = os.path.join(root, getattr(scene, by))
+        folder = os.path.join(root, scene.shape)
         os.makedirs(folder, exist_ok=True)
         render(scene, image_rng(seed, index, 0), None, size).save(os.path.join(folder, f"{index:05d}.png"))
     return root
